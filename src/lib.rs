@@ -1,0 +1,13 @@
+//! portpolicy: predictable Kubernetes ports.
+//!
+//! The core (allocation, conflict detection, IPVS planning and diffing) is pure: no I/O, no
+//! clock, no unseeded randomness. The operator, the node agent and `portpolicy plan` are thin
+//! edges around it, so all three make the same decisions from the same objects.
+
+pub mod crd;
+pub mod governance;
+pub mod ipvs;
+pub mod ports;
+pub mod problem;
+pub mod selector;
+pub mod snapshot;
