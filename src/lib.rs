@@ -11,3 +11,4 @@ pub mod ports;
 pub mod problem;
 pub mod selector;
 pub mod snapshot;
+pub mod table;

@@ -359,3 +359,29 @@ metadata: {name: orphan}
         assert_eq!(labels["default"][NAMESPACE_NAME_LABEL], "default");
     }
 }
+
+#[cfg(test)]
+mod example_tests {
+    use super::*;
+
+    #[test]
+    fn shipped_demo_cluster_loads_without_problems() {
+        let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo-cluster"));
+        let loaded = load_paths(&[dir]).unwrap();
+        assert_eq!(loaded.problems, []);
+        let s = &loaded.snapshot;
+        assert_eq!(
+            (
+                s.nodes.len(),
+                s.namespaces.len(),
+                s.policies.len(),
+                s.daemon_sets.len(),
+                s.deployments.len()
+            ),
+            (3, 4, 1, 1, 1)
+        );
+        assert_eq!(s.services.len(), 8);
+        assert_eq!(s.endpoint_slices.len(), 9);
+        assert_eq!(s.pods.len(), 7);
+    }
+}
