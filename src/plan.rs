@@ -1,0 +1,352 @@
+//! `portpolicy plan`: the whole core run once over a snapshot, as a report.
+//!
+//! The JSON shape is a stable contract (top-level keys `nodePorts`, `hostPortConflicts`,
+//! `nodes`, `problems`); the table output reads like `kubectl get` and, per node, `ipvsadm -Ln`.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::crd::{AllocationRecord, NodePortKind};
+use crate::governance::PolicySet;
+use crate::hostport::{self, ConflictInput};
+use crate::ipvs::plan::{NodePlan, PlannerConfig, ProxyMode, plan_node};
+use crate::nodeport::{NodePortInput, plan_node_ports};
+use crate::ports::{PortRange, Protocol};
+use crate::problem::Problem;
+use crate::snapshot::Snapshot;
+use crate::table::Table;
+
+/// What to plan, beyond the snapshot itself.
+#[derive(Clone, Debug)]
+pub struct PlanOptions {
+    /// The cluster's `--service-node-port-range`.
+    pub node_port_range: PortRange,
+    pub mode: ProxyMode,
+    /// Plan IPVS for this node only; all nodes when `None`.
+    pub node: Option<String>,
+    /// The moment retention windows are judged against.
+    pub now: DateTime<Utc>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanReport {
+    pub node_ports: Vec<NodePortRow>,
+    pub host_port_conflicts: Vec<ConflictRow>,
+    pub nodes: Vec<NodeRow>,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodePortRow {
+    pub policy: Option<String>,
+    pub service: String,
+    pub port_name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub node_port: u16,
+    pub kind: NodePortKind,
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ConflictRow {
+    pub node: String,
+    pub protocol: Protocol,
+    #[serde(rename = "hostIP")]
+    pub host_ip: String,
+    pub host_port: u16,
+    pub pods: Vec<String>,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRow {
+    pub name: String,
+    pub virtual_servers: Vec<VirtualServerRow>,
+    /// Shown in the table; not part of the JSON contract.
+    #[serde(skip)]
+    pub health_checks: Vec<HealthCheckRow>,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct VirtualServerRow {
+    pub service: String,
+    pub kind: String,
+    pub address: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub scheduler: String,
+    pub persistence_timeout: Option<u32>,
+    pub real_servers: Vec<RealServerRow>,
+    /// Shown as a mark in the table; not part of the JSON contract.
+    #[serde(skip)]
+    pub only_local: bool,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct RealServerRow {
+    pub address: String,
+    pub port: u16,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthCheckRow {
+    pub service: String,
+    pub node_port: u16,
+    pub local_endpoints: usize,
+}
+
+/// Runs allocation, conflict detection and per-node IPVS planning over one snapshot.
+pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
+    let mut problems = Vec::new();
+    let policies = PolicySet::compile(&snapshot.policies);
+    problems.extend_from_slice(policies.problems());
+    let namespace_labels = snapshot.namespace_labels();
+
+    let records: BTreeMap<String, Vec<AllocationRecord>> = snapshot
+        .policies
+        .iter()
+        .map(|p| {
+            let records = p.status.as_ref().map(|s| s.allocations.clone()).unwrap_or_default();
+            (p.name().to_string(), records)
+        })
+        .collect();
+    let allocation = plan_node_ports(&NodePortInput {
+        cluster_range: options.node_port_range,
+        policies: &policies,
+        records: &records,
+        services: &snapshot.services,
+        namespace_labels: &namespace_labels,
+        now: options.now,
+    });
+    problems.extend(allocation.problems.iter().map(|p| p.problem.clone()));
+    let node_ports = allocation
+        .assignments
+        .iter()
+        .map(|a| NodePortRow {
+            policy: a.policy.clone(),
+            service: format!("{}/{}", a.namespace, a.service),
+            port_name: a.port_name.clone(),
+            port: a.port,
+            protocol: a.protocol,
+            node_port: a.node_port,
+            kind: a.kind,
+            state: a.state.as_str().to_string(),
+        })
+        .collect();
+
+    let (mut pods, pod_problems) = hostport::placed_pods(&snapshot.pods);
+    problems.extend(pod_problems);
+    let (predicted, workload_problems) = hostport::predict_workloads(snapshot, &pods);
+    problems.extend(workload_problems);
+    pods.extend(predicted);
+    let conflicts = hostport::detect_conflicts(&ConflictInput {
+        pods: &pods,
+        node_port_range: options.node_port_range,
+        policies: &policies,
+        namespace_labels: &namespace_labels,
+    });
+    let host_port_conflicts = conflicts
+        .iter()
+        .map(|c| ConflictRow {
+            node: c.node.clone(),
+            protocol: c.protocol,
+            host_ip: c.host_ip.to_string(),
+            host_port: c.host_port,
+            pods: c.pods.clone(),
+            reason: c.reason.as_str().to_string(),
+        })
+        .collect();
+
+    let mut nodes = Vec::new();
+    for node in &snapshot.nodes {
+        let name = node.metadata.name.clone().unwrap_or_default();
+        if options.node.as_ref().is_some_and(|only| *only != name) {
+            continue;
+        }
+        let plan = plan_node(
+            snapshot,
+            &PlannerConfig {
+                node_name: name,
+                mode: options.mode,
+            },
+        );
+        problems.extend(plan.problems.iter().cloned());
+        nodes.push(node_row(&plan));
+    }
+    if let Some(only) = &options.node
+        && nodes.is_empty()
+    {
+        problems.push(Problem::new(
+            format!("Node/{only}"),
+            "",
+            "no such node in the snapshot (--node)",
+        ));
+    }
+
+    problems.sort();
+    problems.dedup();
+    PlanReport {
+        node_ports,
+        host_port_conflicts,
+        nodes,
+        problems,
+    }
+}
+
+fn node_row(plan: &NodePlan) -> NodeRow {
+    NodeRow {
+        name: plan.node.clone(),
+        virtual_servers: plan
+            .virtual_servers
+            .iter()
+            .map(|vs| VirtualServerRow {
+                service: vs.service.clone(),
+                kind: vs.kind.as_str().to_string(),
+                address: vs.key.address.to_string(),
+                port: vs.key.port,
+                protocol: vs.key.protocol,
+                scheduler: vs.scheduler.clone(),
+                persistence_timeout: vs.persistence_timeout,
+                real_servers: vs
+                    .real_servers
+                    .iter()
+                    .map(|(rs, weight)| RealServerRow {
+                        address: rs.address.to_string(),
+                        port: rs.port,
+                        weight: *weight,
+                    })
+                    .collect(),
+                only_local: vs.only_local,
+            })
+            .collect(),
+        health_checks: plan
+            .health_checks
+            .iter()
+            .map(|hc| HealthCheckRow {
+                service: format!("{}/{}", hc.namespace, hc.name),
+                node_port: hc.node_port,
+                local_endpoints: hc.local_endpoints,
+            })
+            .collect(),
+    }
+}
+
+impl PlanReport {
+    /// Whether anything could be planned at all (the CLI exits non-zero otherwise).
+    pub fn planned_anything(&self) -> bool {
+        !(self.node_ports.is_empty() && self.host_port_conflicts.is_empty() && self.nodes.is_empty())
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("plan reports serialize") + "\n"
+    }
+
+    pub fn to_table(&self) -> String {
+        let mut out = String::new();
+        let mut section = |title: &str, body: String| {
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(title);
+            out.push('\n');
+            out.push_str(&body);
+        };
+
+        let mut ports = Table::new(&["policy", "service", "port", "protocol", "nodeport", "kind", "state"]);
+        for row in &self.node_ports {
+            let port = if row.port_name.is_empty() {
+                row.port.to_string()
+            } else {
+                format!("{}:{}", row.port_name, row.port)
+            };
+            ports.row(vec![
+                row.policy.clone().unwrap_or_else(|| "<none>".into()),
+                row.service.clone(),
+                port,
+                row.protocol.to_string(),
+                row.node_port.to_string(),
+                format!("{:?}", row.kind),
+                row.state.clone(),
+            ]);
+        }
+        section("NODE PORTS", or_none(&ports));
+
+        let mut conflicts = Table::new(&["node", "protocol", "host ip", "host port", "reason", "pods"]);
+        for c in &self.host_port_conflicts {
+            conflicts.row(vec![
+                c.node.clone(),
+                c.protocol.to_string(),
+                c.host_ip.clone(),
+                c.host_port.to_string(),
+                c.reason.clone(),
+                c.pods.join(","),
+            ]);
+        }
+        section("HOST PORT CONFLICTS", or_none(&conflicts));
+
+        for node in &self.nodes {
+            section(&format!("IPVS ON NODE {}", node.name), ipvsadm_listing(node));
+        }
+
+        let mut problems = Table::new(&["object", "field", "message"]);
+        for p in &self.problems {
+            problems.row(vec![p.object.clone(), p.field.clone(), p.message.clone()]);
+        }
+        section("PROBLEMS", or_none(&problems));
+        out
+    }
+}
+
+fn or_none(table: &Table) -> String {
+    if table.is_empty() {
+        "(none)\n".to_string()
+    } else {
+        table.render()
+    }
+}
+
+/// The node's rules as `ipvsadm -Ln` lists them, with the Service beside each virtual server
+/// and `[OnlyLocal]` on those that keep node traffic on the node.
+fn ipvsadm_listing(node: &NodeRow) -> String {
+    let mut out = String::from("Prot LocalAddress:Port Scheduler Flags\n  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n");
+    for vs in &node.virtual_servers {
+        let address = join_host_port(&vs.address, vs.port);
+        let mut line = format!("{:<4} {} {}", vs.protocol.as_str(), address, vs.scheduler);
+        if let Some(timeout) = vs.persistence_timeout {
+            line.push_str(&format!(" persistent {timeout}"));
+        }
+        let mark = if vs.only_local { " [OnlyLocal]" } else { "" };
+        out.push_str(&format!("{line:<48} # {} {}{mark}\n", vs.service, vs.kind));
+        for rs in &vs.real_servers {
+            out.push_str(&format!(
+                "  -> {:<28} Masq    {:<6} 0          0\n",
+                join_host_port(&rs.address, rs.port),
+                rs.weight
+            ));
+        }
+    }
+    for hc in &node.health_checks {
+        out.push_str(&format!(
+            "health check node port {} for {}: {} local endpoint(s)\n",
+            hc.node_port, hc.service, hc.local_endpoints
+        ));
+    }
+    out
+}
+
+fn join_host_port(address: &str, port: u16) -> String {
+    if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
+    }
+}
