@@ -7,6 +7,7 @@
 pub mod crd;
 pub mod governance;
 pub mod ipvs;
+pub mod nodeport;
 pub mod operator;
 pub mod ports;
 pub mod problem;
