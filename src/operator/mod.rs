@@ -23,8 +23,12 @@
 //! both allocate.
 
 pub mod agent;
+pub mod context;
+pub mod controller;
+pub mod core;
 pub mod lease;
 pub mod metrics;
+pub mod reconcile;
 pub mod server;
 pub mod services;
 pub mod status;

@@ -102,7 +102,16 @@ impl ServiceIntent {
         let traffic_ok = !self.external_traffic_local
             || spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
         let label_ok = !self.proxy_label || label(service, PROXY_NAME_LABEL) == Some(PROXY_NAME);
-        node_ports_ok && health_ok && traffic_ok && label_ok
+        // A field the operator still owns but no longer wants is given back by the next apply.
+        let owned = owned_fields(service);
+        let owned_label = owned
+            .and_then(|f| f.pointer(&format!("/f:metadata/f:labels/f:{PROXY_NAME_LABEL}")))
+            .is_some();
+        let owned_traffic = owned
+            .and_then(|f| f.pointer("/f:spec/f:externalTrafficPolicy"))
+            .is_some();
+        let nothing_stale = (self.proxy_label || !owned_label) && (self.external_traffic_local || !owned_traffic);
+        node_ports_ok && health_ok && traffic_ok && label_ok && nothing_stale
     }
 }
 
@@ -112,6 +121,18 @@ fn label<'a>(service: &'a Service, key: &str) -> Option<&'a str> {
 
 fn annotation<'a>(service: &'a Service, key: &str) -> Option<&'a str> {
     service.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
+/// The fields the operator's apply owns on this Service (its managedFields entry).
+fn owned_fields(service: &Service) -> Option<&Value> {
+    service
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .find(|m| m.manager.as_deref() == Some(FIELD_MANAGER) && m.operation.as_deref() == Some("Apply"))
+        .and_then(|m| m.fields_v1.as_ref())
+        .map(|f| &f.0)
 }
 
 /// Whether the operator holds any field of this Service (an entry of ours in managedFields).
@@ -228,6 +249,16 @@ mod tests {
             ..ServiceIntent::new("a", "web")
         };
         assert!(!intent.satisfied_by(&live));
+
+        let labelled = service(json!({"metadata": {"name": "web", "namespace": "a",
+            "labels": {"service.kubernetes.io/service-proxy-name": "portpolicy"},
+            "managedFields": [{"manager": "portpolicy-operator", "operation": "Apply", "apiVersion": "v1",
+                "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:labels": {
+                    "f:service.kubernetes.io/service-proxy-name": {}}}}}]},
+            "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 31000}]}}));
+        assert!(intent.satisfied_by(&labelled));
+        let unlabelled = ServiceIntent::new("a", "web");
+        assert!(!unlabelled.satisfied_by(&labelled), "a label the operator owns but no longer wants");
     }
 
     #[test]

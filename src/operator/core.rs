@@ -1,0 +1,270 @@
+//! One reconcile's computation: the reflector stores' contents in, per-policy facts and Service
+//! intents out. Pure (the clock is an argument), so the benchmark and the mock-API tests run it
+//! exactly as the controller does, and it calls the same core `portpolicy plan` calls.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use kube::ResourceExt;
+
+use super::services::{self, ServiceIntent, ServiceKey};
+use super::status::{AgentFacts, NodePortFacts, PolicyFacts};
+use crate::crd::{NodePortKind, PortPolicy};
+use crate::governance::{Governance, Labels, PolicySet};
+use crate::hostport::{ConflictInput, HostPortConflict, HostPortPod, detect_conflicts, placed_pods};
+use crate::nodeport::{AssignmentState, NodePortInput, NodePortPlan, plan_node_ports};
+use crate::ports::PortRange;
+use crate::snapshot::NAMESPACE_NAME_LABEL;
+
+/// What the stores hold when a reconcile starts.
+#[derive(Clone, Copy)]
+pub struct Inputs<'a> {
+    pub policies: &'a [Arc<PortPolicy>],
+    pub services: &'a [Arc<Service>],
+    pub pods: &'a [Arc<HostPortPod>],
+    pub namespaces: &'a [Arc<Namespace>],
+    pub cluster_range: PortRange,
+    pub now: chrono::DateTime<chrono::Utc>,
+}
+
+/// The core's answer for the whole cluster; each policy's reconcile acts on its own part.
+pub struct Computation {
+    pub policy_set: PolicySet,
+    pub namespace_labels: BTreeMap<String, Labels>,
+    /// Services as they will be once the operator's `externalTrafficPolicy` writes land, so the
+    /// allocator gives a newly Local LoadBalancer its healthCheckNodePort from the policy in the
+    /// same pass (otherwise the API server would pick one from the whole cluster range).
+    pub services: Vec<Service>,
+    pub plan: NodePortPlan,
+    pub conflicts: Vec<HostPortConflict>,
+    /// Per policy, the other policies selecting some of the same Services.
+    pub overlaps: BTreeMap<String, BTreeSet<String>>,
+}
+
+pub fn compute(inputs: &Inputs<'_>) -> Computation {
+    let policy_set = PolicySet::compile(inputs.policies.iter().map(|p| &**p));
+    let namespace_labels = namespace_labels(inputs.namespaces, inputs.services, inputs.pods);
+
+    let mut overlaps: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let services: Vec<Service> = inputs
+        .services
+        .iter()
+        .map(|svc| {
+            let ns_labels = namespace_labels.get(svc.metadata.namespace.as_deref().unwrap_or("default"));
+            match policy_set.governing_service(ns_labels, svc.metadata.labels.as_ref()) {
+                Governance::By(policy) if services::wants_local_traffic(policy.external_traffic, svc) => {
+                    let mut desired = (**svc).clone();
+                    if let Some(spec) = desired.spec.as_mut() {
+                        spec.external_traffic_policy = Some("Local".into());
+                    }
+                    desired
+                }
+                Governance::Ambiguous(..) => {
+                    let selecting: Vec<&str> = policy_set
+                        .policies()
+                        .iter()
+                        .filter(|p| p.selects_service(ns_labels, svc.metadata.labels.as_ref()))
+                        .map(|p| p.name.as_str())
+                        .collect();
+                    for p in &selecting {
+                        let others = selecting.iter().filter(|o| *o != p).map(|o| o.to_string());
+                        overlaps.entry(p.to_string()).or_default().extend(others);
+                    }
+                    (**svc).clone()
+                }
+                _ => (**svc).clone(),
+            }
+        })
+        .collect();
+
+    // Records of every policy, valid or not: an invalid policy's ports stay held.
+    let records: BTreeMap<String, Vec<_>> = inputs
+        .policies
+        .iter()
+        .filter_map(|p| Some((p.name_any(), p.status.as_ref()?.allocations.clone())))
+        .filter(|(_, r)| !r.is_empty())
+        .collect();
+    let plan = plan_node_ports(&NodePortInput {
+        cluster_range: inputs.cluster_range,
+        policies: &policy_set,
+        records: &records,
+        services: &services,
+        namespace_labels: &namespace_labels,
+        now: inputs.now,
+    });
+
+    let (placed, _pod_problems) = placed_pods(inputs.pods.iter().map(|p| &**p));
+    let conflicts = detect_conflicts(&ConflictInput {
+        pods: &placed,
+        node_port_range: inputs.cluster_range,
+        policies: &policy_set,
+        namespace_labels: &namespace_labels,
+    });
+
+    Computation {
+        policy_set,
+        namespace_labels,
+        services,
+        plan,
+        conflicts,
+        overlaps,
+    }
+}
+
+/// Labels of every namespace, with the `kubernetes.io/metadata.name` label the API server always
+/// sets (also for namespaces the store has not seen yet).
+fn namespace_labels(
+    namespaces: &[Arc<Namespace>],
+    services: &[Arc<Service>],
+    pods: &[Arc<HostPortPod>],
+) -> BTreeMap<String, Labels> {
+    let mut labels: BTreeMap<String, Labels> = namespaces
+        .iter()
+        .map(|ns| {
+            let name = ns.name_any();
+            let mut l = ns.labels().clone();
+            l.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
+            (name, l)
+        })
+        .collect();
+    let referenced = services
+        .iter()
+        .filter_map(|s| s.metadata.namespace.as_deref())
+        .chain(pods.iter().filter_map(|p| p.metadata.namespace.as_deref()));
+    for ns in referenced {
+        if !labels.contains_key(ns) {
+            labels.insert(ns.into(), Labels::from([(NAMESPACE_NAME_LABEL.into(), ns.into())]));
+        }
+    }
+    labels
+}
+
+impl Computation {
+    /// The facts one policy's status reports. `agents` comes from its DaemonSet.
+    pub fn facts(&self, policy: &PortPolicy, agents: Option<AgentFacts>) -> PolicyFacts {
+        let name = policy.name_any();
+        let generation = policy.metadata.generation;
+        if let Err(spec_problems) = policy.compile() {
+            return PolicyFacts {
+                generation,
+                spec_problems,
+                ..Default::default()
+            };
+        }
+        let node_ports = self.plan.policies.get(&name).map(|np| NodePortFacts {
+            used: np.used,
+            total: np.total,
+            records: np.records.clone(),
+            problems: self
+                .plan
+                .problems_of(&name)
+                .map(|p| (p.reason.as_str().to_string(), p.problem.to_string()))
+                .collect(),
+        });
+        PolicyFacts {
+            generation,
+            spec_problems: Vec::new(),
+            node_ports,
+            conflicts: self
+                .conflicts
+                .iter()
+                .filter(|c| c.policies.iter().any(|p| *p == name))
+                .map(HostPortConflict::to_record)
+                .collect(),
+            overlapping: self.overlaps.get(&name).into_iter().flatten().cloned().collect(),
+            agents,
+        }
+    }
+
+    /// What `policy` wants on each Service it governs. Services it shares with another policy
+    /// are not governed by it (nor by the other) and get nothing.
+    pub fn intents(&self, policy: &str) -> BTreeMap<ServiceKey, ServiceIntent> {
+        let Some(compiled) = self.policy_set.get(policy) else {
+            return BTreeMap::new();
+        };
+        let mut intents = BTreeMap::new();
+        for svc in &self.services {
+            let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+            let governance = self
+                .policy_set
+                .governing_service(self.namespace_labels.get(ns), svc.metadata.labels.as_ref());
+            if governance.policy().is_none_or(|p| p.name != policy) {
+                continue;
+            }
+            let key = services::key_of(svc);
+            let mut intent = ServiceIntent::new(&key.0, &key.1);
+            intent.external_traffic_local = services::wants_local_traffic(compiled.external_traffic, svc);
+            intent.proxy_label = compiled.agent_proxies;
+            intents.insert(key, intent);
+        }
+        for a in &self.plan.assignments {
+            if a.policy.as_deref() != Some(policy) || a.state == AssignmentState::InUse {
+                continue;
+            }
+            let Some(intent) = intents.get_mut(&(a.namespace.clone(), a.service.clone())) else {
+                continue;
+            };
+            match a.kind {
+                NodePortKind::Service => intent.node_ports.push((a.port, a.protocol, a.node_port)),
+                NodePortKind::HealthCheck => {
+                    let spec_local = self
+                        .service(&a.namespace, &a.service)
+                        .and_then(|s| s.spec.as_ref()?.external_traffic_policy.as_deref())
+                        == Some("Local");
+                    intent.health_check = Some((a.node_port, !spec_local));
+                }
+            }
+        }
+        // Ports with the same number and different protocols share one nodePort and are listed
+        // once per protocol, as the API server keys `spec.ports` by (port, protocol).
+        for intent in intents.values_mut() {
+            intent.node_ports.sort();
+            intent.node_ports.dedup();
+        }
+        intents
+    }
+
+    fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
+        self.services.iter().find(|s| {
+            s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name)
+        })
+    }
+
+    /// Services the operator holds fields on that no policy governs any more: they get an empty
+    /// apply, which hands those fields back. Nothing is released while some policy is invalid,
+    /// because its selectors cannot be evaluated and it may still mean to govern them.
+    pub fn releases(&self) -> Vec<ServiceKey> {
+        if !self.policy_set.invalid().is_empty() {
+            return Vec::new();
+        }
+        self.services
+            .iter()
+            .filter(|svc| services::managed_by_operator(svc))
+            .filter(|svc| {
+                let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+                matches!(
+                    self.policy_set
+                        .governing_service(self.namespace_labels.get(ns), svc.metadata.labels.as_ref()),
+                    Governance::Ungoverned
+                )
+            })
+            .map(services::key_of)
+            .collect()
+    }
+
+    /// Services `policy` governs that the operator holds fields on: what a deleted policy lets go.
+    pub fn held_by(&self, policy: &str) -> Vec<ServiceKey> {
+        self.services
+            .iter()
+            .filter(|svc| services::managed_by_operator(svc))
+            .filter(|svc| {
+                let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+                self.policy_set
+                    .get(policy)
+                    .is_some_and(|p| p.selects_service(self.namespace_labels.get(ns), svc.metadata.labels.as_ref()))
+            })
+            .map(services::key_of)
+            .collect()
+    }
+}
