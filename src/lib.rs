@@ -6,6 +6,7 @@
 
 pub mod crd;
 pub mod governance;
+pub mod hostport;
 pub mod ipvs;
 pub mod nodeport;
 pub mod operator;
