@@ -10,11 +10,11 @@ use kube::ResourceExt;
 
 use super::services::{self, ServiceIntent, ServiceKey};
 use super::status::{AgentFacts, NodePortFacts, PolicyFacts};
-use crate::crd::{NodePortKind, PortPolicy};
+use crate::crd::{CompiledPolicy, NodePortKind, PortPolicy};
 use crate::governance::{Governance, Labels, PolicySet};
 use crate::hostport::{ConflictInput, HostPortConflict, HostPortPod, detect_conflicts, placed_pods};
 use crate::nodeport::{AssignmentState, NodePortInput, NodePortPlan, plan_node_ports};
-use crate::ports::PortRange;
+use crate::ports::{PortRange, Protocol};
 use crate::snapshot::NAMESPACE_NAME_LABEL;
 
 /// What the stores hold when a reconcile starts.
@@ -53,13 +53,7 @@ pub fn compute(inputs: &Inputs<'_>) -> Computation {
         .map(|svc| {
             let ns_labels = namespace_labels.get(svc.metadata.namespace.as_deref().unwrap_or("default"));
             match policy_set.governing_service(ns_labels, svc.metadata.labels.as_ref()) {
-                Governance::By(policy) if services::wants_local_traffic(policy.external_traffic, svc) => {
-                    let mut desired = (**svc).clone();
-                    if let Some(spec) = desired.spec.as_mut() {
-                        spec.external_traffic_policy = Some("Local".into());
-                    }
-                    desired
-                }
+                Governance::By(policy) => desired_view(svc, policy),
                 Governance::Ambiguous(..) => {
                     let selecting: Vec<&str> = policy_set
                         .policies()
@@ -110,6 +104,53 @@ pub fn compute(inputs: &Inputs<'_>) -> Computation {
         conflicts,
         overlaps,
     }
+}
+
+/// A governed Service as the allocator should see it: `externalTrafficPolicy: Local` already
+/// set when the policy sets it, and without the nodePorts the API server picked at random
+/// outside the policy's range (nobody asked for those, so moving them into the range is the
+/// policy's whole point; a nodePort some manager set is the user's and stays, reported).
+fn desired_view(svc: &Service, policy: &CompiledPolicy) -> Service {
+    let local = services::wants_local_traffic(policy.external_traffic, svc);
+    let range = policy.node_port_range;
+    let outside = |port: Option<i32>| match (range, port) {
+        (Some(range), Some(port)) => u16::try_from(port).map_or(true, |p| !range.contains(p)),
+        _ => false,
+    };
+    let spec = svc.spec.as_ref();
+    let random_ports: Vec<usize> = spec
+        .and_then(|s| s.ports.as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, p)| outside(p.node_port))
+        .filter(|(_, p)| {
+            let protocol = Protocol::from_k8s(p.protocol.as_deref()).unwrap_or(Protocol::Tcp);
+            services::node_port_owned(svc, p.port, protocol) == Some(false)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    let random_health_check = outside(spec.and_then(|s| s.health_check_node_port))
+        && services::health_check_node_port_owned(svc) == Some(false);
+    let already_local = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
+    if random_ports.is_empty() && !random_health_check && (!local || already_local) {
+        return svc.clone();
+    }
+    let mut desired = svc.clone();
+    if let Some(spec) = desired.spec.as_mut() {
+        if local {
+            spec.external_traffic_policy = Some("Local".into());
+        }
+        if let Some(ports) = spec.ports.as_mut() {
+            for i in random_ports {
+                ports[i].node_port = None;
+            }
+        }
+        if random_health_check {
+            spec.health_check_node_port = None;
+        }
+    }
+    desired
 }
 
 /// Labels of every namespace, with the `kubernetes.io/metadata.name` label the API server always

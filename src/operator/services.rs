@@ -105,7 +105,8 @@ impl ServiceIntent {
         // A field the operator still owns but no longer wants is given back by the next apply.
         let owned = owned_fields(service);
         let owned_label = owned
-            .and_then(|f| f.pointer(&format!("/f:metadata/f:labels/f:{PROXY_NAME_LABEL}")))
+            .and_then(|f| f.pointer("/f:metadata/f:labels"))
+            .and_then(|labels| labels.get(format!("f:{PROXY_NAME_LABEL}")))
             .is_some();
         let owned_traffic = owned
             .and_then(|f| f.pointer("/f:spec/f:externalTrafficPolicy"))
@@ -133,6 +134,41 @@ fn owned_fields(service: &Service) -> Option<&Value> {
         .find(|m| m.manager.as_deref() == Some(FIELD_MANAGER) && m.operation.as_deref() == Some("Apply"))
         .and_then(|m| m.fields_v1.as_ref())
         .map(|f| &f.0)
+}
+
+/// Whether some field manager owns the nodePort of the Service port (`port`, `protocol`): `None`
+/// when the Service carries no managedFields at all (so nothing can be told).
+///
+/// Nobody owns a nodePort the API server picked at random: ownership is recorded for the fields
+/// a request sets, and allocation happens later, in the registry. So an owned nodePort is one a
+/// user (or a tool, or this operator) asked for; an unowned one is the API server's random pick.
+pub fn node_port_owned(service: &Service, port: i32, protocol: Protocol) -> Option<bool> {
+    let entries = service.metadata.managed_fields.as_ref().filter(|m| !m.is_empty())?;
+    Some(entries.iter().any(|m| {
+        let Some(ports) = m.fields_v1.as_ref().and_then(|f| f.0.pointer("/f:spec/f:ports")) else {
+            return false;
+        };
+        ports.as_object().into_iter().flatten().any(|(key, fields)| {
+            let Some(k) = key.strip_prefix("k:").and_then(|k| serde_json::from_str::<Value>(k).ok()) else {
+                return false;
+            };
+            let key_protocol = Protocol::from_k8s(k.get("protocol").and_then(Value::as_str)).ok();
+            k.get("port").and_then(Value::as_i64) == Some(i64::from(port))
+                && key_protocol == Some(protocol)
+                && fields.get("f:nodePort").is_some()
+        })
+    }))
+}
+
+/// Like [`node_port_owned`], for `spec.healthCheckNodePort`.
+pub fn health_check_node_port_owned(service: &Service) -> Option<bool> {
+    let entries = service.metadata.managed_fields.as_ref().filter(|m| !m.is_empty())?;
+    Some(entries.iter().any(|m| {
+        m.fields_v1
+            .as_ref()
+            .and_then(|f| f.0.pointer("/f:spec/f:healthCheckNodePort"))
+            .is_some()
+    }))
 }
 
 /// Whether the operator holds any field of this Service (an entry of ours in managedFields).
@@ -259,6 +295,22 @@ mod tests {
         assert!(intent.satisfied_by(&labelled));
         let unlabelled = ServiceIntent::new("a", "web");
         assert!(!unlabelled.satisfied_by(&labelled), "a label the operator owns but no longer wants");
+    }
+
+    #[test]
+    fn random_node_ports_are_unowned() {
+        let created = service(json!({"metadata": {"name": "web", "namespace": "a",
+            "managedFields": [{"manager": "kubectl-create", "operation": "Update", "apiVersion": "v1",
+                "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:ports": {
+                    ".": {}, "k:{\"port\":80,\"protocol\":\"TCP\"}": {"f:port": {}, "f:protocol": {}},
+                    "k:{\"port\":53,\"protocol\":\"UDP\"}": {"f:port": {}, "f:nodePort": {}}}}}}]},
+            "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 30555}]}}));
+        assert_eq!(node_port_owned(&created, 80, Protocol::Tcp), Some(false));
+        assert_eq!(node_port_owned(&created, 53, Protocol::Udp), Some(true));
+        assert_eq!(node_port_owned(&created, 53, Protocol::Tcp), Some(false));
+        let bare = service(json!({"metadata": {"name": "web"}, "spec": {"ports": [{"port": 80}]}}));
+        assert_eq!(node_port_owned(&bare, 80, Protocol::Tcp), None);
+        assert_eq!(health_check_node_port_owned(&bare), None);
     }
 
     #[test]
