@@ -163,6 +163,10 @@ fn pod_spec(policy: &str, agent: &AgentSpec, default_image: &str) -> PodSpec {
             ..Default::default()
         }),
         security_context: Some(SecurityContext {
+            // Capabilities are only effective for root without ambient-capability support; the
+            // image's default user is non-root (for the operator), so the agent says root here.
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
             privileged: Some(false),
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -188,7 +192,6 @@ fn pod_spec(policy: &str, agent: &AgentSpec, default_image: &str) -> PodSpec {
         host_network: Some(true),
         // With hostNetwork the pod must still resolve cluster names through cluster DNS.
         dns_policy: Some("ClusterFirstWithHostNet".into()),
-        priority_class_name: Some("system-node-critical".into()),
         node_selector: (!agent.node_selector.is_empty()).then(|| agent.node_selector.clone()),
         tolerations: (!agent.tolerations.is_empty()).then(|| agent.tolerations.clone()),
         containers: vec![container],
