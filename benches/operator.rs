@@ -173,8 +173,15 @@ fn pod_memory() {
         pruned_bytes as f64 / 1048576.0,
         per_full / per_pruned
     );
-    assert!(per_pruned < 1024.0, "pruned pods average {per_pruned:.0} B, target < 1 KiB");
-    assert!(per_full / per_pruned >= 5.0, "pruning saves only {:.1}x, target >= 5x", per_full / per_pruned);
+    assert!(
+        per_pruned < 1024.0,
+        "pruned pods average {per_pruned:.0} B, target < 1 KiB"
+    );
+    assert!(
+        per_full / per_pruned >= 5.0,
+        "pruning saves only {:.1}x, target >= 5x",
+        per_full / per_pruned
+    );
     drop((full, pruned));
 }
 
@@ -225,7 +232,11 @@ fn reconcile_computation(w: &World) -> usize {
     let policy = &w.policies[0];
     let facts = comp.facts(policy, None);
     let intents = comp.intents("edge");
-    let status = build_status(policy.status.as_ref(), &facts, &Time(Timestamp::from_second(1).unwrap()));
+    let status = build_status(
+        policy.status.as_ref(),
+        &facts,
+        &Time(Timestamp::from_second(1).unwrap()),
+    );
     intents.len() + status.allocations.len() + status.conflicts.len()
 }
 
@@ -236,7 +247,9 @@ fn benches(c: &mut Criterion) {
     println!("one reconcile over {SERVICES} Services and {PODS} Pods: {sizes} intents + records + conflicts");
     let mut group = c.benchmark_group("operator");
     group.sample_size(10);
-    group.bench_function("reconcile_10k_services_50k_pods", |b| b.iter(|| black_box(reconcile_computation(&w))));
+    group.bench_function("reconcile_10k_services_50k_pods", |b| {
+        b.iter(|| black_box(reconcile_computation(&w)))
+    });
     group.finish();
 }
 

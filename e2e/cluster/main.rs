@@ -73,14 +73,29 @@ fn node_port(ns: &str, service: &str) -> Result<u16, String> {
 }
 
 fn condition(policy: &str, type_: &str) -> Result<String, String> {
-    jsonpath(&["portpolicy", policy], &format!("{{.status.conditions[?(@.type==\"{type_}\")].status}}"))
+    jsonpath(
+        &["portpolicy", policy],
+        &format!("{{.status.conditions[?(@.type==\"{type_}\")].status}}"),
+    )
 }
 
 fn install() {
     must(&["apply", "-f", "crds/"]);
-    must(&["wait", "--for=condition=Established", "crd/portpolicies.portpolicy.io", "--timeout=60s"]);
+    must(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/portpolicies.portpolicy.io",
+        "--timeout=60s",
+    ]);
     must(&["apply", "-k", "config/"]);
-    must(&["-n", SYSTEM, "rollout", "status", "deployment/portpolicy-operator", "--timeout=180s"]);
+    must(&[
+        "-n",
+        SYSTEM,
+        "rollout",
+        "status",
+        "deployment/portpolicy-operator",
+        "--timeout=180s",
+    ]);
 }
 
 #[test]
@@ -96,33 +111,55 @@ fn operator_end_to_end() {
     }
 
     // nodePorts move from the API server's random pick into each policy's range.
-    let web = eventually("shop/web gets a nodePort from edge", minute, || match node_port("shop", "web")? {
-        p @ 31000..=31089 => Ok(p),
-        p => Err(format!("nodePort {p}")),
-    });
-    eventually("shop/api gets a nodePort from proxied", minute, || match node_port("shop", "api")? {
-        p @ 32000..=32099 => Ok(p),
-        p => Err(format!("nodePort {p}")),
-    });
-    eventually("edge is Ready", minute, || match condition("edge", "Ready")?.as_str() {
-        "True" => Ok(()),
-        other => Err(other.to_string()),
+    let web = eventually(
+        "shop/web gets a nodePort from edge",
+        minute,
+        || match node_port("shop", "web")? {
+            p @ 31000..=31089 => Ok(p),
+            p => Err(format!("nodePort {p}")),
+        },
+    );
+    eventually(
+        "shop/api gets a nodePort from proxied",
+        minute,
+        || match node_port("shop", "api")? {
+            p @ 32000..=32099 => Ok(p),
+            p => Err(format!("nodePort {p}")),
+        },
+    );
+    eventually("edge is Ready", minute, || {
+        match condition("edge", "Ready")?.as_str() {
+            "True" => Ok(()),
+            other => Err(other.to_string()),
+        }
     });
 
     // The printer columns.
     let table = must(&["get", "pp"]);
     let header = table.lines().next().unwrap_or_default();
     for column in ["NAME", "RANGE", "USED", "CONFLICTS", "AGENTS", "READY", "AGE"] {
-        assert!(header.contains(column), "`kubectl get pp` lacks {column}:\n{table}");
+        assert!(
+            header.contains(column),
+            "`kubectl get pp` lacks {column}:\n{table}"
+        );
     }
-    let edge = table.lines().find(|l| l.starts_with("edge ")).expect("an edge row");
+    let edge = table
+        .lines()
+        .find(|l| l.starts_with("edge "))
+        .expect("an edge row");
     assert!(edge.contains("31000-31099"), "{edge}");
 
     // proxied: Local traffic and the proxy-name label on its Service, and its agent DaemonSet.
-    assert_eq!(jsonpath(&["service", "-n", "shop", "api"], "{.spec.externalTrafficPolicy}").unwrap(), "Local");
     assert_eq!(
-        jsonpath(&["service", "-n", "shop", "api"], "{.metadata.labels.service\\.kubernetes\\.io/service-proxy-name}")
-            .unwrap(),
+        jsonpath(&["service", "-n", "shop", "api"], "{.spec.externalTrafficPolicy}").unwrap(),
+        "Local"
+    );
+    assert_eq!(
+        jsonpath(
+            &["service", "-n", "shop", "api"],
+            "{.metadata.labels.service\\.kubernetes\\.io/service-proxy-name}"
+        )
+        .unwrap(),
         "portpolicy"
     );
     let owner = eventually("the agent DaemonSet exists", minute, || {
@@ -138,25 +175,36 @@ fn operator_end_to_end() {
     must(&["delete", "service", "-n", "shop", "web", "--wait=true"]);
     std::thread::sleep(Duration::from_secs(3));
     must(&["apply", "-f", "config/samples/services.yaml"]);
-    eventually("re-created shop/web gets its old nodePort", minute, || match node_port("shop", "web")? {
-        p if p == web => Ok(()),
-        p => Err(format!("nodePort {p}, had {web}")),
-    });
+    eventually(
+        "re-created shop/web gets its old nodePort",
+        minute,
+        || match node_port("shop", "web")? {
+            p if p == web => Ok(()),
+            p => Err(format!("nodePort {p}, had {web}")),
+        },
+    );
 
     // A hostPort outside what monitoring allows is reported as a conflict.
     // The namespace may be left over from an earlier run.
     let _ = kubectl(&["create", "namespace", "monitoring"]);
     must(&[
-        "run", "-n", "monitoring", "exporter", "--image=registry.k8s.io/pause:3.10", "--port=9300",
+        "run",
+        "-n",
+        "monitoring",
+        "exporter",
+        "--image=registry.k8s.io/pause:3.10",
+        "--port=9300",
         "--overrides={\"spec\":{\"containers\":[{\"name\":\"exporter\",\"image\":\"registry.k8s.io/pause:3.10\",\
          \"ports\":[{\"containerPort\":9300,\"hostPort\":9300}]}]}}",
     ]);
-    eventually("monitoring reports the hostPort", Duration::from_secs(120), || {
-        match condition("monitoring", "HostPortConflict")?.as_str() {
+    eventually(
+        "monitoring reports the hostPort",
+        Duration::from_secs(120),
+        || match condition("monitoring", "HostPortConflict")?.as_str() {
             "True" => Ok(()),
             other => Err(other.to_string()),
-        }
-    });
+        },
+    );
     let count = jsonpath(&["portpolicy", "monitoring"], "{.status.conflictCount}").unwrap();
     assert_eq!(count, "1");
 
@@ -168,15 +216,22 @@ fn operator_end_to_end() {
             labels => Err(labels),
         }
     });
-    eventually("the agent DaemonSet is garbage-collected", minute, || {
-        match kubectl(&["get", "daemonset", "-n", SYSTEM, "portpolicy-agent-proxied"]) {
+    eventually(
+        "the agent DaemonSet is garbage-collected",
+        minute,
+        || match kubectl(&["get", "daemonset", "-n", SYSTEM, "portpolicy-agent-proxied"]) {
             Err(e) if e.contains("NotFound") => Ok(()),
             other => Err(format!("{other:?}")),
-        }
-    });
+        },
+    );
 
     for sample in ["edge", "monitoring"] {
-        must(&["delete", "-f", &format!("config/samples/{sample}.yaml"), "--wait=true"]);
+        must(&[
+            "delete",
+            "-f",
+            &format!("config/samples/{sample}.yaml"),
+            "--wait=true",
+        ]);
     }
     must(&["delete", "namespace", "monitoring", "shop", "--wait=false"]);
 }

@@ -52,9 +52,9 @@ pub fn daemon_set_name(policy: &str) -> String {
 }
 
 fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes
-        .iter()
-        .fold(0x811c_9dc5_u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
+    bytes.iter().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// The ownerReference that ties an object to its policy and lets the garbage collector delete it.
@@ -213,7 +213,10 @@ pub fn agents_ready(daemon_set: &DaemonSet) -> (String, bool) {
     let desired = status.map_or(0, |s| s.desired_number_scheduled);
     let ready = status.map_or(0, |s| s.number_ready);
     let current = status.and_then(|s| s.observed_generation) >= daemon_set.metadata.generation;
-    (format!("{ready}/{desired}"), current && desired > 0 && ready >= desired)
+    (
+        format!("{ready}/{desired}"),
+        current && desired > 0 && ready >= desired,
+    )
 }
 
 /// The DaemonSet's kind, for log and status messages.
@@ -245,7 +248,10 @@ mod tests {
             "tolerations": [{"operator": "Exists"}]}}));
         let ds = desired_daemon_set(&p, "portpolicy-system", "img:1").unwrap();
         let owner = &ds.metadata.owner_references.as_ref().unwrap()[0];
-        assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()), ("PortPolicy", "edge", "u-1"));
+        assert_eq!(
+            (owner.kind.as_str(), owner.name.as_str(), owner.uid.as_str()),
+            ("PortPolicy", "edge", "u-1")
+        );
         assert_eq!(owner.controller, Some(true));
         let pod = ds.spec.unwrap().template.spec.unwrap();
         assert_eq!(pod.host_network, Some(true));
@@ -253,23 +259,44 @@ mod tests {
         assert_eq!(pod.node_selector.unwrap()["role"], "edge");
         let c = &pod.containers[0];
         assert_eq!(c.image.as_deref(), Some("img:1"));
-        let caps = c.security_context.as_ref().unwrap().capabilities.as_ref().unwrap();
+        let caps = c
+            .security_context
+            .as_ref()
+            .unwrap()
+            .capabilities
+            .as_ref()
+            .unwrap();
         assert_eq!(caps.add.as_deref(), Some(&["NET_ADMIN".to_string()][..]));
         assert_eq!(c.security_context.as_ref().unwrap().privileged, Some(false));
         let env = c.env.as_ref().unwrap();
         assert_eq!(
-            env[0].value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path,
+            env[0]
+                .value_from
+                .as_ref()
+                .unwrap()
+                .field_ref
+                .as_ref()
+                .unwrap()
+                .field_path,
             "spec.nodeName"
         );
         let probe = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
-        assert_eq!((probe.path.as_deref(), &probe.port), (Some("/readyz"), &IntOrString::Int(10257)));
+        assert_eq!(
+            (probe.path.as_deref(), &probe.port),
+            (Some("/readyz"), &IntOrString::Int(10257))
+        );
     }
 
     #[test]
     fn policy_image_wins_over_default() {
         let p = policy(json!({"agent": {"image": "mine:2"}}));
         let ds = desired_daemon_set(&p, "ns", "img:1").unwrap();
-        assert_eq!(ds.spec.unwrap().template.spec.unwrap().containers[0].image.as_deref(), Some("mine:2"));
+        assert_eq!(
+            ds.spec.unwrap().template.spec.unwrap().containers[0]
+                .image
+                .as_deref(),
+            Some("mine:2")
+        );
     }
 
     #[test]

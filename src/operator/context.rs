@@ -59,7 +59,13 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(client: Client, stores: Stores, metrics: Metrics, settings: Settings, instance: Option<String>) -> Self {
+    pub fn new(
+        client: Client,
+        stores: Stores,
+        metrics: Metrics,
+        settings: Settings,
+        instance: Option<String>,
+    ) -> Self {
         let recorder = Recorder::new(
             client.clone(),
             Reporter {

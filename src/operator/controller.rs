@@ -8,9 +8,9 @@ use std::time::Duration;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::core::PartialObjectMeta;
 use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, ResourceExt};
 
@@ -37,7 +37,11 @@ pub struct OperatorArgs {
     #[arg(long, env = "POD_NAMESPACE", default_value = "portpolicy-system")]
     pub namespace: String,
     /// Default agent image (the operator's own).
-    #[arg(long, env = "PORTPOLICY_IMAGE", default_value = "ghcr.io/portpolicy/portpolicy:latest")]
+    #[arg(
+        long,
+        env = "PORTPOLICY_IMAGE",
+        default_value = "ghcr.io/portpolicy/portpolicy:latest"
+    )]
     pub image: String,
     /// The cluster's --service-node-port-range.
     #[arg(long, env = "PORTPOLICY_NODE_PORT_RANGE", default_value = "30000-32767")]
@@ -57,9 +61,18 @@ fn reflect<K>(
     config: watcher::Config,
     metrics: &Metrics,
     kind: &'static str,
-) -> (Store<K>, impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static)
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
 where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
 {
     let (reader, writer) = reflector::store();
     let errors = metrics.watch_errors.with_label_values(&[kind]);
@@ -146,20 +159,41 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         .or_else(|| std::env::var("HOSTNAME").ok())
         .ok_or_else(|| Error::Config("set POD_NAME or --identity for the leader Lease".into()))?;
 
-    let server = tokio::spawn(server::serve(args.metrics_address, metrics.clone(), health.clone()));
+    let server = tokio::spawn(server::serve(
+        args.metrics_address,
+        metrics.clone(),
+        health.clone(),
+    ));
 
     let elector = Elector::new(client.clone(), &args.namespace, &identity);
     elector.acquire().await;
     health.leader.store(true, Ordering::Relaxed);
 
     let list = watcher::Config::default().any_semantic();
-    let controller = Controller::new(Api::<PortPolicy>::all(client.clone()), list.clone())
-        .with_config(ControllerConfig::default().concurrency(args.concurrency).debounce(Duration::from_secs(1)));
+    let controller = Controller::new(Api::<PortPolicy>::all(client.clone()), list.clone()).with_config(
+        ControllerConfig::default()
+            .concurrency(args.concurrency)
+            .debounce(Duration::from_secs(1)),
+    );
     let policies = controller.store();
-    let (services, service_events) = reflect(Api::<Service>::all(client.clone()), list.clone(), &metrics, "services");
-    let (pods, pod_events) = reflect(Api::<HostPortPod>::all(client.clone()), list.clone(), &metrics, "pods");
-    let (namespaces, namespace_events) =
-        reflect(Api::<Namespace>::all(client.clone()), list.clone(), &metrics, "namespaces");
+    let (services, service_events) = reflect(
+        Api::<Service>::all(client.clone()),
+        list.clone(),
+        &metrics,
+        "services",
+    );
+    let (pods, pod_events) = reflect(
+        Api::<HostPortPod>::all(client.clone()),
+        list.clone(),
+        &metrics,
+        "pods",
+    );
+    let (namespaces, namespace_events) = reflect(
+        Api::<Namespace>::all(client.clone()),
+        list.clone(),
+        &metrics,
+        "namespaces",
+    );
     let (daemon_sets, daemon_set_events) = reflect(
         Api::<DaemonSet>::namespaced(client.clone(), &args.namespace),
         list.clone().labels(POLICY_LABEL),

@@ -175,7 +175,10 @@ fn namespace_labels(
         .chain(pods.iter().filter_map(|p| p.metadata.namespace.as_deref()));
     for ns in referenced {
         if !labels.contains_key(ns) {
-            labels.insert(ns.into(), Labels::from([(NAMESPACE_NAME_LABEL.into(), ns.into())]));
+            labels.insert(
+                ns.into(),
+                Labels::from([(NAMESPACE_NAME_LABEL.into(), ns.into())]),
+            );
         }
     }
     labels
@@ -301,9 +304,9 @@ impl Computation {
             .filter(|svc| services::managed_by_operator(svc))
             .filter(|svc| {
                 let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
-                self.policy_set
-                    .get(policy)
-                    .is_some_and(|p| p.selects_service(self.namespace_labels.get(ns), svc.metadata.labels.as_ref()))
+                self.policy_set.get(policy).is_some_and(|p| {
+                    p.selects_service(self.namespace_labels.get(ns), svc.metadata.labels.as_ref())
+                })
             })
             .map(services::key_of)
             .collect()

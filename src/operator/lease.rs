@@ -33,7 +33,11 @@ pub enum Decision {
 
 pub fn decide(lease: Option<&Lease>, me: &str, now: Timestamp) -> Decision {
     let Some(spec) = lease.and_then(|l| l.spec.as_ref()) else {
-        return if lease.is_some() { Decision::TakeOver } else { Decision::Create };
+        return if lease.is_some() {
+            Decision::TakeOver
+        } else {
+            Decision::Create
+        };
     };
     let holder = spec.holder_identity.clone().unwrap_or_default();
     if holder == me {
@@ -65,9 +69,15 @@ pub fn held_lease(previous: Option<&Lease>, name: &str, namespace: &str, me: &st
         spec: Some(LeaseSpec {
             holder_identity: Some(me.into()),
             lease_duration_seconds: Some(LEASE_DURATION.as_secs() as i32),
-            acquire_time: if taking_over { Some(MicroTime(now)) } else { old.acquire_time },
+            acquire_time: if taking_over {
+                Some(MicroTime(now))
+            } else {
+                old.acquire_time
+            },
             renew_time: Some(MicroTime(now)),
-            lease_transitions: Some(old.lease_transitions.unwrap_or(0) + i32::from(taking_over && previous.is_some())),
+            lease_transitions: Some(
+                old.lease_transitions.unwrap_or(0) + i32::from(taking_over && previous.is_some()),
+            ),
             ..Default::default()
         }),
     }
@@ -195,7 +205,9 @@ mod tests {
         assert_eq!(spec.holder_identity.as_deref(), Some("a"));
         assert_eq!(spec.lease_transitions, Some(3));
         assert_eq!(spec.acquire_time, Some(MicroTime(t(100))));
-        let renewed = held_lease(Some(&lease("a", 95)), LEASE_NAME, "ns", "a", t(100)).spec.unwrap();
+        let renewed = held_lease(Some(&lease("a", 95)), LEASE_NAME, "ns", "a", t(100))
+            .spec
+            .unwrap();
         assert_eq!(renewed.lease_transitions, Some(2));
     }
 }

@@ -29,7 +29,10 @@ impl Metrics {
             .expect("a fixed, valid metric prefix");
         let reconciles = IntCounter::new("reconciliations_total", "Reconciliations started").unwrap();
         let failures = IntCounterVec::new(
-            Opts::new("reconciliation_errors_total", "Reconciliations that failed, by error kind"),
+            Opts::new(
+                "reconciliation_errors_total",
+                "Reconciliations that failed, by error kind",
+            ),
             &["kind"],
         )
         .unwrap();
@@ -39,16 +42,23 @@ impl Metrics {
         )
         .unwrap();
         let node_ports_used = IntGaugeVec::new(
-            Opts::new("node_ports_used", "nodePorts a policy holds, released-but-retained included"),
+            Opts::new(
+                "node_ports_used",
+                "nodePorts a policy holds, released-but-retained included",
+            ),
             &["policy"],
         )
         .unwrap();
-        let node_ports_free =
-            IntGaugeVec::new(Opts::new("node_ports_free", "nodePorts a policy can still hand out"), &["policy"])
-                .unwrap();
-        let conflicts =
-            IntGaugeVec::new(Opts::new("host_port_conflicts", "hostPort conflicts a policy reports"), &["policy"])
-                .unwrap();
+        let node_ports_free = IntGaugeVec::new(
+            Opts::new("node_ports_free", "nodePorts a policy can still hand out"),
+            &["policy"],
+        )
+        .unwrap();
+        let conflicts = IntGaugeVec::new(
+            Opts::new("host_port_conflicts", "hostPort conflicts a policy reports"),
+            &["policy"],
+        )
+        .unwrap();
         let watch_errors = IntCounterVec::new(
             Opts::new("watch_errors_total", "Errors of the watches, by watched kind"),
             &["resource"],
@@ -80,7 +90,9 @@ impl Metrics {
     pub fn set_policy(&self, policy: &str, used: Option<(usize, usize)>, conflicts: usize) {
         if let Some((used, total)) = used {
             self.node_ports_used.with_label_values(&[policy]).set(used as i64);
-            self.node_ports_free.with_label_values(&[policy]).set(total.saturating_sub(used) as i64);
+            self.node_ports_free
+                .with_label_values(&[policy])
+                .set(total.saturating_sub(used) as i64);
         }
         self.conflicts.with_label_values(&[policy]).set(conflicts as i64);
     }

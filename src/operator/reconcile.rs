@@ -50,13 +50,17 @@ pub async fn reconcile(policy: Arc<PortPolicy>, ctx: Arc<Context>) -> Result<Act
     })
     .await
     .map_err(|e| match e {
-        kube::runtime::finalizer::Error::ApplyFailed(e) | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
         other => Error::Finalizer(Box::new(other)),
     })
 }
 
 pub fn error_policy(policy: Arc<PortPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.failures.with_label_values(&[error.metric_label()]).inc();
+    ctx.metrics
+        .failures
+        .with_label_values(&[error.metric_label()])
+        .inc();
     tracing::warn!(policy = %policy.name_any(), %error, "reconcile failed");
     match error {
         Error::Conflict => Action::requeue(Duration::from_secs(1)),
@@ -157,7 +161,11 @@ async fn write_status_and_events(policy: &PortPolicy, facts: &PolicyFacts, ctx: 
             continue;
         }
         let event = KubeEvent {
-            type_: if bad { EventType::Warning } else { EventType::Normal },
+            type_: if bad {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
             reason: t.reason.clone(),
             note: Some(truncate(&t.message, 1000)),
             action: format!("{}{}", t.type_, t.status),
@@ -194,7 +202,10 @@ async fn write_status(policy: &PortPolicy, status: &PortPolicyStatus, ctx: &Cont
         "status": status,
     });
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    match api.patch_status(&policy.name_any(), &params, &Patch::Apply(&body)).await {
+    match api
+        .patch_status(&policy.name_any(), &params, &Patch::Apply(&body))
+        .await
+    {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Conflict),
         Err(e) => Err(e.into()),
@@ -212,7 +223,10 @@ async fn apply_service(key: &ServiceKey, intent: &ServiceIntent, ctx: &Context) 
     }
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &key.0);
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    match api.patch(&key.1, &params, &Patch::Apply(intent.apply_body())).await {
+    match api
+        .patch(&key.1, &params, &Patch::Apply(intent.apply_body()))
+        .await
+    {
         Ok(_) => {
             tracing::info!(service = %format!("{}/{}", key.0, key.1), "applied");
             Ok(())
@@ -232,9 +246,9 @@ async fn apply_service(key: &ServiceKey, intent: &ServiceIntent, ctx: &Context) 
 fn desired_daemon_set(policy: &PortPolicy, ctx: &Context) -> Option<DaemonSet> {
     let mut ds = agent::desired_daemon_set(policy, &ctx.settings.namespace, &ctx.settings.default_image)?;
     let text = serde_json::to_string(&ds).ok()?;
-    let hash = text
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     ds.metadata
         .annotations
         .get_or_insert_default()
@@ -275,7 +289,10 @@ async fn sync_daemon_set(policy: &PortPolicy, desired: Option<DaemonSet>, ctx: &
     match desired {
         Some(ds) => {
             let hash = ds.annotations().get(SPEC_HASH_ANNOTATION);
-            if existing.as_ref().is_some_and(|e| e.annotations().get(SPEC_HASH_ANNOTATION) == hash) {
+            if existing
+                .as_ref()
+                .is_some_and(|e| e.annotations().get(SPEC_HASH_ANNOTATION) == hash)
+            {
                 return Ok(());
             }
             let name = ds.name_any();

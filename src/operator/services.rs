@@ -46,7 +46,10 @@ impl ServiceIntent {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.node_ports.is_empty() && self.health_check.is_none() && !self.external_traffic_local && !self.proxy_label
+        self.node_ports.is_empty()
+            && self.health_check.is_none()
+            && !self.external_traffic_local
+            && !self.proxy_label
     }
 
     /// The server-side-apply body. An empty intent gives an apply that owns nothing, which is how
@@ -97,7 +100,9 @@ impl ServiceIntent {
         let health_ok = match self.health_check {
             None => true,
             Some((port, false)) => spec.and_then(|s| s.health_check_node_port) == Some(i32::from(port)),
-            Some((port, true)) => annotation(service, HEALTH_CHECK_ANNOTATION) == Some(port.to_string().as_str()),
+            Some((port, true)) => {
+                annotation(service, HEALTH_CHECK_ANNOTATION) == Some(port.to_string().as_str())
+            }
         };
         let traffic_ok = !self.external_traffic_local
             || spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
@@ -111,7 +116,8 @@ impl ServiceIntent {
         let owned_traffic = owned
             .and_then(|f| f.pointer("/f:spec/f:externalTrafficPolicy"))
             .is_some();
-        let nothing_stale = (self.proxy_label || !owned_label) && (self.external_traffic_local || !owned_traffic);
+        let nothing_stale =
+            (self.proxy_label || !owned_label) && (self.external_traffic_local || !owned_traffic);
         node_ports_ok && health_ok && traffic_ok && label_ok && nothing_stale
     }
 }
@@ -121,7 +127,12 @@ fn label<'a>(service: &'a Service, key: &str) -> Option<&'a str> {
 }
 
 fn annotation<'a>(service: &'a Service, key: &str) -> Option<&'a str> {
-    service.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+    service
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(key)
+        .map(String::as_str)
 }
 
 /// The fields the operator's apply owns on this Service (its managedFields entry).
@@ -143,13 +154,20 @@ fn owned_fields(service: &Service) -> Option<&Value> {
 /// a request sets, and allocation happens later, in the registry. So an owned nodePort is one a
 /// user (or a tool, or this operator) asked for; an unowned one is the API server's random pick.
 pub fn node_port_owned(service: &Service, port: i32, protocol: Protocol) -> Option<bool> {
-    let entries = service.metadata.managed_fields.as_ref().filter(|m| !m.is_empty())?;
+    let entries = service
+        .metadata
+        .managed_fields
+        .as_ref()
+        .filter(|m| !m.is_empty())?;
     Some(entries.iter().any(|m| {
         let Some(ports) = m.fields_v1.as_ref().and_then(|f| f.0.pointer("/f:spec/f:ports")) else {
             return false;
         };
         ports.as_object().into_iter().flatten().any(|(key, fields)| {
-            let Some(k) = key.strip_prefix("k:").and_then(|k| serde_json::from_str::<Value>(k).ok()) else {
+            let Some(k) = key
+                .strip_prefix("k:")
+                .and_then(|k| serde_json::from_str::<Value>(k).ok())
+            else {
                 return false;
             };
             let key_protocol = Protocol::from_k8s(k.get("protocol").and_then(Value::as_str)).ok();
@@ -162,7 +180,11 @@ pub fn node_port_owned(service: &Service, port: i32, protocol: Protocol) -> Opti
 
 /// Like [`node_port_owned`], for `spec.healthCheckNodePort`.
 pub fn health_check_node_port_owned(service: &Service) -> Option<bool> {
-    let entries = service.metadata.managed_fields.as_ref().filter(|m| !m.is_empty())?;
+    let entries = service
+        .metadata
+        .managed_fields
+        .as_ref()
+        .filter(|m| !m.is_empty())?;
     Some(entries.iter().any(|m| {
         m.fields_v1
             .as_ref()
@@ -190,7 +212,11 @@ pub fn managed_by_operator(service: &Service) -> bool {
 /// configuration; `Local` is always explicit (nothing defaults to it). Anything else counts as
 /// the default, which DefaultLocal replaces.
 pub fn external_traffic_policy_set_by_user(service: &Service) -> bool {
-    let Some(value) = service.spec.as_ref().and_then(|s| s.external_traffic_policy.as_deref()) else {
+    let Some(value) = service
+        .spec
+        .as_ref()
+        .and_then(|s| s.external_traffic_policy.as_deref())
+    else {
         return false;
     };
     if value == "Local" {
@@ -229,7 +255,11 @@ pub type ServiceKey = (String, String);
 
 pub fn key_of(service: &Service) -> ServiceKey {
     (
-        service.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        service
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
         service.metadata.name.clone().unwrap_or_default(),
     )
 }
@@ -294,7 +324,10 @@ mod tests {
             "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 31000}]}}));
         assert!(intent.satisfied_by(&labelled));
         let unlabelled = ServiceIntent::new("a", "web");
-        assert!(!unlabelled.satisfied_by(&labelled), "a label the operator owns but no longer wants");
+        assert!(
+            !unlabelled.satisfied_by(&labelled),
+            "a label the operator owns but no longer wants"
+        );
     }
 
     #[test]
@@ -328,14 +361,22 @@ mod tests {
         assert!(!wants_local_traffic(ExternalTrafficRule::DefaultLocal, &applied));
         assert!(wants_local_traffic(ExternalTrafficRule::RequireLocal, &applied));
 
-        let last_applied = service(json!({"metadata": {"name": "web", "namespace": "a", "annotations": {
+        let last_applied = service(
+            json!({"metadata": {"name": "web", "namespace": "a", "annotations": {
             "kubectl.kubernetes.io/last-applied-configuration":
                 "{\"spec\":{\"externalTrafficPolicy\":\"Cluster\"}}"}},
-            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Cluster", "ports": [{"port": 80}]}}));
-        assert!(!wants_local_traffic(ExternalTrafficRule::DefaultLocal, &last_applied));
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Cluster", "ports": [{"port": 80}]}}),
+        );
+        assert!(!wants_local_traffic(
+            ExternalTrafficRule::DefaultLocal,
+            &last_applied
+        ));
 
         let cluster_ip = service(json!({"metadata": {"name": "web", "namespace": "a"},
             "spec": {"ports": [{"port": 80}]}}));
-        assert!(!wants_local_traffic(ExternalTrafficRule::RequireLocal, &cluster_ip));
+        assert!(!wants_local_traffic(
+            ExternalTrafficRule::RequireLocal,
+            &cluster_ip
+        ));
     }
 }

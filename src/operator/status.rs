@@ -48,7 +48,11 @@ pub struct AgentFacts {
 const MAX_MESSAGE_ITEMS: usize = 3;
 
 /// The status `facts` call for, keeping transition times from `previous` where nothing changed.
-pub fn build_status(previous: Option<&PortPolicyStatus>, facts: &PolicyFacts, now: &Time) -> PortPolicyStatus {
+pub fn build_status(
+    previous: Option<&PortPolicyStatus>,
+    facts: &PolicyFacts,
+    now: &Time,
+) -> PortPolicyStatus {
     let old_conditions = previous.map(|s| s.conditions.as_slice()).unwrap_or_default();
     let mut status = PortPolicyStatus {
         observed_generation: facts.generation,
@@ -69,7 +73,12 @@ pub fn build_status(previous: Option<&PortPolicyStatus>, facts: &PolicyFacts, no
     };
 
     if !facts.spec_problems.is_empty() {
-        let message = facts.spec_problems.iter().map(|p| p.to_string()).collect::<Vec<_>>().join("; ");
+        let message = facts
+            .spec_problems
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
         cond(condition::SPEC_VALID, false, "InvalidSpec", message.clone());
         cond(condition::READY, false, "InvalidSpec", message);
         status.conditions = keep_transition_times(conditions, old_conditions);
@@ -84,9 +93,19 @@ pub fn build_status(previous: Option<&PortPolicyStatus>, facts: &PolicyFacts, no
     } else {
         let message = format!(
             "selects the same Services as {}; those Services are left alone until one policy stops selecting them",
-            facts.overlapping.iter().map(|p| format!("PortPolicy/{p}")).collect::<Vec<_>>().join(", ")
+            facts
+                .overlapping
+                .iter()
+                .map(|p| format!("PortPolicy/{p}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
-        cond(condition::SPEC_VALID, false, "OverlappingPolicies", message.clone());
+        cond(
+            condition::SPEC_VALID,
+            false,
+            "OverlappingPolicies",
+            message.clone(),
+        );
         not_ready.push(("OverlappingPolicies", message));
     }
 
@@ -111,9 +130,17 @@ pub fn build_status(previous: Option<&PortPolicyStatus>, facts: &PolicyFacts, no
     status.conflict_count = i32::try_from(facts.conflicts.len()).unwrap_or(i32::MAX);
     status.conflicts = facts.conflicts.clone();
     if facts.conflicts.is_empty() {
-        cond(condition::HOST_PORT_CONFLICT, false, "NoConflicts", "no hostPort conflicts".into());
+        cond(
+            condition::HOST_PORT_CONFLICT,
+            false,
+            "NoConflicts",
+            "no hostPort conflicts".into(),
+        );
     } else {
-        let message = bounded(facts.conflicts.iter().map(conflict_message), facts.conflicts.len());
+        let message = bounded(
+            facts.conflicts.iter().map(conflict_message),
+            facts.conflicts.len(),
+        );
         // HostPortConflict is a "bad when True" condition, like the kubelet's DiskPressure.
         conditions.push(Condition {
             type_: condition::HOST_PORT_CONFLICT.into(),
@@ -129,7 +156,10 @@ pub fn build_status(previous: Option<&PortPolicyStatus>, facts: &PolicyFacts, no
     if let Some(agents) = &facts.agents {
         status.agents_ready = Some(agents.summary.clone());
         let (reason, message) = if agents.missing {
-            ("DaemonSetMissing", "the agent DaemonSet does not exist yet".to_string())
+            (
+                "DaemonSetMissing",
+                "the agent DaemonSet does not exist yet".to_string(),
+            )
         } else if agents.ready {
             ("AllReady", format!("{} agent pods ready", agents.summary))
         } else {
@@ -179,7 +209,11 @@ fn conflict_message(c: &HostPortConflictRecord) -> String {
         "node {} {} {}:{} used by {} ({})",
         c.node,
         c.protocol,
-        if c.host_ip.is_empty() { "0.0.0.0" } else { &c.host_ip },
+        if c.host_ip.is_empty() {
+            "0.0.0.0"
+        } else {
+            &c.host_ip
+        },
         c.host_port,
         c.pods.join(", "),
         c.reason
@@ -301,9 +335,15 @@ mod tests {
         assert_eq!((c.status.as_str(), &c.last_transition_time), ("True", &at(20)));
         assert!(c.message.contains("n1") && c.message.contains("TCP") && c.message.contains("8080"));
         assert!(c.message.contains("a/p1"));
-        assert_eq!(condition(&second, "NodePortsAllocated").last_transition_time, at(10));
+        assert_eq!(
+            condition(&second, "NodePortsAllocated").last_transition_time,
+            at(10)
+        );
         assert_eq!(second.conflict_count, 1);
-        let types: Vec<_> = transitions(Some(&first), &second).into_iter().map(|t| t.type_).collect();
+        let types: Vec<_> = transitions(Some(&first), &second)
+            .into_iter()
+            .map(|t| t.type_)
+            .collect();
         assert_eq!(types, ["Ready", "HostPortConflict"]);
     }
 
@@ -335,11 +375,19 @@ mod tests {
     fn exhausted_range_names_reason() {
         let mut facts = healthy();
         facts.node_ports.as_mut().unwrap().problems = (0..5)
-            .map(|i| ("RangeExhausted".to_string(), format!("Service/a/s{i} got no nodePort")))
+            .map(|i| {
+                (
+                    "RangeExhausted".to_string(),
+                    format!("Service/a/s{i} got no nodePort"),
+                )
+            })
             .collect();
         let s = build_status(None, &facts, &at(1));
         let c = condition(&s, "NodePortsAllocated");
-        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "RangeExhausted"));
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "RangeExhausted")
+        );
         assert!(c.message.ends_with("and 2 more"));
         assert_eq!(condition(&s, "Ready").status, "False");
     }

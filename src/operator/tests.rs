@@ -26,7 +26,8 @@ use crate::ports::PortRange;
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 const NOW: &str = "2026-11-26T12:00:00Z";
-const STATUS_URI: &str = "/apis/portpolicy.io/v1alpha1/portpolicies/edge/status?&force=true&fieldManager=portpolicy-operator";
+const STATUS_URI: &str =
+    "/apis/portpolicy.io/v1alpha1/portpolicies/edge/status?&force=true&fieldManager=portpolicy-operator";
 
 fn store<K>(objects: Vec<K>) -> Store<K>
 where
@@ -65,7 +66,13 @@ fn context(cluster: Cluster) -> (Arc<Context>, Handle) {
         default_image: "portpolicy:test".into(),
         cluster_range: PortRange::DEFAULT_NODE_PORTS,
     };
-    let mut ctx = Context::new(client, stores, Metrics::new(), settings, Some("operator-0".into()));
+    let mut ctx = Context::new(
+        client,
+        stores,
+        Metrics::new(),
+        settings,
+        Some("operator-0".into()),
+    );
     let now: chrono::DateTime<chrono::Utc> = NOW.parse().unwrap();
     ctx.clock = Arc::new(move || now);
     (Arc::new(ctx), handle)
@@ -113,7 +120,11 @@ fn host_port_pod(ns: &str, name: &str, node: &str, host_port: i32) -> HostPortPo
 }
 
 /// Receives the next request, checks method and URI, and returns its JSON body.
-async fn expect(handle: &mut Handle, method: &str, uri: &str) -> (Value, tower_test::mock::SendResponse<Response<Body>>) {
+async fn expect(
+    handle: &mut Handle,
+    method: &str,
+    uri: &str,
+) -> (Value, tower_test::mock::SendResponse<Response<Body>>) {
     let (request, send) = tokio::time::timeout(Duration::from_secs(5), handle.next_request())
         .await
         .expect("the operator sent no request in time")
@@ -121,12 +132,20 @@ async fn expect(handle: &mut Handle, method: &str, uri: &str) -> (Value, tower_t
     assert_eq!(request.method().as_str(), method);
     assert_eq!(request.uri().to_string(), uri);
     let bytes = request.into_body().collect_bytes().await.unwrap();
-    let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap() };
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
     (body, send)
 }
 
 fn reply(send: tower_test::mock::SendResponse<Response<Body>>, body: &Value) {
-    send.send_response(Response::builder().body(Body::from(serde_json::to_vec(body).unwrap())).unwrap());
+    send.send_response(
+        Response::builder()
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap(),
+    );
 }
 
 /// Answers a status apply the way the API server does: the object with the applied status.
@@ -153,7 +172,10 @@ where
         .expect("the verifier saw every expected request")
         .unwrap();
     // The reconcile dropped its context (and so the client): no request may be left.
-    assert!(handle.next_request().await.is_none(), "an unexpected request was sent");
+    assert!(
+        handle.next_request().await.is_none(),
+        "an unexpected request was sent"
+    );
 }
 
 fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
@@ -179,7 +201,10 @@ async fn new_policy_gets_its_status_and_nothing_else() {
     let expected = p.clone();
     run(ctx, handle, &p, move |mut h| async move {
         let (body, send) = expect(&mut h, "PATCH", STATUS_URI).await;
-        assert_eq!(body["metadata"], json!({"name": "edge", "resourceVersion": "100"}));
+        assert_eq!(
+            body["metadata"],
+            json!({"name": "edge", "resourceVersion": "100"})
+        );
         assert_eq!(body["apiVersion"], "portpolicy.io/v1alpha1");
         let status = &body["status"];
         assert_eq!(status["observedGeneration"], 2);
@@ -239,7 +264,11 @@ async fn selected_service_gets_a_node_port_from_the_policy() {
         let records = body["status"]["allocations"].as_array().unwrap().clone();
         assert_eq!(records.len(), 1, "{records:?}");
         assert_eq!(
-            (&records[0]["namespace"], &records[0]["service"], &records[0]["kind"]),
+            (
+                &records[0]["namespace"],
+                &records[0]["service"],
+                &records[0]["kind"]
+            ),
             (&json!("shop"), &json!("web"), &json!("Service"))
         );
         let node_port = records[0]["nodePort"].as_i64().unwrap();
@@ -291,8 +320,14 @@ async fn recreated_service_gets_its_old_port_back() {
             "/api/v1/namespaces/shop/services/web?&force=true&fieldManager=portpolicy-operator",
         )
         .await;
-        assert_eq!(body["spec"]["ports"], json!([{"port": 80, "protocol": "TCP", "nodePort": 31042}]));
-        reply(send, &serde_json::to_value(node_port_service("shop", "web", 31042)).unwrap());
+        assert_eq!(
+            body["spec"]["ports"],
+            json!([{"port": 80, "protocol": "TCP", "nodePort": 31042}])
+        );
+        reply(
+            send,
+            &serde_json::to_value(node_port_service("shop", "web", 31042)).unwrap(),
+        );
         h
     })
     .await;
@@ -312,7 +347,10 @@ async fn host_port_conflict_sets_the_condition_and_emits_one_event() {
     let p = policy(json!({}), Some(healthy));
     let (ctx, handle) = context(Cluster {
         policies: vec![p.clone()],
-        pods: vec![host_port_pod("shop", "a", "node-1", 8080), host_port_pod("shop", "b", "node-1", 8080)],
+        pods: vec![
+            host_port_pod("shop", "a", "node-1", 8080),
+            host_port_pod("shop", "b", "node-1", 8080),
+        ],
         ..Default::default()
     });
     let expected = p.clone();
@@ -330,10 +368,18 @@ async fn host_port_conflict_sets_the_condition_and_emits_one_event() {
         assert_eq!(status["conflicts"][0]["node"], "node-1");
         assert_eq!(status["conflicts"][0]["hostPort"], 8080);
         assert_eq!(condition(status, "Ready")["status"], "False");
-        assert_eq!(condition(status, "SpecValid")["lastTransitionTime"], "2026-11-26T10:00:00Z");
+        assert_eq!(
+            condition(status, "SpecValid")["lastTransitionTime"],
+            "2026-11-26T10:00:00Z"
+        );
         reply_status(send, &expected, &body);
 
-        let (event, send) = expect(&mut h, "POST", "/apis/events.k8s.io/v1/namespaces/default/events?").await;
+        let (event, send) = expect(
+            &mut h,
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/default/events?",
+        )
+        .await;
         assert_eq!(event["type"], "Warning");
         assert_eq!(event["reason"], "ConflictsFound");
         assert_eq!(event["regarding"]["kind"], "PortPolicy");
@@ -386,7 +432,10 @@ async fn agent_daemon_set_is_applied_with_an_owner_reference() {
 
 #[tokio::test]
 async fn invalid_spec_only_writes_its_status() {
-    let p = policy(json!({"nodePorts": {"range": "31000-31099", "reserved": ["oops"]}}), None);
+    let p = policy(
+        json!({"nodePorts": {"range": "31000-31099", "reserved": ["oops"]}}),
+        None,
+    );
     let (ctx, handle) = context(Cluster {
         policies: vec![p.clone()],
         services: vec![node_port_service("shop", "web", 30555)],
@@ -397,9 +446,20 @@ async fn invalid_spec_only_writes_its_status() {
         let (body, send) = expect(&mut h, "PATCH", STATUS_URI).await;
         let c = condition(&body["status"], "SpecValid");
         assert_eq!(c["status"], "False");
-        assert!(c["message"].as_str().unwrap().contains("spec.nodePorts.reserved[0]"), "{c}");
+        assert!(
+            c["message"]
+                .as_str()
+                .unwrap()
+                .contains("spec.nodePorts.reserved[0]"),
+            "{c}"
+        );
         reply_status(send, &expected, &body);
-        let (event, send) = expect(&mut h, "POST", "/apis/events.k8s.io/v1/namespaces/default/events?").await;
+        let (event, send) = expect(
+            &mut h,
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/default/events?",
+        )
+        .await;
         assert_eq!(event["reason"], "InvalidSpec");
         reply(send, &event);
         h
