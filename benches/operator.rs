@@ -55,7 +55,7 @@ fn pod_json(i: usize) -> Value {
     let ns = format!("team-{}", i % NAMESPACES);
     let app = format!("app-{}", i % 2000);
     let mut ports = vec![json!({"name": "http", "containerPort": 8080, "protocol": "TCP"})];
-    if i % 20 == 0 {
+    if i.is_multiple_of(20) {
         ports.push(json!({"name": "metrics", "containerPort": 9100, "hostPort": 9100 + (i % 7) as i32, "protocol": "TCP"}));
     }
     json!({
@@ -122,7 +122,7 @@ fn pod_json(i: usize) -> Value {
 
 fn service_json(i: usize) -> Value {
     let ns = format!("team-{}", i % NAMESPACES);
-    let node_port_type = i % 4 != 0;
+    let node_port_type = !i.is_multiple_of(4);
     let mut spec = json!({
         "type": if node_port_type { "NodePort" } else { "ClusterIP" },
         "clusterIP": format!("10.96.{}.{}", i / 250, i % 250),
@@ -131,7 +131,7 @@ fn service_json(i: usize) -> Value {
     });
     if node_port_type {
         // Half already hold a port of the cluster range, picked by the API server.
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             spec["ports"][0]["nodePort"] = json!(30000 + (i % 2700) as i32);
         }
     }
@@ -139,7 +139,7 @@ fn service_json(i: usize) -> Value {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": format!("svc-{i}"), "namespace": ns, "uid": format!("uid-svc-{i}"),
             "resourceVersion": format!("{}", 200000 + i), "creationTimestamp": "2026-11-20T10:00:00Z",
-            "labels": {"app": format!("app-{}", i % 2000), "tier": if i % 3 == 0 { "edge" } else { "internal" }}},
+            "labels": {"app": format!("app-{}", i % 2000), "tier": if i.is_multiple_of(3) { "edge" } else { "internal" }}},
         "spec": spec,
     })
 }

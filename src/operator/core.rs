@@ -213,7 +213,7 @@ impl Computation {
             conflicts: self
                 .conflicts
                 .iter()
-                .filter(|c| c.policies.iter().any(|p| *p == name))
+                .filter(|c| c.policies.contains(&name))
                 .map(HostPortConflict::to_record)
                 .collect(),
             overlapping: self.overlaps.get(&name).into_iter().flatten().cloned().collect(),
