@@ -256,6 +256,11 @@ fn desired_daemon_set(policy: &PortPolicy, ctx: &Context) -> Option<DaemonSet> {
     Some(ds)
 }
 
+#[cfg(test)]
+pub(super) fn desired_daemon_set_for_tests(policy: &PortPolicy, ctx: &Context) -> Option<DaemonSet> {
+    desired_daemon_set(policy, ctx)
+}
+
 fn existing_daemon_set(policy: &PortPolicy, ctx: &Context) -> Option<Arc<DaemonSet>> {
     let name = agent::daemon_set_name(&policy.name_any());
     ctx.stores

@@ -491,3 +491,108 @@ async fn stale_policy_copy_gets_a_conflict_and_retries() {
     assert!(matches!(result, Err(super::Error::Conflict)), "{result:?}");
     verify.await.unwrap();
 }
+
+/// A Service the operator has applied to (its managedFields entry), with the proxy-name label.
+fn proxied_service(ns: &str, name: &str) -> Service {
+    let mut svc = serde_json::to_value(node_port_service(ns, name, 31005)).unwrap();
+    svc["metadata"]["labels"] = json!({"service.kubernetes.io/service-proxy-name": "portpolicy"});
+    svc["metadata"]["managedFields"].as_array_mut().unwrap().push(
+        json!({"manager": "portpolicy-operator", "operation": "Apply", "apiVersion": "v1",
+            "fieldsType": "FieldsV1", "fieldsV1": {
+                "f:metadata": {"f:labels": {"f:service.kubernetes.io/service-proxy-name": {}}},
+                "f:spec": {"f:ports": {"k:{\"port\":80,\"protocol\":\"TCP\"}": {
+                    ".": {}, "f:nodePort": {}, "f:port": {}, "f:protocol": {}}}}}}),
+    );
+    serde_json::from_value(svc).unwrap()
+}
+
+#[tokio::test]
+async fn proxy_policy_labels_its_services_and_sets_local_traffic() {
+    let spec = json!({"nodePorts": {"range": "31000-31099"},
+        "traffic": {"externalTrafficPolicy": "RequireLocal"}, "agent": {"proxy": true}});
+    let p = policy(spec, None);
+    // The agent DaemonSet exists as the operator would apply it (same hash annotation) and is
+    // ready, so after the status only the Service is written.
+    let (probe, _) = context(Cluster::default());
+    let mut ds =
+        serde_json::to_value(super::reconcile::desired_daemon_set_for_tests(&p, &probe).unwrap()).unwrap();
+    ds["status"] = json!({"desiredNumberScheduled": 2, "numberReady": 2, "currentNumberScheduled": 2,
+        "numberMisscheduled": 0});
+    let (ctx, handle) = context(Cluster {
+        policies: vec![p.clone()],
+        services: vec![node_port_service("shop", "web", 31007)],
+        daemon_sets: vec![serde_json::from_value(ds).unwrap()],
+        ..Default::default()
+    });
+    let expected = p.clone();
+    run(ctx, handle, &p, move |mut h| async move {
+        let (body, send) = expect(&mut h, "PATCH", STATUS_URI).await;
+        assert_eq!(body["status"]["agentsReady"], "2/2");
+        assert_eq!(condition(&body["status"], "AgentsReady")["status"], "True");
+        reply_status(send, &expected, &body);
+        let (body, send) = expect(
+            &mut h,
+            "PATCH",
+            "/api/v1/namespaces/shop/services/web?&force=true&fieldManager=portpolicy-operator",
+        )
+        .await;
+        assert_eq!(
+            body,
+            json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": "web", "namespace": "shop",
+                    "labels": {"service.kubernetes.io/service-proxy-name": "portpolicy"}},
+                "spec": {"ports": [{"port": 80, "protocol": "TCP", "nodePort": 31007}],
+                    "externalTrafficPolicy": "Local"}})
+        );
+        reply(
+            send,
+            &serde_json::to_value(proxied_service("shop", "web")).unwrap(),
+        );
+        h
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn deleted_policy_hands_its_services_back_then_drops_its_finalizer() {
+    let mut p = policy(
+        json!({"nodePorts": {"range": "31000-31099"}, "agent": {"proxy": true}}),
+        None,
+    );
+    p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        "2026-11-26T11:59:00Z".parse().unwrap(),
+    ));
+    let (ctx, handle) = context(Cluster {
+        policies: vec![p.clone()],
+        services: vec![proxied_service("shop", "web")],
+        ..Default::default()
+    });
+    let expected = p.clone();
+    run(ctx, handle, &p, move |mut h| async move {
+        let (body, send) = expect(
+            &mut h,
+            "PATCH",
+            "/api/v1/namespaces/shop/services/web?&force=true&fieldManager=portpolicy-operator",
+        )
+        .await;
+        assert_eq!(
+            body,
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop"}})
+        );
+        reply(
+            send,
+            &serde_json::to_value(node_port_service("shop", "web", 31005)).unwrap(),
+        );
+        let (body, send) = expect(&mut h, "PATCH", "/apis/portpolicy.io/v1alpha1/portpolicies/edge?").await;
+        assert_eq!(
+            body,
+            json!([{"op": "test", "path": "/metadata/finalizers/0", "value": "portpolicy.io/cleanup"},
+                   {"op": "remove", "path": "/metadata/finalizers/0"}])
+        );
+        let mut gone = serde_json::to_value(&expected).unwrap();
+        gone["metadata"]["finalizers"] = json!([]);
+        reply(send, &gone);
+        h
+    })
+    .await;
+}
