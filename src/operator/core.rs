@@ -312,3 +312,102 @@ impl Computation {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn policy(name: &str, spec: Value) -> Arc<PortPolicy> {
+        Arc::new(
+            serde_json::from_value(
+                json!({"apiVersion": "portpolicy.io/v1alpha1", "kind": "PortPolicy",
+                "metadata": {"name": name, "uid": format!("uid-{name}")}, "spec": spec}),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn service(name: &str, labels: Value, node_port: i32, managed: Value) -> Arc<Service> {
+        Arc::new(
+            serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": "shop", "labels": labels, "managedFields": managed},
+                "spec": {"type": "NodePort", "ports": [{"port": 80, "protocol": "TCP", "nodePort": node_port}]}}))
+            .unwrap(),
+        )
+    }
+
+    fn run(policies: &[Arc<PortPolicy>], services: &[Arc<Service>]) -> Computation {
+        compute(&Inputs {
+            policies,
+            services,
+            pods: &[],
+            namespaces: &[],
+            cluster_range: PortRange::DEFAULT_NODE_PORTS,
+            now: "2026-11-26T12:00:00Z".parse().unwrap(),
+        })
+    }
+
+    fn created_by_kubectl() -> Value {
+        json!([{"manager": "kubectl-create", "operation": "Update", "apiVersion": "v1", "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:spec": {"f:ports": {"k:{\"port\":80,\"protocol\":\"TCP\"}": {"f:port": {}}}}}}])
+    }
+
+    #[test]
+    fn overlapping_policies_are_reported_on_both_and_touch_nothing() {
+        let policies = [
+            policy("a", json!({"nodePorts": {"range": "31000-31099"}})),
+            policy("b", json!({"serviceSelector": {"matchLabels": {"tier": "edge"}}})),
+        ];
+        let services = [service(
+            "web",
+            json!({"tier": "edge"}),
+            30555,
+            created_by_kubectl(),
+        )];
+        let comp = run(&policies, &services);
+        for (name, other) in [("a", "b"), ("b", "a")] {
+            let facts = comp.facts(&policies[if name == "a" { 0 } else { 1 }], None);
+            assert_eq!(facts.overlapping, [other.to_string()], "{name}");
+            assert!(
+                comp.intents(name).is_empty(),
+                "{name} must leave the shared Service alone"
+            );
+        }
+    }
+
+    #[test]
+    fn user_set_node_port_outside_the_range_is_kept_and_reported() {
+        let owned = json!([{"manager": "kubectl", "operation": "Apply", "apiVersion": "v1",
+            "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:ports": {
+                "k:{\"port\":80,\"protocol\":\"TCP\"}": {"f:port": {}, "f:nodePort": {}}}}}}]);
+        let policies = [policy("a", json!({"nodePorts": {"range": "31000-31099"}}))];
+        let services = [service("web", json!({}), 30555, owned)];
+        let comp = run(&policies, &services);
+        let intent = &comp.intents("a")[&("shop".to_string(), "web".to_string())];
+        assert_eq!(intent.node_ports, [(80, Protocol::Tcp, 30555)]);
+        let facts = comp.facts(&policies[0], None);
+        let problems = &facts.node_ports.unwrap().problems;
+        assert_eq!(problems[0].0, "OutsidePolicyRange", "{problems:?}");
+
+        // The same port, picked at random by the API server (nobody owns it), is moved.
+        let services = [service("web", json!({}), 30555, created_by_kubectl())];
+        let comp = run(&policies, &services);
+        let intent = &comp.intents("a")[&("shop".to_string(), "web".to_string())];
+        assert!((31000..=31099).contains(&intent.node_ports[0].2), "{intent:?}");
+    }
+
+    #[test]
+    fn ungoverned_services_are_released_unless_a_policy_is_invalid() {
+        let ours = json!([{"manager": "portpolicy-operator", "operation": "Apply", "apiVersion": "v1",
+            "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:labels": {}}}}]);
+        let services = [service("web", json!({}), 31005, ours)];
+        let selective = policy("a", json!({"serviceSelector": {"matchLabels": {"tier": "edge"}}}));
+        let comp = run(std::slice::from_ref(&selective), &services);
+        assert_eq!(comp.releases(), [("shop".to_string(), "web".to_string())]);
+
+        let broken = policy("b", json!({"nodePorts": {"range": "9-1"}}));
+        let comp = run(&[selective, broken], &services);
+        assert!(comp.releases().is_empty());
+    }
+}
