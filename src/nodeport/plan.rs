@@ -334,6 +334,13 @@ impl<'i, 'a> Planner<'i, 'a> {
         for (i, view) in self.views.iter().enumerate() {
             by_name.entry((view.namespace, view.name)).or_insert(i);
         }
+        let mut pinned_ports: BTreeMap<u16, Vec<(&str, &str, &str)>> = BTreeMap::new();
+        for (&(_, namespace, service, port_name), &(_, port)) in &self.pins {
+            pinned_ports
+                .entry(port)
+                .or_default()
+                .push((namespace, service, port_name));
+        }
         for (policy_name, records) in input.records {
             let Some(policy) = input.policies.get(policy_name) else {
                 if input.policies.invalid().contains(policy_name) {
@@ -369,9 +376,14 @@ impl<'i, 'a> Planner<'i, 'a> {
                     .released_at
                     .as_ref()
                     .is_some_and(|t| t.0.as_nanosecond() + retention_nanos <= self.now_nanos);
-                let restorable = range.contains(port)
-                    && input.cluster_range.contains(port)
-                    && !policy.reserved.iter().any(|r| r.contains(port));
+                // A reserved range does not take back a port its identity already had, but a pin
+                // for someone else does: pins are explicit.
+                let pinned_for_other = pinned_ports.get(&port).is_some_and(|pins| {
+                    !pins.contains(&(identity.namespace, identity.service, identity.port_name))
+                        || identity.kind != NodePortKind::Service
+                });
+                let restorable =
+                    range.contains(port) && input.cluster_range.contains(port) && !pinned_for_other;
                 let key = (policy_name.as_str(), identity);
                 if holds_a_port
                     || expired
