@@ -82,9 +82,13 @@ impl PortBitmap {
             Some(offset) if (from..=to).contains(&offset) => offset,
             _ => from,
         };
-        let found = self
-            .first_zero(begin, to)
-            .or_else(|| if begin > from { self.first_zero(from, begin - 1) } else { None })?;
+        let found = self.first_zero(begin, to).or_else(|| {
+            if begin > from {
+                self.first_zero(from, begin - 1)
+            } else {
+                None
+            }
+        })?;
         Some(self.range.low + found as u16)
     }
 
@@ -101,7 +105,10 @@ impl PortBitmap {
         }
         let low = within.low.max(self.range.low);
         let high = within.high.min(self.range.high);
-        Some((usize::from(low - self.range.low), usize::from(high - self.range.low)))
+        Some((
+            usize::from(low - self.range.low),
+            usize::from(high - self.range.low),
+        ))
     }
 
     /// First clear bit in the inclusive offsets `from..=to`.
@@ -138,9 +145,15 @@ mod tests {
     fn set_test_clear_count() {
         let mut bitmap = PortBitmap::new(range(30000, 30199));
         assert!(bitmap.set(30000));
-        assert!(!bitmap.set(30000), "setting twice reports the port was already used");
+        assert!(
+            !bitmap.set(30000),
+            "setting twice reports the port was already used"
+        );
         assert!(bitmap.set(30199));
-        assert!(!bitmap.set(29999) && !bitmap.set(30200), "outside the range is ignored");
+        assert!(
+            !bitmap.set(29999) && !bitmap.set(30200),
+            "outside the range is ignored"
+        );
         assert_eq!(bitmap.count(), 2);
         assert!(bitmap.test(30000) && bitmap.test(30199) && !bitmap.test(30001));
         assert!(!bitmap.test(1));
@@ -182,7 +195,11 @@ mod tests {
         );
         assert_eq!(bitmap.first_free(range(31300, 31300), 0), Some(31300));
         assert_eq!(bitmap.first_free(range(40000, 40010), 40000), None, "no overlap");
-        assert_eq!(bitmap.first_free(range(32760, 40000), 32767), Some(32767), "clipped");
+        assert_eq!(
+            bitmap.first_free(range(32760, 40000), 32767),
+            Some(32767),
+            "clipped"
+        );
     }
 
     #[test]

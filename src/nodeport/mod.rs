@@ -33,7 +33,8 @@ use crate::problem::Problem;
 pub use bitmap::PortBitmap;
 pub use plan::plan_node_ports;
 pub use service::{
-    EXTERNAL_TRAFFIC_ANNOTATION, EXTERNAL_TRAFFIC_ONLY_LOCAL, HEALTH_CHECK_NODE_PORT_ANNOTATION, HealthCheckField,
+    EXTERNAL_TRAFFIC_ANNOTATION, EXTERNAL_TRAFFIC_ONLY_LOCAL, HEALTH_CHECK_NODE_PORT_ANNOTATION,
+    HealthCheckField,
 };
 
 /// Everything the allocator decides from.

@@ -87,8 +87,8 @@ struct Planner<'i, 'a> {
 
 impl<'i, 'a> Planner<'i, 'a> {
     fn new(input: &'i NodePortInput<'a>) -> Self {
-        let now_nanos =
-            i128::from(input.now.timestamp()) * 1_000_000_000 + i128::from(input.now.timestamp_subsec_nanos());
+        let now_nanos = i128::from(input.now.timestamp()) * 1_000_000_000
+            + i128::from(input.now.timestamp_subsec_nanos());
         // Whole seconds: that is what a Time survives a round trip through the API as.
         let now = Time(Timestamp::from_second(input.now.timestamp()).unwrap_or(Timestamp::UNIX_EPOCH));
         let mut views: Vec<ServiceView<'a>> = input.services.iter().map(ServiceView::read).collect();
@@ -97,7 +97,11 @@ impl<'i, 'a> Planner<'i, 'a> {
         let mut seen = BTreeSet::new();
         for view in &mut views {
             if !seen.insert((view.namespace, view.name)) {
-                let problem = Problem::new(&view.object, "metadata.name", "appears more than once in the input");
+                let problem = Problem::new(
+                    &view.object,
+                    "metadata.name",
+                    "appears more than once in the input",
+                );
                 view.problems.push(problem);
             }
         }
@@ -142,9 +146,7 @@ impl<'i, 'a> Planner<'i, 'a> {
     /// Policies with nodePort ranges, sorted by name.
     fn ranged_policies(&self) -> impl Iterator<Item = (&'a CompiledPolicy, PortRange)> + use<'a> {
         let policies: &'a [CompiledPolicy] = self.input.policies.policies();
-        policies
-            .iter()
-            .filter_map(|p| p.node_port_range.map(|r| (p, r)))
+        policies.iter().filter_map(|p| p.node_port_range.map(|r| (p, r)))
     }
 
     fn check_policies(&mut self) {
@@ -192,7 +194,9 @@ impl<'i, 'a> Planner<'i, 'a> {
                         Problem::new(
                             &object,
                             format!("spec.nodePorts.pinned[{k}].nodePort"),
-                            format!("{port} is not inside the cluster's nodePort range {cluster}; not applied"),
+                            format!(
+                                "{port} is not inside the cluster's nodePort range {cluster}; not applied"
+                            ),
                         ),
                     );
                     continue;
@@ -214,12 +218,10 @@ impl<'i, 'a> Planner<'i, 'a> {
             let governance =
                 policies.governing_service(self.input.namespace_labels.get(view.namespace), view.labels);
             let treatment = match governance {
-                Governance::By(policy) if view.is_valid() => {
-                    match policy.node_port_range {
-                        Some(range) => Treatment::Managed(policy, range),
-                        None => Treatment::Untouched,
-                    }
-                }
+                Governance::By(policy) if view.is_valid() => match policy.node_port_range {
+                    Some(range) => Treatment::Managed(policy, range),
+                    None => Treatment::Untouched,
+                },
                 Governance::Ambiguous(a, b) => {
                     let problem = Problem::new(
                         &view.object,
@@ -230,7 +232,11 @@ impl<'i, 'a> Planner<'i, 'a> {
                         ),
                     );
                     for policy in [a, b] {
-                        found.push((Some(policy.name.as_str()), Reason::MultiplePolicies, problem.clone()));
+                        found.push((
+                            Some(policy.name.as_str()),
+                            Reason::MultiplePolicies,
+                            problem.clone(),
+                        ));
                     }
                     Treatment::Untouched
                 }
@@ -270,9 +276,10 @@ impl<'i, 'a> Planner<'i, 'a> {
                 .find(|(p, _)| *p == port)
                 .map(|(_, f)| f)
                 .unwrap_or_default();
-            for (at, at_field, other, other_field) in
-                [(later, &field, first, &first_field), (first, &first_field, later, &field)]
-            {
+            for (at, at_field, other, other_field) in [
+                (later, &field, first, &first_field),
+                (first, &first_field, later, &field),
+            ] {
                 let problem = Problem::new(
                     &self.views[at].object,
                     at_field.as_str(),
@@ -327,6 +334,13 @@ impl<'i, 'a> Planner<'i, 'a> {
         for (i, view) in self.views.iter().enumerate() {
             by_name.entry((view.namespace, view.name)).or_insert(i);
         }
+        let mut pinned_ports: BTreeMap<u16, Vec<(&str, &str, &str)>> = BTreeMap::new();
+        for (&(_, namespace, service, port_name), &(_, port)) in &self.pins {
+            pinned_ports
+                .entry(port)
+                .or_default()
+                .push((namespace, service, port_name));
+        }
         for (policy_name, records) in input.records {
             let Some(policy) = input.policies.get(policy_name) else {
                 if input.policies.invalid().contains(policy_name) {
@@ -362,9 +376,14 @@ impl<'i, 'a> Planner<'i, 'a> {
                     .released_at
                     .as_ref()
                     .is_some_and(|t| t.0.as_nanosecond() + retention_nanos <= self.now_nanos);
-                let restorable = range.contains(port)
-                    && input.cluster_range.contains(port)
-                    && !policy.reserved.iter().any(|r| r.contains(port));
+                // A reserved range does not take back a port its identity already had, but a pin
+                // for someone else does: pins are explicit.
+                let pinned_for_other = pinned_ports.get(&port).is_some_and(|pins| {
+                    !pins.contains(&(identity.namespace, identity.service, identity.port_name))
+                        || identity.kind != NodePortKind::Service
+                });
+                let restorable =
+                    range.contains(port) && input.cluster_range.contains(port) && !pinned_for_other;
                 let key = (policy_name.as_str(), identity);
                 if holds_a_port
                     || expired
@@ -419,9 +438,10 @@ impl<'i, 'a> Planner<'i, 'a> {
             // (port, state, whether every member moves to it)
             let mut target: Option<(u16, AssignmentState, bool)> = None;
             if view.allocates_node_ports
-                && let Some(&(pin_index, pin)) = names
-                    .iter()
-                    .find_map(|name| self.pins.get(&(policy.name.as_str(), view.namespace, view.name, *name)))
+                && let Some(&(pin_index, pin)) = names.iter().find_map(|name| {
+                    self.pins
+                        .get(&(policy.name.as_str(), view.namespace, view.name, *name))
+                })
             {
                 match self.holder_other_than(pin, i, &names) {
                     None => {
@@ -444,7 +464,14 @@ impl<'i, 'a> Planner<'i, 'a> {
             if target.is_none() {
                 target = match current {
                     Some(port) if !range.contains(port) && policy.enforce && view.allocates_node_ports => {
-                        match self.restore_or_allocate(i, policy, range, &names, NodePortKind::Service, &field) {
+                        match self.restore_or_allocate(
+                            i,
+                            policy,
+                            range,
+                            &names,
+                            NodePortKind::Service,
+                            &field,
+                        ) {
                             Some((new, state)) => Some((new, state, false)),
                             None => Some((port, AssignmentState::Existing, false)),
                         }
@@ -552,7 +579,13 @@ impl<'i, 'a> Planner<'i, 'a> {
                         field: health.field,
                     });
                 }
-                self.assignments.push(health_assignment(&view, Some(&policy.name), node_port, state, health.node_port));
+                self.assignments.push(health_assignment(
+                    &view,
+                    Some(&policy.name),
+                    node_port,
+                    state,
+                    health.node_port,
+                ));
             }
         }
 
@@ -588,7 +621,13 @@ impl<'i, 'a> Planner<'i, 'a> {
             }
         }
         if let Some(node_port) = view.health_check.as_ref().and_then(|h| h.node_port) {
-            held.push(health_assignment(view, None, node_port, AssignmentState::InUse, Some(node_port)));
+            held.push(health_assignment(
+                view,
+                None,
+                node_port,
+                AssignmentState::InUse,
+                Some(node_port),
+            ));
         }
         self.assignments.extend(held);
     }
@@ -654,12 +693,10 @@ impl<'i, 'a> Planner<'i, 'a> {
             kind,
         };
         let cluster = self.input.cluster_range;
-        let usable = range
-            .overlaps(&cluster)
-            .then(|| PortRange {
-                low: range.low.max(cluster.low),
-                high: range.high.min(cluster.high),
-            });
+        let usable = range.overlaps(&cluster).then(|| PortRange {
+            low: range.low.max(cluster.low),
+            high: range.high.min(cluster.high),
+        });
         if let Some(port) = usable.and_then(|usable| self.first_free(usable, identity_hash(&identity))) {
             self.take(port, i);
             return Some((port, AssignmentState::Allocated));
@@ -727,12 +764,20 @@ impl<'i, 'a> Planner<'i, 'a> {
                 .collect();
             for ((name, identity), reservation) in &self.reservations {
                 if *name == policy.name && !live.contains_key(identity) {
-                    let released_at = reservation.released_at.cloned().unwrap_or_else(|| self.now.clone());
+                    let released_at = reservation
+                        .released_at
+                        .cloned()
+                        .unwrap_or_else(|| self.now.clone());
                     records.push(record(identity, reservation.node_port, Some(released_at)));
                 }
             }
             records.sort_by(|a, b| {
-                (&a.namespace, &a.service, a.kind, &a.port_name).cmp(&(&b.namespace, &b.service, b.kind, &b.port_name))
+                (&a.namespace, &a.service, a.kind, &a.port_name).cmp(&(
+                    &b.namespace,
+                    &b.service,
+                    b.kind,
+                    &b.port_name,
+                ))
             });
             let used = records.iter().map(|r| r.node_port).collect::<BTreeSet<_>>().len();
             policies.insert(
@@ -827,7 +872,12 @@ fn identity_hash(identity: &Identity<'_>) -> u64 {
         NodePortKind::HealthCheck => b"HealthCheck",
     };
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for part in [identity.namespace.as_bytes(), identity.service.as_bytes(), identity.port_name.as_bytes(), kind] {
+    for part in [
+        identity.namespace.as_bytes(),
+        identity.service.as_bytes(),
+        identity.port_name.as_bytes(),
+        kind,
+    ] {
         for &byte in part.iter().chain(&[0xff]) {
             hash ^= u64::from(byte);
             hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
@@ -861,12 +911,16 @@ mod unit {
             port_name: "http",
             kind: NodePortKind::Service,
         };
-        // Pinned values: changing the hash would move every user's future nodePorts.
-        assert_eq!(identity_hash(&id("cart")), identity_hash(&id("cart")));
+        // Pinned value: changing the hash would move where every future nodePort search starts.
+        assert_eq!(identity_hash(&id("cart")), 7_124_920_769_096_008_666);
         assert_ne!(identity_hash(&id("cart")), identity_hash(&id("carts")));
         let buckets: BTreeSet<u64> = (0..200)
             .map(|i| identity_hash(&id(Box::leak(format!("svc-{i}").into_boxed_str()))) % 100)
             .collect();
-        assert!(buckets.len() > 70, "200 identities hit only {} of 100 buckets", buckets.len());
+        assert!(
+            buckets.len() > 70,
+            "200 identities hit only {} of 100 buckets",
+            buckets.len()
+        );
     }
 }

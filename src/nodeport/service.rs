@@ -29,7 +29,9 @@ impl HealthCheckField {
     pub fn path(self) -> String {
         match self {
             HealthCheckField::Spec => "spec.healthCheckNodePort".to_string(),
-            HealthCheckField::Annotation => format!("metadata.annotations[{HEALTH_CHECK_NODE_PORT_ANNOTATION}]"),
+            HealthCheckField::Annotation => {
+                format!("metadata.annotations[{HEALTH_CHECK_NODE_PORT_ANNOTATION}]")
+            }
         }
     }
 }
@@ -73,11 +75,20 @@ pub(crate) struct ServiceView<'a> {
 impl<'a> ServiceView<'a> {
     pub fn read(service: &'a Service) -> Self {
         let meta = &service.metadata;
-        let namespace = meta.namespace.as_deref().filter(|ns| !ns.is_empty()).unwrap_or("default");
+        let namespace = meta
+            .namespace
+            .as_deref()
+            .filter(|ns| !ns.is_empty())
+            .unwrap_or("default");
         let name = meta.name.as_deref().unwrap_or("");
-        let object = object_ref("Service", Some(namespace), if name.is_empty() { "<unnamed>" } else { name });
+        let object = object_ref(
+            "Service",
+            Some(namespace),
+            if name.is_empty() { "<unnamed>" } else { name },
+        );
         let mut problems = Vec::new();
-        let mut problem = |field: String, message: String| problems.push(Problem::new(&object, field, message));
+        let mut problem =
+            |field: String, message: String| problems.push(Problem::new(&object, field, message));
         if name.is_empty() {
             problem("metadata.name".into(), "a Service needs a name".into());
         }
@@ -90,14 +101,18 @@ impl<'a> ServiceView<'a> {
             other => {
                 problem(
                     "spec.type".into(),
-                    format!("{other:?} is not a Service type: must be ClusterIP, NodePort, LoadBalancer or ExternalName"),
+                    format!(
+                        "{other:?} is not a Service type: must be ClusterIP, NodePort, LoadBalancer or ExternalName"
+                    ),
                 );
                 false
             }
         };
         let allocates_node_ports = match service_type {
             "NodePort" => true,
-            "LoadBalancer" => spec.and_then(|s| s.allocate_load_balancer_node_ports).unwrap_or(true),
+            "LoadBalancer" => spec
+                .and_then(|s| s.allocate_load_balancer_node_ports)
+                .unwrap_or(true),
             _ => false,
         };
 
@@ -106,8 +121,8 @@ impl<'a> ServiceView<'a> {
         for (index, sp) in spec_ports.iter().enumerate() {
             let field = format!("spec.ports[{index}]");
             let port = port_from_i32(sp.port).map_err(|e| problem(format!("{field}.port"), e));
-            let protocol =
-                Protocol::from_k8s(sp.protocol.as_deref()).map_err(|e| problem(format!("{field}.protocol"), e));
+            let protocol = Protocol::from_k8s(sp.protocol.as_deref())
+                .map_err(|e| problem(format!("{field}.protocol"), e));
             let node_port = match sp.node_port.unwrap_or(0) {
                 0 => Ok(None),
                 _ if !may_hold_node_ports => {
@@ -143,7 +158,9 @@ impl<'a> ServiceView<'a> {
                 );
             }
             if let Some(np) = node_port
-                && let Some(first) = ports.iter().find(|p| p.node_port == Some(np) && p.protocol == protocol)
+                && let Some(first) = ports
+                    .iter()
+                    .find(|p| p.node_port == Some(np) && p.protocol == protocol)
             {
                 problem(
                     format!("{field}.nodePort"),
@@ -165,9 +182,14 @@ impl<'a> ServiceView<'a> {
         let annotations = meta.annotations.as_ref();
         let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
         let local_in_spec = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
-        let local_by_annotation = annotation(EXTERNAL_TRAFFIC_ANNOTATION) == Some(EXTERNAL_TRAFFIC_ONLY_LOCAL);
+        let local_by_annotation =
+            annotation(EXTERNAL_TRAFFIC_ANNOTATION) == Some(EXTERNAL_TRAFFIC_ONLY_LOCAL);
         let needs_health_check = service_type == "LoadBalancer" && (local_in_spec || local_by_annotation);
-        let field = if local_in_spec { HealthCheckField::Spec } else { HealthCheckField::Annotation };
+        let field = if local_in_spec {
+            HealthCheckField::Spec
+        } else {
+            HealthCheckField::Annotation
+        };
 
         let in_spec = spec.and_then(|s| s.health_check_node_port).filter(|v| *v != 0);
         let in_annotation = annotation(HEALTH_CHECK_NODE_PORT_ANNOTATION).filter(|v| !v.trim().is_empty());
@@ -178,12 +200,21 @@ impl<'a> ServiceView<'a> {
                 Err(e) => problem(HealthCheckField::Spec.path(), e),
             }
         } else if let Some(text) = in_annotation {
-            match text.trim().parse::<i32>().map_err(|_| format!("{text:?} is not a port")).and_then(port_from_i32) {
+            match text
+                .trim()
+                .parse::<i32>()
+                .map_err(|_| format!("{text:?} is not a port"))
+                .and_then(port_from_i32)
+            {
                 Ok(port) => health_check_port = Some(port),
                 Err(e) => problem(HealthCheckField::Annotation.path(), e),
             }
         }
-        let source = if in_spec.is_some() { HealthCheckField::Spec } else { HealthCheckField::Annotation };
+        let source = if in_spec.is_some() {
+            HealthCheckField::Spec
+        } else {
+            HealthCheckField::Annotation
+        };
         if let Some(port) = health_check_port {
             if !needs_health_check {
                 problem(
@@ -223,10 +254,10 @@ impl<'a> ServiceView<'a> {
 
     /// Every nodePort the Service holds, with the field that holds it.
     pub fn held_ports(&self) -> impl Iterator<Item = (u16, String)> + '_ {
-        let ports = self
-            .ports
-            .iter()
-            .filter_map(|p| p.node_port.map(|np| (np, format!("spec.ports[{}].nodePort", p.index))));
+        let ports = self.ports.iter().filter_map(|p| {
+            p.node_port
+                .map(|np| (np, format!("spec.ports[{}].nodePort", p.index)))
+        });
         let health = self
             .health_check
             .as_ref()
