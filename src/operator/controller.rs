@@ -266,3 +266,77 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::watcher::Event;
+    use serde_json::json;
+
+    fn store<K: kube::Resource<DynamicType = ()> + Clone + 'static>(objects: Vec<K>) -> Store<K> {
+        let (reader, mut writer) = reflector::store();
+        for o in objects {
+            writer.apply_watcher_event(&Event::Apply(o));
+        }
+        reader
+    }
+
+    fn policy(name: &str, spec: serde_json::Value) -> PortPolicy {
+        serde_json::from_value(
+            json!({"apiVersion": "portpolicy.io/v1alpha1", "kind": "PortPolicy",
+            "metadata": {"name": name}, "spec": spec}),
+        )
+        .unwrap()
+    }
+
+    fn names(refs: Vec<ObjectRef<PortPolicy>>) -> Vec<String> {
+        refs.into_iter().map(|r| r.name).collect()
+    }
+
+    #[test]
+    fn service_changes_go_to_selecting_or_recording_policies() {
+        let mut recording = policy(
+            "recording",
+            json!({"serviceSelector": {"matchLabels": {"x": "y"}}}),
+        );
+        recording.status = Some(
+            serde_json::from_value(json!({"allocations": [{"namespace": "shop", "service": "web",
+            "kind": "Service", "nodePort": 31000}]}))
+            .unwrap(),
+        );
+        let policies = store(vec![
+            policy(
+                "edge",
+                json!({"namespaceSelector": {"matchLabels": {"team": "shop"}}}),
+            ),
+            policy(
+                "other",
+                json!({"namespaceSelector": {"matchLabels": {"team": "else"}}}),
+            ),
+            recording,
+        ]);
+        let namespaces = store(vec![
+            serde_json::from_value::<Namespace>(
+                json!({"metadata": {"name": "shop", "labels": {"team": "shop"}}}),
+            )
+            .unwrap(),
+        ]);
+        let web: Service =
+            serde_json::from_value(json!({"metadata": {"name": "web", "namespace": "shop"}})).unwrap();
+        let mut got = names(policies_for_service(&web, &policies, &namespaces));
+        got.sort();
+        assert_eq!(got, ["edge", "recording"]);
+
+        let pod_without_host_ports: HostPortPod = serde_json::from_value(json!({"metadata": {"name": "p",
+            "namespace": "shop"}, "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 80}]}]}}))
+        .unwrap();
+        assert!(policies_for_pod(&pod_without_host_ports, &policies, &namespaces).is_empty());
+        let pod: HostPortPod = serde_json::from_value(json!({"metadata": {"name": "p", "namespace": "shop"},
+            "spec": {"containers": [{"name": "c", "ports": [{"containerPort": 80, "hostPort": 80}]}]}}))
+        .unwrap();
+        let mut got = names(policies_for_pod(&pod, &policies, &namespaces));
+        got.sort();
+        // "recording" has no namespace selector: its hostPort rules cover every namespace.
+        assert_eq!(got, ["edge", "recording"]);
+    }
+}
