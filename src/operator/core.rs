@@ -228,6 +228,9 @@ impl Computation {
             return BTreeMap::new();
         };
         let mut intents = BTreeMap::new();
+        // Whether each governed Service is Local in its spec (else only through the legacy
+        // annotation), which decides where its healthCheckNodePort is written.
+        let mut spec_local = BTreeMap::new();
         for svc in &self.services {
             let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
             let governance = self
@@ -240,23 +243,27 @@ impl Computation {
             let mut intent = ServiceIntent::new(&key.0, &key.1);
             intent.external_traffic_local = services::wants_local_traffic(compiled.external_traffic, svc);
             intent.proxy_label = compiled.agent_proxies;
+            let local = svc
+                .spec
+                .as_ref()
+                .and_then(|s| s.external_traffic_policy.as_deref())
+                == Some("Local");
+            spec_local.insert(key.clone(), local);
             intents.insert(key, intent);
         }
         for a in &self.plan.assignments {
             if a.policy.as_deref() != Some(policy) || a.state == AssignmentState::InUse {
                 continue;
             }
-            let Some(intent) = intents.get_mut(&(a.namespace.clone(), a.service.clone())) else {
+            let key = (a.namespace.clone(), a.service.clone());
+            let Some(intent) = intents.get_mut(&key) else {
                 continue;
             };
             match a.kind {
                 NodePortKind::Service => intent.node_ports.push((a.port, a.protocol, a.node_port)),
                 NodePortKind::HealthCheck => {
-                    let spec_local = self
-                        .service(&a.namespace, &a.service)
-                        .and_then(|s| s.spec.as_ref()?.external_traffic_policy.as_deref())
-                        == Some("Local");
-                    intent.health_check = Some((a.node_port, !spec_local));
+                    let in_spec = spec_local.get(&key).copied().unwrap_or(false);
+                    intent.health_check = Some((a.node_port, !in_spec));
                 }
             }
         }
@@ -267,12 +274,6 @@ impl Computation {
             intent.node_ports.dedup();
         }
         intents
-    }
-
-    fn service(&self, namespace: &str, name: &str) -> Option<&Service> {
-        self.services.iter().find(|s| {
-            s.metadata.namespace.as_deref() == Some(namespace) && s.metadata.name.as_deref() == Some(name)
-        })
     }
 
     /// Services the operator holds fields on that no policy governs any more: they get an empty
