@@ -10,7 +10,7 @@ use kube::ResourceExt;
 
 use super::services::{self, ServiceIntent, ServiceKey};
 use super::status::{AgentFacts, NodePortFacts, PolicyFacts};
-use crate::crd::{CompiledPolicy, NodePortKind, PortPolicy};
+use crate::crd::{CompiledPolicy, ExternalTrafficRule, NodePortKind, PortPolicy};
 use crate::governance::{Governance, Labels, PolicySet};
 use crate::hostport::{ConflictInput, HostPortConflict, HostPortPod, detect_conflicts, placed_pods};
 use crate::nodeport::{AssignmentState, NodePortInput, NodePortPlan, plan_node_ports};
@@ -241,7 +241,15 @@ impl Computation {
             }
             let key = services::key_of(svc);
             let mut intent = ServiceIntent::new(&key.0, &key.1);
-            intent.external_traffic_local = services::wants_local_traffic(compiled.external_traffic, svc);
+            // `svc` is the desired view: Local there under a Local rule means the rule wants it
+            // (or the owner chose it, and applying the same value changes nothing).
+            intent.external_traffic_local = compiled.external_traffic != ExternalTrafficRule::Any
+                && services::wants_local_traffic(ExternalTrafficRule::RequireLocal, svc)
+                && svc
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.external_traffic_policy.as_deref())
+                    == Some("Local");
             intent.proxy_label = compiled.agent_proxies;
             let local = svc
                 .spec
@@ -410,5 +418,25 @@ mod tests {
         let broken = policy("b", json!({"nodePorts": {"range": "9-1"}}));
         let comp = run(&[selective, broken], &services);
         assert!(comp.releases().is_empty());
+    }
+
+    #[test]
+    fn default_local_load_balancer_gets_its_health_check_port_from_the_policy() {
+        let policies = [policy(
+            "a",
+            json!({"nodePorts": {"range": "31000-31099"}, "traffic": {"externalTrafficPolicy": "DefaultLocal"}}),
+        )];
+        let lb: Service = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "lb", "namespace": "shop", "managedFields": created_by_kubectl()},
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Cluster",
+                "ports": [{"port": 80, "protocol": "TCP", "nodePort": 31010}]}}))
+        .unwrap();
+        let comp = run(&policies, &[Arc::new(lb)]);
+        let intent = &comp.intents("a")[&("shop".to_string(), "lb".to_string())];
+        assert!(intent.external_traffic_local);
+        assert_eq!(intent.node_ports, [(80, Protocol::Tcp, 31010)]);
+        let (health, in_annotation) = intent.health_check.expect("a health-check port");
+        assert!((31000..=31099).contains(&health) && health != 31010, "{health}");
+        assert!(!in_annotation);
     }
 }
