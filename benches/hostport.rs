@@ -174,7 +174,7 @@ fn policies() -> PolicySet {
         policy(
             "tenants",
             json!({"namespaceSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["tenant"]}]},
-            "hostPorts": {"allowed": ["9100", "20000-32767"]}}),
+            "hostPorts": {"allowed": ["9100", "20000-29999"]}}),
         ),
     ])
 }

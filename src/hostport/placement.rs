@@ -155,11 +155,10 @@ pub fn predict_workloads(snapshot: &Snapshot, existing: &[PlacedPod]) -> (Vec<Pl
             continue;
         }
         let wanted = usize::try_from(replicas).unwrap_or_default();
-        let (mut admitted, mut placed) = (0, 0);
+        let mut placed = 0;
         for node in nodes.iter().filter(|n| rules.admits(n)) {
-            admitted += 1;
             if placed == wanted {
-                continue;
+                break;
             }
             let free = occupied
                 .get(node.name)
@@ -171,6 +170,7 @@ pub fn predict_workloads(snapshot: &Snapshot, existing: &[PlacedPod]) -> (Vec<Pl
             }
         }
         if placed < wanted {
+            let admitted = nodes.iter().filter(|n| rules.admits(n)).count();
             let ports: Vec<String> = bindings.iter().map(ToString::to_string).collect();
             problems.push(Problem::new(
                 &object,
