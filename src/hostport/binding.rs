@@ -1,6 +1,5 @@
 //! Which (protocol, hostIP, hostPort) a Pod binds on its node, as the scheduler counts them.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -46,7 +45,7 @@ impl fmt::Display for HostPortBinding {
 impl HostPortPod {
     /// The ports this Pod holds on its node, and a problem for each value the API would reject.
     pub fn bindings(&self) -> (Vec<HostPortBinding>, Vec<Problem>) {
-        self.spec.bindings(&self.object_ref(), "spec")
+        self.spec.bindings_naming(|| self.object_ref(), "spec")
     }
 }
 
@@ -55,10 +54,24 @@ impl HostPortPodSpec {
     /// `spec.template.spec` for a workload) name the source in problems. An invalid port, or a
     /// duplicate within the Pod, is reported and left out; the other ports still count.
     pub fn bindings(&self, object: &str, field_prefix: &str) -> (Vec<HostPortBinding>, Vec<Problem>) {
+        self.bindings_naming(|| object.to_string(), field_prefix)
+    }
+
+    /// Like [`Self::bindings`], but names the object only when there is a problem: this runs for
+    /// every stored Pod on every check, and almost none has one.
+    fn bindings_naming(
+        &self,
+        object: impl Fn() -> String,
+        field_prefix: &str,
+    ) -> (Vec<HostPortBinding>, Vec<Problem>) {
         let mut bindings = Vec::new();
         let mut problems = Vec::new();
         // Where each binding was declared, to name the first one when a duplicate shows up.
-        let mut declared_at: HashMap<HostPortBinding, String> = HashMap::new();
+        // Pods declare a handful of ports, so a linear search beats hashing.
+        let mut declared_at: Vec<(&str, u16, u16)> = Vec::new();
+        let field = |list: &str, container: u16, port: u16| {
+            format!("{field_prefix}.{list}[{container}].ports[{port}]")
+        };
         let lists = [
             ("containers", &self.containers),
             ("initContainers", &self.init_containers),
@@ -66,29 +79,31 @@ impl HostPortPodSpec {
         for (list, containers) in lists {
             for container in containers.iter() {
                 for port in &container.ports {
-                    let field = format!("{field_prefix}.{list}[{}].ports[{}]", container.index, port.index);
                     let binding = match self.binding_of(container, port) {
                         Ok(Some(binding)) => binding,
                         Ok(None) => continue,
                         Err((subfield, message)) => {
-                            problems.push(Problem::new(object, format!("{field}.{subfield}"), message));
+                            let at = field(list, container.index, port.index);
+                            problems.push(Problem::new(object(), format!("{at}.{subfield}"), message));
                             continue;
                         }
                     };
                     // The API compares the raw strings; comparing defaulted values also catches
                     // `hostIP: ""` next to `hostIP: 0.0.0.0`, which the kubelet cannot bind twice.
-                    if let Some(first) = declared_at.get(&binding) {
+                    if let Some(i) = bindings.iter().position(|b| *b == binding) {
+                        let (first_list, first_container, first_port) = declared_at[i];
                         problems.push(Problem::new(
-                            object,
-                            field,
+                            object(),
+                            field(list, container.index, port.index),
                             format!(
-                                "duplicates {first} ({binding}): a Pod may declare each hostPort once, \
-                                 so the API server rejects this Pod"
+                                "duplicates {} ({binding}): a Pod may declare each hostPort once, \
+                                 so the API server rejects this Pod",
+                                field(first_list, first_container, first_port)
                             ),
                         ));
                         continue;
                     }
-                    declared_at.insert(binding, field);
+                    declared_at.push((list, container.index, port.index));
                     bindings.push(binding);
                 }
             }

@@ -55,8 +55,14 @@ struct Workload<'a> {
     kind: &'static str,
     metadata: &'a ObjectMeta,
     template: Option<&'a PodSpec>,
-    /// `None` for a DaemonSet: one Pod per eligible node.
-    replicas: Option<Option<i32>>,
+    scale: Scale,
+}
+
+enum Scale {
+    /// A DaemonSet: one Pod on every node its template admits.
+    EveryNode,
+    /// `spec.replicas` of a Deployment or StatefulSet (1 when unset).
+    Replicas(Option<i32>),
 }
 
 impl Workload<'_> {
@@ -96,19 +102,19 @@ pub fn predict_workloads(snapshot: &Snapshot, existing: &[PlacedPod]) -> (Vec<Pl
         kind: "DaemonSet",
         metadata: &ds.metadata,
         template: ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
-        replicas: None,
+        scale: Scale::EveryNode,
     })));
     workloads.extend(in_name_order(snapshot.deployments.iter().map(|d| Workload {
         kind: "Deployment",
         metadata: &d.metadata,
         template: d.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
-        replicas: Some(d.spec.as_ref().and_then(|s| s.replicas)),
+        scale: Scale::Replicas(d.spec.as_ref().and_then(|s| s.replicas)),
     })));
     workloads.extend(in_name_order(snapshot.stateful_sets.iter().map(|s| Workload {
         kind: "StatefulSet",
         metadata: &s.metadata,
         template: s.spec.as_ref().and_then(|s| s.template.spec.as_ref()),
-        replicas: Some(s.spec.as_ref().and_then(|s| s.replicas)),
+        scale: Scale::Replicas(s.spec.as_ref().and_then(|s| s.replicas)),
     })));
 
     let mut predicted = Vec::new();
@@ -124,9 +130,9 @@ pub fn predict_workloads(snapshot: &Snapshot, existing: &[PlacedPod]) -> (Vec<Pl
         if bindings.is_empty() {
             continue;
         }
-        let placer = match workload.replicas {
-            None => Placer::DaemonSet,
-            Some(_) => Placer::Scheduler,
+        let placer = match workload.scale {
+            Scale::EveryNode => Placer::DaemonSet,
+            Scale::Replicas(_) => Placer::Scheduler,
         };
         let rules = PlacementRules::compile(spec, placer, &object, prefix, &mut problems);
         let mut place = |node: &NodeFacts| {
@@ -138,7 +144,7 @@ pub fn predict_workloads(snapshot: &Snapshot, existing: &[PlacedPod]) -> (Vec<Pl
             });
         };
 
-        let Some(replicas) = workload.replicas else {
+        let Scale::Replicas(replicas) = workload.scale else {
             for node in nodes.iter().filter(|n| rules.admits(n)) {
                 place(node);
                 occupied.entry(node.name).or_default().extend(&bindings);
@@ -155,11 +161,10 @@ pub fn predict_workloads(snapshot: &Snapshot, existing: &[PlacedPod]) -> (Vec<Pl
             continue;
         }
         let wanted = usize::try_from(replicas).unwrap_or_default();
-        let (mut admitted, mut placed) = (0, 0);
+        let mut placed = 0;
         for node in nodes.iter().filter(|n| rules.admits(n)) {
-            admitted += 1;
             if placed == wanted {
-                continue;
+                break;
             }
             let free = occupied
                 .get(node.name)
@@ -171,6 +176,7 @@ pub fn predict_workloads(snapshot: &Snapshot, existing: &[PlacedPod]) -> (Vec<Pl
             }
         }
         if placed < wanted {
+            let admitted = nodes.iter().filter(|n| rules.admits(n)).count();
             let ports: Vec<String> = bindings.iter().map(ToString::to_string).collect();
             problems.push(Problem::new(
                 &object,
