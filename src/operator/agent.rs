@@ -21,7 +21,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kube::Resource;
+use kube::Resource as _;
 
 use crate::crd::{AgentSpec, PortPolicy};
 
@@ -217,11 +217,6 @@ pub fn agents_ready(daemon_set: &DaemonSet) -> (String, bool) {
         format!("{ready}/{desired}"),
         current && desired > 0 && ready >= desired,
     )
-}
-
-/// The DaemonSet's kind, for log and status messages.
-pub fn kind() -> String {
-    DaemonSet::kind(&()).into_owned()
 }
 
 #[cfg(test)]
