@@ -6,7 +6,10 @@
 
 pub mod crd;
 pub mod governance;
+pub mod hostport;
 pub mod ipvs;
+pub mod nodeport;
+pub mod operator;
 pub mod ports;
 pub mod problem;
 pub mod selector;

@@ -15,6 +15,8 @@ struct Cli {
 enum Command {
     /// Print the PortPolicy CustomResourceDefinition as YAML.
     Crd,
+    /// Run the operator: allocate nodePorts, report hostPort conflicts, deploy agents.
+    Operator(portpolicy::operator::controller::OperatorArgs),
 }
 
 fn main() -> ExitCode {
@@ -23,6 +25,31 @@ fn main() -> ExitCode {
         Command::Crd => {
             print!("{}", PortPolicy::crd_yaml());
             ExitCode::SUCCESS
+        }
+        Command::Operator(args) => run_operator(args),
+    }
+}
+
+fn run_operator(args: portpolicy::operator::controller::OperatorArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .json()
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("portpolicy operator: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(portpolicy::operator::controller::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!(%error, "operator stopped");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,0 +1,442 @@
+//! One reconcile's computation: the reflector stores' contents in, per-policy facts and Service
+//! intents out. Pure (the clock is an argument), so the benchmark and the mock-API tests run it
+//! exactly as the controller does, and it calls the same core `portpolicy plan` calls.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use kube::ResourceExt;
+
+use super::services::{self, ServiceIntent, ServiceKey};
+use super::status::{AgentFacts, NodePortFacts, PolicyFacts};
+use crate::crd::{CompiledPolicy, ExternalTrafficRule, NodePortKind, PortPolicy};
+use crate::governance::{Governance, Labels, PolicySet};
+use crate::hostport::{ConflictInput, HostPortConflict, HostPortPod, detect_conflicts, placed_pods};
+use crate::nodeport::{AssignmentState, NodePortInput, NodePortPlan, plan_node_ports};
+use crate::ports::{PortRange, Protocol};
+use crate::snapshot::NAMESPACE_NAME_LABEL;
+
+/// What the stores hold when a reconcile starts.
+#[derive(Clone, Copy)]
+pub struct Inputs<'a> {
+    pub policies: &'a [Arc<PortPolicy>],
+    pub services: &'a [Arc<Service>],
+    pub pods: &'a [Arc<HostPortPod>],
+    pub namespaces: &'a [Arc<Namespace>],
+    pub cluster_range: PortRange,
+    pub now: chrono::DateTime<chrono::Utc>,
+}
+
+/// The core's answer for the whole cluster; each policy's reconcile acts on its own part.
+pub struct Computation {
+    pub policy_set: PolicySet,
+    pub namespace_labels: BTreeMap<String, Labels>,
+    /// Services as they will be once the operator's `externalTrafficPolicy` writes land, so the
+    /// allocator gives a newly Local LoadBalancer its healthCheckNodePort from the policy in the
+    /// same pass (otherwise the API server would pick one from the whole cluster range).
+    pub services: Vec<Service>,
+    pub plan: NodePortPlan,
+    pub conflicts: Vec<HostPortConflict>,
+    /// Per policy, the other policies selecting some of the same Services.
+    pub overlaps: BTreeMap<String, BTreeSet<String>>,
+}
+
+pub fn compute(inputs: &Inputs<'_>) -> Computation {
+    let policy_set = PolicySet::compile(inputs.policies.iter().map(|p| &**p));
+    let namespace_labels = namespace_labels(inputs.namespaces, inputs.services, inputs.pods);
+
+    let mut overlaps: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let services: Vec<Service> = inputs
+        .services
+        .iter()
+        .map(|svc| {
+            let ns_labels = namespace_labels.get(svc.metadata.namespace.as_deref().unwrap_or("default"));
+            match policy_set.governing_service(ns_labels, svc.metadata.labels.as_ref()) {
+                Governance::By(policy) => desired_view(svc, policy),
+                Governance::Ambiguous(..) => {
+                    let selecting: Vec<&str> = policy_set
+                        .policies()
+                        .iter()
+                        .filter(|p| p.selects_service(ns_labels, svc.metadata.labels.as_ref()))
+                        .map(|p| p.name.as_str())
+                        .collect();
+                    for p in &selecting {
+                        let others = selecting.iter().filter(|o| *o != p).map(|o| o.to_string());
+                        overlaps.entry(p.to_string()).or_default().extend(others);
+                    }
+                    (**svc).clone()
+                }
+                _ => (**svc).clone(),
+            }
+        })
+        .collect();
+
+    // Records of every policy, valid or not: an invalid policy's ports stay held.
+    let records: BTreeMap<String, Vec<_>> = inputs
+        .policies
+        .iter()
+        .filter_map(|p| Some((p.name_any(), p.status.as_ref()?.allocations.clone())))
+        .filter(|(_, r)| !r.is_empty())
+        .collect();
+    let plan = plan_node_ports(&NodePortInput {
+        cluster_range: inputs.cluster_range,
+        policies: &policy_set,
+        records: &records,
+        services: &services,
+        namespace_labels: &namespace_labels,
+        now: inputs.now,
+    });
+
+    let (placed, _pod_problems) = placed_pods(inputs.pods.iter().map(|p| &**p));
+    let conflicts = detect_conflicts(&ConflictInput {
+        pods: &placed,
+        node_port_range: inputs.cluster_range,
+        policies: &policy_set,
+        namespace_labels: &namespace_labels,
+    });
+
+    Computation {
+        policy_set,
+        namespace_labels,
+        services,
+        plan,
+        conflicts,
+        overlaps,
+    }
+}
+
+/// A governed Service as the allocator should see it: `externalTrafficPolicy: Local` already
+/// set when the policy sets it, and without the nodePorts the API server picked at random
+/// outside the policy's range (nobody asked for those, so moving them into the range is the
+/// policy's whole point; a nodePort some manager set is the user's and stays, reported).
+fn desired_view(svc: &Service, policy: &CompiledPolicy) -> Service {
+    let local = services::wants_local_traffic(policy.external_traffic, svc);
+    let range = policy.node_port_range;
+    let outside = |port: Option<i32>| match (range, port) {
+        (Some(range), Some(port)) => u16::try_from(port).map_or(true, |p| !range.contains(p)),
+        _ => false,
+    };
+    let spec = svc.spec.as_ref();
+    let random_ports: Vec<usize> = spec
+        .and_then(|s| s.ports.as_ref())
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, p)| outside(p.node_port))
+        .filter(|(_, p)| {
+            let protocol = Protocol::from_k8s(p.protocol.as_deref()).unwrap_or(Protocol::Tcp);
+            services::node_port_owned(svc, p.port, protocol) == Some(false)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    let random_health_check = outside(spec.and_then(|s| s.health_check_node_port))
+        && services::health_check_node_port_owned(svc) == Some(false);
+    let already_local = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
+    if random_ports.is_empty() && !random_health_check && (!local || already_local) {
+        return svc.clone();
+    }
+    let mut desired = svc.clone();
+    if let Some(spec) = desired.spec.as_mut() {
+        if local {
+            spec.external_traffic_policy = Some("Local".into());
+        }
+        if let Some(ports) = spec.ports.as_mut() {
+            for i in random_ports {
+                ports[i].node_port = None;
+            }
+        }
+        if random_health_check {
+            spec.health_check_node_port = None;
+        }
+    }
+    desired
+}
+
+/// Labels of every namespace, with the `kubernetes.io/metadata.name` label the API server always
+/// sets (also for namespaces the store has not seen yet).
+fn namespace_labels(
+    namespaces: &[Arc<Namespace>],
+    services: &[Arc<Service>],
+    pods: &[Arc<HostPortPod>],
+) -> BTreeMap<String, Labels> {
+    let mut labels: BTreeMap<String, Labels> = namespaces
+        .iter()
+        .map(|ns| {
+            let name = ns.name_any();
+            let mut l = ns.labels().clone();
+            l.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
+            (name, l)
+        })
+        .collect();
+    let referenced = services
+        .iter()
+        .filter_map(|s| s.metadata.namespace.as_deref())
+        .chain(pods.iter().filter_map(|p| p.metadata.namespace.as_deref()));
+    for ns in referenced {
+        if !labels.contains_key(ns) {
+            labels.insert(
+                ns.into(),
+                Labels::from([(NAMESPACE_NAME_LABEL.into(), ns.into())]),
+            );
+        }
+    }
+    labels
+}
+
+impl Computation {
+    /// The facts one policy's status reports. `agents` comes from its DaemonSet.
+    pub fn facts(&self, policy: &PortPolicy, agents: Option<AgentFacts>) -> PolicyFacts {
+        let name = policy.name_any();
+        let generation = policy.metadata.generation;
+        if let Err(spec_problems) = policy.compile() {
+            return PolicyFacts {
+                generation,
+                spec_problems,
+                ..Default::default()
+            };
+        }
+        let node_ports = self.plan.policies.get(&name).map(|np| NodePortFacts {
+            used: np.used,
+            total: np.total,
+            records: np.records.clone(),
+            problems: self
+                .plan
+                .problems_of(&name)
+                .map(|p| (p.reason.as_str().to_string(), p.problem.to_string()))
+                .collect(),
+        });
+        PolicyFacts {
+            generation,
+            spec_problems: Vec::new(),
+            node_ports,
+            conflicts: self
+                .conflicts
+                .iter()
+                .filter(|c| c.policies.contains(&name))
+                .map(HostPortConflict::to_record)
+                .collect(),
+            overlapping: self.overlaps.get(&name).into_iter().flatten().cloned().collect(),
+            agents,
+        }
+    }
+
+    /// What `policy` wants on each Service it governs. Services it shares with another policy
+    /// are not governed by it (nor by the other) and get nothing.
+    pub fn intents(&self, policy: &str) -> BTreeMap<ServiceKey, ServiceIntent> {
+        let Some(compiled) = self.policy_set.get(policy) else {
+            return BTreeMap::new();
+        };
+        let mut intents = BTreeMap::new();
+        // Whether each governed Service is Local in its spec (else only through the legacy
+        // annotation), which decides where its healthCheckNodePort is written.
+        let mut spec_local = BTreeMap::new();
+        for svc in &self.services {
+            let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+            let governance = self
+                .policy_set
+                .governing_service(self.namespace_labels.get(ns), svc.metadata.labels.as_ref());
+            if governance.policy().is_none_or(|p| p.name != policy) {
+                continue;
+            }
+            let key = services::key_of(svc);
+            let mut intent = ServiceIntent::new(&key.0, &key.1);
+            // `svc` is the desired view: Local there under a Local rule means the rule wants it
+            // (or the owner chose it, and applying the same value changes nothing).
+            intent.external_traffic_local = compiled.external_traffic != ExternalTrafficRule::Any
+                && services::wants_local_traffic(ExternalTrafficRule::RequireLocal, svc)
+                && svc
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.external_traffic_policy.as_deref())
+                    == Some("Local");
+            intent.proxy_label = compiled.agent_proxies;
+            let local = svc
+                .spec
+                .as_ref()
+                .and_then(|s| s.external_traffic_policy.as_deref())
+                == Some("Local");
+            spec_local.insert(key.clone(), local);
+            intents.insert(key, intent);
+        }
+        for a in &self.plan.assignments {
+            if a.policy.as_deref() != Some(policy) || a.state == AssignmentState::InUse {
+                continue;
+            }
+            let key = (a.namespace.clone(), a.service.clone());
+            let Some(intent) = intents.get_mut(&key) else {
+                continue;
+            };
+            match a.kind {
+                NodePortKind::Service => intent.node_ports.push((a.port, a.protocol, a.node_port)),
+                NodePortKind::HealthCheck => {
+                    let in_spec = spec_local.get(&key).copied().unwrap_or(false);
+                    intent.health_check = Some((a.node_port, !in_spec));
+                }
+            }
+        }
+        // Ports with the same number and different protocols share one nodePort and are listed
+        // once per protocol, as the API server keys `spec.ports` by (port, protocol).
+        for intent in intents.values_mut() {
+            intent.node_ports.sort();
+            intent.node_ports.dedup();
+        }
+        intents
+    }
+
+    /// Services the operator holds fields on that no policy governs any more: they get an empty
+    /// apply, which hands those fields back. Nothing is released while some policy is invalid,
+    /// because its selectors cannot be evaluated and it may still mean to govern them.
+    pub fn releases(&self) -> Vec<ServiceKey> {
+        if !self.policy_set.invalid().is_empty() {
+            return Vec::new();
+        }
+        self.services
+            .iter()
+            .filter(|svc| services::managed_by_operator(svc))
+            .filter(|svc| {
+                let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+                matches!(
+                    self.policy_set
+                        .governing_service(self.namespace_labels.get(ns), svc.metadata.labels.as_ref()),
+                    Governance::Ungoverned
+                )
+            })
+            .map(services::key_of)
+            .collect()
+    }
+
+    /// Services `policy` governs that the operator holds fields on: what a deleted policy lets go.
+    pub fn held_by(&self, policy: &str) -> Vec<ServiceKey> {
+        self.services
+            .iter()
+            .filter(|svc| services::managed_by_operator(svc))
+            .filter(|svc| {
+                let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+                self.policy_set.get(policy).is_some_and(|p| {
+                    p.selects_service(self.namespace_labels.get(ns), svc.metadata.labels.as_ref())
+                })
+            })
+            .map(services::key_of)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn policy(name: &str, spec: Value) -> Arc<PortPolicy> {
+        Arc::new(
+            serde_json::from_value(
+                json!({"apiVersion": "portpolicy.io/v1alpha1", "kind": "PortPolicy",
+                "metadata": {"name": name, "uid": format!("uid-{name}")}, "spec": spec}),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn service(name: &str, labels: Value, node_port: i32, managed: Value) -> Arc<Service> {
+        Arc::new(
+            serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": "shop", "labels": labels, "managedFields": managed},
+                "spec": {"type": "NodePort", "ports": [{"port": 80, "protocol": "TCP", "nodePort": node_port}]}}))
+            .unwrap(),
+        )
+    }
+
+    fn run(policies: &[Arc<PortPolicy>], services: &[Arc<Service>]) -> Computation {
+        compute(&Inputs {
+            policies,
+            services,
+            pods: &[],
+            namespaces: &[],
+            cluster_range: PortRange::DEFAULT_NODE_PORTS,
+            now: "2026-11-26T12:00:00Z".parse().unwrap(),
+        })
+    }
+
+    fn created_by_kubectl() -> Value {
+        json!([{"manager": "kubectl-create", "operation": "Update", "apiVersion": "v1", "fieldsType": "FieldsV1",
+            "fieldsV1": {"f:spec": {"f:ports": {"k:{\"port\":80,\"protocol\":\"TCP\"}": {"f:port": {}}}}}}])
+    }
+
+    #[test]
+    fn overlapping_policies_are_reported_on_both_and_touch_nothing() {
+        let policies = [
+            policy("a", json!({"nodePorts": {"range": "31000-31099"}})),
+            policy("b", json!({"serviceSelector": {"matchLabels": {"tier": "edge"}}})),
+        ];
+        let services = [service(
+            "web",
+            json!({"tier": "edge"}),
+            30555,
+            created_by_kubectl(),
+        )];
+        let comp = run(&policies, &services);
+        for (name, other) in [("a", "b"), ("b", "a")] {
+            let facts = comp.facts(&policies[if name == "a" { 0 } else { 1 }], None);
+            assert_eq!(facts.overlapping, [other.to_string()], "{name}");
+            assert!(
+                comp.intents(name).is_empty(),
+                "{name} must leave the shared Service alone"
+            );
+        }
+    }
+
+    #[test]
+    fn user_set_node_port_outside_the_range_is_kept_and_reported() {
+        let owned = json!([{"manager": "kubectl", "operation": "Apply", "apiVersion": "v1",
+            "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:ports": {
+                "k:{\"port\":80,\"protocol\":\"TCP\"}": {"f:port": {}, "f:nodePort": {}}}}}}]);
+        let policies = [policy("a", json!({"nodePorts": {"range": "31000-31099"}}))];
+        let services = [service("web", json!({}), 30555, owned)];
+        let comp = run(&policies, &services);
+        let intent = &comp.intents("a")[&("shop".to_string(), "web".to_string())];
+        assert_eq!(intent.node_ports, [(80, Protocol::Tcp, 30555)]);
+        let facts = comp.facts(&policies[0], None);
+        let problems = &facts.node_ports.unwrap().problems;
+        assert_eq!(problems[0].0, "OutsidePolicyRange", "{problems:?}");
+
+        // The same port, picked at random by the API server (nobody owns it), is moved.
+        let services = [service("web", json!({}), 30555, created_by_kubectl())];
+        let comp = run(&policies, &services);
+        let intent = &comp.intents("a")[&("shop".to_string(), "web".to_string())];
+        assert!((31000..=31099).contains(&intent.node_ports[0].2), "{intent:?}");
+    }
+
+    #[test]
+    fn ungoverned_services_are_released_unless_a_policy_is_invalid() {
+        let ours = json!([{"manager": "portpolicy-operator", "operation": "Apply", "apiVersion": "v1",
+            "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:labels": {}}}}]);
+        let services = [service("web", json!({}), 31005, ours)];
+        let selective = policy("a", json!({"serviceSelector": {"matchLabels": {"tier": "edge"}}}));
+        let comp = run(std::slice::from_ref(&selective), &services);
+        assert_eq!(comp.releases(), [("shop".to_string(), "web".to_string())]);
+
+        let broken = policy("b", json!({"nodePorts": {"range": "9-1"}}));
+        let comp = run(&[selective, broken], &services);
+        assert!(comp.releases().is_empty());
+    }
+
+    #[test]
+    fn default_local_load_balancer_gets_its_health_check_port_from_the_policy() {
+        let policies = [policy(
+            "a",
+            json!({"nodePorts": {"range": "31000-31099"}, "traffic": {"externalTrafficPolicy": "DefaultLocal"}}),
+        )];
+        let lb: Service = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "lb", "namespace": "shop", "managedFields": created_by_kubectl()},
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Cluster",
+                "ports": [{"port": 80, "protocol": "TCP", "nodePort": 31010}]}}))
+        .unwrap();
+        let comp = run(&policies, &[Arc::new(lb)]);
+        let intent = &comp.intents("a")[&("shop".to_string(), "lb".to_string())];
+        assert!(intent.external_traffic_local);
+        assert_eq!(intent.node_ports, [(80, Protocol::Tcp, 31010)]);
+        let (health, in_annotation) = intent.health_check.expect("a health-check port");
+        assert!((31000..=31099).contains(&health) && health != 31010, "{health}");
+        assert!(!in_annotation);
+    }
+}

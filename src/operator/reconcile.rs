@@ -1,0 +1,324 @@
+//! Reconcile one PortPolicy: compute with the core, then write only what differs.
+//!
+//! Order matters for durability: the status (which carries the sticky allocation records) is
+//! written before any Service gets a new nodePort, so a crash between the two leaves a record
+//! without a port (given out again next time) rather than a port without a record.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::agent::{self, POLICY_LABEL};
+use super::context::Context;
+use super::core::{Computation, Inputs, compute};
+use super::services::{FIELD_MANAGER, ServiceIntent, ServiceKey};
+use super::status::{self, AgentFacts, PolicyFacts};
+use super::{Error, Result};
+use crate::crd::{PortPolicy, PortPolicyStatus, condition};
+
+pub const FINALIZER: &str = "portpolicy.io/cleanup";
+/// Annotation on the agent DaemonSet with a hash of what the operator applied, so an unchanged
+/// DaemonSet is not applied again on every reconcile.
+pub const SPEC_HASH_ANNOTATION: &str = "portpolicy.io/spec-hash";
+/// Retention expiry and drift are caught at this period even without a watch event.
+const RESYNC: Duration = Duration::from_secs(300);
+
+pub async fn reconcile(policy: Arc<PortPolicy>, ctx: Arc<Context>) -> Result<Action> {
+    ctx.metrics.reconciles.inc();
+    let _timer = ctx.metrics.duration.start_timer();
+    ctx.stores
+        .wait_until_ready()
+        .await
+        .map_err(|_| Error::Config("watch caches were dropped".into()))?;
+    let api: Api<PortPolicy> = Api::all(ctx.client.clone());
+    finalizer(&api, FINALIZER, policy, |event| async {
+        match event {
+            Finalizer::Apply(policy) => apply(&policy, &ctx).await,
+            Finalizer::Cleanup(policy) => cleanup(&policy, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        kube::runtime::finalizer::Error::ApplyFailed(e)
+        | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        other => Error::Finalizer(Box::new(other)),
+    })
+}
+
+pub fn error_policy(policy: Arc<PortPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics
+        .failures
+        .with_label_values(&[error.metric_label()])
+        .inc();
+    tracing::warn!(policy = %policy.name_any(), %error, "reconcile failed");
+    match error {
+        Error::Conflict => Action::requeue(Duration::from_secs(1)),
+        _ => Action::requeue(Duration::from_secs(15)),
+    }
+}
+
+/// The core's view of the cluster as the stores hold it, with `policy` (the freshest copy, the
+/// one the controller handed over) in place of the store's.
+fn computation(policy: &PortPolicy, ctx: &Context) -> Computation {
+    let mut policies = ctx.stores.policies.state();
+    match policies.iter_mut().find(|p| p.name_any() == policy.name_any()) {
+        Some(p) => *p = Arc::new(policy.clone()),
+        None => policies.push(Arc::new(policy.clone())),
+    }
+    let services = ctx.stores.services.state();
+    let pods = ctx.stores.pods.state();
+    let namespaces = ctx.stores.namespaces.state();
+    compute(&Inputs {
+        policies: &policies,
+        services: &services,
+        pods: &pods,
+        namespaces: &namespaces,
+        cluster_range: ctx.settings.cluster_range,
+        now: (ctx.clock)(),
+    })
+}
+
+async fn apply(policy: &PortPolicy, ctx: &Context) -> Result<Action> {
+    let name = policy.name_any();
+    if let Err(problems) = policy.compile() {
+        // An invalid spec changes nothing but its own status: no Service, DaemonSet or record is
+        // touched until the user fixes it.
+        let facts = PolicyFacts {
+            generation: policy.metadata.generation,
+            spec_problems: problems,
+            ..Default::default()
+        };
+        write_status_and_events(policy, &facts, ctx).await?;
+        return Ok(Action::await_change());
+    }
+
+    let comp = computation(policy, ctx);
+    let desired_ds = desired_daemon_set(policy, ctx);
+    let facts = comp.facts(policy, agent_facts(policy, ctx));
+    ctx.metrics.set_policy(
+        &name,
+        facts.node_ports.as_ref().map(|np| (np.used, np.total)),
+        facts.conflicts.len(),
+    );
+    write_status_and_events(policy, &facts, ctx).await?;
+
+    for (key, intent) in comp.intents(&name) {
+        apply_service(&key, &intent, ctx).await?;
+    }
+    for key in comp.releases() {
+        apply_service(&key, &ServiceIntent::new(&key.0, &key.1), ctx).await?;
+    }
+    sync_daemon_set(policy, desired_ds, ctx).await?;
+    Ok(Action::requeue(RESYNC))
+}
+
+/// A deleted policy lets go of its Services (proxy label, externalTrafficPolicy and nodePort
+/// ownership; the nodePorts themselves stay with the Services). Its DaemonSet goes with it
+/// through the garbage collector.
+async fn cleanup(policy: &PortPolicy, ctx: &Context) -> Result<Action> {
+    let name = policy.name_any();
+    let comp = computation(policy, ctx);
+    for key in comp.held_by(&name) {
+        apply_service(&key, &ServiceIntent::new(&key.0, &key.1), ctx).await?;
+    }
+    ctx.metrics.forget_policy(&name);
+    tracing::info!(policy = %name, "released the Services of a deleted policy");
+    Ok(Action::await_change())
+}
+
+fn now_time(ctx: &Context) -> Time {
+    let now = (ctx.clock)();
+    Time(Timestamp::from_second(now.timestamp()).unwrap_or_default())
+}
+
+async fn write_status_and_events(policy: &PortPolicy, facts: &PolicyFacts, ctx: &Context) -> Result<()> {
+    let old = policy.status.as_ref();
+    let new = status::build_status(old, facts, &now_time(ctx));
+    if !status::needs_write(old, &new) {
+        return Ok(());
+    }
+    write_status(policy, &new, ctx).await?;
+    for t in status::transitions(old, &new) {
+        // Ready only sums up the others; each cause has its own event.
+        if t.type_ == condition::READY {
+            continue;
+        }
+        let bad = (t.type_ == condition::HOST_PORT_CONFLICT) == (t.status == "True");
+        // A condition that starts out fine is not news.
+        let was_present = old.is_some_and(|s| s.conditions.iter().any(|c| c.type_ == t.type_));
+        if !bad && !was_present {
+            continue;
+        }
+        let event = KubeEvent {
+            type_: if bad {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: t.reason.clone(),
+            note: Some(truncate(&t.message, 1000)),
+            action: format!("{}{}", t.type_, t.status),
+            secondary: None,
+        };
+        if let Err(error) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
+            // An event is a notification, not state: failing to send one must not fail the
+            // reconcile (and so repeat the writes).
+            tracing::warn!(%error, policy = %policy.name_any(), "cannot publish event");
+        }
+    }
+    Ok(())
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => format!("{}...", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+async fn write_status(policy: &PortPolicy, status: &PortPolicyStatus, ctx: &Context) -> Result<()> {
+    let api: Api<PortPolicy> = Api::all(ctx.client.clone());
+    let mut metadata = json!({"name": policy.name_any()});
+    // The resourceVersion makes the write conditional: a replica working from an old copy of the
+    // policy (and so of its allocation records) gets 409 and retries from fresh data.
+    if let Some(rv) = &policy.metadata.resource_version {
+        metadata["resourceVersion"] = json!(rv);
+    }
+    let body = json!({
+        "apiVersion": PortPolicy::api_version(&()),
+        "kind": PortPolicy::kind(&()),
+        "metadata": metadata,
+        "status": status,
+    });
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    match api
+        .patch_status(&policy.name_any(), &params, &Patch::Apply(&body))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Conflict),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn apply_service(key: &ServiceKey, intent: &ServiceIntent, ctx: &Context) -> Result<()> {
+    let live = ctx
+        .stores
+        .services
+        .get(&ObjectRef::<Service>::new(&key.1).within(&key.0));
+    let Some(live) = live else { return Ok(()) };
+    if intent.satisfied_by(&live) {
+        return Ok(());
+    }
+    let api: Api<Service> = Api::namespaced(ctx.client.clone(), &key.0);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    match api
+        .patch(&key.1, &params, &Patch::Apply(intent.apply_body()))
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(service = %format!("{}/{}", key.0, key.1), "applied");
+            Ok(())
+        }
+        // Deleted meanwhile: the next reconcile sees it gone.
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        // The API server refuses (a port taken behind our back, say): report and go on with the
+        // other Services; the allocator sees the truth on the next event.
+        Err(kube::Error::Api(s)) if s.code == 422 => {
+            tracing::warn!(service = %format!("{}/{}", key.0, key.1), message = %s.message, "rejected");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn desired_daemon_set(policy: &PortPolicy, ctx: &Context) -> Option<DaemonSet> {
+    let mut ds = agent::desired_daemon_set(policy, &ctx.settings.namespace, &ctx.settings.default_image)?;
+    let text = serde_json::to_string(&ds).ok()?;
+    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    ds.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(SPEC_HASH_ANNOTATION.into(), format!("{hash:016x}"));
+    Some(ds)
+}
+
+#[cfg(test)]
+pub(super) fn desired_daemon_set_for_tests(policy: &PortPolicy, ctx: &Context) -> Option<DaemonSet> {
+    desired_daemon_set(policy, ctx)
+}
+
+fn existing_daemon_set(policy: &PortPolicy, ctx: &Context) -> Option<Arc<DaemonSet>> {
+    let name = agent::daemon_set_name(&policy.name_any());
+    ctx.stores
+        .daemon_sets
+        .get(&ObjectRef::new(&name).within(&ctx.settings.namespace))
+        .filter(|ds| ds.labels().get(POLICY_LABEL) == Some(&policy.name_any()))
+}
+
+fn agent_facts(policy: &PortPolicy, ctx: &Context) -> Option<AgentFacts> {
+    policy.spec.agent.as_ref()?;
+    Some(match existing_daemon_set(policy, ctx) {
+        Some(ds) => {
+            let (summary, ready) = agent::agents_ready(&ds);
+            AgentFacts {
+                summary,
+                ready,
+                missing: false,
+            }
+        }
+        None => AgentFacts {
+            summary: "0/0".into(),
+            ready: false,
+            missing: true,
+        },
+    })
+}
+
+async fn sync_daemon_set(policy: &PortPolicy, desired: Option<DaemonSet>, ctx: &Context) -> Result<()> {
+    let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
+    let existing = existing_daemon_set(policy, ctx);
+    match desired {
+        Some(ds) => {
+            let hash = ds.annotations().get(SPEC_HASH_ANNOTATION);
+            if existing
+                .as_ref()
+                .is_some_and(|e| e.annotations().get(SPEC_HASH_ANNOTATION) == hash)
+            {
+                return Ok(());
+            }
+            let name = ds.name_any();
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            api.patch(&name, &params, &Patch::Apply(&ds)).await?;
+            tracing::info!(policy = %policy.name_any(), daemonset = %name, "applied the agent DaemonSet");
+        }
+        None => {
+            let owned = existing.filter(|ds| {
+                ds.owner_references()
+                    .iter()
+                    .any(|o| Some(&o.uid) == policy.metadata.uid.as_ref() && o.controller == Some(true))
+            });
+            if let Some(ds) = owned {
+                match api.delete(&ds.name_any(), &DeleteParams::background()).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
