@@ -4,6 +4,7 @@
 //! clock, no unseeded randomness. The operator, the node agent and `portpolicy plan` are thin
 //! edges around it, so all three make the same decisions from the same objects.
 
+pub mod agent;
 pub mod crd;
 pub mod governance;
 pub mod ipvs;
