@@ -7,6 +7,8 @@
 pub mod crd;
 pub mod governance;
 pub mod ipvs;
+#[cfg(target_os = "linux")]
+pub mod netlink;
 pub mod ports;
 pub mod problem;
 pub mod selector;
