@@ -5,13 +5,14 @@
 //! requests per `sendmsg`, see [`socket`]) simple. Nothing here decides what the table should
 //! be; the planner does that and hands over [`crate::ipvs::IpvsOp`]s.
 
+pub mod debug;
 pub mod ipvs;
 pub mod link;
 pub mod message;
 pub mod socket;
 
 pub use ipvs::{ApplyOutcome, IpvsHandle, IpvsInfo};
-
+pub use link::DummyLink;
 
 /// What can go wrong talking to the kernel.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,9 @@ pub enum NetlinkError {
     },
     #[error("unexpected netlink reply: {0}")]
     Protocol(String),
+    /// A request portpolicy refuses to send (an impossible interface name, ...).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
 }
 
 impl NetlinkError {
