@@ -94,7 +94,13 @@ impl NetlinkSocket {
                     continue;
                 }
                 match kind {
-                    NLMSG_DONE => return Ok(replies),
+                    // A dump that fails part-way says so in the int that NLMSG_DONE carries.
+                    NLMSG_DONE => {
+                        return match payload.get(..4).map(|b| i32::from_ne_bytes(b.try_into().unwrap())) {
+                            Some(error) if error < 0 => Err(NetlinkError::kernel(rule, -error)),
+                            _ => Ok(replies),
+                        };
+                    }
                     NLMSG_ERROR => {
                         let ack = parse_ack(&payload)?;
                         if ack.errno != 0 {
