@@ -8,6 +8,8 @@ pub mod agent;
 pub mod crd;
 pub mod governance;
 pub mod ipvs;
+#[cfg(target_os = "linux")]
+pub mod netlink;
 pub mod ports;
 pub mod problem;
 pub mod selector;

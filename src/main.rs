@@ -15,6 +15,10 @@ struct Cli {
 enum Command {
     /// Print the PortPolicy CustomResourceDefinition as YAML.
     Crd,
+    /// Talk to the kernel directly: inspect and exercise IPVS and the dummy interface.
+    #[cfg(target_os = "linux")]
+    #[command(subcommand)]
+    Debug(portpolicy::netlink::debug::DebugCommand),
 }
 
 fn main() -> ExitCode {
@@ -24,5 +28,7 @@ fn main() -> ExitCode {
             print!("{}", PortPolicy::crd_yaml());
             ExitCode::SUCCESS
         }
+        #[cfg(target_os = "linux")]
+        Command::Debug(command) => command.run(),
     }
 }
