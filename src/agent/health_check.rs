@@ -61,8 +61,14 @@ async fn answer(State(target): State<Arc<Target>>) -> Response {
     let mut response = (status, body).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    headers.insert("X-Load-Balancing-Endpoint-Weight", HeaderValue::from(local_endpoints));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        "X-Load-Balancing-Endpoint-Weight",
+        HeaderValue::from(local_endpoints),
+    );
     response
 }
 
@@ -110,7 +116,10 @@ impl HealthCheckServers {
         let mut failures = Vec::new();
         for (port, plan) in wanted {
             if let Some(listener) = self.listeners.get(&port) {
-                listener.target.local_endpoints.store(plan.local_endpoints, Ordering::Relaxed);
+                listener
+                    .target
+                    .local_endpoints
+                    .store(plan.local_endpoints, Ordering::Relaxed);
                 continue;
             }
             let target = Arc::new(Target {
@@ -203,7 +212,10 @@ mod tests {
         assert!(servers.update(&[plan(port, 2)]).is_empty());
 
         let ok = get(port, "/healthz").await.unwrap();
-        assert!(ok.starts_with("HTTP/1.0 200") || ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(
+            ok.starts_with("HTTP/1.0 200") || ok.starts_with("HTTP/1.1 200"),
+            "{ok}"
+        );
         assert_eq!(header(&ok, "content-type"), Some("application/json"));
         assert_eq!(header(&ok, "x-content-type-options"), Some("nosniff"));
         assert_eq!(header(&ok, "x-load-balancing-endpoint-weight"), Some("2"));

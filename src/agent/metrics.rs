@@ -7,7 +7,9 @@ use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
 
 /// Every metric the agent exports, registered in its own registry.
 #[derive(Clone)]
@@ -35,7 +37,10 @@ impl Metrics {
         )
         .expect("valid histogram");
         let ipvs_operations = IntCounterVec::new(
-            Opts::new("portpolicy_agent_ipvs_operations_total", "IPVS netlink operations sent, by kind."),
+            Opts::new(
+                "portpolicy_agent_ipvs_operations_total",
+                "IPVS netlink operations sent, by kind.",
+            ),
             &["kind"],
         )
         .expect("valid counter");
@@ -147,7 +152,9 @@ impl AgentHealth {
 
     pub fn healthy_at(&self, now: Instant) -> bool {
         let s = *self.lock();
-        !s.last_failed && s.last_success.is_some_and(|t| now.saturating_duration_since(t) <= self.stale_after)
+        !s.last_failed
+            && s.last_success
+                .is_some_and(|t| now.saturating_duration_since(t) <= self.stale_after)
     }
 
     pub fn healthy(&self) -> bool {
@@ -168,12 +175,7 @@ pub fn router(metrics: Metrics, health: AgentHealth) -> Router {
             "/metrics",
             get(move || {
                 let m = metrics.clone();
-                async move {
-                    (
-                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        m.render(),
-                    )
-                }
+                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
             }),
         )
         .route(
@@ -221,7 +223,9 @@ mod tests {
     #[test]
     fn metrics_render_in_prometheus_text() {
         let m = Metrics::new();
-        m.ipvs_operations.with_label_values(&["add_real_server"]).inc_by(3);
+        m.ipvs_operations
+            .with_label_values(&["add_real_server"])
+            .inc_by(3);
         m.sync_errors.inc();
         let text = m.render();
         assert!(text.contains("portpolicy_agent_ipvs_operations_total{kind=\"add_real_server\"} 3"));

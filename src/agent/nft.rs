@@ -60,9 +60,7 @@ impl std::str::FromStr for Cidr {
         let (addr, prefix) = text
             .split_once('/')
             .ok_or_else(|| format!("{text:?} is not a CIDR (expected address/prefix)"))?;
-        let address: IpAddr = addr
-            .parse()
-            .map_err(|e| format!("{text:?}: bad address: {e}"))?;
+        let address: IpAddr = addr.parse().map_err(|e| format!("{text:?}: bad address: {e}"))?;
         let prefix: u8 = prefix
             .parse()
             .map_err(|e| format!("{text:?}: bad prefix length: {e}"))?;
@@ -101,7 +99,10 @@ impl Family {
         }
     }
     fn holds(self, address: &IpAddr) -> bool {
-        matches!((self, address), (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_)))
+        matches!(
+            (self, address),
+            (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
+        )
     }
 }
 
@@ -163,7 +164,13 @@ fn family_table(
         .filter(|(k, _)| in_family(k))
         .flat_map(|(k, svc)| {
             svc.real_servers.keys().map(move |r| {
-                format!("{} . {} . {} . {}", r.address, proto(k.protocol), r.port, r.address)
+                format!(
+                    "{} . {} . {} . {}",
+                    r.address,
+                    proto(k.protocol),
+                    r.port,
+                    r.address
+                )
             })
         })
         .collect();
@@ -190,7 +197,11 @@ fn family_table(
     set(
         out,
         "hairpin",
-        &format!("{} . inet_proto . inet_service . {}", family.addr_type(), family.addr_type()),
+        &format!(
+            "{} . inet_proto . inet_service . {}",
+            family.addr_type(),
+            family.addr_type()
+        ),
         "",
         &hairpin.into_iter().collect::<Vec<_>>(),
     );
@@ -203,16 +214,25 @@ fn family_table(
     let _ = writeln!(out, "\t\t{key_match} @virtual-servers {mark}");
     let _ = writeln!(out, "\t}}");
     let _ = writeln!(out, "\tchain mark-incoming {{");
-    let _ = writeln!(out, "\t\ttype filter hook prerouting priority mangle; policy accept;");
+    let _ = writeln!(
+        out,
+        "\t\ttype filter hook prerouting priority mangle; policy accept;"
+    );
     let _ = writeln!(out, "\t\t{key_match} @external-cluster {mark}");
     if options.all {
         let _ = writeln!(out, "\t\t{key_match} @cluster-ips {mark}");
     } else if !cidrs.is_empty() {
-        let _ = writeln!(out, "\t\t{key_match} @cluster-ips {addr} saddr != @cluster-cidrs {mark}");
+        let _ = writeln!(
+            out,
+            "\t\t{key_match} @cluster-ips {addr} saddr != @cluster-cidrs {mark}"
+        );
     }
     let _ = writeln!(out, "\t}}");
     let _ = writeln!(out, "\tchain masquerade {{");
-    let _ = writeln!(out, "\t\ttype nat hook postrouting priority srcnat; policy accept;");
+    let _ = writeln!(
+        out,
+        "\t\ttype nat hook postrouting priority srcnat; policy accept;"
+    );
     let _ = writeln!(
         out,
         "\t\tmeta mark & {MASQUERADE_MARK:#010x} == {MASQUERADE_MARK:#010x} masquerade"
@@ -293,7 +313,11 @@ mod tests {
     #[test]
     fn default_options_masquerade_local_clients_and_cluster_policy_external_traffic() {
         let (servers, table) = sample();
-        let text = ruleset(servers.iter().map(|(k, r)| (k, *r)), &table, &MasqueradeOptions::default());
+        let text = ruleset(
+            servers.iter().map(|(k, r)| (k, *r)),
+            &table,
+            &MasqueradeOptions::default(),
+        );
         let expected = "\
 add table ip portpolicy
 delete table ip portpolicy
@@ -391,25 +415,30 @@ table ip6 portpolicy {
             cluster_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
         };
         let text = ruleset(servers.iter().map(|(k, r)| (k, *r)), &table, &options);
-        assert!(
-            text.contains("\t\tip daddr . meta l4proto . th dport @cluster-ips meta mark set meta mark | 0x00004000\n")
-        );
+        assert!(text.contains(
+            "\t\tip daddr . meta l4proto . th dport @cluster-ips meta mark set meta mark | 0x00004000\n"
+        ));
         assert!(!text.contains("saddr != @cluster-cidrs"));
         // The Local-policy node port (udp 30081) is only in the set node-local clients use.
-        let marked_sets: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains("30081"))
-            .collect();
+        let marked_sets: Vec<&str> = text.lines().filter(|l| l.contains("30081")).collect();
         assert_eq!(
             marked_sets,
-            ["\t\telements = { 10.96.0.10 . tcp . 80, 192.168.1.10 . tcp . 30080, 192.168.1.10 . udp . 30081 }"]
+            [
+                "\t\telements = { 10.96.0.10 . tcp . 80, 192.168.1.10 . tcp . 30080, 192.168.1.10 . udp . 30081 }"
+            ]
         );
     }
 
     #[test]
     fn an_empty_plan_still_replaces_the_tables() {
-        let text = ruleset(std::iter::empty(), &IpvsTable::new(), &MasqueradeOptions::default());
-        assert!(text.starts_with("add table ip portpolicy\ndelete table ip portpolicy\ntable ip portpolicy {\n"));
+        let text = ruleset(
+            std::iter::empty(),
+            &IpvsTable::new(),
+            &MasqueradeOptions::default(),
+        );
+        assert!(
+            text.starts_with("add table ip portpolicy\ndelete table ip portpolicy\ntable ip portpolicy {\n")
+        );
         assert!(!text.contains("elements"));
     }
 

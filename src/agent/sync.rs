@@ -32,9 +32,15 @@ use crate::snapshot::Snapshot;
 pub enum Change {
     Snapshot(Box<Snapshot>),
     Service(Box<Service>),
-    ServiceDeleted { namespace: String, name: String },
+    ServiceDeleted {
+        namespace: String,
+        name: String,
+    },
     Slice(Box<EndpointSlice>),
-    SliceDeleted { namespace: String, name: String },
+    SliceDeleted {
+        namespace: String,
+        name: String,
+    },
     Node(Box<Node>),
     Policies {
         policies: PolicySet,
@@ -206,10 +212,8 @@ impl<D: Dataplane> Syncer<D> {
         let ops = if full {
             diff(&self.kernel, desired, &ownership)
         } else {
-            let keys: BTreeSet<VirtualServerKey> = dirty
-                .into_iter()
-                .chain(std::mem::take(&mut self.retry))
-                .collect();
+            let keys: BTreeSet<VirtualServerKey> =
+                dirty.into_iter().chain(std::mem::take(&mut self.retry)).collect();
             diff_keys(&self.drain_view(&keys), desired, &keys, &ownership)
         };
         if full {
@@ -221,7 +225,10 @@ impl<D: Dataplane> Syncer<D> {
         for (i, op) in ops.iter().enumerate() {
             self.metrics.ipvs_operations.with_label_values(&[op.kind()]).inc();
             if failed.contains(&i) {
-                self.metrics.ipvs_operation_errors.with_label_values(&[op.kind()]).inc();
+                self.metrics
+                    .ipvs_operation_errors
+                    .with_label_values(&[op.kind()])
+                    .inc();
                 self.retry.insert(*op.service());
             } else {
                 // The kernel accepted it, so the model must accept it too.
@@ -240,7 +247,10 @@ impl<D: Dataplane> Syncer<D> {
         for op in &ops {
             let key = op.service();
             let drains = match (self.kernel.get(key), desired.get(key)) {
-                (Some(have), Some(want)) => have.real_servers.keys().any(|r| !want.real_servers.contains_key(r)),
+                (Some(have), Some(want)) => have
+                    .real_servers
+                    .keys()
+                    .any(|r| !want.real_servers.contains_key(r)),
                 _ => false,
             };
             if drains {
@@ -256,7 +266,12 @@ impl<D: Dataplane> Syncer<D> {
         // Unbind what the plan no longer wants, except addresses whose deletions failed (they
         // must stay owned until the retry deletes their virtual servers).
         let mut keep: BTreeSet<IpAddr> = plan.vips.clone();
-        keep.extend(self.retry.iter().map(|k| k.address).filter(|a| self.bound.contains(a)));
+        keep.extend(
+            self.retry
+                .iter()
+                .map(|k| k.address)
+                .filter(|a| self.bound.contains(a)),
+        );
         if keep != self.bound {
             match self.dataplane.sync_addresses(&keep) {
                 Ok(()) => self.bound = keep,
@@ -306,11 +321,18 @@ impl<D: Dataplane> Syncer<D> {
                 .last_successful_sync
                 .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
         }
-        self.metrics.virtual_servers.set(plan.virtual_servers.len() as i64);
         self.metrics
-            .real_servers
-            .set(plan.virtual_servers.iter().map(|vs| vs.real_servers.len() as i64).sum());
-        self.metrics.sync_duration.observe(started.elapsed().as_secs_f64());
+            .virtual_servers
+            .set(plan.virtual_servers.len() as i64);
+        self.metrics.real_servers.set(
+            plan.virtual_servers
+                .iter()
+                .map(|vs| vs.real_servers.len() as i64)
+                .sum(),
+        );
+        self.metrics
+            .sync_duration
+            .observe(started.elapsed().as_secs_f64());
         outcome.health_checks = plan.health_checks.clone();
         outcome
     }

@@ -199,7 +199,9 @@ mod tests {
         std::fs::create_dir_all(file.parent().unwrap()).unwrap();
         std::fs::write(&file, "22,30000-30001\n").unwrap();
         let sysctls = Sysctls::at(&dir);
-        let ours = sysctls.reserve_ports(&set(&[30001, 30002, 30003]), &set(&[])).unwrap();
+        let ours = sysctls
+            .reserve_ports(&set(&[30001, 30002, 30003]), &set(&[]))
+            .unwrap();
         assert_eq!(ours, set(&[30002, 30003]));
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "22,30000-30003");
         let ours = sysctls.reserve_ports(&set(&[30002]), &ours).unwrap();

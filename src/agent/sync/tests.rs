@@ -21,7 +21,9 @@ status:
 fn cluster(web_endpoints: &[(&str, &str)]) -> Snapshot {
     let endpoints: String = web_endpoints
         .iter()
-        .map(|(ip, node)| format!("  - {{addresses: [{ip}], nodeName: {node}, conditions: {{ready: true}}}}\n"))
+        .map(|(ip, node)| {
+            format!("  - {{addresses: [{ip}], nodeName: {node}, conditions: {{ready: true}}}}\n")
+        })
         .collect();
     let text = format!(
         "{NODE}
@@ -83,7 +85,11 @@ spec:
     loaded.snapshot
 }
 
-const WEB: [(&str, &str); 3] = [("10.0.1.2", "node-a"), ("10.0.1.4", "node-a"), ("10.0.2.2", "node-b")];
+const WEB: [(&str, &str); 3] = [
+    ("10.0.1.2", "node-a"),
+    ("10.0.1.4", "node-a"),
+    ("10.0.2.2", "node-b"),
+];
 
 fn config() -> PlannerConfig {
     PlannerConfig {
@@ -118,7 +124,11 @@ fn foreign_entry() -> (VirtualServerKey, crate::ipvs::IpvsService) {
         crate::ipvs::IpvsService {
             scheduler: "rr".into(),
             persistence_timeout: None,
-            real_servers: [(rs("192.168.1.1", 6443), crate::ipvs::RealServerState::with_weight(1))].into(),
+            real_servers: [(
+                rs("192.168.1.1", 6443),
+                crate::ipvs::RealServerState::with_weight(1),
+            )]
+            .into(),
         },
     )
 }
@@ -126,16 +136,28 @@ fn foreign_entry() -> (VirtualServerKey, crate::ipvs::IpvsService) {
 fn syncer(kernel: FakeKernel) -> (Syncer<FakeDataplane>, FakeDataplane, Metrics) {
     let fake = FakeDataplane::new(kernel);
     let metrics = Metrics::new();
-    let mut s = Syncer::new(fake.clone(), config(), MasqueradeOptions::default(), metrics.clone());
+    let mut s = Syncer::new(
+        fake.clone(),
+        config(),
+        MasqueradeOptions::default(),
+        metrics.clone(),
+    );
     s.observe(Change::Snapshot(Box::new(cluster(&WEB))));
     (s, fake, metrics)
 }
 
 fn ops_counted(metrics: &Metrics) -> u64 {
-    ["add_service", "update_service", "delete_service", "add_real_server", "update_real_server", "delete_real_server"]
-        .iter()
-        .map(|k| metrics.ipvs_operations.with_label_values(&[k]).get())
-        .sum()
+    [
+        "add_service",
+        "update_service",
+        "delete_service",
+        "add_real_server",
+        "update_real_server",
+        "delete_real_server",
+    ]
+    .iter()
+    .map(|k| metrics.ipvs_operations.with_label_values(&[k]).get())
+    .sum()
 }
 
 #[test]
@@ -234,7 +256,11 @@ fn one_endpoint_change_is_one_or_two_operations_without_a_dump() {
     assert!(!outcome.full);
     let new_ops = fake.state().ops_log[before..].to_vec();
     assert_eq!(new_ops.len(), 2, "{new_ops:?}");
-    assert!(new_ops.iter().all(|op| matches!(op, IpvsOp::AddRealServer { real, .. } if *real == rs("10.0.3.2", 8080))));
+    assert!(
+        new_ops
+            .iter()
+            .all(|op| matches!(op, IpvsOp::AddRealServer { real, .. } if *real == rs("10.0.3.2", 8080)))
+    );
     assert_eq!(ops_counted(&metrics) - counted_before, 2);
     assert_eq!(fake.state().dumps, dumps);
     assert_eq!(fake.state().table, plan_node(&cluster(&more), &config()).table());
@@ -252,7 +278,8 @@ fn drift_made_by_others_is_repaired_by_the_full_sync() {
             .unwrap()
             .real_servers
             .remove(&rs("10.0.2.2", 8080));
-        k.table.insert(vs("10.96.0.10", 8443, Protocol::Tcp), foreign_entry().1);
+        k.table
+            .insert(vs("10.96.0.10", 8443, Protocol::Tcp), foreign_entry().1);
     }
     // An incremental sync with nothing new does not look at the kernel.
     assert_eq!(s.sync().operations, 0);
@@ -314,7 +341,10 @@ fn tcp_real_servers_drain_before_deletion_and_udp_ones_go_at_once() {
             real: leaving
         })
     );
-    assert_eq!(fake.state().table[&web_cluster_ip()].real_servers[&leaving].weight, 0);
+    assert_eq!(
+        fake.state().table[&web_cluster_ip()].real_servers[&leaving].weight,
+        0
+    );
     assert_eq!(s.draining(), &BTreeSet::from([web_cluster_ip()]));
 
     fake.state().set_connections(&web_cluster_ip(), &leaving, 0);
@@ -338,7 +368,10 @@ fn refused_operations_are_counted_retried_and_lose_nothing() {
     assert_eq!((outcome.operations, outcome.failed_operations), (2, 1));
     assert_eq!(metrics.sync_errors.get(), 1);
     assert_eq!(
-        metrics.ipvs_operation_errors.with_label_values(&["add_real_server"]).get(),
+        metrics
+            .ipvs_operation_errors
+            .with_label_values(&["add_real_server"])
+            .get(),
         1
     );
     // Nothing that was programmed went away.
@@ -423,7 +456,12 @@ spec:
     assert_eq!(loaded.problems, vec![]);
     snapshot.policies = loaded.snapshot.policies;
     let fake = FakeDataplane::new(kernel);
-    let mut s = Syncer::new(fake.clone(), config(), MasqueradeOptions::default(), Metrics::new());
+    let mut s = Syncer::new(
+        fake.clone(),
+        config(),
+        MasqueradeOptions::default(),
+        Metrics::new(),
+    );
     s.observe(Change::Snapshot(Box::new(snapshot)));
     assert!(s.sync().succeeded());
     assert_eq!(fake.state().ops_log, vec![IpvsOp::DeleteService { key: stale }]);
