@@ -82,6 +82,10 @@ pub struct AgentArgs {
     /// Address the health-check node ports listen on.
     #[arg(long, default_value = "0.0.0.0")]
     pub health_check_bind_address: IpAddr,
+    /// With `--snapshot`: print the IPVS table planned for this node (as `ipvsadm -Ln` lists
+    /// it) and exit, touching nothing.
+    #[arg(long, requires = "snapshot")]
+    pub print_table: bool,
 }
 
 /// `90`, `90s`, `500ms`, `5m`, `1h`.
@@ -117,6 +121,8 @@ pub enum AgentError {
     },
     #[error("connecting to the API server: {0}")]
     Kube(#[from] kube::Error),
+    #[error("reading the snapshot: {0}")]
+    Snapshot(#[from] crate::snapshot::LoadError),
     #[error("the agent runs on Linux only")]
     Unsupported,
 }
@@ -126,6 +132,15 @@ pub enum AgentError {
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     #[cfg(target_os = "linux")]
     {
+        if args.print_table {
+            let loaded = crate::snapshot::load_paths(&args.snapshot)?;
+            let plan = crate::ipvs::plan::plan_node(&loaded.snapshot, &planner_config(&args));
+            print!(
+                "{}",
+                crate::netlink::ipvs::format_like_ipvsadm(None, &plan.table())
+            );
+            return Ok(());
+        }
         let dataplane = linux::LinuxDataplane::open(&args.interface)?;
         run_with(args, dataplane).await
     }
@@ -166,13 +181,7 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
         ));
     }
 
-    let config = PlannerConfig {
-        node_name: args.node_name.clone(),
-        mode: match args.mode {
-            Mode::Delegated => ProxyMode::Delegated,
-            Mode::Replacement => ProxyMode::Replacement,
-        },
-    };
+    let config = planner_config(&args);
     let masquerade = MasqueradeOptions {
         all: args.masquerade_all,
         cluster_cidrs: args.cluster_cidrs.clone(),
@@ -246,6 +255,16 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
             retry_at = Some(tokio::time::Instant::now() + backoff);
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
+    }
+}
+
+fn planner_config(args: &AgentArgs) -> PlannerConfig {
+    PlannerConfig {
+        node_name: args.node_name.clone(),
+        mode: match args.mode {
+            Mode::Delegated => ProxyMode::Delegated,
+            Mode::Replacement => ProxyMode::Replacement,
+        },
     }
 }
 
