@@ -4,6 +4,8 @@
 # local endpoints, one endpoint change is one or two netlink operations, and a restart rewrites
 # nothing and keeps a live connection.
 . /e2e/lib.sh
+# A dead connection must fail a check, not kill this shell on write.
+trap "" PIPE
 
 SNAP=/tmp/agent-snapshot
 METRICS=127.0.0.1:10265
@@ -83,8 +85,12 @@ metric_sum() { # the sum of a metric's samples
 http_status() { # ADDRESS PORT -> status code
     printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 2 "$1" "$2" | head -n 1 | awk '{ print $2 }'
 }
-who() { printf 'GET /cgi-bin/who HTTP/1.0\r\n\r\n' | nc -w 2 "$1" "$2" | tail -n 1; }
-ext_who() { nsip netns exec ext sh -c "printf 'GET /cgi-bin/who HTTP/1.0\r\n\r\n' | nc -w 2 $1 $2 | tail -n 1"; }
+# busybox httpd listens on IPv6 too and reports IPv4 clients as [::ffff:a.b.c.d].
+unmap() { sed 's/\[::ffff:\([0-9.]*\)\]/\1/'; }
+who() { printf 'GET /cgi-bin/who HTTP/1.0\r\n\r\n' | nc -w 2 "$1" "$2" | tail -n 1 | unmap; }
+ext_who() {
+    nsip netns exec ext sh -c "printf 'GET /cgi-bin/who HTTP/1.0\r\n\r\n' | nc -w 2 $1 $2 | tail -n 1" | unmap
+}
 # answers N FUNCTION ARGS...: the distinct answers (pod and seen address) of N requests, sorted.
 answers() {
     n=$1
@@ -127,7 +133,8 @@ cgi_pod a2 2     # node-a
 cgi_pod b3 3     # "node-b": a remote endpoint, reachable from here like any pod network
 cgi_pod a4 4     # node-a, never ready
 pod e5 5         # the echo server of the long-lived connection
-nsip netns exec e5 sh -c 'nc -l -p 9000 > /tmp/echo-received 2>&1 &'
+# Its stdin never ends, or nc would close the connection when it reads EOF.
+nsip netns exec e5 sh -c 'sleep 600 | nc -l -p 9000 > /tmp/echo-received 2>&1 &'
 # An external client on its own network; the node's address there is its InternalIP.
 nsip netns add ext
 nsip link add veth-ext type veth peer name eth0 netns ext

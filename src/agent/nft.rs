@@ -128,8 +128,11 @@ pub fn ruleset<'a>(
     let servers: BTreeSet<(VirtualServerKey, Reach)> =
         virtual_servers.into_iter().map(|(k, r)| (*k, r)).collect();
     let mut out = String::new();
-    for family in [Family::V4, Family::V6] {
-        family_table(&mut out, family, &servers, table, options);
+    family_table(&mut out, Family::V4, &servers, table, options);
+    // The ip6 table only when there is IPv6 to serve: on nodes without IPv6 the whole batch
+    // would otherwise fail. (A table left from earlier IPv6 Services only matches their keys.)
+    if servers.iter().any(|(k, _)| k.address.is_ipv6()) {
+        family_table(&mut out, Family::V6, &servers, table, options);
     }
     out
 }
@@ -228,7 +231,7 @@ fn family_table(
         );
     }
     let _ = writeln!(out, "\t}}");
-    let _ = writeln!(out, "\tchain masquerade {{");
+    let _ = writeln!(out, "\tchain postrouting {{");
     let _ = writeln!(
         out,
         "\t\ttype nat hook postrouting priority srcnat; policy accept;"
@@ -346,7 +349,7 @@ table ip portpolicy {
 \t\ttype filter hook prerouting priority mangle; policy accept;
 \t\tip daddr . meta l4proto . th dport @external-cluster meta mark set meta mark | 0x00004000
 \t}
-\tchain masquerade {
+\tchain postrouting {
 \t\ttype nat hook postrouting priority srcnat; policy accept;
 \t\tmeta mark & 0x00004000 == 0x00004000 masquerade
 \t\tip daddr . meta l4proto . th dport . ip saddr @hairpin masquerade
@@ -378,7 +381,7 @@ table ip6 portpolicy {
 \t\ttype filter hook prerouting priority mangle; policy accept;
 \t\tip6 daddr . meta l4proto . th dport @external-cluster meta mark set meta mark | 0x00004000
 \t}
-\tchain masquerade {
+\tchain postrouting {
 \t\ttype nat hook postrouting priority srcnat; policy accept;
 \t\tmeta mark & 0x00004000 == 0x00004000 masquerade
 \t\tip6 daddr . meta l4proto . th dport . ip6 saddr @hairpin masquerade
@@ -440,6 +443,7 @@ table ip6 portpolicy {
             text.starts_with("add table ip portpolicy\ndelete table ip portpolicy\ntable ip portpolicy {\n")
         );
         assert!(!text.contains("elements"));
+        assert!(!text.contains("ip6"));
     }
 
     #[test]

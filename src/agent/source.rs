@@ -359,6 +359,24 @@ fn namespace_labels(ns: PartialObjectMeta<Namespace>) -> (String, Labels) {
 mod tests {
     use super::*;
 
+    #[test]
+    fn objects_from_the_api_are_typed_one_by_one() {
+        let good: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+        }))
+        .unwrap();
+        let service: Service = typed(good).unwrap();
+        assert_eq!(service.spec.unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
+        // A malformed object is an error for that object alone (the watch logs and skips it).
+        let bad: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "broken", "namespace": "shop"},
+            "spec": {"ports": "not a list"}
+        }))
+        .unwrap();
+        assert!(typed::<Service>(bad).is_err());
+    }
+
     #[tokio::test]
     async fn the_snapshot_is_reloaded_when_its_file_changes() {
         let dir = std::env::temp_dir().join(format!("portpolicy-source-{}", std::process::id()));
