@@ -151,14 +151,17 @@ $(ep 10.0.3.2 node-b)"
 write_snapshot "$LOCAL_BOTH" "$(ep 10.0.1.2 node-a)"
 
 started=$(awk '{ printf "%d", $1 * 1000 }' /proc/uptime)
-check agent-starts-and-gets-ready start_agent
+# Not through `check`: that runs its command in a subshell, and $AGENT must survive.
+if start_agent; then pass agent-starts-and-gets-ready; else fail agent-starts-and-gets-ready "not ready in 10 s"; fi
 echo "agent ready after $(( $(awk '{ printf "%d", $1 * 1000 }' /proc/uptime) - started )) ms"
 
 # --- node plumbing ----------------------------------------------------------------------------
 check sysctls-set sh -c '[ "$(cat /proc/sys/net/ipv4/ip_forward /proc/sys/net/ipv4/vs/conntrack /proc/sys/net/ipv4/vs/expire_nodest_conn /proc/sys/net/ipv4/vs/expire_quiescent_template | tr -d "\n")" = 1111 ]'
 check node-ports-reserved sh -c 'grep -q "30080-30082" /proc/sys/net/ipv4/ip_local_reserved_ports && grep -q 30090 /proc/sys/net/ipv4/ip_local_reserved_ports'
 check vips-on-dummy sh -c 'nsip -4 addr show dev portpolicy-ipvs | grep -q "10.96.0.30/32"'
-check nft-table-present sh -c 'nft list table ip portpolicy | grep -q "10.1.0.1 . tcp . 30080"'
+nft list table ip portpolicy > /tmp/nft.txt 2>&1
+grep -A 3 "set external-cluster" /tmp/nft.txt
+check nft-table-present grep -qE "10\.1\.0\.1 \. (tcp|6) \. 30080" /tmp/nft.txt
 
 # --- the kernel holds exactly the plan --------------------------------------------------------
 portpolicy agent --node-name node-a --snapshot "$SNAP" --print-table > /tmp/planned.txt
@@ -196,10 +199,9 @@ echo "OnlyLocal annotation node port: $got"
     && pass only-local-annotation-keeps-traffic-local || fail only-local-annotation-keeps-traffic-local "$got"
 
 # --- health-check node port -------------------------------------------------------------------
-printf 'GET /healthz HTTP/1.0\r\n\r\n' | nc -w 2 10.1.0.1 30090 > /tmp/hc.txt
+check health-check-200-with-two-local-endpoints wait_for 5 sh -c \
+    'printf "GET /healthz HTTP/1.0\r\n\r\n" | nc -w 2 10.1.0.1 30090 > /tmp/hc.txt; head -n 1 /tmp/hc.txt | grep -q " 200 " && grep -q "\"localEndpoints\":2" /tmp/hc.txt && grep -qi "^X-Load-Balancing-Endpoint-Weight: 2" /tmp/hc.txt'
 cat /tmp/hc.txt
-check health-check-200-with-two-local-endpoints sh -c \
-    'head -n 1 /tmp/hc.txt | grep -q " 200 " && grep -q "\"localEndpoints\":2" /tmp/hc.txt && grep -qi "^X-Load-Balancing-Endpoint-Weight: 2" /tmp/hc.txt'
 
 # --- a long-lived connection, one endpoint change, a restart ----------------------------------
 mkfifo /tmp/echo-in
@@ -227,7 +229,7 @@ kill -9 "$AGENT"
 wait "$AGENT" 2> /dev/null
 ipvsadm -Ln | table_without_counters > /tmp/stopped.norm
 check stopping-leaves-the-table-in-place cmp -s /tmp/before-restart.norm /tmp/stopped.norm
-check agent-restarts start_agent
+if start_agent; then pass agent-restarts; else fail agent-restarts "not ready in 10 s"; fi
 sleep 0.5
 restart_ops=$(metric_sum portpolicy_agent_ipvs_operations_total)
 [ "$restart_ops" = 0 ] && pass restart-rewrites-nothing || fail restart-rewrites-nothing "$restart_ops operations"
