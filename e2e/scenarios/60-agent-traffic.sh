@@ -62,25 +62,25 @@ write_snapshot() {
     {
         printf 'apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\nstatus:\n  addresses: [{type: InternalIP, address: 10.1.0.1}]\n'
         service web NodePort 10.96.0.10 80 8080 30080
-        slice web 8080 "$(ep 10.0.1.2 node-a)" "$(ep 10.0.2.2 node-a)" "$(ep 10.0.3.2 node-b)" \
-            "$(ep 10.0.4.2 node-a false)"
+        slice web 8080 "$(ep 10.0.11.2 node-a)" "$(ep 10.0.12.2 node-a)" "$(ep 10.0.13.2 node-b)" \
+            "$(ep 10.0.14.2 node-a false)"
         service local-web LoadBalancer 10.96.0.11 80 8080 30081 "externalTrafficPolicy: Local
   healthCheckNodePort: 30090"
         slice local-web 8080 "$1"
         service legacy-local NodePort 10.96.0.12 80 8080 30082 "" \
             "service.beta.kubernetes.io/external-traffic: OnlyLocal"
-        slice legacy-local 8080 "$(ep 10.0.1.2 node-a)" "$(ep 10.0.3.2 node-b)"
+        slice legacy-local 8080 "$(ep 10.0.11.2 node-a)" "$(ep 10.0.13.2 node-b)"
         service api ClusterIP 10.96.0.20 80 8080
         slice api 8080 "$2"
         service echo ClusterIP 10.96.0.30 9000 9000
-        slice echo 9000 "$(ep 10.0.5.2 node-a)"
+        slice echo 9000 "$(ep 10.0.15.2 node-a)"
     } > "$SNAP/cluster.yaml.new"
     mv "$SNAP/cluster.yaml.new" "$SNAP/cluster.yaml"
 }
 
 metric_sum() { # the sum of a metric's samples
     printf 'GET /metrics HTTP/1.0\r\n\r\n' | nc -w 2 127.0.0.1 10265 \
-        | awk -v m="$1" 'index($1, m) == 1 { s += $2 } END { print s + 0 }'
+        | awk -v m="$1" 'index($1, m) == 1 { s += $2; n++ } END { if (n) print s; else print "unreachable" }'
 }
 http_status() { # ADDRESS PORT -> status code
     printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 2 "$1" "$2" | head -n 1 | awk '{ print $2 }'
@@ -127,12 +127,12 @@ wait_for() { # SECONDS COMMAND...: retries the command every 0.2 s
     done
 }
 
-# --- the node and its pods --------------------------------------------------------------------
-cgi_pod a1 1     # node-a
-cgi_pod a2 2     # node-a
-cgi_pod b3 3     # "node-b": a remote endpoint, reachable from here like any pod network
-cgi_pod a4 4     # node-a, never ready
-pod e5 5         # the echo server of the long-lived connection
+# --- the node and its pods (subnets 10.0.11-15, clear of other scenarios' pods) --------------------------------------------------------------------
+cgi_pod a1 11     # node-a
+cgi_pod a2 12     # node-a
+cgi_pod b3 13     # "node-b": a remote endpoint, reachable from here like any pod network
+cgi_pod a4 14     # node-a, never ready
+pod e5 15         # the echo server of the long-lived connection
 # Its stdin never ends, or nc would close the connection when it reads EOF.
 nsip netns exec e5 sh -c 'sleep 600 | nc -l -p 9000 > /tmp/echo-received 2>&1 &'
 # An external client on its own network; the node's address there is its InternalIP.
@@ -145,10 +145,10 @@ nsip -n ext addr add 10.1.0.2/24 dev eth0
 nsip -n ext link set eth0 up
 nsip -n ext route add default via 10.1.0.1
 
-LOCAL_BOTH="$(ep 10.0.1.2 node-a)
-$(ep 10.0.2.2 node-a)
-$(ep 10.0.3.2 node-b)"
-write_snapshot "$LOCAL_BOTH" "$(ep 10.0.1.2 node-a)"
+LOCAL_BOTH="$(ep 10.0.11.2 node-a)
+$(ep 10.0.12.2 node-a)
+$(ep 10.0.13.2 node-b)"
+write_snapshot "$LOCAL_BOTH" "$(ep 10.0.11.2 node-a)"
 
 started=$(awk '{ printf "%d", $1 * 1000 }' /proc/uptime)
 # Not through `check`: that runs its command in a subshell, and $AGENT must survive.
@@ -179,13 +179,13 @@ fi
 got=$(answers 9 who 10.96.0.10 80)
 echo "cluster IP from the node: $got"
 # Node-local clients are masqueraded: each pod sees the node's address on its own link.
-[ "$got" = "pod-a1 10.0.1.1 pod-a2 10.0.2.1 pod-b3 10.0.3.1 " ] \
+[ "$got" = "pod-a1 10.0.11.1 pod-a2 10.0.12.1 pod-b3 10.0.13.1 " ] \
     && pass cluster-ip-spreads-over-ready-endpoints-only || fail cluster-ip-spreads-over-ready-endpoints-only "$got"
 
 # --- node ports from outside ------------------------------------------------------------------
 got=$(answers 9 ext_who 10.1.0.1 30080)
 echo "Cluster policy node port: $got"
-[ "$got" = "pod-a1 10.0.1.1 pod-a2 10.0.2.1 pod-b3 10.0.3.1 " ] \
+[ "$got" = "pod-a1 10.0.11.1 pod-a2 10.0.12.1 pod-b3 10.0.13.1 " ] \
     && pass cluster-policy-node-port-reaches-all-endpoints-masqueraded \
     || fail cluster-policy-node-port-reaches-all-endpoints-masqueraded "$got"
 got=$(answers 8 ext_who 10.1.0.1 30081)
@@ -212,13 +212,13 @@ echo first >&3
 check long-lived-connection-open wait_for 5 grep -q first /tmp/echo-received
 
 ops_before=$(metric_sum portpolicy_agent_ipvs_operations_total)
-write_snapshot "$LOCAL_BOTH" "$(ep 10.0.1.2 node-a)
-$(ep 10.0.2.2 node-a)"
-check endpoint-change-applied wait_for 5 sh -c 'ipvsadm -Ln -t 10.96.0.20:80 | grep -q 10.0.2.2:8080'
+write_snapshot "$LOCAL_BOTH" "$(ep 10.0.11.2 node-a)
+$(ep 10.0.12.2 node-a)"
+check endpoint-change-applied wait_for 5 sh -c 'ipvsadm -Ln -t 10.96.0.20:80 | grep -q 10.0.12.2:8080'
 sleep 0.5
 ops_after=$(metric_sum portpolicy_agent_ipvs_operations_total)
 delta=$((ops_after - ops_before))
-echo "netlink operations for one endpoint change: $delta"
+echo "netlink operations for one endpoint change: $delta ($ops_before before, $ops_after after)"
 [ "$delta" -ge 1 ] && [ "$delta" -le 2 ] && pass one-endpoint-change-is-one-or-two-operations \
     || fail one-endpoint-change-is-one-or-two-operations "$delta operations"
 echo second >&3
@@ -231,7 +231,10 @@ ipvsadm -Ln | table_without_counters > /tmp/stopped.norm
 check stopping-leaves-the-table-in-place cmp -s /tmp/before-restart.norm /tmp/stopped.norm
 if start_agent; then pass agent-restarts; else fail agent-restarts "not ready in 10 s"; fi
 sleep 0.5
-restart_ops=$(metric_sum portpolicy_agent_ipvs_operations_total)
+# A counter with no sample yet is absent: count what the restarted agent sent, if anything.
+restart_ops=$(printf 'GET /metrics HTTP/1.0\r\n\r\n' | nc -w 2 127.0.0.1 10265 \
+    | awk '/^portpolicy_agent_full_syncs_total / { up = 1 } /^portpolicy_agent_ipvs_operations_total/ { s += $2 }
+           END { if (up) print s + 0; else print "unreachable" }')
 [ "$restart_ops" = 0 ] && pass restart-rewrites-nothing || fail restart-rewrites-nothing "$restart_ops operations"
 ipvsadm -Ln | table_without_counters > /tmp/after-restart.norm
 check restart-keeps-the-table cmp -s /tmp/before-restart.norm /tmp/after-restart.norm
@@ -239,8 +242,8 @@ echo third >&3
 check long-lived-connection-survives-restart wait_for 5 grep -q third /tmp/echo-received
 
 # --- local endpoints go away ------------------------------------------------------------------
-write_snapshot "$(ep 10.0.3.2 node-b)" "$(ep 10.0.1.2 node-a)
-$(ep 10.0.2.2 node-a)"
+write_snapshot "$(ep 10.0.13.2 node-b)" "$(ep 10.0.11.2 node-a)
+$(ep 10.0.12.2 node-a)"
 check health-check-503-without-local-endpoints wait_for 5 sh -c \
     'printf "GET / HTTP/1.0\r\n\r\n" | nc -w 2 10.1.0.1 30090 > /tmp/hc.txt; head -n 1 /tmp/hc.txt | grep -q " 503 " && grep -q "\"localEndpoints\":0" /tmp/hc.txt'
 cat /tmp/hc.txt
@@ -249,7 +252,7 @@ echo "Local policy node port without local endpoints: '$got'"
 [ -z "$(echo "$got" | tr -d ' ')" ] && pass local-policy-drops-without-local-endpoints \
     || fail local-policy-drops-without-local-endpoints "$got"
 got=$(answers 6 ext_who 10.1.0.1 30080)
-[ "$got" = "pod-a1 10.0.1.1 pod-a2 10.0.2.1 pod-b3 10.0.3.1 " ] \
+[ "$got" = "pod-a1 10.0.11.1 pod-a2 10.0.12.1 pod-b3 10.0.13.1 " ] \
     && pass cluster-policy-unaffected || fail cluster-policy-unaffected "$got"
 
 check agent-healthy sh -c 'printf "GET /healthz HTTP/1.0\r\n\r\n" | nc -w 2 127.0.0.1 10265 | head -n 1 | grep -q " 200 "'
