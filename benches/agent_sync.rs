@@ -64,7 +64,6 @@ fn slice(i: usize, shift: usize) -> EndpointSlice {
                 ..Default::default()
             })
             .collect(),
-        ..Default::default()
     }
 }
 
