@@ -95,6 +95,8 @@ impl fmt::Display for IpvsInfo {
 
 /// What a batch did: how many operations the kernel took, and each refused one with its reason.
 /// A refused operation does not stop the ones after it (the kernel carries on through a batch).
+/// If the socket itself fails, the operations not yet acknowledged are reported as
+/// [`NetlinkError::Io`] with an unknown outcome: dump the table before trusting it again.
 #[derive(Debug, Default)]
 pub struct ApplyOutcome {
     pub applied: usize,
@@ -165,7 +167,8 @@ impl IpvsHandle {
         if let Some(err) = broken {
             let reason = err.to_string();
             for op in &ops[results.len()..] {
-                let unsettled = std::io::Error::other(format!("not applied ({op}): {reason}"));
+                let unsettled =
+                    std::io::Error::other(format!("outcome unknown, the socket failed ({op}): {reason}"));
                 outcome.failed.push((op.clone(), NetlinkError::Io(unsettled)));
             }
         }
