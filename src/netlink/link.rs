@@ -284,6 +284,72 @@ mod tests {
     use super::*;
     use crate::netlink::message::NLMSG_HDRLEN;
 
+    fn get_link_request(name: &str) -> MessageBuilder {
+        let mut request = MessageBuilder::new(RTM_GETLINK, REQUEST);
+        request.put_fixed(&ifinfomsg(0, 0, 0));
+        request.put_str(IFLA_IFNAME, name);
+        request
+    }
+
+    // The tests below talk to this machine's kernel, read-only: any Linux has `lo` and
+    // rtnetlink, so they run without privileges, IPVS or a VM.
+
+    #[test]
+    fn real_kernel_batch_matches_each_refusal_to_its_request() {
+        let mut socket = NetlinkSocket::open(netlink_sys::protocols::NETLINK_ROUTE).unwrap();
+        // 300 requests span three chunks; lookups of `lo` succeed (their replies are not acks
+        // and must be skipped), lookups of a missing interface fail with ENODEV.
+        let builders = (0..300)
+            .map(|i| get_link_request(if i % 3 == 1 { "pp-missing0" } else { "lo" }))
+            .collect();
+        let (results, broken) = socket.batch(builders);
+        assert!(broken.is_none());
+        let expected: Vec<_> = (0..300)
+            .map(|i| if i % 3 == 1 { Err(libc::ENODEV) } else { Ok(()) })
+            .collect();
+        assert_eq!(results, expected);
+    }
+
+    #[test]
+    fn real_kernel_request_and_dump_read_the_loopback_interface() {
+        let mut socket = NetlinkSocket::open(netlink_sys::protocols::NETLINK_ROUTE).unwrap();
+        let lo = get_link(&mut socket, "lo")
+            .unwrap()
+            .expect("every namespace has lo");
+        assert_eq!(lo.kind, None);
+        assert_eq!(get_link(&mut socket, "pp-missing0").unwrap(), None);
+
+        let mut request = MessageBuilder::new(RTM_GETADDR, DUMP);
+        request.put_fixed(&ifaddrmsg(libc::AF_UNSPEC as u8, 0, 0, 0, 0));
+        let replies = socket.dump(request, &"list addresses").unwrap();
+        let lo_addresses: Vec<IpAddr> = replies
+            .iter()
+            .filter_map(|reply| decode_address_message(reply).unwrap())
+            .filter(|(index, _)| *index == lo.index)
+            .map(|(_, address)| address)
+            .collect();
+        if lo.up {
+            assert!(
+                lo_addresses.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                "{lo_addresses:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn real_kernel_generic_netlink_resolves_families_and_reports_missing_ones() {
+        let mut socket = NetlinkSocket::open(netlink_sys::protocols::NETLINK_GENERIC).unwrap();
+        assert_eq!(
+            crate::netlink::ipvs::resolve_family(&mut socket, "nlctrl").unwrap(),
+            0x10
+        );
+        let missing = crate::netlink::ipvs::resolve_family(&mut socket, "ppnosuchfamily");
+        assert!(
+            matches!(&missing, Err(NetlinkError::FamilyNotFound(name)) if name == "ppnosuchfamily"),
+            "{missing:?}"
+        );
+    }
+
     #[test]
     fn add_ipv4_address_is_byte_exact() {
         let bytes = address_request(7, true, "10.96.0.10".parse().unwrap()).finish(3);
