@@ -146,15 +146,21 @@ fn parse_op(line: &str) -> Result<IpvsOp, String> {
         })
     };
     let weight = || -> Result<u32, String> {
-        words.get(4).ok_or("missing weight")?.parse().map_err(|_| "weight is not a number".to_string())
+        words
+            .get(4)
+            .ok_or("missing weight")?
+            .parse()
+            .map_err(|_| "weight is not a number".to_string())
     };
     let settings = || -> Result<(String, Option<u32>), String> {
         let scheduler = words.get(3).ok_or("missing scheduler")?.to_string();
         let persistence = match (words.get(4), words.get(5)) {
             (None, _) => None,
-            (Some(&"persistent"), Some(seconds)) => {
-                Some(seconds.parse().map_err(|_| "persistence timeout is not a number")?)
-            }
+            (Some(&"persistent"), Some(seconds)) => Some(
+                seconds
+                    .parse()
+                    .map_err(|_| "persistence timeout is not a number")?,
+            ),
             _ => return Err("expected `persistent SECONDS` after the scheduler".into()),
         };
         Ok((scheduler, persistence))
@@ -198,7 +204,8 @@ fn parse_op(line: &str) -> Result<IpvsOp, String> {
 
 fn parse_socket(word: Option<&&str>) -> Result<SocketAddr, String> {
     let word = word.ok_or("missing ADDRESS:PORT")?;
-    word.parse().map_err(|_| format!("{word:?} is not ADDRESS:PORT ([ADDRESS]:PORT for IPv6)"))
+    word.parse()
+        .map_err(|_| format!("{word:?} is not ADDRESS:PORT ([ADDRESS]:PORT for IPv6)"))
 }
 
 /// The benchmark's table, in the order it is programmed: each service, then its real servers.
@@ -253,7 +260,13 @@ pub fn ipvsadm_rules(ops: &[IpvsOp]) -> String {
                 scheduler,
                 persistence_timeout,
             } => {
-                let _ = write!(out, "-A {} {}:{} -s {scheduler}", flag(key), key.address, key.port);
+                let _ = write!(
+                    out,
+                    "-A {} {}:{} -s {scheduler}",
+                    flag(key),
+                    key.address,
+                    key.port
+                );
                 if let Some(timeout) = persistence_timeout {
                     let _ = write!(out, " -p {timeout}");
                 }
@@ -298,7 +311,11 @@ fn ipvs_bench(services: u32, reals_per_service: u32) -> Result<(), String> {
     let program = started.elapsed();
     if let Some((_, err)) = outcome.failed.first() {
         cleanup(&mut handle, services);
-        return Err(format!("{} of {} operations failed, first: {err}", outcome.failed.len(), ops.len()));
+        return Err(format!(
+            "{} of {} operations failed, first: {err}",
+            outcome.failed.len(),
+            ops.len()
+        ));
     }
     println!(
         "bench program: {services} services + {} real servers ({} ops) in {:.3} s ({:.0} ops/s)",
@@ -352,7 +369,10 @@ fn ipvs_bench(services: u32, reals_per_service: u32) -> Result<(), String> {
 
     let started = Instant::now();
     let left = cleanup(&mut handle, services);
-    println!("bench cleanup: {services} services deleted in {:.3} s", started.elapsed().as_secs_f64());
+    println!(
+        "bench cleanup: {services} services deleted in {:.3} s",
+        started.elapsed().as_secs_f64()
+    );
     if left > 0 {
         return Err(format!("{left} services could not be deleted"));
     }
@@ -362,7 +382,9 @@ fn ipvs_bench(services: u32, reals_per_service: u32) -> Result<(), String> {
 /// Deletes the benchmark's services (which takes their real servers along); returns how many failed.
 fn cleanup(handle: &mut IpvsHandle, services: u32) -> usize {
     let ops: Vec<IpvsOp> = (0..services)
-        .map(|s| IpvsOp::DeleteService { key: bench_service(s) })
+        .map(|s| IpvsOp::DeleteService {
+            key: bench_service(s),
+        })
         .collect();
     handle.apply(&ops).failed.len()
 }
@@ -413,7 +435,8 @@ mod tests {
 
     #[test]
     fn bad_lines_name_their_line() {
-        let err = parse_ops("add-service TCP 10.96.0.10:80 rr\nadd-real TCP 10.96.0.10 10.0.1.2:1 1\n").unwrap_err();
+        let err = parse_ops("add-service TCP 10.96.0.10:80 rr\nadd-real TCP 10.96.0.10 10.0.1.2:1 1\n")
+            .unwrap_err();
         assert!(err.starts_with("line 2:"), "{err}");
         assert!(parse_ops("frobnicate TCP 1.2.3.4:5\n").is_err());
     }

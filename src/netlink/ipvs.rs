@@ -6,9 +6,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use super::NetlinkError;
-use super::message::{
-    MessageBuilder, attributes, read_be16, read_str, read_u16, read_u32, split_generic,
-};
+use super::message::{MessageBuilder, attributes, read_be16, read_str, read_u16, read_u32, split_generic};
 use super::socket::{DUMP, NetlinkSocket, REQUEST, REQUEST_ACK};
 use crate::ipvs::{IpvsOp, IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
 use crate::ports::Protocol;
@@ -97,6 +95,8 @@ impl fmt::Display for IpvsInfo {
 
 /// What a batch did: how many operations the kernel took, and each refused one with its reason.
 /// A refused operation does not stop the ones after it (the kernel carries on through a batch).
+/// If the socket itself fails, the operations not yet acknowledged are reported as
+/// [`NetlinkError::Io`] with an unknown outcome: dump the table before trusting it again.
 #[derive(Debug, Default)]
 pub struct ApplyOutcome {
     pub applied: usize,
@@ -159,13 +159,16 @@ impl IpvsHandle {
         for (op, result) in ops.iter().zip(&results) {
             match result {
                 Ok(()) => outcome.applied += 1,
-                Err(errno) => outcome.failed.push((op.clone(), NetlinkError::kernel(op, *errno))),
+                Err(errno) => outcome
+                    .failed
+                    .push((op.clone(), NetlinkError::kernel(op, *errno))),
             }
         }
         if let Some(err) = broken {
             let reason = err.to_string();
             for op in &ops[results.len()..] {
-                let unsettled = std::io::Error::other(format!("not applied ({op}): {reason}"));
+                let unsettled =
+                    std::io::Error::other(format!("outcome unknown, the socket failed ({op}): {reason}"));
                 outcome.failed.push((op.clone(), NetlinkError::Io(unsettled)));
             }
         }
@@ -276,7 +279,11 @@ fn put_service(b: &mut MessageBuilder, key: &VirtualServerKey, settings: Option<
     if let Some((scheduler, persistence_timeout)) = settings {
         b.put_str(SVC_ATTR_SCHED_NAME, scheduler);
         // struct ip_vs_flags { flags; mask }: a full mask makes the request the whole truth.
-        let flags = if persistence_timeout.is_some() { SVC_F_PERSISTENT } else { 0 };
+        let flags = if persistence_timeout.is_some() {
+            SVC_F_PERSISTENT
+        } else {
+            0
+        };
         let mut flag_bytes = [0u8; 8];
         flag_bytes[..4].copy_from_slice(&flags.to_ne_bytes());
         flag_bytes[4..].copy_from_slice(&u32::MAX.to_ne_bytes());
@@ -356,7 +363,7 @@ fn read_address(family: u16, payload: &[u8]) -> Result<IpAddr, NetlinkError> {
 }
 
 /// Finds the one nested attribute of `kind` in a generic netlink message body.
-fn nested<'a>(message: &'a [u8], kind: u16) -> Result<Option<&'a [u8]>, NetlinkError> {
+fn nested(message: &[u8], kind: u16) -> Result<Option<&[u8]>, NetlinkError> {
     let (_, attrs) = split_generic(message)?;
     for attr in attributes(attrs) {
         let (k, payload) = attr?;
@@ -369,9 +376,13 @@ fn nested<'a>(message: &'a [u8], kind: u16) -> Result<Option<&'a [u8]>, NetlinkE
 
 /// One message of a GET_SERVICE dump; `None` for services portpolicy does not model
 /// (firewall marks, protocols other than TCP/UDP/SCTP).
-pub fn decode_service_message(message: &[u8]) -> Result<Option<(VirtualServerKey, IpvsService)>, NetlinkError> {
+pub fn decode_service_message(
+    message: &[u8],
+) -> Result<Option<(VirtualServerKey, IpvsService)>, NetlinkError> {
     let Some(service) = nested(message, CMD_ATTR_SERVICE)? else {
-        return Err(NetlinkError::Protocol("service message without IPVS_CMD_ATTR_SERVICE".into()));
+        return Err(NetlinkError::Protocol(
+            "service message without IPVS_CMD_ATTR_SERVICE".into(),
+        ));
     };
     let (mut family, mut protocol, mut address, mut port, mut fwmark) = (None, None, None, None, 0);
     let (mut scheduler, mut flags, mut timeout) = (String::new(), 0u32, 0u32);
@@ -393,7 +404,9 @@ pub fn decode_service_message(message: &[u8]) -> Result<Option<(VirtualServerKey
         return Ok(None);
     }
     let (Some(family), Some(protocol), Some(address), Some(port)) = (family, protocol, address, port) else {
-        return Err(NetlinkError::Protocol("service without address family, protocol, address or port".into()));
+        return Err(NetlinkError::Protocol(
+            "service without address family, protocol, address or port".into(),
+        ));
     };
     let Some(protocol) = protocol_from_number(protocol) else {
         return Ok(None);
@@ -415,7 +428,9 @@ pub fn decode_service_message(message: &[u8]) -> Result<Option<(VirtualServerKey
 /// portpolicy's and are left out, so they are never mistaken for its own real servers.
 pub fn decode_dest_message(message: &[u8]) -> Result<Option<(RealServerKey, RealServerState)>, NetlinkError> {
     let Some(dest) = nested(message, CMD_ATTR_DEST)? else {
-        return Err(NetlinkError::Protocol("destination message without IPVS_CMD_ATTR_DEST".into()));
+        return Err(NetlinkError::Protocol(
+            "destination message without IPVS_CMD_ATTR_DEST".into(),
+        ));
     };
     let (mut family, mut address, mut port, mut forwarding) = (None, None, None, FWD_MASQUERADE);
     let mut state = RealServerState::default();
@@ -436,7 +451,9 @@ pub fn decode_dest_message(message: &[u8]) -> Result<Option<(RealServerKey, Real
         return Ok(None);
     }
     let (Some(address), Some(port)) = (address, port) else {
-        return Err(NetlinkError::Protocol("destination without address or port".into()));
+        return Err(NetlinkError::Protocol(
+            "destination without address or port".into(),
+        ));
     };
     // Kernels before 3.18 send no family: then the 16 bytes are IPv4 iff the tail is zero.
     let family = family.unwrap_or(if address.len() >= 16 && address[4..16].iter().all(|b| *b == 0) {
@@ -467,7 +484,9 @@ pub fn decode_info_message(message: &[u8]) -> Result<IpvsInfo, NetlinkError> {
             version,
             connection_table_size,
         }),
-        _ => Err(NetlinkError::Protocol("GET_INFO reply without version or table size".into())),
+        _ => Err(NetlinkError::Protocol(
+            "GET_INFO reply without version or table size".into(),
+        )),
     }
 }
 
@@ -481,7 +500,13 @@ pub fn format_like_ipvsadm(info: Option<&IpvsInfo>, table: &IpvsTable) -> String
     out.push_str("Prot LocalAddress:Port Scheduler Flags\n");
     out.push_str("  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n");
     for (key, service) in table {
-        let _ = write!(out, "{:<4} {} {}", key.protocol.as_str(), socket_text(key.address, key.port), service.scheduler);
+        let _ = write!(
+            out,
+            "{:<4} {} {}",
+            key.protocol.as_str(),
+            socket_text(key.address, key.port),
+            service.scheduler
+        );
         if let Some(timeout) = service.persistence_timeout {
             let _ = write!(out, " persistent {timeout}");
         }
@@ -649,7 +674,13 @@ mod tests {
 
     /// A GET_SERVICE dump message as the kernel sends it: 16-byte address, hashed flag set,
     /// statistics nested in.
-    fn kernel_service_message(address: [u8; 16], family: u16, port: u16, flags: u32, timeout: u32) -> Vec<u8> {
+    fn kernel_service_message(
+        address: [u8; 16],
+        family: u16,
+        port: u16,
+        flags: u32,
+        timeout: u32,
+    ) -> Vec<u8> {
         let mut flag_bytes = flags.to_ne_bytes().to_vec();
         flag_bytes.extend_from_slice(&u32::MAX.to_ne_bytes());
         genl_message(
@@ -708,7 +739,11 @@ mod tests {
             CMD_NEW_SERVICE,
             &[nest(
                 1,
-                &[nla(1, &2u16.to_ne_bytes()), nla(5, &7u32.to_ne_bytes()), nla(6, b"rr\0")],
+                &[
+                    nla(1, &2u16.to_ne_bytes()),
+                    nla(5, &7u32.to_ne_bytes()),
+                    nla(6, b"rr\0"),
+                ],
             )],
         );
         assert_eq!(decode_service_message(&message[NLMSG_HDRLEN..]).unwrap(), None);
@@ -744,7 +779,9 @@ mod tests {
 
     #[test]
     fn dumped_dest_carries_weight_and_connection_counters() {
-        let (real, state) = decode_dest_message(&kernel_dest_message(FWD_MASQUERADE)).unwrap().unwrap();
+        let (real, state) = decode_dest_message(&kernel_dest_message(FWD_MASQUERADE))
+            .unwrap()
+            .unwrap();
         assert_eq!(real.address, "10.0.1.2".parse::<IpAddr>().unwrap());
         assert_eq!(real.port, 8080);
         assert_eq!(

@@ -65,7 +65,10 @@ impl DummyLink {
                 let mut create = MessageBuilder::new(RTM_NEWLINK, REQUEST_ACK | NLM_F_CREATE | NLM_F_EXCL);
                 create.put_fixed(&ifinfomsg(0, IFF_UP, IFF_UP));
                 create.put_str(IFLA_IFNAME, name);
-                create.begin_nest(IFLA_LINKINFO).put_str(IFLA_INFO_KIND, "dummy").end_nest();
+                create
+                    .begin_nest(IFLA_LINKINFO)
+                    .put_str(IFLA_INFO_KIND, "dummy")
+                    .end_nest();
                 socket.request(create, &format_args!("create dummy interface {name}"))?;
                 get_link(&mut socket, name)?.ok_or_else(|| {
                     NetlinkError::Protocol(format!("interface {name} missing right after its creation"))
@@ -102,7 +105,9 @@ impl DummyLink {
     pub fn addresses(&mut self) -> Result<BTreeSet<IpAddr>, NetlinkError> {
         let mut request = MessageBuilder::new(RTM_GETADDR, DUMP);
         request.put_fixed(&ifaddrmsg(libc::AF_UNSPEC as u8, 0, 0, 0, 0));
-        let replies = self.socket.dump(request, &format_args!("list addresses of {}", self.name))?;
+        let replies = self
+            .socket
+            .dump(request, &format_args!("list addresses of {}", self.name))?;
         let mut addresses = BTreeSet::new();
         for reply in replies {
             if let Some((index, address)) = decode_address_message(&reply)?
@@ -191,11 +196,19 @@ pub fn address_request(index: u32, add: bool, address: IpAddr) -> MessageBuilder
     match address {
         IpAddr::V4(a) => {
             b.put_fixed(&ifaddrmsg(libc::AF_INET as u8, 32, 0, RT_SCOPE_UNIVERSE, index));
-            b.put_bytes(IFA_LOCAL, &a.octets()).put_bytes(IFA_ADDRESS, &a.octets());
+            b.put_bytes(IFA_LOCAL, &a.octets())
+                .put_bytes(IFA_ADDRESS, &a.octets());
         }
         IpAddr::V6(a) => {
-            b.put_fixed(&ifaddrmsg(libc::AF_INET6 as u8, 128, IFA_F_NODAD, RT_SCOPE_UNIVERSE, index));
-            b.put_bytes(IFA_LOCAL, &a.octets()).put_bytes(IFA_ADDRESS, &a.octets());
+            b.put_fixed(&ifaddrmsg(
+                libc::AF_INET6 as u8,
+                128,
+                IFA_F_NODAD,
+                RT_SCOPE_UNIVERSE,
+                index,
+            ));
+            b.put_bytes(IFA_LOCAL, &a.octets())
+                .put_bytes(IFA_ADDRESS, &a.octets());
         }
     }
     b
@@ -203,7 +216,9 @@ pub fn address_request(index: u32, add: bool, address: IpAddr) -> MessageBuilder
 
 pub fn decode_link_message(payload: &[u8]) -> Result<LinkInfo, NetlinkError> {
     if payload.len() < IFINFOMSG_LEN {
-        return Err(NetlinkError::Protocol("link message shorter than struct ifinfomsg".into()));
+        return Err(NetlinkError::Protocol(
+            "link message shorter than struct ifinfomsg".into(),
+        ));
     }
     let index = u32::from_ne_bytes(payload[4..8].try_into().unwrap());
     let flags = u32::from_ne_bytes(payload[8..12].try_into().unwrap());
@@ -230,7 +245,9 @@ pub fn decode_link_message(payload: &[u8]) -> Result<LinkInfo, NetlinkError> {
 /// scope and unknown families.
 pub fn decode_address_message(payload: &[u8]) -> Result<Option<(u32, IpAddr)>, NetlinkError> {
     if payload.len() < IFADDRMSG_LEN {
-        return Err(NetlinkError::Protocol("address message shorter than struct ifaddrmsg".into()));
+        return Err(NetlinkError::Protocol(
+            "address message shorter than struct ifaddrmsg".into(),
+        ));
     }
     let (family, scope) = (payload[0], payload[3]);
     let index = u32::from_ne_bytes(payload[4..8].try_into().unwrap());
@@ -251,7 +268,9 @@ pub fn decode_address_message(payload: &[u8]) -> Result<Option<(u32, IpAddr)>, N
         return Ok(None);
     };
     let parsed = match i32::from(family) {
-        libc::AF_INET if bytes.len() == 4 => IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])),
+        libc::AF_INET if bytes.len() == 4 => {
+            IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+        }
         libc::AF_INET6 if bytes.len() == 16 => {
             IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(bytes).unwrap()))
         }
@@ -264,6 +283,72 @@ pub fn decode_address_message(payload: &[u8]) -> Result<Option<(u32, IpAddr)>, N
 mod tests {
     use super::*;
     use crate::netlink::message::NLMSG_HDRLEN;
+
+    fn get_link_request(name: &str) -> MessageBuilder {
+        let mut request = MessageBuilder::new(RTM_GETLINK, REQUEST);
+        request.put_fixed(&ifinfomsg(0, 0, 0));
+        request.put_str(IFLA_IFNAME, name);
+        request
+    }
+
+    // The tests below talk to this machine's kernel, read-only: any Linux has `lo` and
+    // rtnetlink, so they run without privileges, IPVS or a VM.
+
+    #[test]
+    fn real_kernel_batch_matches_each_refusal_to_its_request() {
+        let mut socket = NetlinkSocket::open(netlink_sys::protocols::NETLINK_ROUTE).unwrap();
+        // 300 requests span three chunks; lookups of `lo` succeed (their replies are not acks
+        // and must be skipped), lookups of a missing interface fail with ENODEV.
+        let builders = (0..300)
+            .map(|i| get_link_request(if i % 3 == 1 { "pp-missing0" } else { "lo" }))
+            .collect();
+        let (results, broken) = socket.batch(builders);
+        assert!(broken.is_none());
+        let expected: Vec<_> = (0..300)
+            .map(|i| if i % 3 == 1 { Err(libc::ENODEV) } else { Ok(()) })
+            .collect();
+        assert_eq!(results, expected);
+    }
+
+    #[test]
+    fn real_kernel_request_and_dump_read_the_loopback_interface() {
+        let mut socket = NetlinkSocket::open(netlink_sys::protocols::NETLINK_ROUTE).unwrap();
+        let lo = get_link(&mut socket, "lo")
+            .unwrap()
+            .expect("every namespace has lo");
+        assert_eq!(lo.kind, None);
+        assert_eq!(get_link(&mut socket, "pp-missing0").unwrap(), None);
+
+        let mut request = MessageBuilder::new(RTM_GETADDR, DUMP);
+        request.put_fixed(&ifaddrmsg(libc::AF_UNSPEC as u8, 0, 0, 0, 0));
+        let replies = socket.dump(request, &"list addresses").unwrap();
+        let lo_addresses: Vec<IpAddr> = replies
+            .iter()
+            .filter_map(|reply| decode_address_message(reply).unwrap())
+            .filter(|(index, _)| *index == lo.index)
+            .map(|(_, address)| address)
+            .collect();
+        if lo.up {
+            assert!(
+                lo_addresses.contains(&IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                "{lo_addresses:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn real_kernel_generic_netlink_resolves_families_and_reports_missing_ones() {
+        let mut socket = NetlinkSocket::open(netlink_sys::protocols::NETLINK_GENERIC).unwrap();
+        assert_eq!(
+            crate::netlink::ipvs::resolve_family(&mut socket, "nlctrl").unwrap(),
+            0x10
+        );
+        let missing = crate::netlink::ipvs::resolve_family(&mut socket, "ppnosuchfamily");
+        assert!(
+            matches!(&missing, Err(NetlinkError::FamilyNotFound(name)) if name == "ppnosuchfamily"),
+            "{missing:?}"
+        );
+    }
 
     #[test]
     fn add_ipv4_address_is_byte_exact() {
@@ -290,17 +375,25 @@ mod tests {
     fn kernel_address_message(family: u8, scope: u8, index: u32, local: &[u8]) -> Vec<u8> {
         let mut b = MessageBuilder::new(RTM_NEWADDR, 2);
         b.put_fixed(&ifaddrmsg(family, 32, 0x80, scope, index));
-        b.put_bytes(IFA_ADDRESS, local).put_bytes(IFA_LOCAL, local).put_str(3, "portpolicy-ipvs0");
+        b.put_bytes(IFA_ADDRESS, local)
+            .put_bytes(IFA_LOCAL, local)
+            .put_str(3, "portpolicy-ipvs0");
         b.finish(1)[NLMSG_HDRLEN..].to_vec()
     }
 
     #[test]
     fn dumped_addresses_are_read_and_link_local_ones_skipped() {
         let v4 = kernel_address_message(2, RT_SCOPE_UNIVERSE, 9, &[10, 96, 0, 1]);
-        assert_eq!(decode_address_message(&v4).unwrap(), Some((9, "10.96.0.1".parse().unwrap())));
+        assert_eq!(
+            decode_address_message(&v4).unwrap(),
+            Some((9, "10.96.0.1".parse().unwrap()))
+        );
         let v6: Ipv6Addr = "fd00::7".parse().unwrap();
         let global = kernel_address_message(10, RT_SCOPE_UNIVERSE, 9, &v6.octets());
-        assert_eq!(decode_address_message(&global).unwrap(), Some((9, IpAddr::V6(v6))));
+        assert_eq!(
+            decode_address_message(&global).unwrap(),
+            Some((9, IpAddr::V6(v6)))
+        );
         let ll: Ipv6Addr = "fe80::1".parse().unwrap();
         let link_local = kernel_address_message(10, RT_SCOPE_LINK, 9, &ll.octets());
         assert_eq!(decode_address_message(&link_local).unwrap(), None);
@@ -311,7 +404,9 @@ mod tests {
         let mut b = MessageBuilder::new(RTM_NEWLINK, 0);
         b.put_fixed(&ifinfomsg(12, IFF_UP | 0x40, 0));
         b.put_str(IFLA_IFNAME, "portpolicy-ipvs0");
-        b.begin_nest(IFLA_LINKINFO).put_str(IFLA_INFO_KIND, "dummy").end_nest();
+        b.begin_nest(IFLA_LINKINFO)
+            .put_str(IFLA_INFO_KIND, "dummy")
+            .end_nest();
         let info = decode_link_message(&b.finish(1)[NLMSG_HDRLEN..]).unwrap();
         assert_eq!(
             info,

@@ -208,7 +208,9 @@ pub fn parse_ack(payload: &[u8]) -> Result<Ack, NetlinkError> {
 /// A generic netlink message body split into its command and attributes.
 pub fn split_generic(payload: &[u8]) -> Result<(u8, &[u8]), NetlinkError> {
     if payload.len() < GENL_HDRLEN {
-        return Err(NetlinkError::Protocol("generic netlink message without its header".into()));
+        return Err(NetlinkError::Protocol(
+            "generic netlink message without its header".into(),
+        ));
     }
     Ok((payload[0], &payload[GENL_HDRLEN..]))
 }
@@ -327,7 +329,9 @@ mod tests {
         let mut b = MessageBuilder::new(20, 0);
         b.put_be16(4, 80).begin_nest(2).put_u32(5, 9).end_nest();
         let bytes = b.finish(1);
-        let attrs: Vec<_> = attributes(&bytes[NLMSG_HDRLEN..]).collect::<Result<_, _>>().unwrap();
+        let attrs: Vec<_> = attributes(&bytes[NLMSG_HDRLEN..])
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(attrs.len(), 2);
         assert_eq!((attrs[0].0, read_be16(attrs[0].1).unwrap()), (4, 80));
         assert_eq!(attrs[0].1, &[0, 80]);
@@ -356,7 +360,10 @@ mod tests {
         assert_eq!(messages[1].payload.len(), 8);
 
         datagram[0] = 200;
-        assert!(matches!(split_messages(&datagram), Err(NetlinkError::Protocol(_))));
+        assert!(matches!(
+            split_messages(&datagram),
+            Err(NetlinkError::Protocol(_))
+        ));
     }
 
     #[test]

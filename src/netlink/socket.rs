@@ -57,7 +57,11 @@ impl NetlinkSocket {
     /// Sends one request that asks for an acknowledgement and returns the payloads of any
     /// replies that came before it (a `GETFAMILY` or `GETLINK` answer). A refusal becomes
     /// [`NetlinkError::Kernel`] naming `rule`.
-    pub fn request(&mut self, builder: MessageBuilder, rule: &dyn std::fmt::Display) -> Result<Vec<Vec<u8>>, NetlinkError> {
+    pub fn request(
+        &mut self,
+        builder: MessageBuilder,
+        rule: &dyn std::fmt::Display,
+    ) -> Result<Vec<Vec<u8>>, NetlinkError> {
         let sequence = self.sequence();
         let bytes = builder.finish(sequence);
         self.socket.send(&bytes, 0)?;
@@ -83,7 +87,11 @@ impl NetlinkSocket {
     }
 
     /// Sends a dump request and collects every message payload until `NLMSG_DONE`.
-    pub fn dump(&mut self, builder: MessageBuilder, rule: &dyn std::fmt::Display) -> Result<Vec<Vec<u8>>, NetlinkError> {
+    pub fn dump(
+        &mut self,
+        builder: MessageBuilder,
+        rule: &dyn std::fmt::Display,
+    ) -> Result<Vec<Vec<u8>>, NetlinkError> {
         let sequence = self.sequence();
         let bytes = builder.finish(sequence);
         self.socket.send(&bytes, 0)?;
@@ -96,7 +104,10 @@ impl NetlinkSocket {
                 match kind {
                     // A dump that fails part-way says so in the int that NLMSG_DONE carries.
                     NLMSG_DONE => {
-                        return match payload.get(..4).map(|b| i32::from_ne_bytes(b.try_into().unwrap())) {
+                        return match payload
+                            .get(..4)
+                            .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
+                        {
                             Some(error) if error < 0 => Err(NetlinkError::kernel(rule, -error)),
                             _ => Ok(replies),
                         };
@@ -191,12 +202,12 @@ impl NetlinkSocket {
 pub fn match_acks(sequences: &[u32], acks: &[Ack]) -> Vec<RequestResult> {
     sequences
         .iter()
-        .map(|sequence| {
-            match acks.iter().find(|ack| ack.request.sequence == *sequence) {
+        .map(
+            |sequence| match acks.iter().find(|ack| ack.request.sequence == *sequence) {
                 Some(ack) if ack.errno != 0 => Err(ack.errno),
                 _ => Ok(()),
-            }
-        })
+            },
+        )
         .collect()
 }
 
