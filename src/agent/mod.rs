@@ -291,7 +291,104 @@ async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
+    use crate::agent::dataplane::{FakeDataplane, FakeKernel};
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// A bounded HTTP/1.0 GET on loopback; the whole response.
+    fn get(port: u16, path: &str) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)) else {
+            return String::new();
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    const SNAPSHOT: &str = "
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status: {addresses: [{type: InternalIP, address: 192.168.1.10}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, labels: {service.kubernetes.io/service-proxy-name: portpolicy}}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
+";
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_agent_follows_its_snapshot_and_serves_its_endpoints() {
+        let dir = std::env::temp_dir().join(format!("portpolicy-agent-run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cluster.yaml");
+        std::fs::write(&file, SNAPSHOT.replace("ENDPOINT", "10.0.1.2")).unwrap();
+        let metrics_port = free_port();
+        let args = AgentArgs {
+            node_name: "node-a".into(),
+            interface: DEFAULT_INTERFACE.into(),
+            masquerade_all: false,
+            cluster_cidrs: vec![],
+            resync_period: Duration::from_secs(60),
+            mode: Mode::Delegated,
+            snapshot: vec![dir.clone()],
+            snapshot_poll: Duration::from_millis(20),
+            metrics_addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), metrics_port),
+            health_check_bind_address: Ipv4Addr::LOCALHOST.into(),
+            print_table: false,
+        };
+        let fake = FakeDataplane::new(FakeKernel::default());
+        let agent = tokio::spawn(run_with(args, fake.clone()));
+        let has_real = |address: &str| {
+            let want: IpAddr = address.parse().unwrap();
+            fake.state()
+                .table
+                .values()
+                .any(|svc| svc.real_servers.keys().any(|r| r.address == want))
+        };
+        let wait = |what: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !what() {
+                assert!(Instant::now() < deadline, "timed out");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        tokio::task::block_in_place(|| {
+            wait(&|| get(metrics_port, "/readyz").contains(" 200 "));
+            assert!(has_real("10.0.1.2"));
+            assert!(get(metrics_port, "/healthz").contains(" 200 "));
+            // A changed endpoint in the file is applied without a restart, as one or two ops.
+            let before = fake.state().ops_log.len();
+            std::fs::write(&file, SNAPSHOT.replace("ENDPOINT", "10.0.1.33")).unwrap();
+            wait(&|| has_real("10.0.1.33"));
+            let ops = fake.state().ops_log.len() - before;
+            assert!((1..=2).contains(&ops), "{ops} operations");
+            let metrics = get(metrics_port, "/metrics");
+            assert!(metrics.contains("portpolicy_agent_ipvs_operations_total{kind=\"add_real_server\"} 2"));
+            assert!(metrics.contains("portpolicy_agent_virtual_servers 1"));
+        });
+        agent.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn durations_parse_like_kubernetes_flags() {
