@@ -4,7 +4,7 @@
 //! the node ports it serves and only takes back ports it added itself.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The settings IPVS proxying needs, as kube-proxy sets them.
 pub const IPVS_SYSCTLS: [(&str, &str); 4] = [
@@ -152,11 +152,6 @@ pub fn format_port_list(ports: &BTreeSet<u16>) -> String {
         .map(|&(l, h)| if l == h { l.to_string() } else { format!("{l}-{h}") })
         .collect::<Vec<_>>()
         .join(",")
-}
-
-/// Whether `/proc/sys` exists for IPVS (the module is loaded).
-pub fn ipvs_sysctls_present(root: &Path) -> bool {
-    root.join("net/ipv4/vs").is_dir()
 }
 
 #[cfg(test)]
