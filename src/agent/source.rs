@@ -264,6 +264,15 @@ async fn watch_policies(client: Client, tx: mpsc::Sender<Event>, ready: mpsc::Se
     let (mut policies_listed, mut namespaces_listed, mut announced) = (false, false, false);
     while let Some(event) = stream.next().await {
         match event {
+            // No PortPolicy CRD installed means no policies, not "wait forever": the agent in
+            // replacement mode runs without the operator.
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if status.is_not_found() && !policies_listed =>
+            {
+                tracing::warn!("the PortPolicy CRD is not installed; running without policies");
+                policy_objects.clear();
+                policies_listed = true;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "policy or namespace watch failed; retrying with backoff");
                 continue;
