@@ -1,0 +1,133 @@
+//! The real dataplane: IPVS and the dummy interface over netlink, nftables through `nft -f -`,
+//! and `/proc/sys`.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::net::IpAddr;
+use std::process::{Command, Stdio};
+
+use super::dataplane::{ApplyReport, Dataplane, DataplaneError};
+use super::sysctl::{IPVS_SYSCTLS, Sysctls};
+use crate::ipvs::{IpvsOp, IpvsTable};
+use crate::netlink::{DummyLink, IpvsHandle};
+
+pub struct LinuxDataplane {
+    ipvs: IpvsHandle,
+    link: DummyLink,
+    interface: String,
+    sysctls: Sysctls,
+    /// Node ports this process added to `ip_local_reserved_ports` (others' entries are kept).
+    reserved_by_us: BTreeSet<u16>,
+}
+
+impl LinuxDataplane {
+    /// Opens the IPVS family and finds (or creates) the dummy interface.
+    pub fn open(interface: &str) -> Result<Self, DataplaneError> {
+        let ipvs = IpvsHandle::open().map_err(|e| DataplaneError::Dump(e.to_string()))?;
+        let link = DummyLink::ensure(interface).map_err(|e| DataplaneError::Addresses {
+            interface: interface.to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(LinuxDataplane {
+            ipvs,
+            link,
+            interface: interface.to_string(),
+            sysctls: Sysctls::default(),
+            reserved_by_us: BTreeSet::new(),
+        })
+    }
+
+    fn address_error(&self, e: impl ToString) -> DataplaneError {
+        DataplaneError::Addresses {
+            interface: self.interface.clone(),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl Dataplane for LinuxDataplane {
+    fn dump(&mut self) -> Result<IpvsTable, DataplaneError> {
+        self.ipvs.dump().map_err(|e| DataplaneError::Dump(e.to_string()))
+    }
+
+    fn apply(&mut self, ops: &[IpvsOp]) -> ApplyReport {
+        if ops.is_empty() {
+            return ApplyReport::default();
+        }
+        let outcome = self.ipvs.apply(ops);
+        // The outcome names refused operations; map them back to their place in the batch.
+        let mut failures = Vec::new();
+        let mut from = 0;
+        for (op, err) in outcome.failed {
+            let index = ops[from..]
+                .iter()
+                .position(|o| *o == op)
+                .map_or(from, |i| from + i);
+            from = index + 1;
+            failures.push((index, err.to_string()));
+        }
+        ApplyReport { failures }
+    }
+
+    fn addresses(&mut self) -> Result<BTreeSet<IpAddr>, DataplaneError> {
+        self.link.addresses().map_err(|e| self.address_error(e))
+    }
+
+    fn sync_addresses(&mut self, addresses: &BTreeSet<IpAddr>) -> Result<(), DataplaneError> {
+        match self.link.sync_addresses(addresses) {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.address_error(e)),
+        }
+    }
+
+    fn apply_ruleset(&mut self, ruleset: &str) -> Result<(), DataplaneError> {
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| DataplaneError::Nftables(format!("cannot run nft: {e}")))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(ruleset.as_bytes())
+                .map_err(|e| DataplaneError::Nftables(format!("writing to nft: {e}")))?;
+        }
+        let output = child
+            .wait_with_output()
+            .map_err(|e| DataplaneError::Nftables(format!("waiting for nft: {e}")))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(DataplaneError::Nftables(format!(
+                "nft -f - exited with {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )))
+        }
+    }
+
+    fn reserve_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), DataplaneError> {
+        self.reserved_by_us = self
+            .sysctls
+            .reserve_ports(ports, &self.reserved_by_us)
+            .map_err(|e| DataplaneError::Sysctl(e.to_string()))?;
+        Ok(())
+    }
+
+    fn ensure_sysctls(&mut self) -> Result<(), DataplaneError> {
+        let mut errors = Vec::new();
+        for (name, value) in IPVS_SYSCTLS {
+            match self.sysctls.ensure(name, value) {
+                Ok(true) => tracing::info!(sysctl = name, value, "set"),
+                Ok(false) => {}
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(DataplaneError::Sysctl(errors.join("; ")))
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The agent's own HTTP endpoint: `/metrics` (Prometheus text), `/healthz` and `/readyz`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+/// Every metric the agent exports, registered in its own registry.
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Registry,
+    pub sync_duration: Histogram,
+    pub ipvs_operations: IntCounterVec,
+    pub ipvs_operation_errors: IntCounterVec,
+    pub virtual_servers: IntGauge,
+    pub real_servers: IntGauge,
+    pub sync_errors: IntCounter,
+    pub last_successful_sync: Gauge,
+    pub full_syncs: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let sync_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "portpolicy_agent_sync_duration_seconds",
+                "Time to bring the kernel in line with the plan, per sync.",
+            )
+            .buckets(vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0]),
+        )
+        .expect("valid histogram");
+        let ipvs_operations = IntCounterVec::new(
+            Opts::new(
+                "portpolicy_agent_ipvs_operations_total",
+                "IPVS netlink operations sent, by kind.",
+            ),
+            &["kind"],
+        )
+        .expect("valid counter");
+        let ipvs_operation_errors = IntCounterVec::new(
+            Opts::new(
+                "portpolicy_agent_ipvs_operation_errors_total",
+                "IPVS netlink operations the kernel refused, by kind.",
+            ),
+            &["kind"],
+        )
+        .expect("valid counter");
+        let virtual_servers = IntGauge::new(
+            "portpolicy_agent_virtual_servers",
+            "IPVS virtual servers the plan wants on this node.",
+        )
+        .expect("valid gauge");
+        let real_servers = IntGauge::new(
+            "portpolicy_agent_real_servers",
+            "IPVS real servers the plan wants on this node.",
+        )
+        .expect("valid gauge");
+        let sync_errors = IntCounter::new(
+            "portpolicy_agent_sync_errors_total",
+            "Syncs that did not fully succeed (they are retried).",
+        )
+        .expect("valid counter");
+        let last_successful_sync = Gauge::new(
+            "portpolicy_agent_last_successful_sync_timestamp_seconds",
+            "Unix time of the last sync that fully succeeded.",
+        )
+        .expect("valid gauge");
+        let full_syncs = IntCounter::new(
+            "portpolicy_agent_full_syncs_total",
+            "Syncs that compared the whole kernel table (start-up, resync, retries).",
+        )
+        .expect("valid counter");
+        for c in [
+            Box::new(sync_duration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ipvs_operations.clone()),
+            Box::new(ipvs_operation_errors.clone()),
+            Box::new(virtual_servers.clone()),
+            Box::new(real_servers.clone()),
+            Box::new(sync_errors.clone()),
+            Box::new(last_successful_sync.clone()),
+            Box::new(full_syncs.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        Metrics {
+            registry,
+            sync_duration,
+            ipvs_operations,
+            ipvs_operation_errors,
+            virtual_servers,
+            real_servers,
+            sync_errors,
+            last_successful_sync,
+            full_syncs,
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Whether the agent is doing its job: it has synced, recently, and the last sync worked.
+/// Shared by `/healthz`, `/readyz` and the health-check node ports (`serviceProxyHealthy`).
+#[derive(Clone, Debug)]
+pub struct AgentHealth {
+    inner: Arc<Mutex<HealthState>>,
+    stale_after: Duration,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct HealthState {
+    last_success: Option<Instant>,
+    last_failed: bool,
+}
+
+impl AgentHealth {
+    /// Healthy while the last successful sync is younger than two resync periods.
+    pub fn new(resync_period: Duration) -> Self {
+        AgentHealth {
+            inner: Arc::default(),
+            stale_after: resync_period * 2,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn record(&self, succeeded: bool, at: Instant) {
+        let mut s = self.lock();
+        s.last_failed = !succeeded;
+        if succeeded {
+            s.last_success = Some(at);
+        }
+    }
+
+    pub fn healthy_at(&self, now: Instant) -> bool {
+        let s = *self.lock();
+        !s.last_failed
+            && s.last_success
+                .is_some_and(|t| now.saturating_duration_since(t) <= self.stale_after)
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy_at(Instant::now())
+    }
+
+    /// Ready once the kernel has been brought in line with the plan at least once.
+    pub fn ready(&self) -> bool {
+        self.lock().last_success.is_some()
+    }
+}
+
+/// The router for `--metrics-addr`.
+pub fn router(metrics: Metrics, health: AgentHealth) -> Router {
+    let ready = health.clone();
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || {
+                let ok = health.healthy();
+                async move { status(ok, "sync is failing or stale") }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let ok = ready.ready();
+                async move { status(ok, "no successful sync yet") }
+            }),
+        )
+}
+
+fn status(ok: bool, why_not: &'static str) -> impl IntoResponse {
+    if ok {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, why_not)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_needs_a_recent_successful_sync() {
+        let health = AgentHealth::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        assert!(!health.healthy_at(t0));
+        assert!(!health.ready());
+        health.record(true, t0);
+        assert!(health.healthy_at(t0 + Duration::from_secs(119)));
+        assert!(!health.healthy_at(t0 + Duration::from_secs(121)));
+        health.record(false, t0 + Duration::from_secs(1));
+        assert!(!health.healthy_at(t0 + Duration::from_secs(2)));
+        assert!(health.ready());
+    }
+
+    #[test]
+    fn metrics_render_in_prometheus_text() {
+        let m = Metrics::new();
+        m.ipvs_operations
+            .with_label_values(&["add_real_server"])
+            .inc_by(3);
+        m.sync_errors.inc();
+        let text = m.render();
+        assert!(text.contains("portpolicy_agent_ipvs_operations_total{kind=\"add_real_server\"} 3"));
+        assert!(text.contains("portpolicy_agent_sync_errors_total 1"));
+        assert!(text.contains("# TYPE portpolicy_agent_sync_duration_seconds histogram"));
+    }
+}

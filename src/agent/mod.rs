@@ -1,0 +1,403 @@
+//! `portpolicy agent`: makes this node's kernel IPVS match the node's plan, changing only what
+//! differs.
+//!
+//! The pieces: a [`source`] (snapshot file or API watches) feeds cluster changes to the
+//! [`sync::Syncer`], which keeps the incremental planner and talks to the kernel only through
+//! the [`dataplane::Dataplane`] trait ([`linux`] for real, a fake in tests). Around it: the
+//! masquerading ruleset ([`nft`]), sysctls and reserved node ports ([`sysctl`]), health-check
+//! node ports ([`health_check`]) and the agent's own `/metrics`, `/healthz`, `/readyz`
+//! ([`metrics`]).
+
+pub mod dataplane;
+pub mod health_check;
+#[cfg(target_os = "linux")]
+pub mod linux;
+pub mod metrics;
+pub mod nft;
+pub mod source;
+pub mod sync;
+pub mod sysctl;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use clap::{Args, ValueEnum};
+use tokio::sync::mpsc;
+
+use self::dataplane::Dataplane;
+use self::health_check::HealthCheckServers;
+use self::metrics::{AgentHealth, Metrics};
+use self::nft::{Cidr, MasqueradeOptions};
+use self::source::Event;
+use self::sync::Syncer;
+use crate::ipvs::plan::{PlannerConfig, ProxyMode};
+
+/// The agent's port for `/metrics`, `/healthz` and `/readyz`: next to kube-proxy's 10256
+/// (healthz) and 10249 (metrics) without taking either, so both can run on one node.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:10265";
+/// Linux allows 15 bytes in an interface name.
+pub const DEFAULT_INTERFACE: &str = "portpolicy-ipvs";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// kube-proxy runs too: proxy only Services labeled
+    /// `service.kubernetes.io/service-proxy-name: portpolicy`.
+    Delegated,
+    /// No kube-proxy: proxy every Service kube-proxy would, and own the whole IPVS table.
+    Replacement,
+}
+
+/// `portpolicy agent` flags; each has an environment variable for DaemonSet manifests.
+#[derive(Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// This node's name (`metadata.name` of its Node; `spec.nodeName` via the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// The dummy interface holding cluster, external and load-balancer IPs.
+    #[arg(long, env = "PORTPOLICY_INTERFACE", default_value = DEFAULT_INTERFACE)]
+    pub interface: String,
+    /// Masquerade all traffic to cluster IPs (and Cluster-policy external addresses).
+    #[arg(long, env = "PORTPOLICY_MASQUERADE_ALL")]
+    pub masquerade_all: bool,
+    /// The pod network; traffic to cluster IPs from outside it is masqueraded. Repeatable.
+    #[arg(long = "cluster-cidr", env = "PORTPOLICY_CLUSTER_CIDR", value_delimiter = ',')]
+    pub cluster_cidrs: Vec<Cidr>,
+    /// How often the whole kernel table is compared with the plan (repairs others' changes and
+    /// deletes drained real servers), like `60s`, `5m` or `500ms`.
+    #[arg(long, env = "PORTPOLICY_RESYNC_PERIOD", default_value = "60s", value_parser = parse_duration)]
+    pub resync_period: Duration,
+    #[arg(long, env = "PORTPOLICY_MODE", value_enum, default_value_t = Mode::Delegated)]
+    pub mode: Mode,
+    /// Run from snapshot files or directories (`kubectl get -o yaml` output) instead of the API
+    /// server; they are re-read whenever they change.
+    #[arg(long, env = "PORTPOLICY_SNAPSHOT", value_delimiter = ',')]
+    pub snapshot: Vec<PathBuf>,
+    /// How often snapshot files are checked for changes.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    pub snapshot_poll: Duration,
+    /// Address for `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "PORTPOLICY_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: SocketAddr,
+    /// Address the health-check node ports listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub health_check_bind_address: IpAddr,
+    /// With `--snapshot`: print the IPVS table planned for this node (as `ipvsadm -Ln` lists
+    /// it) and exit, touching nothing.
+    #[arg(long, requires = "snapshot")]
+    pub print_table: bool,
+}
+
+/// `90`, `90s`, `500ms`, `5m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 60s, 500ms or 5m"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => return Err(format!("{text:?}: unknown unit {unit:?} (ms, s, m or h)")),
+    };
+    if d.is_zero() {
+        return Err("a duration must be above zero".into());
+    }
+    Ok(d)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("opening the dataplane: {0}")]
+    Dataplane(#[from] dataplane::DataplaneError),
+    #[error("listening on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("connecting to the API server: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("reading the snapshot: {0}")]
+    Snapshot(#[from] crate::snapshot::LoadError),
+    #[error("the agent runs on Linux only")]
+    Unsupported,
+}
+
+/// Runs the agent on this node until SIGINT or SIGTERM. Rules stay in the kernel on exit, so a
+/// restart drops no connection.
+pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    #[cfg(target_os = "linux")]
+    {
+        if args.print_table {
+            let loaded = crate::snapshot::load_paths(&args.snapshot)?;
+            let plan = crate::ipvs::plan::plan_node(&loaded.snapshot, &planner_config(&args));
+            print!(
+                "{}",
+                crate::netlink::ipvs::format_like_ipvsadm(None, &plan.table())
+            );
+            return Ok(());
+        }
+        let dataplane = linux::LinuxDataplane::open(&args.interface)?;
+        run_with(args, dataplane).await
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = args;
+        Err(AgentError::Unsupported)
+    }
+}
+
+/// The agent's loop over any dataplane.
+pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> Result<(), AgentError> {
+    let metrics = Metrics::new();
+    let health = AgentHealth::new(args.resync_period);
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|source| AgentError::Listen {
+            address: args.metrics_addr,
+            source,
+        })?;
+    let app = metrics::router(metrics.clone(), health.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics server stopped");
+        }
+    });
+    tracing::info!(address = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
+
+    let (tx, mut rx) = mpsc::channel::<Event>(4096);
+    if args.snapshot.is_empty() {
+        let client = kube::Client::try_default().await?;
+        tokio::spawn(source::kube_source(client, args.node_name.clone(), tx));
+    } else {
+        tokio::spawn(source::snapshot_source(
+            args.snapshot.clone(),
+            args.snapshot_poll,
+            tx,
+        ));
+    }
+
+    let config = planner_config(&args);
+    let masquerade = MasqueradeOptions {
+        all: args.masquerade_all,
+        cluster_cidrs: args.cluster_cidrs.clone(),
+    };
+    let mut syncer = Syncer::new(dataplane, config, masquerade, metrics);
+    let mut health_checks = HealthCheckServers::new(args.health_check_bind_address, health.clone());
+
+    let mut ready = false;
+    let mut dirty = false;
+    let mut next_resync = tokio::time::Instant::now() + args.resync_period;
+    let mut backoff = Duration::from_secs(1);
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        let wake = retry_at.map_or(next_resync, |r| r.min(next_resync));
+        tokio::select! {
+            _ = &mut shutdown => {
+                tracing::info!("stopping; IPVS rules, addresses and nftables stay in place");
+                return Ok(());
+            }
+            event = rx.recv() => match event {
+                None => {
+                    tracing::error!("cluster source stopped");
+                    return Ok(());
+                }
+                Some(event) => {
+                    // Take everything already queued, so a burst of events is one sync.
+                    let mut next = Some(event);
+                    while let Some(event) = next {
+                        match event {
+                            Event::Ready => ready = true,
+                            Event::Change(change) => {
+                                syncer.observe(change);
+                                dirty = true;
+                            }
+                        }
+                        next = rx.try_recv().ok();
+                    }
+                }
+            },
+            _ = tokio::time::sleep_until(wake) => {
+                if tokio::time::Instant::now() >= next_resync {
+                    syncer.request_full();
+                    next_resync = tokio::time::Instant::now() + args.resync_period;
+                }
+                retry_at = None;
+                dirty = true;
+            }
+        }
+        if !(ready && dirty) {
+            continue;
+        }
+        dirty = false;
+        let outcome = tokio::task::block_in_place(|| syncer.sync());
+        health.record(outcome.succeeded(), Instant::now());
+        for (port, e) in health_checks.update(&outcome.health_checks) {
+            tracing::warn!(port, error = %e, "cannot listen on health-check node port; retrying");
+            retry_at.get_or_insert(tokio::time::Instant::now() + backoff);
+        }
+        if outcome.succeeded() {
+            backoff = Duration::from_secs(1);
+            if outcome.operations > 0 || outcome.full {
+                tracing::info!(full = outcome.full, operations = outcome.operations, "synced");
+            }
+        } else {
+            for error in &outcome.errors {
+                tracing::warn!(%error, "sync");
+            }
+            tracing::warn!(retry_in = ?backoff, failed = outcome.failed_operations, "sync incomplete; retrying");
+            retry_at = Some(tokio::time::Instant::now() + backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+}
+
+fn planner_config(args: &AgentArgs) -> PlannerConfig {
+    PlannerConfig {
+        node_name: args.node_name.clone(),
+        mode: match args.mode {
+            Mode::Delegated => ProxyMode::Delegated,
+            Mode::Replacement => ProxyMode::Replacement,
+        },
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::agent::dataplane::{FakeDataplane, FakeKernel};
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    /// A bounded HTTP/1.0 GET on loopback; the whole response.
+    fn get(port: u16, path: &str) -> String {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)) else {
+            return String::new();
+        };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    }
+
+    const SNAPSHOT: &str = "
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status: {addresses: [{type: InternalIP, address: 192.168.1.10}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop, labels: {service.kubernetes.io/service-proxy-name: portpolicy}}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 8080}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, namespace: shop, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
+";
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_agent_follows_its_snapshot_and_serves_its_endpoints() {
+        let dir = std::env::temp_dir().join(format!("portpolicy-agent-run-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cluster.yaml");
+        std::fs::write(&file, SNAPSHOT.replace("ENDPOINT", "10.0.1.2")).unwrap();
+        let metrics_port = free_port();
+        let args = AgentArgs {
+            node_name: "node-a".into(),
+            interface: DEFAULT_INTERFACE.into(),
+            masquerade_all: false,
+            cluster_cidrs: vec![],
+            resync_period: Duration::from_secs(60),
+            mode: Mode::Delegated,
+            snapshot: vec![dir.clone()],
+            snapshot_poll: Duration::from_millis(20),
+            metrics_addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), metrics_port),
+            health_check_bind_address: Ipv4Addr::LOCALHOST.into(),
+            print_table: false,
+        };
+        let fake = FakeDataplane::new(FakeKernel::default());
+        let agent = tokio::spawn(run_with(args, fake.clone()));
+        let has_real = |address: &str| {
+            let want: IpAddr = address.parse().unwrap();
+            fake.state()
+                .table
+                .values()
+                .any(|svc| svc.real_servers.keys().any(|r| r.address == want))
+        };
+        let wait = |what: &dyn Fn() -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !what() {
+                assert!(Instant::now() < deadline, "timed out");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        tokio::task::block_in_place(|| {
+            wait(&|| get(metrics_port, "/readyz").contains(" 200 "));
+            assert!(has_real("10.0.1.2"));
+            assert!(get(metrics_port, "/healthz").contains(" 200 "));
+            // A changed endpoint in the file is applied without a restart, as one or two ops.
+            let before = fake.state().ops_log.len();
+            std::fs::write(&file, SNAPSHOT.replace("ENDPOINT", "10.0.1.33")).unwrap();
+            wait(&|| has_real("10.0.1.33"));
+            let ops = fake.state().ops_log.len() - before;
+            assert!((1..=2).contains(&ops), "{ops} operations");
+            let metrics = get(metrics_port, "/metrics");
+            assert!(metrics.contains("portpolicy_agent_ipvs_operations_total{kind=\"add_real_server\"} 2"));
+            assert!(metrics.contains("portpolicy_agent_virtual_servers 1"));
+        });
+        agent.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn durations_parse_like_kubernetes_flags() {
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+}

@@ -1,0 +1,427 @@
+//! Where the agent learns the cluster: a snapshot file it re-reads when it changes, or watches
+//! on the API server. Both send [`Event`]s to the sync loop; the loop programs nothing before
+//! [`Event::Ready`], so a restarting agent never mistakes a half-read cluster for an empty one.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ApiResource, DynamicObject, TypeMeta};
+use kube::core::PartialObjectMeta;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event as WatchEvent};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+
+use super::sync::Change;
+use crate::crd::PortPolicy;
+use crate::governance::{Labels, PolicySet};
+use crate::snapshot::{NAMESPACE_NAME_LABEL, load_paths};
+
+#[derive(Debug)]
+pub enum Event {
+    Change(Change),
+    /// Everything the source knows at start has been sent.
+    Ready,
+}
+
+/// Files under `paths` with their modification time and size: the snapshot changed when this
+/// did. Unreadable entries count as absent.
+fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
+    fn walk(path: &Path, out: &mut Vec<(PathBuf, Option<SystemTime>, u64)>) {
+        let Ok(meta) = std::fs::metadata(path) else {
+            return;
+        };
+        if meta.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .collect();
+            entries.sort();
+            for entry in entries {
+                walk(&entry, out);
+            }
+        } else {
+            out.push((path.to_path_buf(), meta.modified().ok(), meta.len()));
+        }
+    }
+    let mut out = Vec::new();
+    for path in paths {
+        walk(path, &mut out);
+    }
+    out
+}
+
+/// Loads the snapshot now and again whenever a file's mtime or size changes. A snapshot that
+/// cannot be read is logged and skipped: the last good one stays in force.
+pub async fn snapshot_source(paths: Vec<PathBuf>, poll: Duration, tx: mpsc::Sender<Event>) {
+    let mut last = None;
+    let mut ready_sent = false;
+    let mut ticker = tokio::time::interval(poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let now = fingerprint(&paths);
+        if last.as_ref() == Some(&now) {
+            continue;
+        }
+        let read = paths.clone();
+        let loaded = match tokio::task::spawn_blocking(move || load_paths(&read)).await {
+            Ok(Ok(loaded)) => loaded,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot load the snapshot; keeping the last one");
+                last = Some(now);
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "snapshot loader panicked");
+                continue;
+            }
+        };
+        for problem in &loaded.problems {
+            tracing::warn!(%problem, "snapshot");
+        }
+        tracing::info!(objects = loaded.snapshot.object_count(), "snapshot loaded");
+        last = Some(now);
+        if tx
+            .send(Event::Change(Change::Snapshot(Box::new(loaded.snapshot))))
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if !ready_sent {
+            ready_sent = true;
+            if tx.send(Event::Ready).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Watches Services, EndpointSlices, this Node, PortPolicies and Namespaces (labels only).
+/// Each watch retries with backoff on errors; an object that does not parse is logged and
+/// skipped, never stopping its watch.
+pub async fn kube_source(client: Client, node_name: String, tx: mpsc::Sender<Event>) {
+    let (ready_tx, mut ready_rx) = mpsc::channel::<&'static str>(8);
+    let services = tokio::spawn(watch_objects::<Service>(
+        client.clone(),
+        watcher::Config::default(),
+        tx.clone(),
+        ready_tx.clone(),
+        |s| Change::Service(Box::new(s)),
+        |namespace, name| Some(Change::ServiceDeleted { namespace, name }),
+    ));
+    let slices = tokio::spawn(watch_objects::<EndpointSlice>(
+        client.clone(),
+        watcher::Config::default(),
+        tx.clone(),
+        ready_tx.clone(),
+        |s| Change::Slice(Box::new(s)),
+        |namespace, name| Some(Change::SliceDeleted { namespace, name }),
+    ));
+    let node = tokio::spawn(watch_objects::<Node>(
+        client.clone(),
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+        tx.clone(),
+        ready_tx.clone(),
+        |n| Change::Node(Box::new(n)),
+        // A deleted Node keeps its last addresses: the node is going away anyway.
+        |_, _| None,
+    ));
+    let policies = tokio::spawn(watch_policies(client, tx.clone(), ready_tx));
+    let mut pending: BTreeSet<&str> = ["Service", "EndpointSlice", "Node", "policies"].into();
+    while let Some(kind) = ready_rx.recv().await {
+        pending.remove(kind);
+        if pending.is_empty() {
+            let _ = tx.send(Event::Ready).await;
+            break;
+        }
+    }
+    let _ = futures::future::join4(services, slices, node, policies).await;
+}
+
+fn typed<K>(mut object: DynamicObject) -> Result<K, serde_json::Error>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned,
+{
+    object.types = Some(TypeMeta {
+        api_version: K::api_version(&()).into_owned(),
+        kind: K::kind(&()).into_owned(),
+    });
+    serde_json::to_value(object).and_then(serde_json::from_value)
+}
+
+fn object_key(object: &DynamicObject) -> (String, String) {
+    (
+        object.metadata.namespace.clone().unwrap_or_default(),
+        object.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+async fn watch_objects<K>(
+    client: Client,
+    config: watcher::Config,
+    tx: mpsc::Sender<Event>,
+    ready: mpsc::Sender<&'static str>,
+    upsert: fn(K) -> Change,
+    delete: fn(String, String) -> Option<Change>,
+) where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + std::fmt::Debug + Send + 'static,
+{
+    let kind: &'static str = match K::kind(&()).as_ref() {
+        "Service" => "Service",
+        "EndpointSlice" => "EndpointSlice",
+        _ => "Node",
+    };
+    let api: Api<DynamicObject> = Api::all_with(client, &ApiResource::erase::<K>(&()));
+    let mut stream = std::pin::pin!(watcher::watcher(api, config).default_backoff());
+    let mut known: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut listing: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut announced = false;
+    let apply = |object: DynamicObject| -> Option<Change> {
+        let key = object_key(&object);
+        match typed::<K>(object) {
+            Ok(k) => Some(upsert(k)),
+            Err(e) => {
+                tracing::warn!(kind, namespace = key.0, name = key.1, error = %e, "object does not parse; skipped");
+                None
+            }
+        }
+    };
+    while let Some(event) = stream.next().await {
+        let changes: Vec<Change> = match event {
+            Err(e) => {
+                tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
+                continue;
+            }
+            Ok(WatchEvent::Init) => {
+                listing.clear();
+                continue;
+            }
+            Ok(WatchEvent::InitApply(object)) => {
+                listing.insert(object_key(&object));
+                apply(object).into_iter().collect()
+            }
+            Ok(WatchEvent::InitDone) => {
+                // Objects deleted while the watch was down are missing from the new list.
+                let gone: Vec<(String, String)> = known.difference(&listing).cloned().collect();
+                known = std::mem::take(&mut listing);
+                if !announced {
+                    announced = true;
+                    let _ = ready.send(kind).await;
+                }
+                gone.into_iter()
+                    .filter_map(|(ns, name)| delete(ns, name))
+                    .collect()
+            }
+            Ok(WatchEvent::Apply(object)) => {
+                known.insert(object_key(&object));
+                apply(object).into_iter().collect()
+            }
+            Ok(WatchEvent::Delete(object)) => {
+                let (ns, name) = object_key(&object);
+                known.remove(&(ns.clone(), name.clone()));
+                delete(ns, name).into_iter().collect()
+            }
+        };
+        for change in changes {
+            if tx.send(Event::Change(change)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+enum PolicyEvent {
+    Policy(WatchEvent<DynamicObject>),
+    Namespace(WatchEvent<PartialObjectMeta<Namespace>>),
+}
+
+/// PortPolicies and Namespace labels decide schedulers and node-port ownership; any change to
+/// either recompiles the policy set once both are listed.
+async fn watch_policies(client: Client, tx: mpsc::Sender<Event>, ready: mpsc::Sender<&'static str>) {
+    let policy_api: Api<DynamicObject> =
+        Api::all_with(client.clone(), &ApiResource::erase::<PortPolicy>(&()));
+    let namespace_api: Api<PartialObjectMeta<Namespace>> = Api::all(client);
+    let policies = watcher::watcher(policy_api, watcher::Config::default())
+        .default_backoff()
+        .map(|e| e.map(PolicyEvent::Policy));
+    let namespaces = watcher::watcher(namespace_api, watcher::Config::default())
+        .default_backoff()
+        .map(|e| e.map(PolicyEvent::Namespace));
+    let mut stream = std::pin::pin!(futures::stream::select(policies, namespaces));
+    let mut policy_objects: BTreeMap<String, PortPolicy> = BTreeMap::new();
+    let mut policy_listing: Option<BTreeMap<String, PortPolicy>> = None;
+    let mut labels: BTreeMap<String, Labels> = BTreeMap::new();
+    let mut labels_listing: Option<BTreeMap<String, Labels>> = None;
+    let (mut policies_listed, mut namespaces_listed, mut announced) = (false, false, false);
+    while let Some(event) = stream.next().await {
+        match event {
+            // No PortPolicy CRD installed means no policies, not "wait forever": the agent in
+            // replacement mode runs without the operator.
+            Err(watcher::Error::InitialListFailed(kube::Error::Api(status)))
+                if status.is_not_found() && !policies_listed =>
+            {
+                tracing::warn!("the PortPolicy CRD is not installed; running without policies");
+                policy_objects.clear();
+                policies_listed = true;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "policy or namespace watch failed; retrying with backoff");
+                continue;
+            }
+            Ok(PolicyEvent::Policy(event)) => match event {
+                WatchEvent::Init => {
+                    policy_listing = Some(BTreeMap::new());
+                    continue;
+                }
+                WatchEvent::InitApply(o) => {
+                    if let (Some(listing), Some((name, p))) = (policy_listing.as_mut(), parse_policy(o)) {
+                        listing.insert(name, p);
+                    }
+                    continue;
+                }
+                WatchEvent::InitDone => {
+                    policy_objects = policy_listing.take().unwrap_or_default();
+                    policies_listed = true;
+                }
+                WatchEvent::Apply(o) => {
+                    if let Some((name, p)) = parse_policy(o) {
+                        policy_objects.insert(name, p);
+                    }
+                }
+                WatchEvent::Delete(o) => {
+                    policy_objects.remove(&o.metadata.name.unwrap_or_default());
+                }
+            },
+            Ok(PolicyEvent::Namespace(event)) => match event {
+                WatchEvent::Init => {
+                    labels_listing = Some(BTreeMap::new());
+                    continue;
+                }
+                WatchEvent::InitApply(ns) => {
+                    if let Some(listing) = labels_listing.as_mut() {
+                        let (name, l) = namespace_labels(ns);
+                        listing.insert(name, l);
+                    }
+                    continue;
+                }
+                WatchEvent::InitDone => {
+                    labels = labels_listing.take().unwrap_or_default();
+                    namespaces_listed = true;
+                }
+                WatchEvent::Apply(ns) => {
+                    let (name, l) = namespace_labels(ns);
+                    if labels.get(&name) == Some(&l) {
+                        continue;
+                    }
+                    labels.insert(name, l);
+                }
+                WatchEvent::Delete(ns) => {
+                    labels.remove(&ns.metadata.name.unwrap_or_default());
+                }
+            },
+        }
+        if !(policies_listed && namespaces_listed) {
+            continue;
+        }
+        let change = Change::Policies {
+            policies: PolicySet::compile(policy_objects.values()),
+            namespace_labels: labels.clone(),
+        };
+        if tx.send(Event::Change(change)).await.is_err() {
+            return;
+        }
+        if !announced {
+            announced = true;
+            let _ = ready.send("policies").await;
+        }
+    }
+}
+
+fn parse_policy(object: DynamicObject) -> Option<(String, PortPolicy)> {
+    let name = object.metadata.name.clone().unwrap_or_default();
+    match typed::<PortPolicy>(object) {
+        Ok(p) => Some((name, p)),
+        Err(e) => {
+            tracing::warn!(policy = name, error = %e, "PortPolicy does not parse; skipped");
+            None
+        }
+    }
+}
+
+fn namespace_labels(ns: PartialObjectMeta<Namespace>) -> (String, Labels) {
+    let name = ns.metadata.name.unwrap_or_default();
+    let mut labels = ns.metadata.labels.unwrap_or_default();
+    labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
+    (name, labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_from_the_api_are_typed_one_by_one() {
+        let good: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop"},
+            "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+        }))
+        .unwrap();
+        let service: Service = typed(good).unwrap();
+        assert_eq!(service.spec.unwrap().cluster_ip.as_deref(), Some("10.96.0.10"));
+        // A malformed object is an error for that object alone (the watch logs and skips it).
+        let bad: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "broken", "namespace": "shop"},
+            "spec": {"ports": "not a list"}
+        }))
+        .unwrap();
+        assert!(typed::<Service>(bad).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_snapshot_is_reloaded_when_its_file_changes() {
+        let dir = std::env::temp_dir().join(format!("portpolicy-source-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cluster.yaml");
+        std::fs::write(&file, "apiVersion: v1\nkind: Node\nmetadata: {name: a}\n").unwrap();
+        let (tx, mut rx) = mpsc::channel(8);
+        let task = tokio::spawn(snapshot_source(vec![dir.clone()], Duration::from_millis(20), tx));
+        async fn next(rx: &mut mpsc::Receiver<Event>) -> Event {
+            tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .unwrap()
+                .unwrap()
+        }
+        let Event::Change(Change::Snapshot(s)) = next(&mut rx).await else {
+            panic!("expected a snapshot")
+        };
+        assert_eq!(s.nodes.len(), 1);
+        assert!(matches!(next(&mut rx).await, Event::Ready));
+        // Same mtime resolution issues aside, the size changes too.
+        std::fs::write(
+            &file,
+            "apiVersion: v1\nkind: Node\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: b}\n",
+        )
+        .unwrap();
+        let Event::Change(Change::Snapshot(s)) = next(&mut rx).await else {
+            panic!("expected a snapshot")
+        };
+        assert_eq!(s.nodes.len(), 2);
+        // Nothing changes: nothing is sent.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), rx.recv())
+                .await
+                .is_err()
+        );
+        task.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,388 @@
+//! The sync engine: keeps the planner fed, and makes the kernel match its plan by applying only
+//! the difference.
+//!
+//! - Incremental sync: the planner's dirty keys (plus keys whose last operation failed) are
+//!   diffed against the agent's model of the kernel, so one endpoint change costs one or two
+//!   netlink operations however large the table is.
+//! - Full sync (start-up, every resync period, after any failure): the kernel is dumped and
+//!   the whole owned table compared. It repairs drift made by others and deletes TCP real
+//!   servers that finished draining. It never flushes: an unchanged rule gives no operation, so
+//!   an agent restart drops no connection.
+//! - A failure leaves everything already programmed in place and schedules a full sync.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+use super::dataplane::Dataplane;
+use super::metrics::Metrics;
+use super::nft::{self, MasqueradeOptions, Reach};
+use crate::governance::{Labels, PolicySet};
+use crate::ipvs::diff::{Ownership, diff, diff_keys};
+use crate::ipvs::plan::{HealthCheckPlan, NodePlan, Planner, PlannerConfig, ProxyMode, VirtualServerKind};
+use crate::ipvs::{IpvsTable, VirtualServerKey};
+use crate::ports::{PortRange, Protocol};
+use crate::snapshot::Snapshot;
+
+/// One change in the cluster, as a watch or a snapshot reload reports it.
+#[derive(Clone, Debug)]
+pub enum Change {
+    Snapshot(Box<Snapshot>),
+    Service(Box<Service>),
+    ServiceDeleted {
+        namespace: String,
+        name: String,
+    },
+    Slice(Box<EndpointSlice>),
+    SliceDeleted {
+        namespace: String,
+        name: String,
+    },
+    Node(Box<Node>),
+    Policies {
+        policies: PolicySet,
+        namespace_labels: BTreeMap<String, Labels>,
+    },
+}
+
+/// What one sync did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncOutcome {
+    pub full: bool,
+    pub operations: usize,
+    pub failed_operations: usize,
+    /// Everything that went wrong, for the log; empty when the sync fully succeeded.
+    pub errors: Vec<String>,
+    /// The health-check listeners this node should run.
+    pub health_checks: Vec<HealthCheckPlan>,
+}
+
+impl SyncOutcome {
+    pub fn succeeded(&self) -> bool {
+        self.errors.is_empty()
+    }
+}
+
+pub struct Syncer<D: Dataplane> {
+    dataplane: D,
+    planner: Planner,
+    masquerade: MasqueradeOptions,
+    metrics: Metrics,
+    /// What the kernel holds as far as the agent knows: the last dump plus what was applied.
+    kernel: IpvsTable,
+    /// Addresses bound on the dummy interface, as last read or set.
+    bound: BTreeSet<IpAddr>,
+    /// Keys to diff again on the next incremental sync.
+    retry: BTreeSet<VirtualServerKey>,
+    /// Keys whose kernel entry still has real servers the plan dropped (weight 0, draining).
+    draining: BTreeSet<VirtualServerKey>,
+    needs_full: bool,
+    /// Node-port ranges of policies that hand Services to the agent (delegated mode ownership).
+    policy_ranges: Vec<PortRange>,
+    /// Every node port planned since start: the agent may delete what it once programmed.
+    node_ports_seen: BTreeSet<u16>,
+    sysctls_done: bool,
+    last_ruleset: Option<String>,
+    last_reserved: Option<BTreeSet<u16>>,
+}
+
+impl<D: Dataplane> Syncer<D> {
+    pub fn new(dataplane: D, config: PlannerConfig, masquerade: MasqueradeOptions, metrics: Metrics) -> Self {
+        Syncer {
+            dataplane,
+            planner: Planner::new(config),
+            masquerade,
+            metrics,
+            kernel: IpvsTable::new(),
+            bound: BTreeSet::new(),
+            retry: BTreeSet::new(),
+            draining: BTreeSet::new(),
+            needs_full: true,
+            policy_ranges: Vec::new(),
+            node_ports_seen: BTreeSet::new(),
+            sysctls_done: false,
+            last_ruleset: None,
+            last_reserved: None,
+        }
+    }
+
+    pub fn dataplane(&mut self) -> &mut D {
+        &mut self.dataplane
+    }
+
+    pub fn planner(&self) -> &Planner {
+        &self.planner
+    }
+
+    /// The next sync compares against a fresh dump of the kernel.
+    pub fn request_full(&mut self) {
+        self.needs_full = true;
+    }
+
+    /// Whether the next sync will be a full one (a failure is waiting to be retried).
+    pub fn needs_full(&self) -> bool {
+        self.needs_full
+    }
+
+    /// Real servers the plan dropped but that still drain; the next full sync deletes them.
+    pub fn draining(&self) -> &BTreeSet<VirtualServerKey> {
+        &self.draining
+    }
+
+    /// Feeds one cluster change to the planner; the next sync applies it.
+    pub fn observe(&mut self, change: Change) {
+        match change {
+            Change::Snapshot(snapshot) => {
+                self.policy_ranges = agent_ranges(&PolicySet::compile(&snapshot.policies));
+                self.planner.load_snapshot(&snapshot);
+            }
+            Change::Service(s) => self.planner.upsert_service(&s),
+            Change::ServiceDeleted { namespace, name } => self.planner.remove_service(&namespace, &name),
+            Change::Slice(s) => self.planner.upsert_slice(&s),
+            Change::SliceDeleted { namespace, name } => self.planner.remove_slice(&namespace, &name),
+            Change::Node(n) => self.planner.set_node(&n),
+            Change::Policies {
+                policies,
+                namespace_labels,
+            } => {
+                self.policy_ranges = agent_ranges(&policies);
+                self.planner.set_policies(policies, namespace_labels);
+            }
+        }
+    }
+
+    /// Brings the kernel in line with the plan: a full sync when one is due, else incremental.
+    pub fn sync(&mut self) -> SyncOutcome {
+        let started = Instant::now();
+        let full = std::mem::take(&mut self.needs_full);
+        let mut outcome = SyncOutcome {
+            full,
+            ..Default::default()
+        };
+        if full {
+            self.metrics.full_syncs.inc();
+        }
+        if !self.sysctls_done {
+            match self.dataplane.ensure_sysctls() {
+                Ok(()) => self.sysctls_done = true,
+                Err(e) => outcome.errors.push(e.to_string()),
+            }
+        }
+        let plan = self.planner.node_plan();
+        self.node_ports_seen.extend(
+            plan.virtual_servers
+                .iter()
+                .filter(|vs| vs.kind == VirtualServerKind::NodePort)
+                .map(|vs| vs.key.port),
+        );
+        let dirty = self.planner.take_dirty();
+
+        if full {
+            match (self.dataplane.dump(), self.dataplane.addresses()) {
+                (Ok(table), Ok(bound)) => {
+                    self.kernel = table;
+                    self.bound = bound;
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    // Without the kernel's state nothing can be compared safely: change nothing.
+                    outcome.errors.push(e.to_string());
+                    self.retry.extend(dirty);
+                    return self.finish(outcome, started, &plan);
+                }
+            }
+        }
+
+        // Bind new addresses first: a virtual server on an address the agent does not hold is
+        // not its to program, and a cluster IP must be local before traffic to it is accepted.
+        let mut holding: BTreeSet<IpAddr> = self.bound.union(&plan.vips).copied().collect();
+        if holding != self.bound {
+            match self.dataplane.sync_addresses(&holding) {
+                Ok(()) => self.bound = holding.clone(),
+                Err(e) => {
+                    outcome.errors.push(e.to_string());
+                    holding = self.bound.clone();
+                }
+            }
+        }
+        let ownership = self.ownership(&plan, &holding);
+        let desired = self.planner.desired();
+        let ops = if full {
+            diff(&self.kernel, desired, &ownership)
+        } else {
+            let keys: BTreeSet<VirtualServerKey> =
+                dirty.into_iter().chain(std::mem::take(&mut self.retry)).collect();
+            diff_keys(&self.drain_view(&keys), desired, &keys, &ownership)
+        };
+        if full {
+            self.retry.clear();
+        }
+
+        let report = self.dataplane.apply(&ops);
+        let failed: BTreeSet<usize> = report.failures.iter().map(|(i, _)| *i).collect();
+        for (i, op) in ops.iter().enumerate() {
+            self.metrics.ipvs_operations.with_label_values(&[op.kind()]).inc();
+            if failed.contains(&i) {
+                self.metrics
+                    .ipvs_operation_errors
+                    .with_label_values(&[op.kind()])
+                    .inc();
+                self.retry.insert(*op.service());
+            } else {
+                // The kernel accepted it, so the model must accept it too.
+                let _ = op.apply_to(&mut self.kernel);
+            }
+        }
+        outcome.operations = ops.len();
+        outcome.failed_operations = report.failures.len();
+        if !report.succeeded() {
+            // The model may be wrong where the kernel disagreed: compare against a dump next.
+            self.needs_full = true;
+            outcome
+                .errors
+                .extend(report.failures.into_iter().map(|(_, message)| message));
+        }
+        for op in &ops {
+            let key = op.service();
+            let drains = match (self.kernel.get(key), desired.get(key)) {
+                (Some(have), Some(want)) => have
+                    .real_servers
+                    .keys()
+                    .any(|r| !want.real_servers.contains_key(r)),
+                _ => false,
+            };
+            if drains {
+                self.draining.insert(*key);
+            } else {
+                self.draining.remove(key);
+            }
+        }
+        if full {
+            self.draining.retain(|k| self.kernel.contains_key(k));
+        }
+
+        // Unbind what the plan no longer wants, except addresses whose deletions failed (they
+        // must stay owned until the retry deletes their virtual servers).
+        let mut keep: BTreeSet<IpAddr> = plan.vips.clone();
+        keep.extend(
+            self.retry
+                .iter()
+                .map(|k| k.address)
+                .filter(|a| self.bound.contains(a)),
+        );
+        if keep != self.bound {
+            match self.dataplane.sync_addresses(&keep) {
+                Ok(()) => self.bound = keep,
+                Err(e) => outcome.errors.push(e.to_string()),
+            }
+        }
+
+        let ruleset = nft::ruleset(
+            plan.virtual_servers.iter().map(|vs| {
+                let reach = if vs.kind.is_external() {
+                    Reach::External { local: vs.only_local }
+                } else {
+                    Reach::ClusterIp
+                };
+                (&vs.key, reach)
+            }),
+            desired,
+            &self.masquerade,
+        );
+        if full || self.last_ruleset.as_ref() != Some(&ruleset) {
+            match self.dataplane.apply_ruleset(&ruleset) {
+                Ok(()) => self.last_ruleset = Some(ruleset),
+                Err(e) => {
+                    self.last_ruleset = None;
+                    outcome.errors.push(e.to_string());
+                }
+            }
+        }
+        if full || self.last_reserved.as_ref() != Some(&plan.reserved_node_ports) {
+            match self.dataplane.reserve_ports(&plan.reserved_node_ports) {
+                Ok(()) => self.last_reserved = Some(plan.reserved_node_ports.clone()),
+                Err(e) => {
+                    self.last_reserved = None;
+                    outcome.errors.push(e.to_string());
+                }
+            }
+        }
+        self.finish(outcome, started, &plan)
+    }
+
+    fn finish(&mut self, mut outcome: SyncOutcome, started: Instant, plan: &NodePlan) -> SyncOutcome {
+        if !outcome.succeeded() {
+            self.needs_full = true;
+            self.metrics.sync_errors.inc();
+        } else {
+            self.metrics
+                .last_successful_sync
+                .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
+        }
+        self.metrics
+            .virtual_servers
+            .set(plan.virtual_servers.len() as i64);
+        self.metrics.real_servers.set(
+            plan.virtual_servers
+                .iter()
+                .map(|vs| vs.real_servers.len() as i64)
+                .sum(),
+        );
+        self.metrics
+            .sync_duration
+            .observe(started.elapsed().as_secs_f64());
+        outcome.health_checks = plan.health_checks.clone();
+        outcome
+    }
+
+    /// The model's entries for `keys`, with every TCP real server counted as connected: the
+    /// model's counters are as old as the last dump, and deleting a TCP real server that has
+    /// connections would cut them. So an incremental sync only sets weight 0; the next full
+    /// sync, with real counters, deletes what has drained.
+    fn drain_view(&self, keys: &BTreeSet<VirtualServerKey>) -> IpvsTable {
+        keys.iter()
+            .filter_map(|k| self.kernel.get(k).map(|svc| (*k, svc.clone())))
+            .map(|(k, mut svc)| {
+                if k.protocol == Protocol::Tcp {
+                    for state in svc.real_servers.values_mut() {
+                        state.inactive_connections = state.inactive_connections.max(1);
+                    }
+                }
+                (k, svc)
+            })
+            .collect()
+    }
+
+    fn ownership(&self, plan: &NodePlan, bound: &BTreeSet<IpAddr>) -> Ownership {
+        match self.planner.config().mode {
+            ProxyMode::Replacement => Ownership::everything(),
+            ProxyMode::Delegated => {
+                let seen = self
+                    .node_ports_seen
+                    .iter()
+                    .filter_map(|p| PortRange::single(*p).ok());
+                Ownership::nothing()
+                    .with_bound_addresses(bound.iter().copied())
+                    .with_node_ports(
+                        plan.node_addresses.iter().copied(),
+                        self.policy_ranges.iter().copied().chain(seen),
+                    )
+            }
+        }
+    }
+}
+
+/// Node-port ranges of the policies whose Services the agent proxies.
+fn agent_ranges(policies: &PolicySet) -> Vec<PortRange> {
+    policies
+        .policies()
+        .iter()
+        .filter(|p| p.agent_proxies)
+        .filter_map(|p| p.node_port_range)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

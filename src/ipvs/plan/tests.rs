@@ -1,0 +1,1220 @@
+use super::*;
+use crate::ipvs::diff::{Ownership, diff_keys};
+use pretty_assertions::assert_eq;
+use serde_json::{Value, json};
+
+const NODE: &str = "node-a";
+
+fn object<K: serde::de::DeserializeOwned>(value: Value) -> K {
+    serde_json::from_value(value).expect("test object has a valid shape")
+}
+
+fn config(mode: ProxyMode) -> PlannerConfig {
+    PlannerConfig {
+        node_name: NODE.to_string(),
+        mode,
+    }
+}
+
+fn node(addresses: &[(&str, &str)]) -> Node {
+    let addresses: Vec<Value> = addresses
+        .iter()
+        .map(|(t, a)| json!({"type": t, "address": a}))
+        .collect();
+    object(
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE},
+        "status": {"addresses": addresses}}),
+    )
+}
+
+fn default_node() -> Node {
+    node(&[
+        ("InternalIP", "192.168.0.10"),
+        ("ExternalIP", "203.0.113.10"),
+        ("Hostname", "node-a"),
+        ("InternalIP", "fd00::10"),
+    ])
+}
+
+/// A Service `ns/name`: `meta` is merged into metadata, `spec` and `status` are taken as given.
+fn service(ns: &str, name: &str, meta: Value, spec: Value, status: Value) -> Service {
+    let mut metadata = json!({"namespace": ns, "name": name});
+    if let Value::Object(extra) = meta {
+        metadata.as_object_mut().unwrap().extend(extra);
+    }
+    object(
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": metadata, "spec": spec,
+        "status": status}),
+    )
+}
+
+fn slice(ns: &str, name: &str, service: &str, family: &str, ports: Value, endpoints: Value) -> EndpointSlice {
+    object(
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": ns, "name": name, "labels": {SERVICE_NAME_LABEL: service}},
+        "addressType": family, "ports": ports, "endpoints": endpoints}),
+    )
+}
+
+fn endpoint(ip: &str, node: &str, conditions: Value) -> Value {
+    json!({"addresses": [ip], "nodeName": node, "conditions": conditions})
+}
+
+fn snapshot(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Snapshot {
+    Snapshot {
+        nodes: vec![default_node()],
+        services,
+        endpoint_slices: slices,
+        ..Default::default()
+    }
+}
+
+fn ip(text: &str) -> IpAddr {
+    text.parse().unwrap()
+}
+
+fn vs_key(address: &str, port: u16, protocol: Protocol) -> VirtualServerKey {
+    VirtualServerKey {
+        address: ip(address),
+        port,
+        protocol,
+    }
+}
+
+/// Real servers of the plan's virtual server of `kind` on `address`, as "ip:port" strings.
+fn reals(plan: &NodePlan, kind: VirtualServerKind, address: &str) -> Vec<String> {
+    let vs = plan
+        .virtual_servers
+        .iter()
+        .find(|vs| vs.kind == kind && vs.key.address == ip(address))
+        .unwrap_or_else(|| panic!("no {kind:?} virtual server on {address} in {plan:#?}"));
+    vs.real_servers.iter().map(|(r, _)| r.to_string()).collect()
+}
+
+fn web_service(spec_extra: Value, meta: Value) -> Service {
+    let mut spec = json!({"type": "NodePort", "clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10"],
+        "ports": [{"name": "http", "port": 80, "targetPort": 8080, "nodePort": 30080, "protocol": "TCP"}]});
+    if let Value::Object(extra) = spec_extra {
+        spec.as_object_mut().unwrap().extend(extra);
+    }
+    service("shop", "web", meta, spec, json!({}))
+}
+
+fn http_ports() -> Value {
+    json!([{"name": "http", "port": 8080, "protocol": "TCP"}])
+}
+
+#[test]
+fn endpoint_selection_rules() {
+    struct Case {
+        name: &'static str,
+        spec: Value,
+        meta: Value,
+        endpoints: Value,
+        cluster_ip: &'static [&'static str],
+        node_port: &'static [&'static str],
+    }
+    let ready = json!({"ready": true, "serving": true, "terminating": false});
+    let not_ready = json!({"ready": false, "serving": false, "terminating": false});
+    let serving_terminating = json!({"ready": false, "serving": true, "terminating": true});
+    let terminating_not_serving = json!({"ready": false, "serving": false, "terminating": true});
+    let local_policy = json!({"externalTrafficPolicy": "Local"});
+    let cases = [
+        Case {
+            name: "ready endpoints everywhere serve both",
+            spec: json!({}),
+            meta: json!({}),
+            endpoints: json!([
+                endpoint("10.1.0.1", NODE, ready.clone()),
+                endpoint("10.1.0.2", "node-b", ready.clone())
+            ]),
+            cluster_ip: &["10.1.0.1:8080", "10.1.0.2:8080"],
+            node_port: &["10.1.0.1:8080", "10.1.0.2:8080"],
+        },
+        Case {
+            name: "not ready endpoints are left out",
+            spec: json!({}),
+            meta: json!({}),
+            endpoints: json!([
+                endpoint("10.1.0.1", NODE, not_ready.clone()),
+                endpoint("10.1.0.2", "node-b", ready.clone())
+            ]),
+            cluster_ip: &["10.1.0.2:8080"],
+            node_port: &["10.1.0.2:8080"],
+        },
+        Case {
+            name: "missing conditions mean ready, serving, not terminating",
+            spec: json!({}),
+            meta: json!({}),
+            endpoints: json!([{"addresses": ["10.1.0.3"]}, endpoint("10.1.0.4", "node-b", json!({}))]),
+            cluster_ip: &["10.1.0.3:8080", "10.1.0.4:8080"],
+            node_port: &["10.1.0.3:8080", "10.1.0.4:8080"],
+        },
+        Case {
+            name: "serving-terminating is only a fallback when nothing is ready",
+            spec: json!({}),
+            meta: json!({}),
+            endpoints: json!([
+                endpoint("10.1.0.1", NODE, serving_terminating.clone()),
+                endpoint("10.1.0.2", "node-b", ready.clone())
+            ]),
+            cluster_ip: &["10.1.0.2:8080"],
+            node_port: &["10.1.0.2:8080"],
+        },
+        Case {
+            name: "no ready endpoint: serving-and-terminating ones, not the non-serving",
+            spec: json!({}),
+            meta: json!({}),
+            endpoints: json!([
+                endpoint("10.1.0.1", NODE, serving_terminating.clone()),
+                endpoint("10.1.0.2", "node-b", terminating_not_serving.clone()),
+                endpoint("10.1.0.3", "node-b", not_ready.clone()),
+            ]),
+            cluster_ip: &["10.1.0.1:8080"],
+            node_port: &["10.1.0.1:8080"],
+        },
+        Case {
+            name: "missing serving means serving, so a terminating endpoint is a fallback",
+            spec: json!({}),
+            meta: json!({}),
+            endpoints: json!([endpoint(
+                "10.1.0.1",
+                "node-b",
+                json!({"ready": false, "terminating": true})
+            )]),
+            cluster_ip: &["10.1.0.1:8080"],
+            node_port: &["10.1.0.1:8080"],
+        },
+        Case {
+            name: "externalTrafficPolicy Local: node port gets local endpoints only",
+            spec: local_policy.clone(),
+            meta: json!({}),
+            endpoints: json!([
+                endpoint("10.1.0.1", NODE, ready.clone()),
+                endpoint("10.1.0.2", "node-b", ready.clone())
+            ]),
+            cluster_ip: &["10.1.0.1:8080", "10.1.0.2:8080"],
+            node_port: &["10.1.0.1:8080"],
+        },
+        Case {
+            name: "externalTrafficPolicy Local without local endpoint drops (no fallback to cluster)",
+            spec: local_policy.clone(),
+            meta: json!({}),
+            endpoints: json!([endpoint("10.1.0.2", "node-b", ready.clone())]),
+            cluster_ip: &["10.1.0.2:8080"],
+            node_port: &[],
+        },
+        Case {
+            name: "local fallback is decided among local endpoints alone",
+            spec: local_policy.clone(),
+            meta: json!({}),
+            endpoints: json!([
+                endpoint("10.1.0.1", NODE, serving_terminating.clone()),
+                endpoint("10.1.0.2", "node-b", ready.clone())
+            ]),
+            cluster_ip: &["10.1.0.2:8080"],
+            node_port: &["10.1.0.1:8080"],
+        },
+        Case {
+            name: "legacy OnlyLocal annotation acts like externalTrafficPolicy Local",
+            spec: json!({}),
+            meta: json!({"annotations": {EXTERNAL_TRAFFIC_ANNOTATION: "OnlyLocal"}}),
+            endpoints: json!([
+                endpoint("10.1.0.1", NODE, ready.clone()),
+                endpoint("10.1.0.2", "node-b", ready.clone())
+            ]),
+            cluster_ip: &["10.1.0.1:8080", "10.1.0.2:8080"],
+            node_port: &["10.1.0.1:8080"],
+        },
+        Case {
+            name: "internalTrafficPolicy Local: cluster IP gets local endpoints only",
+            spec: json!({"internalTrafficPolicy": "Local"}),
+            meta: json!({}),
+            endpoints: json!([
+                endpoint("10.1.0.1", NODE, ready.clone()),
+                endpoint("10.1.0.2", "node-b", ready.clone())
+            ]),
+            cluster_ip: &["10.1.0.1:8080"],
+            node_port: &["10.1.0.1:8080", "10.1.0.2:8080"],
+        },
+        Case {
+            name: "both policies Local, nothing local: both dropped",
+            spec: json!({"internalTrafficPolicy": "Local", "externalTrafficPolicy": "Local"}),
+            meta: json!({}),
+            endpoints: json!([endpoint("10.1.0.2", "node-b", ready.clone())]),
+            cluster_ip: &[],
+            node_port: &[],
+        },
+        Case {
+            name: "publishNotReadyAddresses: the controller marks every endpoint ready, and so it is used",
+            spec: json!({"publishNotReadyAddresses": true}),
+            meta: json!({}),
+            endpoints: json!([endpoint(
+                "10.1.0.1",
+                "node-b",
+                json!({"ready": true, "serving": false, "terminating": false})
+            )]),
+            cluster_ip: &["10.1.0.1:8080"],
+            node_port: &["10.1.0.1:8080"],
+        },
+        Case {
+            name: "no endpoints: virtual servers still planned, empty",
+            spec: json!({}),
+            meta: json!({}),
+            endpoints: json!([]),
+            cluster_ip: &[],
+            node_port: &[],
+        },
+    ];
+    for case in cases {
+        let svc = web_service(case.spec, case.meta);
+        let slices = vec![slice(
+            "shop",
+            "web-1",
+            "web",
+            "IPv4",
+            http_ports(),
+            case.endpoints,
+        )];
+        let plan = plan_node(&snapshot(vec![svc], slices), &config(ProxyMode::Replacement));
+        assert_eq!(
+            reals(&plan, VirtualServerKind::ClusterIP, "10.96.0.10"),
+            case.cluster_ip,
+            "{}: cluster IP",
+            case.name
+        );
+        for address in ["192.168.0.10", "203.0.113.10"] {
+            assert_eq!(
+                reals(&plan, VirtualServerKind::NodePort, address),
+                case.node_port,
+                "{}: node port on {address}",
+                case.name
+            );
+        }
+    }
+}
+
+#[test]
+fn traffic_policies_set_only_local_and_masquerading() {
+    let svc = web_service(
+        json!({"externalTrafficPolicy": "Local", "externalIPs": ["198.51.100.7"]}),
+        json!({}),
+    );
+    let plan = plan_node(&snapshot(vec![svc], vec![]), &config(ProxyMode::Replacement));
+    let flags: Vec<_> = plan
+        .virtual_servers
+        .iter()
+        .map(|vs| {
+            (
+                vs.kind,
+                vs.key.address.to_string(),
+                vs.only_local,
+                vs.masquerade_external,
+            )
+        })
+        .collect();
+    assert_eq!(
+        flags,
+        [
+            (VirtualServerKind::ClusterIP, "10.96.0.10".into(), false, true),
+            (VirtualServerKind::NodePort, "192.168.0.10".into(), true, false),
+            (VirtualServerKind::NodePort, "203.0.113.10".into(), true, false),
+            (VirtualServerKind::NodePort, "fd00::10".into(), true, false),
+            (VirtualServerKind::ExternalIP, "198.51.100.7".into(), true, false),
+        ]
+    );
+    let cluster = web_service(json!({"externalIPs": ["198.51.100.7"]}), json!({}));
+    let plan = plan_node(&snapshot(vec![cluster], vec![]), &config(ProxyMode::Replacement));
+    assert!(
+        plan.virtual_servers
+            .iter()
+            .all(|vs| !vs.only_local && vs.masquerade_external)
+    );
+}
+
+#[test]
+fn dual_stack_keeps_families_apart() {
+    let svc = web_service(
+        json!({"clusterIPs": ["10.96.0.10", "fd00:96::10"], "ipFamilies": ["IPv4", "IPv6"],
+            "ipFamilyPolicy": "RequireDualStack"}),
+        json!({}),
+    );
+    let slices = vec![
+        slice(
+            "shop",
+            "web-v4",
+            "web",
+            "IPv4",
+            http_ports(),
+            json!([
+                endpoint("10.1.0.1", NODE, json!({})),
+                endpoint("fd00:1::9", NODE, json!({}))
+            ]),
+        ),
+        slice(
+            "shop",
+            "web-v6",
+            "web",
+            "IPv6",
+            http_ports(),
+            json!([endpoint("fd00:1::1", NODE, json!({}))]),
+        ),
+        slice(
+            "shop",
+            "web-fqdn",
+            "web",
+            "FQDN",
+            http_ports(),
+            json!([endpoint("web.example.com", NODE, json!({}))]),
+        ),
+    ];
+    let plan = plan_node(&snapshot(vec![svc], slices), &config(ProxyMode::Replacement));
+    assert_eq!(
+        reals(&plan, VirtualServerKind::ClusterIP, "10.96.0.10"),
+        ["10.1.0.1:8080"]
+    );
+    assert_eq!(
+        reals(&plan, VirtualServerKind::ClusterIP, "fd00:96::10"),
+        ["[fd00:1::1]:8080"]
+    );
+    assert_eq!(
+        reals(&plan, VirtualServerKind::NodePort, "192.168.0.10"),
+        ["10.1.0.1:8080"]
+    );
+    assert_eq!(
+        reals(&plan, VirtualServerKind::NodePort, "fd00::10"),
+        ["[fd00:1::1]:8080"]
+    );
+    // The IPv6 address in the IPv4 slice is reported, not used.
+    assert!(
+        plan.problems
+            .iter()
+            .any(|p| p.object == "EndpointSlice/shop/web-v4" && p.field == "endpoints[1].addresses[0]"),
+        "{:?}",
+        plan.problems
+    );
+    assert_eq!(plan.vips, BTreeSet::from([ip("10.96.0.10"), ip("fd00:96::10")]));
+}
+
+#[test]
+fn ports_match_by_name_and_protocol_and_duplicates_count_once() {
+    let svc = service(
+        "shop",
+        "dns",
+        json!({}),
+        json!({"clusterIP": "10.96.0.53", "ports": [
+            {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": "dns"},
+            {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": "dns-tcp"},
+        ]}),
+        json!({}),
+    );
+    let ports_a = json!([{"name": "dns", "port": 5353, "protocol": "UDP"}, {"name": "dns-tcp", "port": 5353, "protocol": "TCP"}]);
+    // Pods that resolve the named port differently land in a different slice.
+    let ports_b =
+        json!([{"name": "dns", "port": 1053, "protocol": "UDP"}, {"name": "dns-tcp", "port": 1053}]);
+    let slices = vec![
+        slice(
+            "shop",
+            "dns-a",
+            "dns",
+            "IPv4",
+            ports_a.clone(),
+            json!([
+                endpoint("10.1.0.1", "node-b", json!({})),
+                endpoint("10.1.0.2", "node-b", json!({}))
+            ]),
+        ),
+        // 10.1.0.2 listed twice with the same port: one real server.
+        slice(
+            "shop",
+            "dns-c",
+            "dns",
+            "IPv4",
+            ports_a,
+            json!([endpoint("10.1.0.2", "node-b", json!({}))]),
+        ),
+        slice(
+            "shop",
+            "dns-b",
+            "dns",
+            "IPv4",
+            ports_b,
+            json!([endpoint("10.1.0.3", "node-b", json!({}))]),
+        ),
+        // A port of the wrong protocol never matches.
+        slice(
+            "shop",
+            "dns-d",
+            "dns",
+            "IPv4",
+            json!([{"name": "dns", "port": 9999, "protocol": "SCTP"}]),
+            json!([endpoint("10.1.0.4", "node-b", json!({}))]),
+        ),
+    ];
+    let plan = plan_node(&snapshot(vec![svc], slices), &config(ProxyMode::Replacement));
+    let by_protocol = |protocol| {
+        let vs = plan
+            .virtual_servers
+            .iter()
+            .find(|vs| vs.key == vs_key("10.96.0.53", 53, protocol))
+            .unwrap();
+        vs.real_servers
+            .iter()
+            .map(|(r, _)| r.to_string())
+            .collect::<Vec<_>>()
+    };
+    let want = ["10.1.0.1:5353", "10.1.0.2:5353", "10.1.0.3:1053"];
+    assert_eq!(by_protocol(Protocol::Udp), want);
+    assert_eq!(by_protocol(Protocol::Tcp), want);
+    assert_eq!(plan.virtual_servers.len(), 2);
+}
+
+#[test]
+fn unnamed_port_matches_unnamed_slice_port_and_local_listing_wins() {
+    let svc = service(
+        "shop",
+        "one",
+        json!({}),
+        json!({"type": "NodePort", "clusterIP": "10.96.0.11", "externalTrafficPolicy": "Local",
+            "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30081}]}),
+        json!({}),
+    );
+    let slices = vec![
+        // No name at all, and an explicit empty name: both are the unnamed port.
+        slice(
+            "shop",
+            "one-a",
+            "one",
+            "IPv4",
+            json!([{"port": 8080}]),
+            json!([endpoint("10.1.0.1", "node-b", json!({}))]),
+        ),
+        slice(
+            "shop",
+            "one-b",
+            "one",
+            "IPv4",
+            json!([{"name": "", "port": 8080}]),
+            json!([endpoint("10.1.0.1", NODE, json!({}))]),
+        ),
+        slice(
+            "shop",
+            "one-c",
+            "one",
+            "IPv4",
+            json!([{"name": "other", "port": 7070}]),
+            json!([endpoint("10.1.0.9", NODE, json!({}))]),
+        ),
+    ];
+    let plan = plan_node(&snapshot(vec![svc], slices), &config(ProxyMode::Replacement));
+    assert_eq!(
+        reals(&plan, VirtualServerKind::ClusterIP, "10.96.0.11"),
+        ["10.1.0.1:8080"]
+    );
+    // Listed elsewhere first and on this node later: kube-proxy counts it local.
+    assert_eq!(
+        reals(&plan, VirtualServerKind::NodePort, "192.168.0.10"),
+        ["10.1.0.1:8080"]
+    );
+}
+
+#[test]
+fn which_services_are_proxied() {
+    let labelled = |value: Option<&str>| match value {
+        Some(v) => json!({"labels": {SERVICE_PROXY_NAME_LABEL: v}}),
+        None => json!({}),
+    };
+    let plain = |name: &str, meta: Value| {
+        service(
+            "shop",
+            name,
+            meta,
+            json!({"clusterIP": "10.96.1.1", "ports": [{"port": 80}]}),
+            json!({}),
+        )
+    };
+    let cases: [(&str, Service, bool, bool); 6] = [
+        ("unlabelled", plain("a", labelled(None)), true, false),
+        (
+            "labelled portpolicy",
+            plain("b", labelled(Some(SERVICE_PROXY_NAME))),
+            true,
+            true,
+        ),
+        (
+            "labelled for another proxy",
+            plain("c", labelled(Some("cilium"))),
+            false,
+            false,
+        ),
+        (
+            "headless",
+            service(
+                "shop",
+                "d",
+                labelled(Some(SERVICE_PROXY_NAME)),
+                json!({"clusterIP": "None", "ports": [{"port": 80}]}),
+                json!({}),
+            ),
+            false,
+            false,
+        ),
+        (
+            "ExternalName",
+            service(
+                "shop",
+                "e",
+                labelled(Some(SERVICE_PROXY_NAME)),
+                json!({"type": "ExternalName", "externalName": "db.example.com"}),
+                json!({}),
+            ),
+            false,
+            false,
+        ),
+        (
+            "no selector, manual slices",
+            service(
+                "shop",
+                "f",
+                labelled(None),
+                json!({"clusterIP": "10.96.1.6", "ports": [{"port": 80}]}),
+                json!({}),
+            ),
+            true,
+            false,
+        ),
+    ];
+    for (name, svc, replacement, delegated) in cases {
+        assert_eq!(
+            ProxyMode::Replacement.proxies(&svc),
+            replacement,
+            "{name} in replacement mode"
+        );
+        assert_eq!(
+            ProxyMode::Delegated.proxies(&svc),
+            delegated,
+            "{name} in delegated mode"
+        );
+        let planned = |mode| {
+            !plan_node(&snapshot(vec![svc.clone()], vec![]), &config(mode))
+                .virtual_servers
+                .is_empty()
+        };
+        assert_eq!(
+            planned(ProxyMode::Replacement),
+            replacement,
+            "{name} planned in replacement mode"
+        );
+        assert_eq!(
+            planned(ProxyMode::Delegated),
+            delegated,
+            "{name} planned in delegated mode"
+        );
+    }
+    // The selector-less Service gets its endpoints from hand-made slices.
+    let manual = service(
+        "shop",
+        "f",
+        json!({}),
+        json!({"clusterIP": "10.96.1.6", "ports": [{"port": 80}]}),
+        json!({}),
+    );
+    let slices = vec![slice(
+        "shop",
+        "f-manual",
+        "f",
+        "IPv4",
+        json!([{"port": 5432}]),
+        json!([{"addresses": ["192.168.50.5"]}]),
+    )];
+    let plan = plan_node(&snapshot(vec![manual], slices), &config(ProxyMode::Replacement));
+    assert_eq!(
+        reals(&plan, VirtualServerKind::ClusterIP, "10.96.1.6"),
+        ["192.168.50.5:5432"]
+    );
+}
+
+#[test]
+fn node_addresses_external_and_load_balancer_ips() {
+    let svc = service(
+        "shop",
+        "lb",
+        json!({}),
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.20", "externalIPs": ["198.51.100.7", "bogus"],
+            "ports": [{"name": "https", "port": 443, "nodePort": 30443}]}),
+        json!({"loadBalancer": {"ingress": [
+            {"ip": "198.51.100.20"},
+            {"hostname": "lb.example.com"},
+            {"ip": "198.51.100.21", "ipMode": "Proxy"},
+            {"ip": "2001:db8::20", "ipMode": "VIP"},
+        ]}}),
+    );
+    let plan = plan_node(&snapshot(vec![svc], vec![]), &config(ProxyMode::Replacement));
+    let planned: Vec<_> = plan
+        .virtual_servers
+        .iter()
+        .map(|vs| (vs.kind, vs.key.to_string()))
+        .collect();
+    use VirtualServerKind::*;
+    assert_eq!(
+        planned,
+        [
+            (ClusterIP, "TCP 10.96.0.20:443".to_string()),
+            (NodePort, "TCP 192.168.0.10:30443".to_string()),
+            (NodePort, "TCP 203.0.113.10:30443".to_string()),
+            (NodePort, "TCP [fd00::10]:30443".to_string()),
+            (ExternalIP, "TCP 198.51.100.7:443".to_string()),
+            (LoadBalancer, "TCP 198.51.100.20:443".to_string()),
+            (LoadBalancer, "TCP [2001:db8::20]:443".to_string()),
+        ]
+    );
+    assert_eq!(
+        plan.vips,
+        ["10.96.0.20", "198.51.100.7", "198.51.100.20", "2001:db8::20"]
+            .map(ip)
+            .into()
+    );
+    assert_eq!(plan.reserved_node_ports, BTreeSet::from([30443]));
+    assert_eq!(
+        plan.node_addresses.len(),
+        3,
+        "Hostname is not an address to serve on"
+    );
+    assert_eq!(
+        plan.problems,
+        [Problem::new(
+            "Service/shop/lb",
+            "spec.externalIPs[1]",
+            "\"bogus\" is not an IP address; ignored"
+        )]
+    );
+}
+
+#[test]
+fn unknown_node_plans_no_node_ports_but_reserves_them() {
+    let svc = web_service(json!({}), json!({}));
+    let mut snap = snapshot(vec![svc], vec![]);
+    snap.nodes.clear();
+    let plan = plan_node(&snap, &config(ProxyMode::Replacement));
+    assert!(
+        plan.virtual_servers
+            .iter()
+            .all(|vs| vs.kind == VirtualServerKind::ClusterIP)
+    );
+    assert_eq!(plan.reserved_node_ports, BTreeSet::from([30080]));
+    assert_eq!(plan.problems[0].object, "Node/node-a");
+}
+
+#[test]
+fn session_affinity_sets_persistence() {
+    let cases = [
+        (json!({}), None),
+        (json!({"sessionAffinity": "None"}), None),
+        (json!({"sessionAffinity": "ClientIP"}), Some(10800)),
+        (
+            json!({"sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}}),
+            Some(600),
+        ),
+    ];
+    for (spec, want) in cases {
+        let plan = plan_node(
+            &snapshot(vec![web_service(spec.clone(), json!({}))], vec![]),
+            &config(ProxyMode::Replacement),
+        );
+        assert!(!plan.virtual_servers.is_empty());
+        for vs in &plan.virtual_servers {
+            assert_eq!(vs.persistence_timeout, want, "{spec}");
+        }
+        assert!(plan.table().values().all(|s| s.persistence_timeout == want));
+    }
+}
+
+#[test]
+fn scheduler_comes_from_the_governing_policy() {
+    let policy = |name: &str, spec: Value| -> crate::crd::PortPolicy {
+        object(
+            json!({"apiVersion": "portpolicy.io/v1alpha1", "kind": "PortPolicy",
+            "metadata": {"name": name}, "spec": spec}),
+        )
+    };
+    let mut snap = snapshot(
+        vec![
+            service(
+                "edge",
+                "a",
+                json!({}),
+                json!({"clusterIP": "10.96.2.1", "ports": [{"port": 80}]}),
+                json!({}),
+            ),
+            service(
+                "other",
+                "b",
+                json!({}),
+                json!({"clusterIP": "10.96.2.2", "ports": [{"port": 80}]}),
+                json!({}),
+            ),
+            service(
+                "edge",
+                "c",
+                json!({"labels": {"tier": "web"}}),
+                json!({"clusterIP": "10.96.2.3", "ports": [{"port": 80}]}),
+                json!({}),
+            ),
+        ],
+        vec![],
+    );
+    snap.policies = vec![
+        policy(
+            "edge",
+            json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "edge"}},
+            "agent": {"scheduler": "lc"}}),
+        ),
+        policy(
+            "web",
+            json!({"serviceSelector": {"matchLabels": {"tier": "web"}}, "agent": {"scheduler": "sh"}}),
+        ),
+    ];
+    let plan = plan_node(&snap, &config(ProxyMode::Replacement));
+    let schedulers: Vec<_> = plan
+        .virtual_servers
+        .iter()
+        .map(|vs| (vs.service.as_str(), vs.scheduler.as_str()))
+        .collect();
+    assert_eq!(
+        schedulers,
+        [("edge/a", "lc"), ("edge/c", "rr"), ("other/b", "rr")]
+    );
+    assert!(
+        plan.problems
+            .iter()
+            .any(|p| p.object == "Service/edge/c" && p.message.contains("edge and web"))
+    );
+
+    // The incremental planner picks up a policy change and marks exactly the affected keys.
+    let mut planner = Planner::new(config(ProxyMode::Replacement));
+    planner.load_snapshot(&snap);
+    planner.take_dirty();
+    let set = PolicySet::compile(&[policy("all", json!({"agent": {"scheduler": "wlc"}}))]);
+    planner.set_policies(set, snap.namespace_labels());
+    assert_eq!(planner.take_dirty().len(), 3);
+    assert!(planner.desired().values().all(|s| s.scheduler == "wlc"));
+}
+
+#[test]
+fn health_checks_count_distinct_local_ready_ips() {
+    let svc = service(
+        "shop",
+        "lb",
+        json!({}),
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.20", "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 32000,
+            "ports": [{"name": "http", "port": 80, "nodePort": 30080}, {"name": "https", "port": 443, "nodePort": 30443}]}),
+        json!({}),
+    );
+    let ports = json!([{"name": "http", "port": 8080}, {"name": "https", "port": 8443}]);
+    let slices = vec![
+        slice(
+            "shop",
+            "lb-1",
+            "lb",
+            "IPv4",
+            ports.clone(),
+            json!([
+                endpoint("10.1.0.1", NODE, json!({"ready": true})),
+                // Ready but terminating (publishNotReadyAddresses): not counted.
+                endpoint("10.1.0.2", NODE, json!({"ready": true, "terminating": true})),
+                endpoint("10.1.0.3", NODE, json!({"ready": false})),
+                endpoint("10.1.0.4", "node-b", json!({"ready": true})),
+            ]),
+        ),
+        // The same IP in another slice counts once.
+        slice(
+            "shop",
+            "lb-2",
+            "lb",
+            "IPv4",
+            ports,
+            json!([
+                endpoint("10.1.0.1", NODE, json!({})),
+                endpoint("10.1.0.5", NODE, json!({})),
+            ]),
+        ),
+    ];
+    let cluster = service(
+        "shop",
+        "cluster-lb",
+        json!({}),
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.21", "healthCheckNodePort": 32001,
+            "ports": [{"port": 80, "nodePort": 30090}]}),
+        json!({}),
+    );
+    let legacy = service(
+        "shop",
+        "legacy",
+        json!({"annotations": {EXTERNAL_TRAFFIC_ANNOTATION: "OnlyLocal", HEALTH_CHECK_NODE_PORT_ANNOTATION: "32002"}}),
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.22", "ports": [{"port": 80, "nodePort": 30091}]}),
+        json!({}),
+    );
+    let plan = plan_node(
+        &snapshot(vec![svc, cluster, legacy], slices),
+        &config(ProxyMode::Replacement),
+    );
+    assert_eq!(
+        plan.health_checks,
+        [
+            HealthCheckPlan {
+                namespace: "shop".into(),
+                name: "lb".into(),
+                node_port: 32000,
+                local_endpoints: 2
+            },
+            HealthCheckPlan {
+                namespace: "shop".into(),
+                name: "legacy".into(),
+                node_port: 32002,
+                local_endpoints: 0
+            },
+        ]
+    );
+    assert_eq!(
+        plan.reserved_node_ports,
+        BTreeSet::from([30080, 30090, 30091, 30443, 32000, 32002])
+    );
+}
+
+#[test]
+fn two_services_on_one_virtual_server_first_wins() {
+    let shared = |ns: &str, name: &str, cluster_ip: &str| {
+        service(
+            ns,
+            name,
+            json!({}),
+            json!({"clusterIP": cluster_ip, "externalIPs": ["198.51.100.7"], "ports": [{"port": 80}]}),
+            json!({}),
+        )
+    };
+    let slices = vec![
+        slice(
+            "b",
+            "x-1",
+            "x",
+            "IPv4",
+            json!([{"port": 8080}]),
+            json!([endpoint("10.1.0.1", NODE, json!({}))]),
+        ),
+        slice(
+            "a",
+            "y-1",
+            "y",
+            "IPv4",
+            json!([{"port": 9090}]),
+            json!([endpoint("10.1.0.2", NODE, json!({}))]),
+        ),
+    ];
+    let snap = snapshot(
+        vec![shared("b", "x", "10.96.3.1"), shared("a", "y", "10.96.3.2")],
+        slices,
+    );
+    let plan = plan_node(&snap, &config(ProxyMode::Replacement));
+    assert_eq!(
+        reals(&plan, VirtualServerKind::ExternalIP, "198.51.100.7"),
+        ["10.1.0.2:9090"]
+    );
+    assert_eq!(
+        plan.virtual_servers
+            .iter()
+            .filter(|vs| vs.kind == VirtualServerKind::ExternalIP)
+            .count(),
+        1
+    );
+    assert_eq!(plan.problems.len(), 1);
+    assert_eq!(plan.problems[0].object, "Service/b/x");
+    assert!(plan.problems[0].message.contains("Service/a/y"));
+
+    // When the winner goes, the other Service takes the virtual server over.
+    let mut planner = Planner::new(config(ProxyMode::Replacement));
+    planner.load_snapshot(&snap);
+    planner.take_dirty();
+    planner.remove_service("a", "y");
+    let key = vs_key("198.51.100.7", 80, Protocol::Tcp);
+    assert_eq!(
+        planner.take_dirty(),
+        BTreeSet::from([vs_key("10.96.3.2", 80, Protocol::Tcp), key])
+    );
+    let reals: Vec<_> = planner.desired()[&key]
+        .real_servers
+        .keys()
+        .map(|r| r.to_string())
+        .collect();
+    assert_eq!(reals, ["10.1.0.1:8080"]);
+}
+
+#[test]
+fn one_slice_change_dirties_only_its_service() {
+    let mut services = Vec::new();
+    let mut slices = Vec::new();
+    for i in 0..5 {
+        let name = format!("s{i}");
+        services.push(service(
+            "shop",
+            &name,
+            json!({}),
+            json!({"clusterIP": format!("10.96.4.{i}"), "ports": [{"port": 80}]}),
+            json!({}),
+        ));
+        slices.push(slice(
+            "shop",
+            &format!("{name}-1"),
+            &name,
+            "IPv4",
+            json!([{"port": 8080}]),
+            json!([endpoint(&format!("10.1.4.{i}"), NODE, json!({}))]),
+        ));
+    }
+    let snap = snapshot(services, slices);
+    let mut planner = Planner::new(config(ProxyMode::Replacement));
+    planner.load_snapshot(&snap);
+    assert_eq!(planner.take_dirty().len(), 5);
+    // Reloading the same snapshot changes nothing.
+    planner.load_snapshot(&snap);
+    assert!(planner.take_dirty().is_empty());
+
+    let kernel = planner.desired().clone();
+    planner.upsert_slice(&slice(
+        "shop",
+        "s2-1",
+        "s2",
+        "IPv4",
+        json!([{"port": 8080}]),
+        json!([
+            endpoint("10.1.4.2", NODE, json!({})),
+            endpoint("10.1.4.22", NODE, json!({}))
+        ]),
+    ));
+    let dirty = planner.take_dirty();
+    assert_eq!(dirty, BTreeSet::from([vs_key("10.96.4.2", 80, Protocol::Tcp)]));
+    let ops = diff_keys(&kernel, planner.desired(), &dirty, &Ownership::everything());
+    assert_eq!(ops.len(), 1, "{ops:?}");
+    // An upsert that changes nothing dirties nothing.
+    planner.upsert_slice(&snap.endpoint_slices[0]);
+    assert!(planner.take_dirty().is_empty());
+}
+
+#[test]
+fn node_address_change_replans_node_ports() {
+    let mut planner = Planner::new(config(ProxyMode::Replacement));
+    planner.load_snapshot(&snapshot(vec![web_service(json!({}), json!({}))], vec![]));
+    planner.take_dirty();
+    planner.set_node(&node(&[
+        ("InternalIP", "192.168.0.10"),
+        ("InternalIP", "192.168.0.11"),
+    ]));
+    let dirty: Vec<String> = planner.take_dirty().iter().map(|k| k.to_string()).collect();
+    assert_eq!(
+        dirty,
+        [
+            "TCP 192.168.0.11:30080",
+            "TCP 203.0.113.10:30080",
+            "TCP [fd00::10]:30080"
+        ]
+    );
+    // Another node's object is not this node's.
+    let mut other = default_node();
+    other.metadata.name = Some("node-b".into());
+    planner.set_node(&other);
+    assert!(planner.take_dirty().is_empty());
+}
+
+mod incremental {
+    use super::*;
+    use crate::ipvs::IpvsOp;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Event {
+        UpsertService {
+            index: usize,
+            variant: u8,
+        },
+        RemoveService {
+            index: usize,
+        },
+        UpsertSlice {
+            index: usize,
+            service: usize,
+            endpoints: Vec<(u8, bool, u8)>,
+        },
+        RemoveSlice {
+            index: usize,
+        },
+        SetNode {
+            variant: u8,
+        },
+    }
+
+    const SERVICES: [(&str, &str); 4] = [("a", "s0"), ("a", "s1"), ("b", "s0"), ("b", "s2")];
+
+    fn service_variant(index: usize, variant: u8) -> Service {
+        let (ns, name) = SERVICES[index];
+        let kind = ["ClusterIP", "NodePort", "LoadBalancer"][usize::from(variant % 3)];
+        let local = variant & 4 != 0;
+        let mut spec = json!({"type": kind, "clusterIP": format!("10.96.0.{index}"),
+            "ports": [{"name": "http", "port": 80, "nodePort": 30000 + index},
+                      {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30100 + index}],
+            "externalTrafficPolicy": if local { "Local" } else { "Cluster" },
+            "internalTrafficPolicy": if variant & 8 != 0 { "Local" } else { "Cluster" }});
+        if variant & 16 != 0 {
+            // A shared external IP: several Services claim the same virtual server.
+            spec["externalIPs"] = json!(["198.51.100.1"]);
+        }
+        if variant & 32 != 0 {
+            spec["sessionAffinity"] = json!("ClientIP");
+        }
+        if kind != "LoadBalancer" {
+            spec["externalTrafficPolicy"] = Value::Null;
+        } else if local {
+            spec["healthCheckNodePort"] = json!(32000 + index);
+        }
+        if kind == "ClusterIP" {
+            for port in spec["ports"].as_array_mut().unwrap() {
+                port.as_object_mut().unwrap().remove("nodePort");
+            }
+        }
+        let meta = if variant & 64 != 0 {
+            json!({"labels": {SERVICE_PROXY_NAME_LABEL: "other"}})
+        } else {
+            json!({})
+        };
+        service(
+            ns,
+            name,
+            meta,
+            spec,
+            json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.50"}]}}),
+        )
+    }
+
+    fn slice_variant(index: usize, service: usize, endpoints: &[(u8, bool, u8)]) -> EndpointSlice {
+        let (ns, name) = SERVICES[service];
+        let endpoints: Vec<Value> = endpoints
+            .iter()
+            .map(|(host, local, state)| {
+                let conditions = match state % 4 {
+                    0 => json!({}),
+                    1 => json!({"ready": false, "serving": false}),
+                    2 => json!({"ready": false, "serving": true, "terminating": true}),
+                    _ => json!({"ready": true, "terminating": true}),
+                };
+                endpoint(
+                    &format!("10.1.0.{host}"),
+                    if *local { NODE } else { "node-b" },
+                    conditions,
+                )
+            })
+            .collect();
+        // Slice names are unique per namespace; keep the namespace of the Service.
+        slice(
+            ns,
+            &format!("slice-{index}"),
+            name,
+            "IPv4",
+            json!([{"name": "http", "port": 8080}, {"name": "dns", "port": 5353, "protocol": "UDP"}]),
+            json!(endpoints),
+        )
+    }
+
+    fn node_variant(variant: u8) -> Node {
+        match variant % 3 {
+            0 => default_node(),
+            1 => node(&[("InternalIP", "192.168.0.10")]),
+            _ => node(&[("InternalIP", "192.168.0.12"), ("ExternalIP", "198.51.100.1")]),
+        }
+    }
+
+    fn event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            (0..4usize, any::<u8>()).prop_map(|(index, variant)| Event::UpsertService { index, variant }),
+            (0..4usize).prop_map(|index| Event::RemoveService { index }),
+            (
+                0..6usize,
+                0..4usize,
+                prop::collection::vec((0..5u8, any::<bool>(), 0..4u8), 0..4)
+            )
+                .prop_map(|(index, service, endpoints)| Event::UpsertSlice {
+                    index,
+                    service,
+                    endpoints
+                }),
+            (0..6usize).prop_map(|index| Event::RemoveSlice { index }),
+            any::<u8>().prop_map(|variant| Event::SetNode { variant }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// After any sequence of watch events, the incremental planner's plan and table equal a
+        /// fresh plan of the same objects, and applying only the dirty keys' diffs keeps a kernel
+        /// table equal to the desired one.
+        #[test]
+        fn incremental_equals_from_scratch(events in prop::collection::vec(event(), 1..30)) {
+            let mode = ProxyMode::Replacement;
+            let mut planner = Planner::new(config(mode));
+            let mut services: BTreeMap<usize, Service> = BTreeMap::new();
+            let mut slices: BTreeMap<usize, EndpointSlice> = BTreeMap::new();
+            let mut current_node: Option<Node> = None;
+            let mut kernel = IpvsTable::new();
+            for event in events {
+                match event {
+                    Event::UpsertService { index, variant } => {
+                        let svc = service_variant(index, variant);
+                        planner.upsert_service(&svc);
+                        services.insert(index, svc);
+                    }
+                    Event::RemoveService { index } => {
+                        let (ns, name) = SERVICES[index];
+                        planner.remove_service(ns, name);
+                        services.remove(&index);
+                    }
+                    Event::UpsertSlice { index, service, endpoints } => {
+                        let s = slice_variant(index, service, &endpoints);
+                        // A slice moving namespace is a delete and a create, as the API sees it.
+                        if let Some(old) = slices.get(&index)
+                            && old.metadata.namespace != s.metadata.namespace
+                        {
+                            planner.remove_slice(old.metadata.namespace.as_deref().unwrap(), &format!("slice-{index}"));
+                        }
+                        planner.upsert_slice(&s);
+                        slices.insert(index, s);
+                    }
+                    Event::RemoveSlice { index } => {
+                        if let Some(old) = slices.remove(&index) {
+                            planner.remove_slice(old.metadata.namespace.as_deref().unwrap(), &format!("slice-{index}"));
+                        }
+                    }
+                    Event::SetNode { variant } => {
+                        let n = node_variant(variant);
+                        planner.set_node(&n);
+                        current_node = Some(n);
+                    }
+                }
+                let dirty = planner.take_dirty();
+                for op in diff_keys(&kernel, planner.desired(), &dirty, &Ownership::everything()) {
+                    prop_assert!(op.apply_to(&mut kernel).is_ok(), "{op}");
+                    let drains = matches!(op, IpvsOp::UpdateRealServer { weight: 0, .. });
+                    prop_assert!(!drains, "nothing has connections to drain: {}", op);
+                }
+                prop_assert_eq!(&kernel, planner.desired());
+            }
+            let snap = Snapshot {
+                nodes: current_node.into_iter().collect(),
+                services: services.into_values().collect(),
+                endpoint_slices: slices.into_values().collect(),
+                ..Default::default()
+            };
+            let fresh = plan_node(&snap, &config(mode));
+            prop_assert_eq!(&planner.node_plan(), &fresh);
+            prop_assert_eq!(planner.desired(), &fresh.table());
+        }
+    }
+}
