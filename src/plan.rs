@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::crd::{AllocationRecord, NodePortKind};
 use crate::governance::PolicySet;
-use crate::hostport::{self, ConflictInput};
+use crate::hostport;
 use crate::ipvs::plan::{NodePlan, PlannerConfig, ProxyMode, plan_node};
 use crate::nodeport::{NodePortInput, plan_node_ports};
 use crate::ports::{PortRange, Protocol};
@@ -115,7 +115,11 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
         .policies
         .iter()
         .map(|p| {
-            let records = p.status.as_ref().map(|s| s.allocations.clone()).unwrap_or_default();
+            let records = p
+                .status
+                .as_ref()
+                .map(|s| s.allocations.clone())
+                .unwrap_or_default();
             (p.name().to_string(), records)
         })
         .collect();
@@ -143,17 +147,9 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
         })
         .collect();
 
-    let (mut pods, pod_problems) = hostport::placed_pods(&snapshot.pods);
-    problems.extend(pod_problems);
-    let (predicted, workload_problems) = hostport::predict_workloads(snapshot, &pods);
-    problems.extend(workload_problems);
-    pods.extend(predicted);
-    let conflicts = hostport::detect_conflicts(&ConflictInput {
-        pods: &pods,
-        node_port_range: options.node_port_range,
-        policies: &policies,
-        namespace_labels: &namespace_labels,
-    });
+    let host_ports = hostport::check_snapshot(snapshot, &policies, options.node_port_range);
+    problems.extend(host_ports.problems);
+    let conflicts = host_ports.conflicts;
     let host_port_conflicts = conflicts
         .iter()
         .map(|c| ConflictRow {
@@ -166,14 +162,25 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
         })
         .collect();
 
+    // IPVS is planned for the cluster as it will be once the operator has written the
+    // allocations: a Service waiting for its nodePort already gets its node-port rules.
+    let mut allocated = snapshot.clone();
+    for change in allocation.service_changes() {
+        if let Some(service) = allocated.services.iter_mut().find(|s| {
+            s.metadata.namespace.as_deref() == Some(change.namespace.as_str())
+                && s.metadata.name.as_deref() == Some(change.name.as_str())
+        }) {
+            change.apply_to(service);
+        }
+    }
     let mut nodes = Vec::new();
-    for node in &snapshot.nodes {
+    for node in &allocated.nodes {
         let name = node.metadata.name.clone().unwrap_or_default();
         if options.node.as_ref().is_some_and(|only| *only != name) {
             continue;
         }
         let plan = plan_node(
-            snapshot,
+            &allocated,
             &PlannerConfig {
                 node_name: name,
                 mode: options.mode,
@@ -210,7 +217,7 @@ fn node_row(plan: &NodePlan) -> NodeRow {
             .iter()
             .map(|vs| VirtualServerRow {
                 service: vs.service.clone(),
-                kind: vs.kind.as_str().to_string(),
+                kind: format!("{:?}", vs.kind),
                 address: vs.key.address.to_string(),
                 port: vs.key.port,
                 protocol: vs.key.protocol,
@@ -261,9 +268,13 @@ impl PlanReport {
             out.push_str(&body);
         };
 
-        let mut ports = Table::new(&["policy", "service", "port", "protocol", "nodeport", "kind", "state"]);
+        let mut ports = Table::new(&[
+            "policy", "service", "port", "protocol", "nodeport", "kind", "state",
+        ]);
         for row in &self.node_ports {
-            let port = if row.port_name.is_empty() {
+            let port = if row.kind == NodePortKind::HealthCheck {
+                "-".to_string()
+            } else if row.port_name.is_empty() {
                 row.port.to_string()
             } else {
                 format!("{}:{}", row.port_name, row.port)
@@ -317,7 +328,9 @@ fn or_none(table: &Table) -> String {
 /// The node's rules as `ipvsadm -Ln` lists them, with the Service beside each virtual server
 /// and `[OnlyLocal]` on those that keep node traffic on the node.
 fn ipvsadm_listing(node: &NodeRow) -> String {
-    let mut out = String::from("Prot LocalAddress:Port Scheduler Flags\n  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n");
+    let mut out = String::from(
+        "Prot LocalAddress:Port Scheduler Flags\n  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n",
+    );
     for vs in &node.virtual_servers {
         let address = join_host_port(&vs.address, vs.port);
         let mut line = format!("{:<4} {} {}", vs.protocol.as_str(), address, vs.scheduler);

@@ -207,6 +207,31 @@ pub struct ServiceNodePortChange {
     pub health_check_node_port: Option<HealthCheckNodePort>,
 }
 
+impl ServiceNodePortChange {
+    /// Writes the change into a Service, as the operator's patch will: what `plan` shows the
+    /// cluster as once the operator has acted. Ports the Service no longer has are left alone.
+    pub fn apply_to(&self, service: &mut Service) {
+        let Some(spec) = service.spec.as_mut() else { return };
+        for port in &self.ports {
+            if let Some(target) = spec.ports.as_mut().and_then(|ports| ports.get_mut(port.index)) {
+                target.node_port = Some(i32::from(port.node_port));
+            }
+        }
+        if let Some(hc) = self.health_check_node_port {
+            match hc.field {
+                HealthCheckField::Spec => spec.health_check_node_port = Some(i32::from(hc.node_port)),
+                HealthCheckField::Annotation => {
+                    service
+                        .metadata
+                        .annotations
+                        .get_or_insert_default()
+                        .insert(HEALTH_CHECK_NODE_PORT_ANNOTATION.into(), hc.node_port.to_string());
+                }
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePortNodePort {
     /// Index in `spec.ports`.

@@ -113,22 +113,7 @@ impl World {
                         && s.metadata.name.as_deref() == Some(&change.name)
                 })
                 .expect("a change names an input Service");
-            let spec = service.spec.as_mut().unwrap();
-            for port in &change.ports {
-                spec.ports.as_mut().unwrap()[port.index].node_port = Some(i32::from(port.node_port));
-            }
-            if let Some(hc) = change.health_check_node_port {
-                match hc.field {
-                    HealthCheckField::Spec => spec.health_check_node_port = Some(i32::from(hc.node_port)),
-                    HealthCheckField::Annotation => {
-                        service
-                            .metadata
-                            .annotations
-                            .get_or_insert_default()
-                            .insert(HEALTH_CHECK_NODE_PORT_ANNOTATION.into(), hc.node_port.to_string());
-                    }
-                }
-            }
+            change.apply_to(service);
         }
         self.records = plan
             .policies
