@@ -1,0 +1,268 @@
+//! `portpolicy plan` end to end: golden output on the shipped demo cluster, and the CLI's
+//! handling of bad input. Regenerate the golden files with `UPDATE_GOLDEN=1 cargo test --test plan`
+//! and review the diff like code.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use chrono::{DateTime, Utc};
+use portpolicy::ipvs::plan::ProxyMode;
+use portpolicy::plan::{PlanOptions, PlanReport, build_plan};
+use portpolicy::ports::PortRange;
+use portpolicy::snapshot::load_paths;
+use serde_json::Value;
+
+const NOW: &str = "2026-11-26T12:00:00Z";
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn demo_plan(mode: ProxyMode, node: Option<&str>) -> PlanReport {
+    let loaded = load_paths(&[root().join("examples/demo-cluster")]).unwrap();
+    assert_eq!(loaded.problems, []);
+    build_plan(
+        &loaded.snapshot,
+        &PlanOptions {
+            node_port_range: PortRange::DEFAULT_NODE_PORTS,
+            mode,
+            node: node.map(str::to_string),
+            now: NOW.parse::<DateTime<Utc>>().unwrap(),
+        },
+    )
+}
+
+fn check_golden(name: &str, actual: &str) {
+    let path = root().join("tests/golden").join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_default();
+    pretty_assertions::assert_eq!(expected, actual, "{} differs; see the module doc", path.display());
+}
+
+#[test]
+fn demo_cluster_table_matches_golden() {
+    check_golden(
+        "demo-plan.txt",
+        &demo_plan(ProxyMode::Replacement, None).to_table(),
+    );
+}
+
+#[test]
+fn demo_cluster_json_matches_golden() {
+    check_golden(
+        "demo-plan.json",
+        &demo_plan(ProxyMode::Replacement, None).to_json(),
+    );
+}
+
+#[test]
+fn demo_cluster_plan_says_what_the_primer_says() {
+    let report = demo_plan(ProxyMode::Replacement, None);
+    let port = |service: &str, port_name: &str| {
+        report
+            .node_ports
+            .iter()
+            .filter(|r| r.service == service && r.port_name == port_name)
+            .map(|r| (r.node_port, r.state.as_str(), r.protocol.as_str()))
+            .collect::<Vec<_>>()
+    };
+    // Re-created within the retention window: the old port comes back.
+    assert_eq!(port("shop/cart", "http"), [(31017, "Restored", "TCP")]);
+    assert_eq!(port("payments/checkout", "https"), [(31050, "Pinned", "TCP")]);
+    // One service port, two protocols, one nodePort.
+    let game: Vec<_> = report
+        .node_ports
+        .iter()
+        .filter(|r| r.service == "shop/game")
+        .collect();
+    assert_eq!(game.len(), 2);
+    assert_eq!(game[0].node_port, game[1].node_port);
+    assert!(
+        (31010..=31099).contains(&game[0].node_port),
+        "outside the range minus reserved"
+    );
+    assert_ne!(game[0].node_port, 31060, "grafana's port is in use");
+
+    let reasons: Vec<_> = report
+        .host_port_conflicts
+        .iter()
+        .map(|c| (c.node.as_str(), c.host_port, c.reason.as_str()))
+        .collect();
+    for node in ["node-a", "node-b", "node-c"] {
+        assert!(
+            reasons.contains(&(node, 9100, "PodConflict")),
+            "log-shipper vs node-exporter on {node}"
+        );
+    }
+    assert!(reasons.contains(&("node-b", 8080, "PodConflict")));
+    assert!(reasons.contains(&("node-c", 30080, "InNodePortRange")));
+    assert!(reasons.contains(&("node-c", 30080, "NotAllowed")));
+    assert!(
+        report
+            .host_port_conflicts
+            .iter()
+            .all(|c| !c.pods.iter().any(|p| p.contains("batch-report"))),
+        "finished pods hold no ports"
+    );
+
+    let fields: Vec<_> = report
+        .problems
+        .iter()
+        .map(|p| (p.object.as_str(), p.field.as_str()))
+        .collect();
+    assert!(fields.contains(&("Deployment/shop/edge-proxy", "spec.replicas")));
+    assert!(fields.contains(&("Service/shop/legacy-api", "spec.ports[0].nodePort")));
+
+    // Local external traffic: node-c has no ready checkout endpoint, so its node port drops.
+    let node_c = report.nodes.iter().find(|n| n.name == "node-c").unwrap();
+    let checkout_np = node_c
+        .virtual_servers
+        .iter()
+        .find(|vs| vs.service == "payments/checkout" && vs.kind == "NodePort")
+        .unwrap();
+    assert_eq!(checkout_np.port, 31050);
+    assert!(checkout_np.only_local && checkout_np.real_servers.is_empty());
+}
+
+#[test]
+fn delegated_mode_plans_only_services_handed_to_portpolicy() {
+    let report = demo_plan(ProxyMode::Delegated, Some("node-a"));
+    assert_eq!(report.nodes.len(), 1);
+    // No Service in the snapshot carries the proxy-name label yet (the operator adds it).
+    assert!(report.nodes[0].virtual_servers.is_empty());
+    assert!(
+        !report.node_ports.is_empty(),
+        "allocation does not depend on the proxy mode"
+    );
+}
+
+#[test]
+fn json_has_exactly_the_contract_keys() {
+    let json: Value =
+        serde_json::from_str(&demo_plan(ProxyMode::Replacement, Some("node-b")).to_json()).unwrap();
+    let keys: Vec<_> = json.as_object().unwrap().keys().cloned().collect();
+    assert_eq!(keys, ["hostPortConflicts", "nodePorts", "nodes", "problems"]);
+    let vs = &json["nodes"][0]["virtualServers"][0];
+    let mut vs_keys: Vec<_> = vs.as_object().unwrap().keys().cloned().collect();
+    vs_keys.sort();
+    assert_eq!(
+        vs_keys,
+        [
+            "address",
+            "kind",
+            "persistenceTimeout",
+            "port",
+            "protocol",
+            "realServers",
+            "scheduler",
+            "service"
+        ]
+    );
+    let np = &json["nodePorts"][0];
+    let mut np_keys: Vec<_> = np.as_object().unwrap().keys().cloned().collect();
+    np_keys.sort();
+    assert_eq!(
+        np_keys,
+        [
+            "kind", "nodePort", "policy", "port", "portName", "protocol", "service", "state"
+        ]
+    );
+}
+
+fn portpolicy(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_portpolicy"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn temp_file(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("portpolicy-plan-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn cli_plans_the_demo_with_node_filter_and_json() {
+    let demo = root().join("examples/demo-cluster");
+    let (code, stdout, _) = portpolicy(&[
+        "plan",
+        "-f",
+        demo.to_str().unwrap(),
+        "-o",
+        "json",
+        "--node",
+        "node-a",
+        "--now",
+        NOW,
+    ]);
+    assert_eq!(code, 0);
+    let json: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(json["nodes"].as_array().unwrap().len(), 1);
+    assert_eq!(json["nodes"][0]["name"], "node-a");
+}
+
+#[test]
+fn cli_reports_bad_objects_and_still_plans_the_rest() {
+    let path = temp_file(
+        "mixed.yaml",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: s, namespace: d}\nspec: {ports: 7}\n---\napiVersion: v1\nkind: Secret\nmetadata: {name: x, namespace: d}\n",
+    );
+    let (code, stdout, _) = portpolicy(&["plan", "-f", path.to_str().unwrap(), "-o", "json"]);
+    assert_eq!(code, 0, "something was planned");
+    let json: Value = serde_json::from_str(&stdout).unwrap();
+    let objects: Vec<_> = json["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["object"].as_str().unwrap())
+        .collect();
+    assert!(objects.contains(&"Service/d/s"), "{objects:?}");
+    assert!(objects.contains(&"Secret/d/x"), "{objects:?}");
+    let message = json["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["object"] == "Service/d/s")
+        .unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(message.contains("mixed.yaml, document 2"), "{message}");
+}
+
+#[test]
+fn cli_fails_only_when_nothing_could_be_planned() {
+    let garbage = temp_file("garbage.yaml", "kind: [unclosed\n");
+    let (code, stdout, stderr) = portpolicy(&["plan", "-f", garbage.to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(
+        stdout.contains("garbage.yaml") && stdout.contains("not valid YAML"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("nothing was planned"), "{stderr}");
+
+    let (code, _, stderr) = portpolicy(&["plan", "-f", "/nonexistent/snapshot.yaml"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("/nonexistent/snapshot.yaml"), "{stderr}");
+}
+
+#[test]
+fn cli_crd_output_is_the_checked_in_crd() {
+    let (code, stdout, _) = portpolicy(&["crd"]);
+    assert_eq!(code, 0);
+    assert_eq!(
+        stdout,
+        std::fs::read_to_string(Path::new(&root()).join("crds/portpolicy.yaml")).unwrap()
+    );
+}
