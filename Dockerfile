@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # One image for `portpolicy operator` and `portpolicy agent`:
 #   docker build -t portpolicy:dev .
-FROM rust:1.89-bookworm AS build
+FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
@@ -10,9 +10,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     && cp target/release/portpolicy /portpolicy \
     && strip /portpolicy
 
-# glibc, CA certificates and a non-root user (65532), nothing else. The operator runs as that
-# user; the agent DaemonSet overrides it with root, which NET_ADMIN needs to be effective.
-FROM gcr.io/distroless/cc-debian12:nonroot
+# Debian slim with nftables: the agent replaces its masquerading table with one `nft -f -`
+# batch. The operator runs as the non-root user 65532; the agent DaemonSet overrides it with
+# root, which NET_ADMIN needs to be effective.
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends nftables ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=build /portpolicy /usr/local/bin/portpolicy
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/portpolicy"]

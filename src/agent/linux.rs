@@ -22,7 +22,7 @@ pub struct LinuxDataplane {
 
 impl LinuxDataplane {
     /// Opens the IPVS family and finds (or creates) the dummy interface.
-    pub fn open(interface: &str) -> Result<Self, DataplaneError> {
+    pub fn open(interface: &str, sysctl_root: &std::path::Path) -> Result<Self, DataplaneError> {
         let ipvs = IpvsHandle::open().map_err(|e| DataplaneError::Dump(e.to_string()))?;
         let link = DummyLink::ensure(interface).map_err(|e| DataplaneError::Addresses {
             interface: interface.to_string(),
@@ -32,7 +32,7 @@ impl LinuxDataplane {
             ipvs,
             link,
             interface: interface.to_string(),
-            sysctls: Sysctls::default(),
+            sysctls: Sysctls::at(sysctl_root),
             reserved_by_us: BTreeSet::new(),
         })
     }

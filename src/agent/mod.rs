@@ -79,6 +79,10 @@ pub struct AgentArgs {
     /// Address for `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, env = "PORTPOLICY_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
     pub metrics_addr: SocketAddr,
+    /// Where the kernel's settings are written: `/proc/sys`, or the host's bind-mounted there
+    /// when the container's own `/proc/sys` is read-only.
+    #[arg(long, env = "PORTPOLICY_SYSCTL_ROOT", default_value = "/proc/sys")]
+    pub sysctl_root: std::path::PathBuf,
     /// Address the health-check node ports listen on.
     #[arg(long, default_value = "0.0.0.0")]
     pub health_check_bind_address: IpAddr,
@@ -141,7 +145,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             );
             return Ok(());
         }
-        let dataplane = linux::LinuxDataplane::open(&args.interface)?;
+        let dataplane = linux::LinuxDataplane::open(&args.interface, &args.sysctl_root)?;
         run_with(args, dataplane).await
     }
     #[cfg(not(target_os = "linux"))]
@@ -355,6 +359,7 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
             metrics_addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), metrics_port),
             health_check_bind_address: Ipv4Addr::LOCALHOST.into(),
             print_table: false,
+            sysctl_root: "/proc/sys".into(),
         };
         let fake = FakeDataplane::new(FakeKernel::default());
         let agent = tokio::spawn(run_with(args, fake.clone()));

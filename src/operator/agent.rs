@@ -26,7 +26,7 @@ use kube::Resource as _;
 use crate::crd::{AgentSpec, PortPolicy};
 
 /// Port of the agent's `/healthz` and `/readyz`; the agent binds it on the host network.
-pub const AGENT_HEALTH_PORT: i32 = 10257;
+pub const AGENT_HEALTH_PORT: i32 = 10265;
 pub const AGENT_SERVICE_ACCOUNT: &str = "portpolicy-agent";
 /// Where the host's `/proc/sys/net` is mounted writable in the agent container.
 pub const SYSCTL_MOUNT: &str = "/host/proc/sys/net";
@@ -99,7 +99,7 @@ pub fn desired_daemon_set(policy: &PortPolicy, namespace: &str, default_image: &
                     labels: Some(labels),
                     ..Default::default()
                 }),
-                spec: Some(pod_spec(policy_name, agent, default_image)),
+                spec: Some(pod_spec(agent, default_image)),
             },
             ..Default::default()
         }),
@@ -107,16 +107,16 @@ pub fn desired_daemon_set(policy: &PortPolicy, namespace: &str, default_image: &
     })
 }
 
-fn pod_spec(policy: &str, agent: &AgentSpec, default_image: &str) -> PodSpec {
+fn pod_spec(agent: &AgentSpec, default_image: &str) -> PodSpec {
     let image = agent.image.clone().unwrap_or_else(|| default_image.to_string());
     let container = Container {
         name: "agent".into(),
         image: Some(image),
         args: Some(vec![
             "agent".into(),
-            "--policy".into(),
-            policy.to_string(),
-            "--health-address".into(),
+            "--mode".into(),
+            "delegated".into(),
+            "--metrics-addr".into(),
             format!("0.0.0.0:{AGENT_HEALTH_PORT}"),
         ]),
         env: Some(vec![
@@ -278,7 +278,7 @@ mod tests {
         let probe = c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap();
         assert_eq!(
             (probe.path.as_deref(), &probe.port),
-            (Some("/readyz"), &IntOrString::Int(10257))
+            (Some("/readyz"), &IntOrString::Int(10265))
         );
     }
 
