@@ -1,10 +1,9 @@
 //! hostPort conflict detection at cluster scale: 50,000 Pods on 5,000 nodes, and what a stored
 //! Pod costs in memory compared with a full k8s-openapi Pod.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::hint::black_box;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
 use criterion::Criterion;
 use k8s_openapi::api::core::v1::Pod;
@@ -15,29 +14,9 @@ use portpolicy::ports::PortRange;
 use portpolicy::snapshot::Snapshot;
 use serde_json::{Value, json};
 
-/// Counts live heap bytes, so the memory of stored Pods is measured rather than estimated.
-struct Counting;
-
-static LIVE: AtomicUsize = AtomicUsize::new(0);
-
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.dealloc(ptr, layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(new_size, Ordering::Relaxed);
-        LIVE.fetch_sub(layout.size(), Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
+#[path = "support/counting_alloc.rs"]
+mod counting_alloc;
+use counting_alloc::LIVE;
 
 const NODES: usize = 5_000;
 const PODS_PER_NODE: usize = 10;
