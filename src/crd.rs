@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, T
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
-use crate::ports::{PortRange, Protocol};
+use crate::ports::PortRange;
 use crate::problem::Problem;
 use crate::selector::Selector;
 
@@ -440,11 +440,6 @@ impl CompiledPolicy {
             .as_ref()
             .is_none_or(|ranges| ranges.iter().any(|r| r.contains(port)))
     }
-}
-
-/// A protocol as the status records it.
-pub fn protocol_name(protocol: Protocol) -> String {
-    protocol.as_str().to_string()
 }
 
 #[cfg(test)]

@@ -54,14 +54,6 @@ impl PolicySet {
         set
     }
 
-    pub fn from_compiled(mut policies: Vec<CompiledPolicy>) -> Self {
-        policies.sort_by(|a, b| a.name.cmp(&b.name));
-        PolicySet {
-            policies,
-            ..Default::default()
-        }
-    }
-
     /// Valid policies, sorted by name.
     pub fn policies(&self) -> &[CompiledPolicy] {
         &self.policies

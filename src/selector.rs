@@ -82,11 +82,6 @@ impl Selector {
         Ok(Selector { requirements })
     }
 
-    /// Selects everything.
-    pub fn everything() -> Self {
-        Selector::default()
-    }
-
     pub fn matches(&self, labels: Option<&BTreeMap<String, String>>) -> bool {
         let get = |key: &str| labels.and_then(|l| l.get(key));
         self.requirements.iter().all(|req| match req {

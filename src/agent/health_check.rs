@@ -158,14 +158,7 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
+    use crate::agent::test_support::{free_port, http_get};
 
     fn plan(port: u16, local_endpoints: usize) -> HealthCheckPlan {
         HealthCheckPlan {
@@ -176,24 +169,9 @@ mod tests {
         }
     }
 
-    /// One bounded HTTP/1.0 request; returns the raw response.
     async fn get(port: u16, path: &str) -> std::io::Result<String> {
-        let request = format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
-        tokio::task::spawn_blocking(move || {
-            use std::io::{Read, Write};
-            let timeout = Some(Duration::from_secs(5));
-            let mut stream = std::net::TcpStream::connect_timeout(
-                &SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),
-                Duration::from_secs(5),
-            )?;
-            stream.set_read_timeout(timeout)?;
-            stream.set_write_timeout(timeout)?;
-            stream.write_all(request.as_bytes())?;
-            let mut out = String::new();
-            stream.read_to_string(&mut out)?;
-            Ok(out)
-        })
-        .await?
+        let path = path.to_string();
+        tokio::task::spawn_blocking(move || http_get(port, &path)).await?
     }
 
     fn header<'a>(response: &'a str, name: &str) -> Option<&'a str> {

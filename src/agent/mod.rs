@@ -17,6 +17,8 @@ pub mod nft;
 pub mod source;
 pub mod sync;
 pub mod sysctl;
+#[cfg(test)]
+mod test_support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -299,26 +301,11 @@ mod tests {
 
     use super::*;
     use crate::agent::dataplane::{FakeDataplane, FakeKernel};
+    use crate::agent::test_support::{free_port, http_get};
 
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
-    /// A bounded HTTP/1.0 GET on loopback; the whole response.
+    /// The whole response, or nothing while the server is not up yet.
     fn get(port: u16, path: &str) -> String {
-        use std::io::{Read, Write};
-        let Ok(mut s) = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)) else {
-            return String::new();
-        };
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let _ = s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
-        let mut out = String::new();
-        let _ = s.read_to_string(&mut out);
-        out
+        http_get(port, path).unwrap_or_default()
     }
 
     const SNAPSHOT: &str = "

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::crd::{CompiledPolicy, HostPortConflictRecord, protocol_name};
+use crate::crd::{CompiledPolicy, HostPortConflictRecord};
 use crate::governance::{Labels, PolicySet};
 use crate::ports::{PortRange, Protocol};
 use crate::snapshot::NAMESPACE_NAME_LABEL;
@@ -72,7 +72,7 @@ impl HostPortConflict {
     pub fn to_record(&self) -> HostPortConflictRecord {
         HostPortConflictRecord {
             node: self.node.clone(),
-            protocol: protocol_name(self.protocol),
+            protocol: self.protocol.to_string(),
             host_ip: self.host_ip.to_string(),
             host_port: i32::from(self.host_port),
             pods: self.pods.clone(),
