@@ -29,6 +29,13 @@ pub struct NetlinkSocket {
     datagram: Vec<u8>,
 }
 
+/// What one reply means to the exchange it answers.
+enum Reply {
+    Data,
+    Ignore,
+    End,
+}
+
 /// How one request of a batch went: `Ok` or the kernel's errno.
 pub type RequestResult = Result<(), i32>;
 
@@ -62,28 +69,14 @@ impl NetlinkSocket {
         builder: MessageBuilder,
         rule: &dyn std::fmt::Display,
     ) -> Result<Vec<Vec<u8>>, NetlinkError> {
-        let sequence = self.sequence();
-        let bytes = builder.finish(sequence);
-        self.socket.send(&bytes, 0)?;
-        let mut replies = Vec::new();
-        loop {
-            for (kind, payload, reply_sequence) in self.receive()? {
-                if reply_sequence != sequence {
-                    continue;
-                }
-                match kind {
-                    NLMSG_ERROR => {
-                        let ack = parse_ack(&payload)?;
-                        return match ack.errno {
-                            0 => Ok(replies),
-                            errno => Err(NetlinkError::kernel(rule, errno)),
-                        };
-                    }
-                    NLMSG_NOOP | NLMSG_DONE => {}
-                    _ => replies.push(payload),
-                }
-            }
-        }
+        self.exchange(builder, |kind, payload| match kind {
+            NLMSG_ERROR => match parse_ack(payload)?.errno {
+                0 => Ok(Reply::End),
+                errno => Err(NetlinkError::kernel(rule, errno)),
+            },
+            NLMSG_NOOP | NLMSG_DONE => Ok(Reply::Ignore),
+            _ => Ok(Reply::Data),
+        })
     }
 
     /// Sends a dump request and collects every message payload until `NLMSG_DONE`.
@@ -92,35 +85,45 @@ impl NetlinkSocket {
         builder: MessageBuilder,
         rule: &dyn std::fmt::Display,
     ) -> Result<Vec<Vec<u8>>, NetlinkError> {
+        self.exchange(builder, |kind, payload| match kind {
+            // A dump that fails part-way says so in the int that NLMSG_DONE carries.
+            NLMSG_DONE => match payload
+                .get(..4)
+                .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
+            {
+                Some(error) if error < 0 => Err(NetlinkError::kernel(rule, -error)),
+                _ => Ok(Reply::End),
+            },
+            NLMSG_ERROR => match parse_ack(payload)?.errno {
+                0 => Ok(Reply::Ignore),
+                errno => Err(NetlinkError::kernel(rule, errno)),
+            },
+            NLMSG_NOOP => Ok(Reply::Ignore),
+            NLMSG_OVERRUN => Err(NetlinkError::Protocol("dump overrun".into())),
+            _ => Ok(Reply::Data),
+        })
+    }
+
+    /// Sends one request and collects the payloads of its data replies until `classify` says
+    /// the exchange is over or fails. Replies to other sequence numbers (late answers to an
+    /// earlier request) are skipped.
+    fn exchange(
+        &mut self,
+        builder: MessageBuilder,
+        classify: impl Fn(u16, &[u8]) -> Result<Reply, NetlinkError>,
+    ) -> Result<Vec<Vec<u8>>, NetlinkError> {
         let sequence = self.sequence();
-        let bytes = builder.finish(sequence);
-        self.socket.send(&bytes, 0)?;
+        self.socket.send(&builder.finish(sequence), 0)?;
         let mut replies = Vec::new();
         loop {
             for (kind, payload, reply_sequence) in self.receive()? {
                 if reply_sequence != sequence {
                     continue;
                 }
-                match kind {
-                    // A dump that fails part-way says so in the int that NLMSG_DONE carries.
-                    NLMSG_DONE => {
-                        return match payload
-                            .get(..4)
-                            .map(|b| i32::from_ne_bytes(b.try_into().unwrap()))
-                        {
-                            Some(error) if error < 0 => Err(NetlinkError::kernel(rule, -error)),
-                            _ => Ok(replies),
-                        };
-                    }
-                    NLMSG_ERROR => {
-                        let ack = parse_ack(&payload)?;
-                        if ack.errno != 0 {
-                            return Err(NetlinkError::kernel(rule, ack.errno));
-                        }
-                    }
-                    NLMSG_NOOP => {}
-                    NLMSG_OVERRUN => return Err(NetlinkError::Protocol("dump overrun".into())),
-                    _ => replies.push(payload),
+                match classify(kind, &payload)? {
+                    Reply::Data => replies.push(payload),
+                    Reply::Ignore => {}
+                    Reply::End => return Ok(replies),
                 }
             }
         }
