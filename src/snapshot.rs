@@ -3,7 +3,7 @@
 //! `plan` and the agent's `--snapshot` mode read these; the operator builds the same view from
 //! its watch caches. Loading never fails on one bad object: it is reported and skipped.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
@@ -65,12 +65,14 @@ impl Snapshot {
             .chain(self.daemon_sets.iter().map(|o| &o.metadata))
             .chain(self.deployments.iter().map(|o| &o.metadata))
             .chain(self.stateful_sets.iter().map(|o| &o.metadata))
-            .filter_map(|m| m.namespace.clone())
-            .collect::<BTreeSet<_>>();
+            .filter_map(|m| m.namespace.as_deref());
+        // Hashed, not sorted: a large snapshot has few namespaces and very many objects.
+        let mut seen: HashSet<&str> = HashSet::new();
         for ns in referenced {
-            labels
-                .entry(ns.clone())
-                .or_insert_with(|| BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), ns)]));
+            if seen.insert(ns) && !labels.contains_key(ns) {
+                let automatic = BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), ns.to_string())]);
+                labels.insert(ns.to_string(), automatic);
+            }
         }
         labels
     }
