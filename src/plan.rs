@@ -216,12 +216,12 @@ fn node_row(plan: &NodePlan) -> NodeRow {
             .virtual_servers
             .iter()
             .map(|vs| VirtualServerRow {
-                service: vs.service.clone(),
+                service: vs.service.to_string(),
                 kind: format!("{:?}", vs.kind),
                 address: vs.key.address.to_string(),
                 port: vs.key.port,
                 protocol: vs.key.protocol,
-                scheduler: vs.scheduler.clone(),
+                scheduler: vs.scheduler.to_string(),
                 persistence_timeout: vs.persistence_timeout,
                 real_servers: vs
                     .real_servers

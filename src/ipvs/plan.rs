@@ -12,9 +12,10 @@
 //! a slice change re-plans one Service and touches only its virtual servers. [`plan_node`] runs the
 //! same planner once over a snapshot.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -103,9 +104,9 @@ impl VirtualServerKind {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PlannedVirtualServer {
     /// `namespace/name` of the Service.
-    pub service: String,
+    pub service: Arc<str>,
     /// The Service port's name; empty for a single unnamed port.
-    pub port_name: String,
+    pub port_name: Arc<str>,
     pub kind: VirtualServerKind,
     pub key: VirtualServerKey,
     /// Real servers are this node's endpoints only (`internalTrafficPolicy: Local` for a cluster
@@ -116,11 +117,12 @@ pub struct PlannedVirtualServer {
     /// node: always for cluster IPs, and for the external kinds under Cluster policy.
     /// Node-local clients are masqueraded regardless (their replies would never return).
     pub masquerade_external: bool,
-    pub scheduler: String,
+    pub scheduler: Arc<str>,
     /// Seconds of ClientIP persistence (`sessionAffinity: ClientIP`).
     pub persistence_timeout: Option<u32>,
-    /// Sorted by address and port; every weight is [`REAL_SERVER_WEIGHT`].
-    pub real_servers: Vec<(RealServerKey, u32)>,
+    /// Sorted by address and port; every weight is [`REAL_SERVER_WEIGHT`]. Shared by the
+    /// Service's virtual servers of the same address family and locality.
+    pub real_servers: Arc<[(RealServerKey, u32)]>,
 }
 
 impl PlannedVirtualServer {
@@ -129,11 +131,14 @@ impl PlannedVirtualServer {
         IpvsService {
             scheduler: self.scheduler.clone(),
             persistence_timeout: self.persistence_timeout,
+            // Inserted in order: a few real servers fit one node, built without sorting.
             real_servers: self
                 .real_servers
                 .iter()
-                .map(|(rs, weight)| (*rs, RealServerState::with_weight(*weight)))
-                .collect(),
+                .fold(BTreeMap::new(), |mut reals, (rs, weight)| {
+                    reals.insert(*rs, RealServerState::with_weight(*weight));
+                    reals
+                }),
         }
     }
 }
@@ -186,28 +191,70 @@ pub fn plan_node(snapshot: &Snapshot, config: &PlannerConfig) -> NodePlan {
 }
 
 /// A Service's identity; ordered by namespace, then name (the order conflicts are decided in).
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// `namespace/name` in one shared allocation: the planner's indexes, its claims and every planned
+/// virtual server name Services, so a clone is a reference.
+#[derive(Clone, Debug)]
 struct ServiceId {
-    namespace: String,
-    name: String,
+    qualified: Arc<str>,
+    namespace_len: usize,
+}
+
+impl PartialEq for ServiceId {
+    fn eq(&self, other: &Self) -> bool {
+        self.pair() == other.pair()
+    }
+}
+
+impl Eq for ServiceId {}
+
+impl PartialOrd for ServiceId {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for ServiceId {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.pair().cmp(&other.pair())
+    }
 }
 
 impl ServiceId {
     fn new(namespace: &str, name: &str) -> Self {
         ServiceId {
-            namespace: namespace.to_string(),
-            name: name.to_string(),
+            qualified: Arc::from(format!("{namespace}/{name}")),
+            namespace_len: namespace.len(),
         }
     }
 
-    fn object(&self) -> String {
-        object_ref("Service", Some(&self.namespace), &self.name)
+    fn of(service: &Service) -> Self {
+        let meta = &service.metadata;
+        ServiceId::new(
+            meta.namespace.as_deref().unwrap_or("default"),
+            meta.name.as_deref().unwrap_or("<unnamed>"),
+        )
     }
-}
 
-impl fmt::Display for ServiceId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.namespace, self.name)
+    fn pair(&self) -> (&str, &str) {
+        let (namespace, slash_name) = self.qualified.split_at(self.namespace_len);
+        (namespace, &slash_name[1..])
+    }
+
+    fn namespace(&self) -> &str {
+        self.pair().0
+    }
+
+    fn name(&self) -> &str {
+        self.pair().1
+    }
+
+    /// `namespace/name`.
+    fn qualified(&self) -> &Arc<str> {
+        &self.qualified
+    }
+
+    fn object(&self) -> String {
+        object_ref("Service", Some(self.namespace()), self.name())
     }
 }
 
@@ -229,7 +276,7 @@ struct ServiceModel {
 
 #[derive(Clone, Debug)]
 struct ServicePortModel {
-    name: String,
+    name: Arc<str>,
     protocol: Protocol,
     port: u16,
     node_port: Option<u16>,
@@ -246,11 +293,9 @@ impl ServiceModel {
             return None;
         }
         let meta = &service.metadata;
-        let id = ServiceId::new(
-            meta.namespace.as_deref().unwrap_or("default"),
-            meta.name.as_deref().unwrap_or("<unnamed>"),
-        );
-        let object = id.object();
+        let id = ServiceId::of(service);
+        // Named only when something is wrong: most Services have no problem to report.
+        let object = || id.object();
         let mut problems = Vec::new();
         let default_spec = Default::default();
         let spec = service.spec.as_ref().unwrap_or(&default_spec);
@@ -268,7 +313,7 @@ impl ServiceModel {
                 Some(ip) => cluster_ips.push(ip),
                 None if text.is_empty() => {}
                 None => problems.push(Problem::new(
-                    &object,
+                    object(),
                     format!("spec.clusterIPs[{i}]"),
                     format!("{text:?} is not an IP address; this cluster IP is not proxied"),
                 )),
@@ -276,7 +321,7 @@ impl ServiceModel {
         }
         if cluster_ips.is_empty() && problems.is_empty() {
             problems.push(Problem::new(
-                &object,
+                object(),
                 "spec.clusterIP",
                 "no cluster IP allocated yet; the Service is not proxied until it has one",
             ));
@@ -301,7 +346,7 @@ impl ServiceModel {
             match parse_ip(text) {
                 Some(ip) => external_ips.push(ip),
                 None => problems.push(Problem::new(
-                    &object,
+                    object(),
                     format!("spec.externalIPs[{i}]"),
                     format!("{text:?} is not an IP address; ignored"),
                 )),
@@ -327,7 +372,7 @@ impl ServiceModel {
                 match parse_ip(text) {
                     Some(ip) => load_balancer_ips.push(ip),
                     None => problems.push(Problem::new(
-                        &object,
+                        object(),
                         format!("status.loadBalancer.ingress[{i}].ip"),
                         format!("{text:?} is not an IP address; ignored"),
                     )),
@@ -341,7 +386,7 @@ impl ServiceModel {
                 Ok(p) => p,
                 Err(e) => {
                     problems.push(Problem::new(
-                        &object,
+                        object(),
                         format!("spec.ports[{i}].protocol"),
                         format!("{e}; port not proxied"),
                     ));
@@ -352,7 +397,7 @@ impl ServiceModel {
                 Ok(p) => p,
                 Err(e) => {
                     problems.push(Problem::new(
-                        &object,
+                        object(),
                         format!("spec.ports[{i}].port"),
                         format!("{e}; port not proxied"),
                     ));
@@ -365,7 +410,7 @@ impl ServiceModel {
                     Ok(p) => Some(p),
                     Err(e) => {
                         problems.push(Problem::new(
-                            &object,
+                            object(),
                             format!("spec.ports[{i}].nodePort"),
                             format!("{e}; node port not proxied"),
                         ));
@@ -374,7 +419,7 @@ impl ServiceModel {
                 },
             };
             ports.push(ServicePortModel {
-                name: port.name.clone().unwrap_or_default(),
+                name: Arc::from(port.name.as_deref().unwrap_or_default()),
                 protocol,
                 port: number,
                 node_port,
@@ -398,7 +443,7 @@ impl ServiceModel {
                 Some(t) if t >= 1 && t as u32 <= MAX_AFFINITY_TIMEOUT_SECONDS => t as u32,
                 Some(t) => {
                     problems.push(Problem::new(
-                        &object,
+                        object(),
                         "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
                         format!(
                             "{t} is not 1-{MAX_AFFINITY_TIMEOUT_SECONDS}; using the default \
@@ -428,7 +473,7 @@ impl ServiceModel {
                 {
                     Ok(port) => health_check_node_port = Some(port),
                     Err(_) => problems.push(Problem::new(
-                        &object,
+                        object(),
                         field,
                         format!("{value} is not a port: must be 1-65535; no health check served"),
                     )),
@@ -455,6 +500,8 @@ impl ServiceModel {
 /// An EndpointSlice with what the planner needs, locality already decided for this node.
 #[derive(Clone, Debug)]
 struct SliceModel {
+    /// The slice's own name; its namespace is its Service's.
+    name: Arc<str>,
     service: ServiceId,
     /// `None` for FQDN slices, which no proxy serves.
     ipv4: Option<bool>,
@@ -481,12 +528,12 @@ struct EndpointModel {
 
 impl SliceModel {
     /// `None` when the slice belongs to no Service (no `kubernetes.io/service-name` label).
-    fn parse(slice: &EndpointSlice, node_name: &str) -> Option<(String, Self)> {
+    fn parse(slice: &EndpointSlice, node_name: &str) -> Option<Self> {
         let meta = &slice.metadata;
         let service_name = meta.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
         let namespace = meta.namespace.as_deref().unwrap_or("default");
-        let name = meta.name.clone().unwrap_or_default();
-        let object = object_ref("EndpointSlice", Some(namespace), &name);
+        let name: Arc<str> = Arc::from(meta.name.as_deref().unwrap_or_default());
+        let object = || object_ref("EndpointSlice", Some(namespace), &name);
         let mut problems = Vec::new();
         let ipv4 = match slice.address_type.as_str() {
             "IPv4" => Some(true),
@@ -506,13 +553,13 @@ impl SliceModel {
                     port: number,
                 }),
                 Err(e) => problems.push(Problem::new(
-                    &object,
+                    object(),
                     format!("ports[{i}]"),
                     format!("{e}; ignored"),
                 )),
             }
         }
-        let mut endpoints = Vec::new();
+        let mut endpoints = Vec::with_capacity(slice.endpoints.len());
         if let Some(ipv4) = ipv4 {
             for (i, endpoint) in slice.endpoints.iter().enumerate() {
                 // Consumers use the first address only (the API documents the others as unused).
@@ -523,7 +570,7 @@ impl SliceModel {
                     Some(ip) if ip.is_ipv4() == ipv4 => ip,
                     _ => {
                         problems.push(Problem::new(
-                            &object,
+                            object(),
                             format!("endpoints[{i}].addresses[0]"),
                             format!("{text:?} is not an {} address; ignored", slice.address_type),
                         ));
@@ -540,16 +587,14 @@ impl SliceModel {
                 });
             }
         }
-        Some((
+        Some(SliceModel {
+            service: ServiceId::new(namespace, service_name),
             name,
-            SliceModel {
-                service: ServiceId::new(namespace, service_name),
-                ipv4,
-                ports,
-                endpoints,
-                problems,
-            },
-        ))
+            ipv4,
+            ports,
+            endpoints,
+            problems,
+        })
     }
 }
 
@@ -567,10 +612,21 @@ impl ServicePlan {
     fn get(&self, key: &VirtualServerKey) -> Option<&PlannedVirtualServer> {
         self.virtual_servers.iter().find(|vs| vs.key == *key)
     }
+
+    fn keys(&self) -> impl Iterator<Item = VirtualServerKey> + '_ {
+        self.virtual_servers.iter().map(|vs| vs.key)
+    }
+}
+
+/// A proxied Service and its current plan.
+#[derive(Clone, Debug)]
+struct ProxiedService {
+    model: ServiceModel,
+    plan: ServicePlan,
 }
 
 /// Real servers with their weights, as a plan lists them.
-type RealServers = Vec<(RealServerKey, u32)>;
+type RealServers = Arc<[(RealServerKey, u32)]>;
 
 /// An endpoint serving one Service port, after de-duplication across slices.
 #[derive(Clone, Copy, Debug)]
@@ -579,6 +635,8 @@ struct Candidate {
     local: bool,
     ready: bool,
     serving_terminating: bool,
+    /// Position across the slices, which decides between two listings of one endpoint.
+    listing: usize,
 }
 
 /// Cluster or local endpoints of one address family, chosen the way kube-proxy's
@@ -590,20 +648,27 @@ fn choose_endpoints(candidates: &[Candidate], ipv4: bool, local_only: bool) -> R
             .filter(move |c| c.real.address.is_ipv4() == ipv4 && (!local_only || c.local))
     };
     let pick = |ready: bool| {
-        pool()
-            .filter(|c| if ready { c.ready } else { c.serving_terminating })
-            .map(|c| (c.real, REAL_SERVER_WEIGHT))
-            .collect::<Vec<_>>()
+        let mut picked = Vec::with_capacity(candidates.len());
+        picked.extend(
+            pool()
+                .filter(|c| if ready { c.ready } else { c.serving_terminating })
+                .map(|c| (c.real, REAL_SERVER_WEIGHT)),
+        );
+        picked
     };
     let ready = pick(true);
-    if ready.is_empty() { pick(false) } else { ready }
+    if ready.is_empty() {
+        pick(false).into()
+    } else {
+        ready.into()
+    }
 }
 
 /// Endpoints of one Service port across its slices (`slices` in slice-name order), sorted by
 /// real server. An endpoint listed by two slices counts once: the first listing wins, except
 /// that a listing on this node beats one elsewhere (as kube-proxy's EndpointSliceCache does).
-fn candidates_for_port(port: &ServicePortModel, slices: &[&SliceModel]) -> Vec<Candidate> {
-    let mut listed: Vec<(Candidate, usize)> = Vec::new();
+fn candidates_for_port(port: &ServicePortModel, slices: &[SliceModel]) -> Vec<Candidate> {
+    let mut listed: Vec<Candidate> = Vec::with_capacity(slices.iter().map(|s| s.endpoints.len()).sum());
     for slice in slices {
         if slice.ipv4.is_none() {
             continue;
@@ -611,86 +676,80 @@ fn candidates_for_port(port: &ServicePortModel, slices: &[&SliceModel]) -> Vec<C
         let Some(slice_port) = slice
             .ports
             .iter()
-            .find(|p| p.name == port.name && p.protocol == port.protocol)
+            .find(|p| *p.name == *port.name && p.protocol == port.protocol)
         else {
             continue;
         };
         for ep in &slice.endpoints {
-            let order = listed.len();
-            listed.push((
-                Candidate {
-                    real: RealServerKey {
-                        address: ep.address,
-                        port: slice_port.port,
-                    },
-                    local: ep.local,
-                    ready: ep.ready,
-                    serving_terminating: ep.serving && ep.terminating,
+            listed.push(Candidate {
+                real: RealServerKey {
+                    address: ep.address,
+                    port: slice_port.port,
                 },
-                order,
-            ));
+                local: ep.local,
+                ready: ep.ready,
+                serving_terminating: ep.serving && ep.terminating,
+                listing: listed.len(),
+            });
         }
     }
-    listed.sort_unstable_by(|(a, ai), (b, bi)| {
-        a.real.cmp(&b.real).then(b.local.cmp(&a.local)).then(ai.cmp(bi))
+    listed.sort_unstable_by(|a, b| {
+        a.real
+            .cmp(&b.real)
+            .then(b.local.cmp(&a.local))
+            .then(a.listing.cmp(&b.listing))
     });
-    listed.dedup_by(|later, first| later.0.real == first.0.real);
-    listed.into_iter().map(|(c, _)| c).collect()
+    listed.dedup_by(|later, first| later.real == first.real);
+    listed
 }
 
 /// What one Service needs on this node.
 fn plan_service(
     service: &ServiceModel,
-    slices: &[&SliceModel],
+    slices: &[SliceModel],
     node_addresses: &[IpAddr],
-    scheduler: &str,
+    scheduler: &Arc<str>,
 ) -> ServicePlan {
+    let vips_per_port =
+        service.cluster_ips.len() + service.external_ips.len() + service.load_balancer_ips.len();
+    let node_port_count = service.ports.iter().filter(|p| p.node_port.is_some()).count();
     let mut plan = ServicePlan {
+        virtual_servers: Vec::with_capacity(
+            service.ports.len() * vips_per_port + node_port_count * node_addresses.len(),
+        ),
         problems: service.problems.clone(),
         ..Default::default()
     };
-    let object = service.id.object();
-    let service_name = service.id.to_string();
+    let service_name = service.id.qualified();
     for port in &service.ports {
         plan.node_ports.extend(port.node_port);
         let candidates = candidates_for_port(port, slices);
         // [ipv4][local_only], computed when first needed.
         let mut chosen: [[Option<RealServers>; 2]; 2] = Default::default();
-        let mut vips: Vec<(VirtualServerKind, VirtualServerKey)> = Vec::new();
-        let key = |address: IpAddr, port_number: u16| VirtualServerKey {
-            address,
+        let key = |address: &IpAddr, port_number: u16| VirtualServerKey {
+            address: *address,
             port: port_number,
             protocol: port.protocol,
         };
-        vips.extend(
-            service
-                .cluster_ips
+        let node_ports = port.node_port.map(|node_port| {
+            node_addresses
                 .iter()
-                .map(|ip| (VirtualServerKind::ClusterIP, key(*ip, port.port))),
-        );
-        if let Some(node_port) = port.node_port {
-            vips.extend(
-                node_addresses
-                    .iter()
-                    .map(|ip| (VirtualServerKind::NodePort, key(*ip, node_port))),
+                .map(move |ip| (VirtualServerKind::NodePort, key(ip, node_port)))
+        });
+        let vips = (service.cluster_ips.iter())
+            .map(|ip| (VirtualServerKind::ClusterIP, key(ip, port.port)))
+            .chain(node_ports.into_iter().flatten())
+            .chain(
+                (service.external_ips.iter()).map(|ip| (VirtualServerKind::ExternalIP, key(ip, port.port))),
+            )
+            .chain(
+                (service.load_balancer_ips.iter())
+                    .map(|ip| (VirtualServerKind::LoadBalancer, key(ip, port.port))),
             );
-        }
-        vips.extend(
-            service
-                .external_ips
-                .iter()
-                .map(|ip| (VirtualServerKind::ExternalIP, key(*ip, port.port))),
-        );
-        vips.extend(
-            service
-                .load_balancer_ips
-                .iter()
-                .map(|ip| (VirtualServerKind::LoadBalancer, key(*ip, port.port))),
-        );
         for (kind, vs_key) in vips {
             if let Some(earlier) = plan.virtual_servers.iter().find(|vs| vs.key == vs_key) {
                 plan.problems.push(Problem::new(
-                    &object,
+                    service.id.object(),
                     kind_field(kind, &port.name),
                     format!(
                         "virtual server {vs_key} is already this Service's {:?} virtual server for port {:?}; \
@@ -716,7 +775,7 @@ fn plan_service(
                 key: vs_key,
                 only_local,
                 masquerade_external: !(kind.is_external() && only_local),
-                scheduler: scheduler.to_string(),
+                scheduler: scheduler.clone(),
                 persistence_timeout: service.persistence_timeout,
                 real_servers,
             });
@@ -734,8 +793,8 @@ fn plan_service(
             .map(|e| e.address)
             .collect();
         plan.health_check = Some(HealthCheckPlan {
-            namespace: service.id.namespace.clone(),
-            name: service.id.name.clone(),
+            namespace: service.id.namespace().to_string(),
+            name: service.id.name().to_string(),
             node_port,
             local_endpoints: local_ready.len(),
         });
@@ -754,6 +813,11 @@ fn kind_field(kind: VirtualServerKind, port_name: &str) -> String {
 
 /// The incremental planner the agent runs: feed it watch events, read the desired table and the
 /// keys that changed.
+///
+/// [`Planner::load_snapshot`] builds every index in bulk from sorted runs; the watch-event methods
+/// re-plan one Service at a time. Both decide each Service with [`plan_service`] and each virtual
+/// server by the same rule (the first claimant by namespace/name wins), and a property test holds
+/// them equal.
 #[derive(Clone, Debug)]
 pub struct Planner {
     config: PlannerConfig,
@@ -762,15 +826,17 @@ pub struct Planner {
     node_problems: Vec<Problem>,
     policies: PolicySet,
     namespace_labels: BTreeMap<String, Labels>,
-    /// Proxied Services only.
-    services: BTreeMap<ServiceId, ServiceModel>,
-    /// Keyed by (namespace, slice name).
-    slices: BTreeMap<(String, String), SliceModel>,
-    /// Slice names by Service, in name order (the order kube-proxy's cache de-duplicates in).
-    slices_by_service: BTreeMap<ServiceId, BTreeSet<String>>,
-    results: BTreeMap<ServiceId, ServicePlan>,
-    /// Services planning each virtual server, sorted: the first one wins.
-    claims: BTreeMap<VirtualServerKey, Vec<ServiceId>>,
+    /// Proxied Services only, each with its plan.
+    services: BTreeMap<ServiceId, ProxiedService>,
+    /// EndpointSlices by the Service they belong to (whether or not it exists or is proxied),
+    /// each Service's in slice-name order: the order kube-proxy's cache de-duplicates in.
+    slices: BTreeMap<ServiceId, Vec<SliceModel>>,
+    /// The Service each slice belongs to, by namespace and slice name, to find the slice again
+    /// when it changes or goes.
+    slice_owners: HashMap<String, HashMap<Arc<str>, ServiceId>>,
+    claims: Claims,
+    /// Every scheduler name in use, shared by the plans that use it.
+    schedulers: Vec<Arc<str>>,
     desired: IpvsTable,
     dirty: BTreeSet<VirtualServerKey>,
 }
@@ -786,9 +852,9 @@ impl Planner {
             namespace_labels: BTreeMap::new(),
             services: BTreeMap::new(),
             slices: BTreeMap::new(),
-            slices_by_service: BTreeMap::new(),
-            results: BTreeMap::new(),
-            claims: BTreeMap::new(),
+            slice_owners: HashMap::new(),
+            claims: Claims::default(),
+            schedulers: vec![Arc::from(DEFAULT_SCHEDULER)],
             desired: IpvsTable::new(),
             dirty: BTreeSet::new(),
         }
@@ -801,15 +867,10 @@ impl Planner {
     /// Replaces everything the planner knows with a snapshot's objects. Keys whose desired state
     /// differs from before are marked dirty.
     pub fn load_snapshot(&mut self, snapshot: &Snapshot) {
-        let previous = std::mem::take(&mut self.desired);
-        let pending = std::mem::take(&mut self.dirty);
-        self.services.clear();
-        self.slices.clear();
-        self.slices_by_service.clear();
-        self.results.clear();
-        self.claims.clear();
-        self.policies = PolicySet::compile(&snapshot.policies);
-        self.namespace_labels = snapshot.namespace_labels();
+        self.set_policy_set(
+            PolicySet::compile(&snapshot.policies),
+            snapshot.namespace_labels(),
+        );
         match snapshot
             .nodes
             .iter()
@@ -821,27 +882,111 @@ impl Planner {
                 self.node_problems = vec![missing_node_problem(&self.config.node_name)];
             }
         }
-        // Slices first, so each Service is planned once, with all its endpoints.
-        for slice in &snapshot.endpoint_slices {
-            self.index_slice(slice);
+        self.load_slices(&snapshot.endpoint_slices);
+
+        let parsed: Vec<ServiceModel> = snapshot
+            .services
+            .iter()
+            .filter_map(|service| ServiceModel::parse(service, self.config.mode))
+            .collect();
+        // Sort positions, not the models: a model is large, and moves once, into the index.
+        let order = sorted_latest(&parsed, |service| service.id.pair());
+
+        // Services and slices are both in ServiceId order: walk them together.
+        let mut parsed: Vec<Option<ServiceModel>> = parsed.into_iter().map(Some).collect();
+        let mut slices = self.slices.iter().peekable();
+        let services: Vec<(ServiceId, ProxiedService)> = order
+            .iter()
+            .filter_map(|&i| parsed[i].take())
+            .map(|model| {
+                while slices.next_if(|(owner, _)| **owner < model.id).is_some() {}
+                let own = slices
+                    .next_if(|(owner, _)| **owner == model.id)
+                    .map_or(&[][..], |(_, slices)| slices.as_slice());
+                let plan = self.plan(&model, own);
+                (model.id.clone(), ProxiedService { model, plan })
+            })
+            .collect();
+
+        // Every (key, claimant) in key order, claimants in ServiceId order: the first wins.
+        let mut claimed: Vec<(VirtualServerKey, usize, usize)> = services
+            .iter()
+            .enumerate()
+            .flat_map(|(s, (_, service))| {
+                service
+                    .plan
+                    .virtual_servers
+                    .iter()
+                    .enumerate()
+                    .map(move |(v, vs)| (vs.key, s, v))
+            })
+            .collect();
+        claimed.sort_unstable();
+        let mut winners = Vec::new();
+        let mut contested = Vec::new();
+        let mut desired = Vec::new();
+        for group in claimed.chunk_by(|a, b| a.0 == b.0) {
+            let (key, winner, vs) = group[0];
+            winners.push((key, services[winner].0.clone()));
+            if group.len() > 1 {
+                contested.push((
+                    key,
+                    group.iter().map(|&(_, s, _)| services[s].0.clone()).collect(),
+                ));
+            }
+            desired.push((key, services[winner].1.plan.virtual_servers[vs].to_ipvs_service()));
         }
-        for service in &snapshot.services {
-            if let Some(model) = ServiceModel::parse(service, self.config.mode) {
-                self.services.insert(model.id.clone(), model);
+        let previous = std::mem::replace(&mut self.desired, desired.into_iter().collect());
+        self.claims = Claims {
+            winners: winners.into_iter().collect(),
+            contested: contested.into_iter().collect(),
+        };
+        self.services = services.into_iter().collect();
+
+        // Keep what was still unread, and add what differs from before.
+        let changed = changed_keys(&previous, &self.desired);
+        if self.dirty.is_empty() {
+            self.dirty = changed.into_iter().collect();
+        } else {
+            self.dirty.extend(changed);
+        }
+    }
+
+    /// Replaces every slice with a snapshot's, in bulk: grouped by Service in ServiceId order,
+    /// so that planning the Services in that order reads their slices in memory order.
+    fn load_slices(&mut self, slices: &[EndpointSlice]) {
+        let parsed: Vec<SliceModel> = slices
+            .iter()
+            .filter_map(|slice| SliceModel::parse(slice, &self.config.node_name))
+            .collect();
+        // Of two copies of one slice the later wins, as applying them in order would. Copies are
+        // found by namespace and name, since a copy may name another Service.
+        let mut latest: HashMap<(&str, &str), usize> = HashMap::with_capacity(parsed.len());
+        for (i, slice) in parsed.iter().enumerate() {
+            latest.insert((slice.service.namespace(), &slice.name), i);
+        }
+        // By Service, then slice name; the sort keys laid out flat, for the cache.
+        let mut order: Vec<(&str, &str, &str, usize)> = latest
+            .into_values()
+            .map(|i| {
+                let (namespace, service) = parsed[i].service.pair();
+                (namespace, service, &*parsed[i].name, i)
+            })
+            .collect();
+        order.sort_unstable();
+        let order: Vec<usize> = order.into_iter().map(|(.., i)| i).collect();
+
+        self.slice_owners.clear();
+        let mut parsed: Vec<Option<SliceModel>> = parsed.into_iter().map(Some).collect();
+        let mut by_service: Vec<(ServiceId, Vec<SliceModel>)> = Vec::new();
+        for slice in order.iter().filter_map(|&i| parsed[i].take()) {
+            self.own_slice(&slice);
+            match by_service.last_mut() {
+                Some((owner, group)) if *owner == slice.service => group.push(slice),
+                _ => by_service.push((slice.service.clone(), vec![slice])),
             }
         }
-        let ids: Vec<ServiceId> = self.services.keys().cloned().collect();
-        for id in &ids {
-            self.replan(id);
-        }
-        // Rebuilding marked every key; keep only real changes, plus what was still unread.
-        let rebuilt = std::mem::replace(&mut self.dirty, pending);
-        let changed: Vec<VirtualServerKey> = rebuilt
-            .into_iter()
-            .chain(previous.keys().copied())
-            .filter(|k| previous.get(k) != self.desired.get(k))
-            .collect();
-        self.dirty.extend(changed);
+        self.slices = by_service.into_iter().collect();
     }
 
     /// Takes this node's addresses; a Node of another name is ignored. Re-plans the Services
@@ -855,9 +1000,9 @@ impl Planner {
         if before != self.node_addresses {
             let with_node_ports: Vec<ServiceId> = self
                 .services
-                .values()
-                .filter(|s| s.ports.iter().any(|p| p.node_port.is_some()))
-                .map(|s| s.id.clone())
+                .iter()
+                .filter(|(_, s)| s.model.ports.iter().any(|p| p.node_port.is_some()))
+                .map(|(id, _)| id.clone())
                 .collect();
             for id in &with_node_ports {
                 self.replan(id);
@@ -897,43 +1042,40 @@ impl Planner {
 
     /// Policies decide each Service's scheduler; every Service is re-planned.
     pub fn set_policies(&mut self, policies: PolicySet, namespace_labels: BTreeMap<String, Labels>) {
-        self.policies = policies;
-        self.namespace_labels = namespace_labels;
+        self.set_policy_set(policies, namespace_labels);
         let ids: Vec<ServiceId> = self.services.keys().cloned().collect();
         for id in &ids {
             self.replan(id);
         }
     }
 
-    pub fn upsert_service(&mut self, service: &Service) {
-        let meta = &service.metadata;
-        let id = ServiceId::new(
-            meta.namespace.as_deref().unwrap_or("default"),
-            meta.name.as_deref().unwrap_or("<unnamed>"),
-        );
-        match ServiceModel::parse(service, self.config.mode) {
-            Some(model) => {
-                self.services.insert(id.clone(), model);
-            }
-            // Not (or no longer) ours: forget it, as if deleted.
-            None => {
-                self.services.remove(&id);
+    fn set_policy_set(&mut self, policies: PolicySet, namespace_labels: BTreeMap<String, Labels>) {
+        let mut schedulers: Vec<Arc<str>> = vec![Arc::from(DEFAULT_SCHEDULER)];
+        for policy in policies.policies() {
+            if !schedulers.iter().any(|s| **s == *policy.scheduler) {
+                schedulers.push(Arc::from(policy.scheduler.as_str()));
             }
         }
-        self.replan(&id);
+        self.schedulers = schedulers;
+        self.policies = policies;
+        self.namespace_labels = namespace_labels;
+    }
+
+    pub fn upsert_service(&mut self, service: &Service) {
+        // Not (or no longer) ours: forget it, as if deleted.
+        let model = ServiceModel::parse(service, self.config.mode);
+        self.set_service(&ServiceId::of(service), model);
     }
 
     pub fn remove_service(&mut self, namespace: &str, name: &str) {
-        let id = ServiceId::new(namespace, name);
-        self.services.remove(&id);
-        self.replan(&id);
+        self.set_service(&ServiceId::new(namespace, name), None);
     }
 
     pub fn upsert_slice(&mut self, slice: &EndpointSlice) {
         let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
         let name = slice.metadata.name.as_deref().unwrap_or_default();
         let before = self.unindex_slice(namespace, name);
-        let after = self.index_slice(slice);
+        let after = SliceModel::parse(slice, &self.config.node_name).map(|model| self.index_slice(model));
         for id in before
             .iter()
             .chain(after.iter().filter(|a| before.as_ref() != Some(*a)))
@@ -967,16 +1109,22 @@ impl Planner {
             problems: self.node_problems.clone(),
             ..Default::default()
         };
-        for slice in self.slices.values() {
+        for slice in self.slices.values().flatten() {
             plan.problems.extend(slice.problems.iter().cloned());
         }
-        for (id, result) in &self.results {
+        // Collected, then sorted once: inserting into the sets one by one costs a search each.
+        let mut vips = Vec::new();
+        let mut reserved_node_ports = Vec::new();
+        for (id, ProxiedService { plan: result, .. }) in &self.services {
             plan.problems.extend(result.problems.iter().cloned());
-            plan.reserved_node_ports.extend(result.node_ports.iter().copied());
+            reserved_node_ports.extend_from_slice(&result.node_ports);
             plan.health_checks.extend(result.health_check.clone());
             for vs in &result.virtual_servers {
-                let claimants = &self.claims[&vs.key];
-                if claimants[0] != *id {
+                let winner = self
+                    .claims
+                    .contested_winner(&vs.key)
+                    .filter(|winner| *winner != id);
+                if let Some(winner) = winner {
                     plan.problems.push(Problem::new(
                         id.object(),
                         kind_field(vs.kind, &vs.port_name),
@@ -984,54 +1132,84 @@ impl Planner {
                             "virtual server {} is also planned by {}, which wins (first by namespace/name); \
                              not programmed for this Service",
                             vs.key,
-                            claimants[0].object()
+                            winner.object()
                         ),
                     ));
                     continue;
                 }
                 if vs.kind != VirtualServerKind::NodePort {
-                    plan.vips.insert(vs.key.address);
+                    vips.push(vs.key.address);
                 }
                 plan.virtual_servers.push(vs.clone());
             }
         }
+        vips.sort_unstable();
+        plan.vips = vips.into_iter().collect();
+        reserved_node_ports.sort_unstable();
+        plan.reserved_node_ports = reserved_node_ports.into_iter().collect();
         plan.problems.sort();
         plan.problems.dedup();
         plan
     }
 
-    /// Adds a slice to the index; returns its Service.
-    fn index_slice(&mut self, slice: &EndpointSlice) -> Option<ServiceId> {
-        let (name, model) = SliceModel::parse(slice, &self.config.node_name)?;
+    /// Adds a parsed slice to the index, in its Service's name order; returns its Service.
+    fn index_slice(&mut self, model: SliceModel) -> ServiceId {
         let id = model.service.clone();
-        self.slices_by_service
-            .entry(id.clone())
-            .or_default()
-            .insert(name.clone());
-        self.slices.insert((id.namespace.clone(), name), model);
-        Some(id)
+        self.own_slice(&model);
+        let slices = self.slices.entry(id.clone()).or_default();
+        match slices.binary_search_by(|s| s.name.cmp(&model.name)) {
+            Ok(at) => slices[at] = model,
+            Err(at) => slices.insert(at, model),
+        }
+        id
+    }
+
+    fn own_slice(&mut self, slice: &SliceModel) {
+        let namespace = slice.service.namespace();
+        let owners = match self.slice_owners.get_mut(namespace) {
+            Some(owners) => owners,
+            None => self.slice_owners.entry(namespace.to_string()).or_default(),
+        };
+        owners.insert(slice.name.clone(), slice.service.clone());
     }
 
     /// Removes a slice from the index; returns the Service it belonged to.
     fn unindex_slice(&mut self, namespace: &str, name: &str) -> Option<ServiceId> {
-        let model = self.slices.remove(&(namespace.to_string(), name.to_string()))?;
-        if let Some(names) = self.slices_by_service.get_mut(&model.service) {
-            names.remove(name);
-            if names.is_empty() {
-                self.slices_by_service.remove(&model.service);
+        let owners = self.slice_owners.get_mut(namespace)?;
+        let id = owners.remove(name)?;
+        if owners.is_empty() {
+            self.slice_owners.remove(namespace);
+        }
+        if let Some(slices) = self.slices.get_mut(&id) {
+            slices.retain(|s| &*s.name != name);
+            if slices.is_empty() {
+                self.slices.remove(&id);
             }
         }
-        Some(model.service)
+        Some(id)
     }
 
-    fn scheduler_for(&self, service: &ServiceModel, problems: &mut Vec<Problem>) -> String {
+    fn slices_of(&self, id: &ServiceId) -> &[SliceModel] {
+        self.slices.get(id).map_or(&[], Vec::as_slice)
+    }
+
+    /// Plans one Service with its slices (in slice-name order) and its governing policy.
+    fn plan(&self, service: &ServiceModel, slices: &[SliceModel]) -> ServicePlan {
+        let mut problems = Vec::new();
+        let scheduler = self.scheduler_for(service, &mut problems);
+        let mut plan = plan_service(service, slices, &self.node_addresses, &scheduler);
+        plan.problems.extend(problems);
+        plan
+    }
+
+    fn scheduler_for(&self, service: &ServiceModel, problems: &mut Vec<Problem>) -> Arc<str> {
         let governance = self.policies.governing_service(
-            self.namespace_labels.get(&service.id.namespace),
+            self.namespace_labels.get(service.id.namespace()),
             service.labels.as_ref(),
         );
         match governance {
-            Governance::By(policy) => policy.scheduler.clone(),
-            Governance::Ungoverned => DEFAULT_SCHEDULER.to_string(),
+            Governance::By(policy) => self.scheduler_named(&policy.scheduler),
+            Governance::Ungoverned => self.scheduler_named(DEFAULT_SCHEDULER),
             Governance::Ambiguous(a, b) => {
                 problems.push(Problem::new(
                     service.id.object(),
@@ -1041,57 +1219,58 @@ impl Planner {
                         a.name, b.name
                     ),
                 ));
-                DEFAULT_SCHEDULER.to_string()
+                self.scheduler_named(DEFAULT_SCHEDULER)
             }
         }
     }
 
-    /// Re-plans one Service (or forgets it, when it is gone) and updates the claims, the desired
-    /// table and the dirty keys for exactly its virtual servers.
+    fn scheduler_named(&self, name: &str) -> Arc<str> {
+        let known = self.schedulers.iter().find(|s| ***s == *name);
+        known.cloned().unwrap_or_else(|| Arc::from(name))
+    }
+
+    /// Plans a Service anew from its model, or forgets it (`None`).
+    fn set_service(&mut self, id: &ServiceId, model: Option<ServiceModel>) {
+        let old = self.services.remove(id).map(|service| service.plan);
+        if let Some(model) = model {
+            let slices = self.slices_of(id);
+            let plan = self.plan(&model, slices);
+            self.services.insert(id.clone(), ProxiedService { model, plan });
+        }
+        self.update_claims(id, old);
+    }
+
+    /// Re-plans one Service after its slices, the node or the policies changed.
     fn replan(&mut self, id: &ServiceId) {
-        let new = self.services.get(id).map(|service| {
-            let slices: Vec<&SliceModel> = self
-                .slices_by_service
-                .get(id)
-                .into_iter()
-                .flatten()
-                .filter_map(|name| self.slices.get(&(id.namespace.clone(), name.clone())))
-                .collect();
-            let mut problems = Vec::new();
-            let scheduler = self.scheduler_for(service, &mut problems);
-            let mut plan = plan_service(service, &slices, &self.node_addresses, &scheduler);
-            plan.problems.extend(problems);
-            plan
-        });
-        let old = match new {
-            Some(plan) => self.results.insert(id.clone(), plan),
-            None => self.results.remove(id),
+        let Some(service) = self.services.get(id) else {
+            return;
         };
-        let old_keys: Vec<VirtualServerKey> = old
-            .iter()
-            .flat_map(|p| p.virtual_servers.iter().map(|vs| vs.key))
-            .collect();
+        let slices = self.slices_of(id);
+        let plan = self.plan(&service.model, slices);
+        let old = self
+            .services
+            .get_mut(id)
+            .map(|service| std::mem::replace(&mut service.plan, plan));
+        self.update_claims(id, old);
+    }
+
+    /// Updates the claims, the desired table and the dirty keys for exactly the virtual servers
+    /// a Service planned before (`old`) and plans now.
+    fn update_claims(&mut self, id: &ServiceId, old: Option<ServicePlan>) {
+        let old_keys: Vec<VirtualServerKey> = old.iter().flat_map(ServicePlan::keys).collect();
         let new_keys: Vec<VirtualServerKey> = self
-            .results
+            .services
             .get(id)
             .into_iter()
-            .flat_map(|p| p.virtual_servers.iter().map(|vs| vs.key))
+            .flat_map(|service| service.plan.keys())
             .collect();
         for key in &old_keys {
-            if !new_keys.contains(key)
-                && let Some(claimants) = self.claims.get_mut(key)
-            {
-                claimants.retain(|c| c != id);
-                if claimants.is_empty() {
-                    self.claims.remove(key);
-                }
+            if !new_keys.contains(key) {
+                self.claims.release(key, id);
             }
         }
         for key in &new_keys {
-            let claimants = self.claims.entry(*key).or_default();
-            if let Err(at) = claimants.binary_search(id) {
-                claimants.insert(at, id.clone());
-            }
+            self.claims.claim(*key, id);
         }
         for key in old_keys.iter().chain(&new_keys) {
             self.refresh_desired(key);
@@ -1102,10 +1281,9 @@ impl Planner {
     fn refresh_desired(&mut self, key: &VirtualServerKey) {
         let wanted = self
             .claims
-            .get(key)
-            .and_then(|claimants| claimants.first())
-            .and_then(|winner| self.results.get(winner))
-            .and_then(|plan| plan.get(key))
+            .winner(key)
+            .and_then(|winner| self.services.get(winner))
+            .and_then(|service| service.plan.get(key))
             .map(PlannedVirtualServer::to_ipvs_service);
         match wanted {
             Some(service) => {
@@ -1121,6 +1299,103 @@ impl Planner {
             }
         }
     }
+}
+
+/// Which Services plan each virtual server. The first by namespace/name wins. One claimant is
+/// the rule and costs no more than the winner's name; contested keys keep every claimant apart.
+#[derive(Clone, Debug, Default)]
+struct Claims {
+    winners: BTreeMap<VirtualServerKey, ServiceId>,
+    /// Every claimant, sorted, of each key with more than one.
+    contested: BTreeMap<VirtualServerKey, Vec<ServiceId>>,
+}
+
+impl Claims {
+    fn winner(&self, key: &VirtualServerKey) -> Option<&ServiceId> {
+        self.winners.get(key)
+    }
+
+    /// The winner of a key, when others claim it too.
+    fn contested_winner(&self, key: &VirtualServerKey) -> Option<&ServiceId> {
+        self.contested.get(key).and_then(|claimants| claimants.first())
+    }
+
+    fn claim(&mut self, key: VirtualServerKey, id: &ServiceId) {
+        let winner = match self.winners.get(&key) {
+            None => id.clone(),
+            Some(winner) if winner == id => return,
+            Some(winner) => {
+                let claimants = self.contested.entry(key).or_insert_with(|| vec![winner.clone()]);
+                if let Err(at) = claimants.binary_search(id) {
+                    claimants.insert(at, id.clone());
+                }
+                claimants.first().unwrap_or(id).clone()
+            }
+        };
+        self.winners.insert(key, winner);
+    }
+
+    fn release(&mut self, key: &VirtualServerKey, id: &ServiceId) {
+        match self.contested.get_mut(key) {
+            Some(claimants) => {
+                claimants.retain(|c| c != id);
+                if let Some(winner) = claimants.first() {
+                    self.winners.insert(*key, winner.clone());
+                }
+                if claimants.len() < 2 {
+                    self.contested.remove(key);
+                }
+            }
+            None => {
+                if self.winners.get(key) == Some(id) {
+                    self.winners.remove(key);
+                }
+            }
+        }
+    }
+}
+
+/// Positions of `items` in order of their keys, keeping only the last of equal keys (the copy
+/// applied last wins). Keys are laid out flat before sorting, for the cache.
+fn sorted_latest<'a, T, K: Ord>(items: &'a [T], key: impl Fn(&'a T) -> K) -> Vec<usize> {
+    let mut keyed: Vec<(K, usize)> = items.iter().enumerate().map(|(i, item)| (key(item), i)).collect();
+    // Equal keys sort by position, so the last of each run is the latest copy.
+    keyed.sort_unstable();
+    let mut order = Vec::with_capacity(keyed.len());
+    let mut keyed = keyed.into_iter().peekable();
+    while let Some((key, i)) = keyed.next() {
+        if keyed.peek().is_none_or(|(next, _)| *next != key) {
+            order.push(i);
+        }
+    }
+    order
+}
+
+/// Keys whose entries differ between two tables (present in one only, or unequal), in order.
+fn changed_keys(before: &IpvsTable, after: &IpvsTable) -> Vec<VirtualServerKey> {
+    let mut changed = Vec::new();
+    let mut before = before.iter().peekable();
+    let mut after = after.iter().peekable();
+    loop {
+        let order = match (before.peek(), after.peek()) {
+            (None, None) => break,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some((b, _)), Some((a, _))) => b.cmp(a),
+        };
+        match order {
+            Ordering::Less => changed.extend(before.next().map(|(key, _)| *key)),
+            Ordering::Greater => changed.extend(after.next().map(|(key, _)| *key)),
+            Ordering::Equal => {
+                if let (Some((key, b)), Some((_, a))) = (before.next(), after.next())
+                    && b != a
+                {
+                    changed.push(*key);
+                }
+            }
+        }
+    }
+    changed
 }
 
 fn missing_node_problem(node_name: &str) -> Problem {

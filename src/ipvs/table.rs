@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -67,7 +68,8 @@ impl RealServerState {
 /// A virtual server's settings and its real servers.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct IpvsService {
-    pub scheduler: String,
+    /// Shared: a cluster has a handful of scheduler names and many thousands of services.
+    pub scheduler: Arc<str>,
     /// Seconds of ClientIP persistence; `None` when the service is not persistent.
     pub persistence_timeout: Option<u32>,
     pub real_servers: BTreeMap<RealServerKey, RealServerState>,
@@ -88,12 +90,12 @@ pub type IpvsTable = BTreeMap<VirtualServerKey, IpvsService>;
 pub enum IpvsOp {
     AddService {
         key: VirtualServerKey,
-        scheduler: String,
+        scheduler: Arc<str>,
         persistence_timeout: Option<u32>,
     },
     UpdateService {
         key: VirtualServerKey,
-        scheduler: String,
+        scheduler: Arc<str>,
         persistence_timeout: Option<u32>,
     },
     DeleteService {

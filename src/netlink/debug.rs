@@ -172,13 +172,13 @@ fn parse_op(line: &str) -> Result<IpvsOp, String> {
             Ok(if words[0] == "add-service" {
                 IpvsOp::AddService {
                     key,
-                    scheduler,
+                    scheduler: scheduler.into(),
                     persistence_timeout,
                 }
             } else {
                 IpvsOp::UpdateService {
                     key,
-                    scheduler,
+                    scheduler: scheduler.into(),
                     persistence_timeout,
                 }
             })

@@ -223,7 +223,7 @@ pub fn encode_op(family: u16, op: &IpvsOp, flags: u16) -> MessageBuilder {
             persistence_timeout,
         } => {
             let mut b = generic(CMD_NEW_SERVICE);
-            put_service(&mut b, key, Some((scheduler, *persistence_timeout)));
+            put_service(&mut b, key, Some((&**scheduler, *persistence_timeout)));
             b
         }
         IpvsOp::UpdateService {
@@ -232,7 +232,7 @@ pub fn encode_op(family: u16, op: &IpvsOp, flags: u16) -> MessageBuilder {
             persistence_timeout,
         } => {
             let mut b = generic(CMD_SET_SERVICE);
-            put_service(&mut b, key, Some((scheduler, *persistence_timeout)));
+            put_service(&mut b, key, Some((&**scheduler, *persistence_timeout)));
             b
         }
         IpvsOp::DeleteService { key } => {
@@ -270,7 +270,7 @@ pub fn encode_op(family: u16, op: &IpvsOp, flags: u16) -> MessageBuilder {
 }
 
 /// `IPVS_CMD_ATTR_SERVICE`: the identity always, the settings when creating or changing it.
-fn put_service(b: &mut MessageBuilder, key: &VirtualServerKey, settings: Option<(&String, Option<u32>)>) {
+fn put_service(b: &mut MessageBuilder, key: &VirtualServerKey, settings: Option<(&str, Option<u32>)>) {
     b.begin_nest(CMD_ATTR_SERVICE);
     b.put_u16(SVC_ATTR_AF, address_family(key.address));
     b.put_u16(SVC_ATTR_PROTOCOL, protocol_number(key.protocol));
@@ -417,7 +417,7 @@ pub fn decode_service_message(
         protocol,
     };
     let service = IpvsService {
-        scheduler,
+        scheduler: scheduler.into(),
         persistence_timeout: (flags & SVC_F_PERSISTENT != 0).then_some(timeout),
         real_servers: BTreeMap::new(),
     };
@@ -714,7 +714,7 @@ mod tests {
         let message = kernel_service_message(address, 2, 443, SVC_F_HASHED | SVC_F_PERSISTENT, 600);
         let (key, service) = decode_service_message(&message).unwrap().unwrap();
         assert_eq!(key, tcp("10.96.0.1", 443));
-        assert_eq!(service.scheduler, "wrr");
+        assert_eq!(&*service.scheduler, "wrr");
         assert_eq!(service.persistence_timeout, Some(600));
 
         let plain = kernel_service_message(address, 2, 443, SVC_F_HASHED, 0);

@@ -34,7 +34,7 @@ fn state(weight: u32, active: u32, inactive: u32) -> RealServerState {
 
 fn service(scheduler: &str, reals: &[(&str, RealServerState)]) -> IpvsService {
     IpvsService {
-        scheduler: scheduler.to_string(),
+        scheduler: scheduler.into(),
         persistence_timeout: None,
         real_servers: reals.iter().map(|(r, s)| (real(r, 8080), *s)).collect(),
     }
@@ -365,7 +365,7 @@ fn service_strategy(with_counters: bool) -> impl Strategy<Value = IpvsService> {
         ),
     )
         .prop_map(|(scheduler, persistence_timeout, real_servers)| IpvsService {
-            scheduler: scheduler.to_string(),
+            scheduler: scheduler.into(),
             persistence_timeout,
             real_servers,
         })

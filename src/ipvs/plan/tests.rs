@@ -778,7 +778,7 @@ fn scheduler_comes_from_the_governing_policy() {
     let schedulers: Vec<_> = plan
         .virtual_servers
         .iter()
-        .map(|vs| (vs.service.as_str(), vs.scheduler.as_str()))
+        .map(|vs| (&*vs.service, &*vs.scheduler))
         .collect();
     assert_eq!(
         schedulers,
@@ -797,7 +797,7 @@ fn scheduler_comes_from_the_governing_policy() {
     let set = PolicySet::compile(&[policy("all", json!({"agent": {"scheduler": "wlc"}}))]);
     planner.set_policies(set, snap.namespace_labels());
     assert_eq!(planner.take_dirty().len(), 3);
-    assert!(planner.desired().values().all(|s| s.scheduler == "wlc"));
+    assert!(planner.desired().values().all(|s| &*s.scheduler == "wlc"));
 }
 
 #[test]
@@ -1023,6 +1023,130 @@ fn node_address_change_replans_node_ports() {
     other.metadata.name = Some("node-b".into());
     planner.set_node(&other);
     assert!(planner.take_dirty().is_empty());
+}
+
+#[test]
+fn later_copies_in_a_snapshot_win_as_applying_them_in_order_would() {
+    let ports = http_ports();
+    let web = |ip: &str| web_service(json!({"clusterIP": ip}), json!({}));
+    let first = slice(
+        "shop",
+        "web-abc",
+        "web",
+        "IPv4",
+        ports.clone(),
+        json!([endpoint("10.1.0.1", NODE, json!({}))]),
+    );
+    // The same slice again, relabeled to another Service and with another endpoint.
+    let moved = slice(
+        "shop",
+        "web-abc",
+        "api",
+        "IPv4",
+        ports.clone(),
+        json!([endpoint("10.1.0.2", NODE, json!({}))]),
+    );
+    let api = service(
+        "shop",
+        "api",
+        json!({}),
+        json!({"clusterIP": "10.96.0.20", "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}),
+        json!({}),
+    );
+    let snap = snapshot(
+        vec![web("10.96.0.9"), api.clone(), web("10.96.0.10")],
+        vec![first.clone(), moved.clone()],
+    );
+    let plan = plan_node(&snap, &config(ProxyMode::Replacement));
+
+    assert_eq!(
+        reals(&plan, VirtualServerKind::ClusterIP, "10.96.0.10"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        reals(&plan, VirtualServerKind::ClusterIP, "10.96.0.20"),
+        ["10.1.0.2:8080"]
+    );
+    assert!(
+        !plan
+            .virtual_servers
+            .iter()
+            .any(|vs| vs.key.address == ip("10.96.0.9")),
+        "the earlier copy of the Service is replaced"
+    );
+
+    let mut applied = Planner::new(config(ProxyMode::Replacement));
+    applied.set_node(&default_node());
+    for service in &snap.services {
+        applied.upsert_service(service);
+    }
+    applied.upsert_slice(&first);
+    applied.upsert_slice(&moved);
+    assert_eq!(applied.node_plan(), plan);
+}
+
+mod claims {
+    use super::*;
+    use pretty_assertions::assert_eq;
+    use proptest::prelude::*;
+
+    fn id(i: u8) -> ServiceId {
+        ServiceId::new(["a", "b"][usize::from(i % 2)], &format!("s{}", i / 2))
+    }
+
+    fn key(k: u8) -> VirtualServerKey {
+        vs_key(&format!("10.96.0.{k}"), 80, Protocol::Tcp)
+    }
+
+    #[test]
+    fn the_first_by_namespace_and_name_wins_and_the_next_takes_over() {
+        let mut claims = Claims::default();
+        let (b_s0, a_s1) = (ServiceId::new("b", "s0"), ServiceId::new("a", "s1"));
+        claims.claim(key(1), &b_s0);
+        assert_eq!(claims.winner(&key(1)), Some(&b_s0));
+        assert_eq!(
+            claims.contested_winner(&key(1)),
+            None,
+            "one claimant is no contest"
+        );
+        claims.claim(key(1), &a_s1);
+        assert_eq!(claims.winner(&key(1)), Some(&a_s1));
+        assert_eq!(claims.contested_winner(&key(1)), Some(&a_s1));
+        claims.release(&key(1), &a_s1);
+        assert_eq!(claims.winner(&key(1)), Some(&b_s0));
+        assert_eq!(claims.contested_winner(&key(1)), None);
+        claims.release(&key(1), &b_s0);
+        assert_eq!(claims.winner(&key(1)), None);
+        assert!(claims.winners.is_empty() && claims.contested.is_empty());
+    }
+
+    proptest! {
+        /// Any claims and releases leave the winner of each key the least claimant, and keep
+        /// only keys with two or more claimants as contested.
+        #[test]
+        fn claims_agree_with_a_set_of_claimants(ops in prop::collection::vec((any::<bool>(), 0..3u8, 0..5u8), 0..60)) {
+            let mut claims = Claims::default();
+            let mut model: BTreeMap<u8, BTreeSet<ServiceId>> = BTreeMap::new();
+            for (claim, k, i) in ops {
+                if claim {
+                    claims.claim(key(k), &id(i));
+                    model.entry(k).or_default().insert(id(i));
+                } else {
+                    claims.release(&key(k), &id(i));
+                    if let Some(set) = model.get_mut(&k) {
+                        set.remove(&id(i));
+                    }
+                }
+                for k in 0..3u8 {
+                    let set = model.get(&k).cloned().unwrap_or_default();
+                    prop_assert_eq!(claims.winner(&key(k)), set.first());
+                    let contested = (set.len() > 1).then(|| set.first()).flatten();
+                    prop_assert_eq!(claims.contested_winner(&key(k)), contested);
+                    prop_assert_eq!(claims.contested.get(&key(k)).map(Vec::len).unwrap_or(0), if set.len() > 1 { set.len() } else { 0 });
+                }
+            }
+        }
+    }
 }
 
 mod incremental {
