@@ -3,12 +3,16 @@
 //! - `plan_node/N`: one node's plan from scratch for N Services with 10 endpoints each (one
 //!   EndpointSlice per Service; one Service in 50 is a NodePort). Throughput is per Service, so
 //!   linear scaling shows as a flat per-element time.
+//! - `read_snapshot/N`: the floor under it: only reading each endpoint's address and node name
+//!   once. Its per-Service time steps up as the snapshot outgrows the CPU caches, and so does the
+//!   planner's; the ratio of the two is what shows how the planner itself scales.
 //! - `one_endpoint_change/10000`: the agent's steady state: one EndpointSlice changes in a
 //!   10,000-Service state; re-plan that Service, take the dirty keys, diff them against the
 //!   kernel table and apply the ops to it.
 //! - `full_diff_unchanged/10000`: what diffing everything would cost instead (no change at all).
 
 use std::hint::black_box;
+use std::net::IpAddr;
 
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -93,6 +97,32 @@ fn plan_from_scratch(c: &mut Criterion) {
     group.finish();
 }
 
+/// Reads every field of the snapshot a planner cannot avoid reading, and builds nothing.
+fn read_every_endpoint(snap: &Snapshot) -> usize {
+    let mut seen = 0;
+    for slice in &snap.endpoint_slices {
+        for endpoint in &slice.endpoints {
+            let address = endpoint.addresses.first().and_then(|a| a.parse::<IpAddr>().ok());
+            seen +=
+                usize::from(address.is_some()) + usize::from(endpoint.node_name.as_deref() == Some("node-0"));
+        }
+    }
+    seen
+}
+
+fn read_snapshot(c: &mut Criterion) {
+    let mut group = c.benchmark_group("read_snapshot");
+    group.sample_size(10);
+    for services in [1_000, 10_000, 100_000] {
+        let snap = snapshot(services);
+        group.throughput(Throughput::Elements(services as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(services), &snap, |b, snap| {
+            b.iter(|| black_box(read_every_endpoint(snap)))
+        });
+    }
+    group.finish();
+}
+
 fn one_endpoint_change(c: &mut Criterion) {
     const SERVICES: usize = 10_000;
     let snap = snapshot(SERVICES);
@@ -134,5 +164,5 @@ fn one_endpoint_change(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, plan_from_scratch, one_endpoint_change);
+criterion_group!(benches, plan_from_scratch, read_snapshot, one_endpoint_change);
 criterion_main!(benches);
