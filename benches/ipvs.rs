@@ -84,17 +84,22 @@ fn snapshot(services: usize) -> Snapshot {
     }
 }
 
-fn plan_from_scratch(c: &mut Criterion) {
-    let mut group = c.benchmark_group("plan_node");
+/// Runs `routine` on snapshots of 1,000, 10,000 and 100,000 Services, with throughput per Service.
+fn per_cluster_size<T>(c: &mut Criterion, name: &str, routine: impl Fn(&Snapshot) -> T) {
+    let mut group = c.benchmark_group(name);
     group.sample_size(10);
     for services in [1_000, 10_000, 100_000] {
         let snap = snapshot(services);
         group.throughput(Throughput::Elements(services as u64));
         group.bench_with_input(BenchmarkId::from_parameter(services), &snap, |b, snap| {
-            b.iter(|| black_box(plan_node(snap, &config())))
+            b.iter(|| black_box(routine(snap)))
         });
     }
     group.finish();
+}
+
+fn plan_from_scratch(c: &mut Criterion) {
+    per_cluster_size(c, "plan_node", |snap| plan_node(snap, &config()));
 }
 
 /// Reads every field of the snapshot a planner cannot avoid reading, and builds nothing.
@@ -111,16 +116,7 @@ fn read_every_endpoint(snap: &Snapshot) -> usize {
 }
 
 fn read_snapshot(c: &mut Criterion) {
-    let mut group = c.benchmark_group("read_snapshot");
-    group.sample_size(10);
-    for services in [1_000, 10_000, 100_000] {
-        let snap = snapshot(services);
-        group.throughput(Throughput::Elements(services as u64));
-        group.bench_with_input(BenchmarkId::from_parameter(services), &snap, |b, snap| {
-            b.iter(|| black_box(read_every_endpoint(snap)))
-        });
-    }
-    group.finish();
+    per_cluster_size(c, "read_snapshot", read_every_endpoint);
 }
 
 fn one_endpoint_change(c: &mut Criterion) {
