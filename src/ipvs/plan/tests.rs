@@ -1174,6 +1174,8 @@ mod incremental {
         SetNode {
             variant: u8,
         },
+        /// A re-list: everything reloaded in bulk from the objects as they are now.
+        Reload,
     }
 
     const SERVICES: [(&str, &str); 4] = [("a", "s0"), ("a", "s1"), ("b", "s0"), ("b", "s2")];
@@ -1271,33 +1273,48 @@ mod incremental {
                 }),
             (0..6usize).prop_map(|index| Event::RemoveSlice { index }),
             any::<u8>().prop_map(|variant| Event::SetNode { variant }),
+            Just(Event::Reload),
         ]
     }
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(200))]
 
-        /// After any sequence of watch events, the incremental planner's plan and table equal a
-        /// fresh plan of the same objects, and applying only the dirty keys' diffs keeps a kernel
-        /// table equal to the desired one.
+        /// After any sequence of watch events and re-lists, the incremental planner's plan and
+        /// table equal a fresh plan of the same objects, and applying only the dirty keys' diffs
+        /// keeps a kernel table equal to the desired one.
         #[test]
-        fn incremental_equals_from_scratch(events in prop::collection::vec(event(), 1..30)) {
+        fn incremental_equals_from_scratch(
+            events in prop::collection::vec((event(), prop::bool::weighted(0.2)), 1..30),
+        ) {
             let mode = ProxyMode::Replacement;
             let mut planner = Planner::new(config(mode));
             let mut services: BTreeMap<usize, Service> = BTreeMap::new();
             let mut slices: BTreeMap<usize, EndpointSlice> = BTreeMap::new();
             let mut current_node: Option<Node> = None;
             let mut kernel = IpvsTable::new();
-            for event in events {
+            // Whether an event was missed since the last re-list.
+            let mut stale = false;
+            for (event, missed) in events {
+                // A missed event changes the objects but never reaches the planner, as when a
+                // watch drops; the next re-list must catch up with it.
+                let mut scratch;
+                let target = if missed && !matches!(event, Event::Reload) {
+                    stale = true;
+                    scratch = planner.clone();
+                    &mut scratch
+                } else {
+                    &mut planner
+                };
                 match event {
                     Event::UpsertService { index, variant } => {
                         let svc = service_variant(index, variant);
-                        planner.upsert_service(&svc);
+                        target.upsert_service(&svc);
                         services.insert(index, svc);
                     }
                     Event::RemoveService { index } => {
                         let (ns, name) = SERVICES[index];
-                        planner.remove_service(ns, name);
+                        target.remove_service(ns, name);
                         services.remove(&index);
                     }
                     Event::UpsertSlice { index, service, endpoints } => {
@@ -1306,20 +1323,29 @@ mod incremental {
                         if let Some(old) = slices.get(&index)
                             && old.metadata.namespace != s.metadata.namespace
                         {
-                            planner.remove_slice(old.metadata.namespace.as_deref().unwrap(), &format!("slice-{index}"));
+                            target.remove_slice(old.metadata.namespace.as_deref().unwrap(), &format!("slice-{index}"));
                         }
-                        planner.upsert_slice(&s);
+                        target.upsert_slice(&s);
                         slices.insert(index, s);
                     }
                     Event::RemoveSlice { index } => {
                         if let Some(old) = slices.remove(&index) {
-                            planner.remove_slice(old.metadata.namespace.as_deref().unwrap(), &format!("slice-{index}"));
+                            target.remove_slice(old.metadata.namespace.as_deref().unwrap(), &format!("slice-{index}"));
                         }
                     }
                     Event::SetNode { variant } => {
                         let n = node_variant(variant);
-                        planner.set_node(&n);
+                        target.set_node(&n);
                         current_node = Some(n);
+                    }
+                    Event::Reload => {
+                        stale = false;
+                        target.load_snapshot(&Snapshot {
+                            nodes: current_node.iter().cloned().collect(),
+                            services: services.values().cloned().collect(),
+                            endpoint_slices: slices.values().cloned().collect(),
+                            ..Default::default()
+                        });
                     }
                 }
                 let dirty = planner.take_dirty();
@@ -1336,6 +1362,14 @@ mod incremental {
                 endpoint_slices: slices.into_values().collect(),
                 ..Default::default()
             };
+            if stale {
+                planner.load_snapshot(&snap);
+                let dirty = planner.take_dirty();
+                for op in diff_keys(&kernel, planner.desired(), &dirty, &Ownership::everything()) {
+                    prop_assert!(op.apply_to(&mut kernel).is_ok(), "{op}");
+                }
+                prop_assert_eq!(&kernel, planner.desired());
+            }
             let fresh = plan_node(&snap, &config(mode));
             prop_assert_eq!(&planner.node_plan(), &fresh);
             prop_assert_eq!(planner.desired(), &fresh.table());
