@@ -264,15 +264,8 @@ mod tests {
     use pretty_assertions::assert_eq;
 
     use super::*;
+    use crate::ipvs::table::test_keys::vs_key as key;
     use crate::ipvs::{IpvsService, RealServerKey, RealServerState};
-
-    fn key(address: &str, port: u16, protocol: Protocol) -> VirtualServerKey {
-        VirtualServerKey {
-            address: address.parse().unwrap(),
-            port,
-            protocol,
-        }
-    }
 
     fn service(reals: &[(&str, u16)]) -> IpvsService {
         IpvsService {

@@ -232,6 +232,27 @@ impl fmt::Display for IpvsOp {
     }
 }
 
+/// Keys written as text, for tests: a literal that does not parse is a bug in the test.
+#[cfg(test)]
+pub(crate) mod test_keys {
+    use super::*;
+
+    pub fn vs_key(address: &str, port: u16, protocol: Protocol) -> VirtualServerKey {
+        VirtualServerKey {
+            address: address.parse().expect("test address"),
+            port,
+            protocol,
+        }
+    }
+
+    pub fn rs_key(address: &str, port: u16) -> RealServerKey {
+        RealServerKey {
+            address: address.parse().expect("test address"),
+            port,
+        }
+    }
+}
+
 /// Why the kernel would refuse an operation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ApplyRefusal {

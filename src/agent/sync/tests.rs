@@ -1,11 +1,12 @@
+use crate::ipvs::table::test_keys::{rs_key as rs, vs_key as vs};
 use std::net::IpAddr;
 
 use pretty_assertions::assert_eq;
 
 use super::*;
 use crate::agent::dataplane::{FakeDataplane, FakeKernel};
+use crate::ipvs::IpvsOp;
 use crate::ipvs::plan::plan_node;
-use crate::ipvs::{IpvsOp, RealServerKey};
 use crate::snapshot::parse_str;
 
 const NODE: &str = "
@@ -95,21 +96,6 @@ fn config() -> PlannerConfig {
     PlannerConfig {
         node_name: "node-a".into(),
         mode: ProxyMode::Delegated,
-    }
-}
-
-fn vs(address: &str, port: u16, protocol: Protocol) -> VirtualServerKey {
-    VirtualServerKey {
-        address: address.parse().unwrap(),
-        port,
-        protocol,
-    }
-}
-
-fn rs(address: &str, port: u16) -> RealServerKey {
-    RealServerKey {
-        address: address.parse().unwrap(),
-        port,
     }
 }
 

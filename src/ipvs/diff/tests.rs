@@ -1,27 +1,13 @@
 use std::collections::BTreeMap;
 
 use super::*;
+use crate::ipvs::table::test_keys::{rs_key as real, vs_key as key};
 use crate::ipvs::table::{RealServerKey, RealServerState};
 use pretty_assertions::assert_eq;
 use proptest::prelude::*;
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
-}
-
-fn key(address: &str, port: u16, protocol: Protocol) -> VirtualServerKey {
-    VirtualServerKey {
-        address: ip(address),
-        port,
-        protocol,
-    }
-}
-
-fn real(address: &str, port: u16) -> RealServerKey {
-    RealServerKey {
-        address: ip(address),
-        port,
-    }
 }
 
 fn state(weight: u32, active: u32, inactive: u32) -> RealServerState {

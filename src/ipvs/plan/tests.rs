@@ -1,5 +1,6 @@
 use super::*;
 use crate::ipvs::diff::{Ownership, diff_keys};
+use crate::ipvs::table::test_keys::vs_key;
 use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 
@@ -71,14 +72,6 @@ fn snapshot(services: Vec<Service>, slices: Vec<EndpointSlice>) -> Snapshot {
 
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
-}
-
-fn vs_key(address: &str, port: u16, protocol: Protocol) -> VirtualServerKey {
-    VirtualServerKey {
-        address: ip(address),
-        port,
-        protocol,
-    }
 }
 
 /// Real servers of the plan's virtual server of `kind` on `address`, as "ip:port" strings.
