@@ -14,8 +14,8 @@ use portpolicy::agent::dataplane::{FakeDataplane, FakeKernel};
 use portpolicy::agent::metrics::Metrics;
 use portpolicy::agent::nft::MasqueradeOptions;
 use portpolicy::agent::sync::{Change, Syncer};
-use portpolicy::ipvs::plan::{PlannerConfig, ProxyMode};
-use portpolicy::snapshot::Snapshot;
+use portpolicy_core::ipvs::plan::{PlannerConfig, ProxyMode};
+use portpolicy_core::snapshot::Snapshot;
 
 const SERVICES: usize = 10_000;
 const ENDPOINTS: usize = 5;

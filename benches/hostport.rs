@@ -7,11 +7,13 @@ use std::sync::atomic::Ordering;
 
 use criterion::Criterion;
 use k8s_openapi::api::core::v1::Pod;
-use portpolicy::crd::PortPolicy;
-use portpolicy::governance::{Labels, PolicySet};
-use portpolicy::hostport::{ConflictInput, HostPortPod, detect_conflicts, placed_pods, predict_workloads};
-use portpolicy::ports::PortRange;
-use portpolicy::snapshot::Snapshot;
+use portpolicy_core::crd::PortPolicy;
+use portpolicy_core::governance::{Labels, PolicySet};
+use portpolicy_core::hostport::{
+    ConflictInput, HostPortPod, detect_conflicts, placed_pods, predict_workloads,
+};
+use portpolicy_core::ports::PortRange;
+use portpolicy_core::snapshot::Snapshot;
 use serde_json::{Value, json};
 
 #[path = "support/counting_alloc.rs"]
@@ -20,7 +22,7 @@ use counting_alloc::LIVE;
 
 const NODES: usize = 5_000;
 const PODS_PER_NODE: usize = 10;
-const FULL_POD: &str = include_str!("../src/hostport/testdata/full-pod.json");
+const FULL_POD: &str = include_str!("../crates/core/src/hostport/testdata/full-pod.json");
 
 fn node_name(i: usize) -> String {
     format!("node-{i:05}")

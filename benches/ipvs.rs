@@ -17,9 +17,9 @@ use std::net::IpAddr;
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use portpolicy::ipvs::diff::{Ownership, diff, diff_keys};
-use portpolicy::ipvs::plan::{Planner, PlannerConfig, ProxyMode, SERVICE_NAME_LABEL, plan_node};
-use portpolicy::snapshot::Snapshot;
+use portpolicy_core::ipvs::diff::{Ownership, diff, diff_keys};
+use portpolicy_core::ipvs::plan::{Planner, PlannerConfig, ProxyMode, SERVICE_NAME_LABEL, plan_node};
+use portpolicy_core::snapshot::Snapshot;
 use serde_json::json;
 
 const ENDPOINTS_PER_SERVICE: usize = 10;

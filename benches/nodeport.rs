@@ -7,10 +7,10 @@ use std::hint::black_box;
 use chrono::DateTime;
 use criterion::{Criterion, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::Service;
-use portpolicy::crd::{AllocationRecord, PortPolicy};
-use portpolicy::governance::{Labels, PolicySet};
-use portpolicy::nodeport::{NodePortInput, PortBitmap, plan_node_ports};
-use portpolicy::ports::PortRange;
+use portpolicy_core::crd::{AllocationRecord, PortPolicy};
+use portpolicy_core::governance::{Labels, PolicySet};
+use portpolicy_core::nodeport::{NodePortInput, PortBitmap, plan_node_ports};
+use portpolicy_core::ports::PortRange;
 use serde_json::json;
 
 const NAMESPACES: usize = 100;
@@ -123,7 +123,7 @@ fn cluster() -> Cluster {
     }
 }
 
-fn plan(cluster: &Cluster) -> portpolicy::nodeport::NodePortPlan {
+fn plan(cluster: &Cluster) -> portpolicy_core::nodeport::NodePortPlan {
     plan_node_ports(&NodePortInput {
         cluster_range: PortRange::DEFAULT_NODE_PORTS,
         policies: &cluster.policies,

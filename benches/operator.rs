@@ -14,11 +14,11 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use portpolicy::crd::PortPolicy;
-use portpolicy::hostport::HostPortPod;
 use portpolicy::operator::core::{Inputs, compute};
 use portpolicy::operator::status::build_status;
-use portpolicy::ports::PortRange;
+use portpolicy_core::crd::PortPolicy;
+use portpolicy_core::hostport::HostPortPod;
+use portpolicy_core::ports::PortRange;
 use serde_json::{Value, json};
 
 #[path = "support/counting_alloc.rs"]

@@ -1,21 +1,9 @@
-//! portpolicy: predictable Kubernetes ports.
+//! portpolicy's edges: the operator, the node agent and `portpolicy plan`'s file loading.
 //!
-//! The core (allocation, conflict detection, IPVS planning and diffing) is pure: no I/O, no
-//! clock, no unseeded randomness. The operator, the node agent and `portpolicy plan` are thin
-//! edges around it, so all three make the same decisions from the same objects.
+//! Every decision is made by [`portpolicy_core`]; this crate watches, reads and writes.
 
 pub mod agent;
-pub mod crd;
-pub mod governance;
-pub mod hostport;
-pub mod ipvs;
 #[cfg(target_os = "linux")]
-pub mod netlink;
-pub mod nodeport;
+pub mod debug;
 pub mod operator;
-pub mod plan;
-pub mod ports;
-pub mod problem;
-pub mod selector;
-pub mod snapshot;
-pub mod table;
+pub mod snapshot_files;

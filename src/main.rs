@@ -4,11 +4,11 @@ use std::process::ExitCode;
 
 use chrono::{DateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
-use portpolicy::crd::PortPolicy;
-use portpolicy::ipvs::plan::ProxyMode;
-use portpolicy::plan::{PlanOptions, build_plan};
-use portpolicy::ports::PortRange;
-use portpolicy::snapshot::load_paths;
+use portpolicy::snapshot_files::load_paths;
+use portpolicy_core::crd::PortPolicy;
+use portpolicy_core::ipvs::plan::ProxyMode;
+use portpolicy_core::plan::{PlanOptions, build_plan};
+use portpolicy_core::ports::PortRange;
 
 /// Predictable Kubernetes ports: nodePort allocation, hostPort conflicts and IPVS programming.
 #[derive(Parser, Debug)]
@@ -31,7 +31,7 @@ enum Command {
     /// Talk to the kernel directly: inspect and exercise IPVS and the dummy interface.
     #[cfg(target_os = "linux")]
     #[command(subcommand)]
-    Debug(portpolicy::netlink::debug::DebugCommand),
+    Debug(portpolicy::debug::DebugCommand),
 }
 
 #[derive(clap::Args, Debug)]

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use chrono::{DateTime, Utc};
-use portpolicy::ipvs::plan::ProxyMode;
-use portpolicy::plan::{PlanOptions, PlanReport, build_plan};
-use portpolicy::ports::PortRange;
-use portpolicy::snapshot::load_paths;
+use portpolicy::snapshot_files::load_paths;
+use portpolicy_core::ipvs::plan::ProxyMode;
+use portpolicy_core::plan::{PlanOptions, PlanReport, build_plan};
+use portpolicy_core::ports::PortRange;
 use serde_json::Value;
 
 const NOW: &str = "2026-11-26T12:00:00Z";

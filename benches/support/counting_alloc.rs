@@ -8,6 +8,8 @@ pub struct Counting;
 
 pub static LIVE: AtomicUsize = AtomicUsize::new(0);
 
+// Bench-only: a counting allocator has to implement the unsafe GlobalAlloc trait.
+#[allow(unsafe_code)]
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         LIVE.fetch_add(layout.size(), Ordering::Relaxed);

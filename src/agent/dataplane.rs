@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::ipvs::table::ApplyRefusal;
-use crate::ipvs::{IpvsOp, IpvsTable, RealServerKey, VirtualServerKey};
+use portpolicy_core::ipvs::table::ApplyRefusal;
+use portpolicy_core::ipvs::{IpvsOp, IpvsTable, RealServerKey, VirtualServerKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {

@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 
 use super::dataplane::{ApplyReport, Dataplane, DataplaneError};
 use super::sysctl::{IPVS_SYSCTLS, Sysctls};
-use crate::ipvs::{IpvsOp, IpvsTable};
-use crate::netlink::{DummyLink, IpvsHandle};
+use portpolicy_core::ipvs::{IpvsOp, IpvsTable};
+use portpolicy_netlink::{DummyLink, IpvsHandle};
 
 pub struct LinuxDataplane {
     ipvs: IpvsHandle,

@@ -33,7 +33,7 @@ use self::metrics::{AgentHealth, Metrics};
 use self::nft::{Cidr, MasqueradeOptions};
 use self::source::Event;
 use self::sync::Syncer;
-use crate::ipvs::plan::{PlannerConfig, ProxyMode};
+use portpolicy_core::ipvs::plan::{PlannerConfig, ProxyMode};
 
 /// The agent's port for `/metrics`, `/healthz` and `/readyz`: next to kube-proxy's 10256
 /// (healthz) and 10249 (metrics) without taking either, so both can run on one node.
@@ -128,7 +128,7 @@ pub enum AgentError {
     #[error("connecting to the API server: {0}")]
     Kube(#[from] kube::Error),
     #[error("reading the snapshot: {0}")]
-    Snapshot(#[from] crate::snapshot::LoadError),
+    Snapshot(#[from] crate::snapshot_files::LoadError),
     #[error("the agent runs on Linux only")]
     Unsupported,
 }
@@ -139,11 +139,11 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     #[cfg(target_os = "linux")]
     {
         if args.print_table {
-            let loaded = crate::snapshot::load_paths(&args.snapshot)?;
-            let plan = crate::ipvs::plan::plan_node(&loaded.snapshot, &planner_config(&args));
+            let loaded = crate::snapshot_files::load_paths(&args.snapshot)?;
+            let plan = portpolicy_core::ipvs::plan::plan_node(&loaded.snapshot, &planner_config(&args));
             print!(
                 "{}",
-                crate::netlink::ipvs::format_like_ipvsadm(None, &plan.table())
+                portpolicy_netlink::ipvs::format_like_ipvsadm(None, &plan.table())
             );
             return Ok(());
         }

@@ -19,8 +19,8 @@ use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::net::IpAddr;
 
-use crate::ipvs::{IpvsTable, VirtualServerKey};
-use crate::ports::Protocol;
+use portpolicy_core::ipvs::{IpvsTable, VirtualServerKey};
+use portpolicy_core::ports::Protocol;
 
 /// The table name, in both the `ip` and `ip6` families. The agent owns it whole.
 pub const TABLE_NAME: &str = "portpolicy";
@@ -264,8 +264,8 @@ mod tests {
     use pretty_assertions::assert_eq;
 
     use super::*;
-    use crate::ipvs::table::test_keys::vs_key as key;
-    use crate::ipvs::{IpvsService, RealServerKey, RealServerState};
+    use portpolicy_core::ipvs::table::test_keys::vs_key as key;
+    use portpolicy_core::ipvs::{IpvsService, RealServerKey, RealServerState};
 
     fn service(reals: &[(&str, u16)]) -> IpvsService {
         IpvsService {

@@ -18,9 +18,10 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
 use super::sync::Change;
-use crate::crd::PortPolicy;
-use crate::governance::{Labels, PolicySet};
-use crate::snapshot::{NAMESPACE_NAME_LABEL, load_paths};
+use crate::snapshot_files::load_paths;
+use portpolicy_core::crd::PortPolicy;
+use portpolicy_core::governance::{Labels, PolicySet};
+use portpolicy_core::snapshot::NAMESPACE_NAME_LABEL;
 
 #[derive(Debug)]
 pub enum Event {

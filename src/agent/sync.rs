@@ -20,12 +20,14 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use super::dataplane::Dataplane;
 use super::metrics::Metrics;
 use super::nft::{self, MasqueradeOptions, Reach};
-use crate::governance::{Labels, PolicySet};
-use crate::ipvs::diff::{Ownership, diff, diff_keys};
-use crate::ipvs::plan::{HealthCheckPlan, NodePlan, Planner, PlannerConfig, ProxyMode, VirtualServerKind};
-use crate::ipvs::{IpvsTable, VirtualServerKey};
-use crate::ports::{PortRange, Protocol};
-use crate::snapshot::Snapshot;
+use portpolicy_core::governance::{Labels, PolicySet};
+use portpolicy_core::ipvs::diff::{Ownership, diff, diff_keys};
+use portpolicy_core::ipvs::plan::{
+    HealthCheckPlan, NodePlan, Planner, PlannerConfig, ProxyMode, VirtualServerKind,
+};
+use portpolicy_core::ipvs::{IpvsTable, VirtualServerKey};
+use portpolicy_core::ports::{PortRange, Protocol};
+use portpolicy_core::snapshot::Snapshot;
 
 /// One change in the cluster, as a watch or a snapshot reload reports it.
 #[derive(Clone, Debug)]

@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource as _;
 
-use crate::crd::{AgentSpec, PortPolicy};
+use portpolicy_core::crd::{AgentSpec, PortPolicy};
 
 /// Port of the agent's `/healthz` and `/readyz`; the agent binds it on the host network.
 pub const AGENT_HEALTH_PORT: i32 = 10265;

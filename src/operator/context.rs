@@ -9,9 +9,9 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 
 use super::metrics::Metrics;
-use crate::crd::PortPolicy;
-use crate::hostport::HostPortPod;
-use crate::ports::PortRange;
+use portpolicy_core::crd::PortPolicy;
+use portpolicy_core::hostport::HostPortPod;
+use portpolicy_core::ports::PortRange;
 
 /// The reflector stores a reconcile reads. Reconciles never list from the API server.
 #[derive(Clone)]

@@ -22,10 +22,10 @@ use super::reconcile::{error_policy, reconcile};
 use super::server::{self, Health};
 use super::services::{self, key_of};
 use super::{Error, Result};
-use crate::crd::PortPolicy;
-use crate::hostport::HostPortPod;
-use crate::ports::PortRange;
-use crate::snapshot::NAMESPACE_NAME_LABEL;
+use portpolicy_core::crd::PortPolicy;
+use portpolicy_core::hostport::HostPortPod;
+use portpolicy_core::ports::PortRange;
+use portpolicy_core::snapshot::NAMESPACE_NAME_LABEL;
 
 /// Flags of `portpolicy operator`.
 #[derive(clap::Args, Debug, Clone)]
@@ -91,7 +91,7 @@ fn all_policies(store: &Store<PortPolicy>) -> Vec<ObjectRef<PortPolicy>> {
     store.state().iter().map(|p| ObjectRef::from_obj(&**p)).collect()
 }
 
-fn namespace_labels(namespaces: &Store<Namespace>, ns: &str) -> crate::governance::Labels {
+fn namespace_labels(namespaces: &Store<Namespace>, ns: &str) -> portpolicy_core::governance::Labels {
     let mut labels = namespaces
         .get(&ObjectRef::new(ns))
         .map(|n| n.labels().clone())

@@ -10,12 +10,14 @@ use kube::ResourceExt;
 
 use super::services::{self, ServiceIntent, ServiceKey};
 use super::status::{AgentFacts, NodePortFacts, PolicyFacts};
-use crate::crd::{CompiledPolicy, ExternalTrafficRule, NodePortKind, PortPolicy};
-use crate::governance::{Governance, Labels, PolicySet};
-use crate::hostport::{ConflictInput, HostPortConflict, HostPortPod, detect_conflicts, placed_pods};
-use crate::nodeport::{AssignmentState, NodePortInput, NodePortPlan, plan_node_ports};
-use crate::ports::{PortRange, Protocol};
-use crate::snapshot::NAMESPACE_NAME_LABEL;
+use portpolicy_core::crd::{CompiledPolicy, ExternalTrafficRule, NodePortKind, PortPolicy};
+use portpolicy_core::governance::{Governance, Labels, PolicySet};
+use portpolicy_core::hostport::{
+    ConflictInput, HostPortConflict, HostPortPod, detect_conflicts, placed_pods,
+};
+use portpolicy_core::nodeport::{AssignmentState, NodePortInput, NodePortPlan, plan_node_ports};
+use portpolicy_core::ports::{PortRange, Protocol};
+use portpolicy_core::snapshot::NAMESPACE_NAME_LABEL;
 
 /// What the stores hold when a reconcile starts.
 #[derive(Clone, Copy)]

@@ -1,7 +1,7 @@
 //! `portpolicy operator`: the Kubernetes edge around the pure core.
 //!
 //! A kube-runtime `Controller` over PortPolicies, fed by watches on Services, Pods (pruned to
-//! [`crate::hostport::HostPortPod`]), Nodes, Namespaces and the agent DaemonSets it owns. Each
+//! [`portpolicy_core::hostport::HostPortPod`]), Nodes, Namespaces and the agent DaemonSets it owns. Each
 //! reconcile reads the reflector stores, runs the same functions `portpolicy plan` runs
 //! (`plan_node_ports`, `detect_conflicts`), and writes only the difference:
 //!

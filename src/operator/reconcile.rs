@@ -25,7 +25,7 @@ use super::core::{Computation, Inputs, compute};
 use super::services::{FIELD_MANAGER, ServiceIntent, ServiceKey};
 use super::status::{self, AgentFacts, PolicyFacts};
 use super::{Error, Result};
-use crate::crd::{PortPolicy, PortPolicyStatus, condition};
+use portpolicy_core::crd::{PortPolicy, PortPolicyStatus, condition};
 
 pub const FINALIZER: &str = "portpolicy.io/cleanup";
 /// Annotation on the agent DaemonSet with a hash of what the operator applied, so an unchanged

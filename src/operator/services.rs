@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Service;
 use serde_json::{Value, json};
 
-use crate::crd::ExternalTrafficRule;
-use crate::ports::Protocol;
+use portpolicy_core::crd::ExternalTrafficRule;
+use portpolicy_core::ports::Protocol;
 
 pub const FIELD_MANAGER: &str = "portpolicy-operator";
 pub const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";

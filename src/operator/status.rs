@@ -6,8 +6,8 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::crd::{AllocationRecord, HostPortConflictRecord, PortPolicyStatus, condition};
-use crate::problem::Problem;
+use portpolicy_core::crd::{AllocationRecord, HostPortConflictRecord, PortPolicyStatus, condition};
+use portpolicy_core::problem::Problem;
 
 /// Everything the status says about one policy, before conditions are formatted.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -354,7 +354,7 @@ mod tests {
             namespace: "a".into(),
             service: "web".into(),
             port_name: String::new(),
-            kind: crate::crd::NodePortKind::Service,
+            kind: portpolicy_core::crd::NodePortKind::Service,
             node_port: 31000,
             released_at: None,
         }];

@@ -19,9 +19,9 @@ use serde_json::{Value, json};
 use super::context::{Context, Settings, Stores};
 use super::metrics::Metrics;
 use super::reconcile::reconcile;
-use crate::crd::PortPolicy;
-use crate::hostport::HostPortPod;
-use crate::ports::PortRange;
+use portpolicy_core::crd::PortPolicy;
+use portpolicy_core::hostport::HostPortPod;
+use portpolicy_core::ports::PortRange;
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 

@@ -1,13 +1,13 @@
-use crate::ipvs::table::test_keys::{rs_key as rs, vs_key as vs};
+use portpolicy_core::ipvs::table::test_keys::{rs_key as rs, vs_key as vs};
 use std::net::IpAddr;
 
 use pretty_assertions::assert_eq;
 
 use super::*;
 use crate::agent::dataplane::{FakeDataplane, FakeKernel};
-use crate::ipvs::IpvsOp;
-use crate::ipvs::plan::plan_node;
-use crate::snapshot::parse_str;
+use portpolicy_core::ipvs::IpvsOp;
+use portpolicy_core::ipvs::plan::plan_node;
+use portpolicy_core::snapshot::parse_str;
 
 const NODE: &str = "
 apiVersion: v1
@@ -104,15 +104,15 @@ fn web_cluster_ip() -> VirtualServerKey {
 }
 
 /// kube-proxy's virtual server on an address the agent does not own.
-fn foreign_entry() -> (VirtualServerKey, crate::ipvs::IpvsService) {
+fn foreign_entry() -> (VirtualServerKey, portpolicy_core::ipvs::IpvsService) {
     (
         vs("10.96.0.1", 443, Protocol::Tcp),
-        crate::ipvs::IpvsService {
+        portpolicy_core::ipvs::IpvsService {
             scheduler: "rr".into(),
             persistence_timeout: None,
             real_servers: [(
                 rs("192.168.1.1", 6443),
-                crate::ipvs::RealServerState::with_weight(1),
+                portpolicy_core::ipvs::RealServerState::with_weight(1),
             )]
             .into(),
         },
@@ -199,8 +199,10 @@ fn start_up_repairs_only_what_differs() {
     // One endpoint missing, one stale endpoint without connections.
     let svc = table.get_mut(&web_cluster_ip()).unwrap();
     svc.real_servers.remove(&rs("10.0.1.2", 8080));
-    svc.real_servers
-        .insert(rs("10.0.9.9", 8080), crate::ipvs::RealServerState::with_weight(1));
+    svc.real_servers.insert(
+        rs("10.0.9.9", 8080),
+        portpolicy_core::ipvs::RealServerState::with_weight(1),
+    );
     let kernel = FakeKernel {
         table,
         addresses: want.vips.clone(),

@@ -459,7 +459,7 @@ mod tests {
 
     #[test]
     fn crds_folder_matches_the_code() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/crds/portpolicy.yaml");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../crds/portpolicy.yaml");
         let on_disk = std::fs::read_to_string(path).unwrap_or_default();
         assert!(
             on_disk == PortPolicy::crd_yaml(),

@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 
-use super::ipvs::format_like_ipvsadm;
-use super::{DummyLink, IpvsHandle, NetlinkError};
-use crate::ipvs::{IpvsOp, RealServerKey, VirtualServerKey};
-use crate::ports::Protocol;
+use portpolicy_core::ipvs::{IpvsOp, RealServerKey, VirtualServerKey};
+use portpolicy_core::ports::Protocol;
+use portpolicy_netlink::ipvs::format_like_ipvsadm;
+use portpolicy_netlink::{DummyLink, IpvsHandle, NetlinkError};
 
 #[derive(Subcommand, Debug)]
 pub enum DebugCommand {
@@ -37,7 +37,7 @@ pub enum DebugCommand {
     },
     /// Ensure the dummy interface and make it hold exactly the given addresses.
     DummySync {
-        #[arg(long, default_value = super::link::DEFAULT_NAME)]
+        #[arg(long, default_value = portpolicy_netlink::link::DEFAULT_NAME)]
         name: String,
         addresses: Vec<IpAddr>,
     },

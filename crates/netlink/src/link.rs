@@ -282,7 +282,7 @@ pub fn decode_address_message(payload: &[u8]) -> Result<Option<(u32, IpAddr)>, N
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netlink::message::NLMSG_HDRLEN;
+    use crate::message::NLMSG_HDRLEN;
 
     fn get_link_request(name: &str) -> MessageBuilder {
         let mut request = MessageBuilder::new(RTM_GETLINK, REQUEST);
@@ -339,11 +339,8 @@ mod tests {
     #[test]
     fn real_kernel_generic_netlink_resolves_families_and_reports_missing_ones() {
         let mut socket = NetlinkSocket::open(netlink_sys::protocols::NETLINK_GENERIC).unwrap();
-        assert_eq!(
-            crate::netlink::ipvs::resolve_family(&mut socket, "nlctrl").unwrap(),
-            0x10
-        );
-        let missing = crate::netlink::ipvs::resolve_family(&mut socket, "ppnosuchfamily");
+        assert_eq!(crate::ipvs::resolve_family(&mut socket, "nlctrl").unwrap(), 0x10);
+        let missing = crate::ipvs::resolve_family(&mut socket, "ppnosuchfamily");
         assert!(
             matches!(&missing, Err(NetlinkError::FamilyNotFound(name)) if name == "ppnosuchfamily"),
             "{missing:?}"

@@ -8,8 +8,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use super::NetlinkError;
 use super::message::{MessageBuilder, attributes, read_be16, read_str, read_u16, read_u32, split_generic};
 use super::socket::{DUMP, NetlinkSocket, REQUEST, REQUEST_ACK};
-use crate::ipvs::{IpvsOp, IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
-use crate::ports::Protocol;
+use portpolicy_core::ipvs::{
+    IpvsOp, IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey,
+};
+use portpolicy_core::ports::Protocol;
 
 const GENL_ID_CTRL: u16 = 0x10;
 const CTRL_CMD_GETFAMILY: u8 = 3;
@@ -536,7 +538,7 @@ fn socket_text(address: IpAddr, port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netlink::message::{NLM_F_ACK, NLM_F_REQUEST, NLMSG_HDRLEN};
+    use crate::message::{NLM_F_ACK, NLM_F_REQUEST, NLMSG_HDRLEN};
 
     fn tcp(address: &str, port: u16) -> VirtualServerKey {
         VirtualServerKey {

@@ -233,8 +233,8 @@ impl fmt::Display for IpvsOp {
 }
 
 /// Keys written as text, for tests: a literal that does not parse is a bug in the test.
-#[cfg(test)]
-pub(crate) mod test_keys {
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_keys {
     use super::*;
 
     pub fn vs_key(address: &str, port: u16, protocol: Protocol) -> VirtualServerKey {

@@ -551,13 +551,4 @@ mod tests {
         assert_eq!(pod.object_ref(), "Pod/edge/edge-ingress-7c9f6d5b8d-x2kqp");
         assert_eq!(crate::problem::object_ref_of(&pod), pod.object_ref());
     }
-
-    /// Type-checks only if the operator can watch and cache pods as `HostPortPod` (never run).
-    #[allow(dead_code)]
-    fn watch_and_cache(client: kube::Client) -> impl futures::Stream {
-        let all = kube::Api::<HostPortPod>::all(client.clone());
-        let _one_namespace = kube::Api::<HostPortPod>::namespaced(client, "edge");
-        let (_reader, writer) = kube::runtime::reflector::store::<HostPortPod>();
-        kube::runtime::reflector(writer, kube::runtime::watcher(all, Default::default()))
-    }
 }

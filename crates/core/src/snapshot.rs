@@ -4,7 +4,6 @@
 //! its watch caches. Loading never fails on one bad object: it is reported and skipped.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -83,64 +82,6 @@ impl Snapshot {
 pub struct Loaded {
     pub snapshot: Snapshot,
     pub problems: Vec<Problem>,
-}
-
-/// Loading failed as a whole: nothing could be read.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{path} holds no YAML files")]
-    EmptyDirectory { path: PathBuf },
-}
-
-/// Reads files and directories (their `.yaml`, `.yml` and `.json` files, sorted by name).
-pub fn load_paths(paths: &[PathBuf]) -> Result<Loaded, LoadError> {
-    let mut loaded = Loaded::default();
-    for path in paths {
-        for file in files_under(path)? {
-            let text = std::fs::read_to_string(&file).map_err(|source| LoadError::Read {
-                path: file.clone(),
-                source,
-            })?;
-            parse_into(&file.display().to_string(), &text, &mut loaded);
-        }
-    }
-    Ok(loaded)
-}
-
-fn files_under(path: &Path) -> Result<Vec<PathBuf>, LoadError> {
-    let read_err = |source| LoadError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    if !path.metadata().map_err(read_err)?.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
-    }
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(path).map_err(read_err)? {
-        let entry = entry.map_err(read_err)?;
-        let p = entry.path();
-        if p.is_dir() {
-            files.extend(files_under(&p)?);
-        } else if matches!(
-            p.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
-            files.push(p);
-        }
-    }
-    files.sort();
-    if files.is_empty() {
-        return Err(LoadError::EmptyDirectory {
-            path: path.to_path_buf(),
-        });
-    }
-    Ok(files)
 }
 
 /// Parses one file's text: a single object, a `List`, or several YAML documents.
@@ -359,31 +300,5 @@ metadata: {name: orphan}
         assert_eq!(labels["shop"]["team"], "a");
         assert_eq!(labels["shop"][NAMESPACE_NAME_LABEL], "shop");
         assert_eq!(labels["default"][NAMESPACE_NAME_LABEL], "default");
-    }
-}
-
-#[cfg(test)]
-mod example_tests {
-    use super::*;
-
-    #[test]
-    fn shipped_demo_cluster_loads_without_problems() {
-        let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo-cluster"));
-        let loaded = load_paths(&[dir]).unwrap();
-        assert_eq!(loaded.problems, []);
-        let s = &loaded.snapshot;
-        assert_eq!(
-            (
-                s.nodes.len(),
-                s.namespaces.len(),
-                s.policies.len(),
-                s.daemon_sets.len(),
-                s.deployments.len()
-            ),
-            (3, 4, 1, 1, 1)
-        );
-        assert_eq!(s.services.len(), 8);
-        assert_eq!(s.endpoint_slices.len(), 9);
-        assert_eq!(s.pods.len(), 7);
     }
 }

@@ -216,6 +216,7 @@ pub fn match_acks(sequences: &[u32], acks: &[Ack]) -> Vec<RequestResult> {
 
 /// A larger buffer keeps big dumps and error bursts from overrunning; as root the kernel's cap
 /// can be lifted with `SO_RCVBUFFORCE`, otherwise the capped `SO_RCVBUF` has to do.
+#[allow(unsafe_code)] // the one unsafe call in portpolicy: netlink-sys has no SO_RCVBUFFORCE
 fn grow_receive_buffer(socket: &Socket) {
     use std::os::fd::AsRawFd;
     let size = RECEIVE_BUFFER as libc::c_int;
@@ -242,7 +243,7 @@ pub const DUMP: u16 = NLM_F_REQUEST | NLM_F_DUMP;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netlink::message::Header;
+    use crate::message::Header;
 
     fn ack(sequence: u32, errno: i32) -> Ack {
         Ack {

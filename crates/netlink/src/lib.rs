@@ -3,9 +3,11 @@
 //! Messages are built and parsed by a small typed module ([`message`]) rather than a netlink
 //! crate: portpolicy needs a dozen attributes, and owning the bytes keeps batching (many
 //! requests per `sendmsg`, see [`socket`]) simple. Nothing here decides what the table should
-//! be; the planner does that and hands over [`crate::ipvs::IpvsOp`]s.
+//! be; the planner does that and hands over [`portpolicy_core::ipvs::IpvsOp`]s.
+//!
+//! The only crate of portpolicy with `unsafe` code (one `setsockopt`), and Linux-only.
+#![cfg(target_os = "linux")]
 
-pub mod debug;
 pub mod ipvs;
 pub mod link;
 pub mod message;
