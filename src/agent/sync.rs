@@ -22,7 +22,7 @@ use super::metrics::Metrics;
 use super::nft::{self, MasqueradeOptions, Reach};
 use portpolicy_core::governance::{Labels, PolicySet};
 use portpolicy_core::ipvs::diff::{Ownership, diff, diff_keys};
-use portpolicy_core::ipvs::plan::{
+use portpolicy_core::ipvs::{
     HealthCheckPlan, NodePlan, Planner, PlannerConfig, ProxyMode, VirtualServerKind,
 };
 use portpolicy_core::ipvs::{IpvsTable, VirtualServerKey};

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::crd::{AllocationRecord, NodePortKind};
 use crate::governance::PolicySet;
 use crate::hostport;
-use crate::ipvs::plan::{NodePlan, PlannerConfig, ProxyMode, plan_node};
+use crate::ipvs::{NodePlan, PlannerConfig, ProxyMode, plan_node};
 use crate::nodeport::{NodePortInput, plan_node_ports};
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
