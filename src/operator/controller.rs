@@ -25,7 +25,7 @@ use super::{Error, Result};
 use portpolicy_core::crd::PortPolicy;
 use portpolicy_core::hostport::HostPortPod;
 use portpolicy_core::ports::PortRange;
-use portpolicy_core::snapshot::NAMESPACE_NAME_LABEL;
+use portpolicy_core::well_known::NAMESPACE_NAME_LABEL;
 
 /// Flags of `portpolicy operator`.
 #[derive(clap::Args, Debug, Clone)]

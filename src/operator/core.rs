@@ -17,7 +17,7 @@ use portpolicy_core::hostport::{
 };
 use portpolicy_core::nodeport::{AssignmentState, NodePortInput, NodePortPlan, plan_node_ports};
 use portpolicy_core::ports::{PortRange, Protocol};
-use portpolicy_core::snapshot::NAMESPACE_NAME_LABEL;
+use portpolicy_core::well_known::NAMESPACE_NAME_LABEL;
 
 /// What the stores hold when a reconcile starts.
 #[derive(Clone, Copy)]

@@ -15,13 +15,11 @@ use serde_json::{Value, json};
 
 use portpolicy_core::crd::ExternalTrafficRule;
 use portpolicy_core::ports::Protocol;
+use portpolicy_core::well_known::{
+    HEALTH_CHECK_NODE_PORT_ANNOTATION, LAST_APPLIED_ANNOTATION, SERVICE_PROXY_NAME, SERVICE_PROXY_NAME_LABEL,
+};
 
 pub const FIELD_MANAGER: &str = "portpolicy-operator";
-pub const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-pub const PROXY_NAME: &str = "portpolicy";
-/// The pre-1.7 spelling of `spec.healthCheckNodePort`, for Services that are Local only through
-/// the `OnlyLocal` annotation.
-pub const HEALTH_CHECK_ANNOTATION: &str = "service.beta.kubernetes.io/healthcheck-nodeport";
 
 /// Everything one policy wants on one Service.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -57,10 +55,10 @@ impl ServiceIntent {
     pub fn apply_body(&self) -> Value {
         let mut metadata = json!({"name": self.name, "namespace": self.namespace});
         if self.proxy_label {
-            metadata["labels"] = json!({PROXY_NAME_LABEL: PROXY_NAME});
+            metadata["labels"] = json!({SERVICE_PROXY_NAME_LABEL: SERVICE_PROXY_NAME});
         }
         if let Some((port, true)) = self.health_check {
-            metadata["annotations"] = json!({HEALTH_CHECK_ANNOTATION: port.to_string()});
+            metadata["annotations"] = json!({HEALTH_CHECK_NODE_PORT_ANNOTATION: port.to_string()});
         }
         let mut body = json!({"apiVersion": "v1", "kind": "Service", "metadata": metadata});
         let mut spec = serde_json::Map::new();
@@ -101,17 +99,18 @@ impl ServiceIntent {
             None => true,
             Some((port, false)) => spec.and_then(|s| s.health_check_node_port) == Some(i32::from(port)),
             Some((port, true)) => {
-                annotation(service, HEALTH_CHECK_ANNOTATION) == Some(port.to_string().as_str())
+                annotation(service, HEALTH_CHECK_NODE_PORT_ANNOTATION) == Some(port.to_string().as_str())
             }
         };
         let traffic_ok = !self.external_traffic_local
             || spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
-        let label_ok = !self.proxy_label || label(service, PROXY_NAME_LABEL) == Some(PROXY_NAME);
+        let label_ok =
+            !self.proxy_label || label(service, SERVICE_PROXY_NAME_LABEL) == Some(SERVICE_PROXY_NAME);
         // A field the operator still owns but no longer wants is given back by the next apply.
         let owned = owned_fields(service);
         let owned_label = owned
             .and_then(|f| f.pointer("/f:metadata/f:labels"))
-            .and_then(|labels| labels.get(format!("f:{PROXY_NAME_LABEL}")))
+            .and_then(|labels| labels.get(format!("f:{SERVICE_PROXY_NAME_LABEL}")))
             .is_some();
         let owned_traffic = owned
             .and_then(|f| f.pointer("/f:spec/f:externalTrafficPolicy"))
@@ -231,7 +230,7 @@ pub fn external_traffic_policy_set_by_user(service: &Service) -> bool {
                 .and_then(|s| s.get("f:externalTrafficPolicy"))
                 .is_some()
     });
-    let last_applied = annotation(service, "kubectl.kubernetes.io/last-applied-configuration")
+    let last_applied = annotation(service, LAST_APPLIED_ANNOTATION)
         .and_then(|text| serde_json::from_str::<Value>(text).ok())
         .is_some_and(|v| v.pointer("/spec/externalTrafficPolicy").is_some());
     applied_by_other || last_applied

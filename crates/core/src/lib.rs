@@ -19,3 +19,4 @@ pub mod problem;
 pub mod selector;
 pub mod snapshot;
 pub mod table;
+pub mod well_known;

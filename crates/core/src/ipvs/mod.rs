@@ -25,9 +25,8 @@ mod topology;
 mod tracker;
 
 pub use rules::{
-    DEFAULT_AFFINITY_TIMEOUT_SECONDS, EXTERNAL_TRAFFIC_ANNOTATION, HEALTH_CHECK_NODE_PORT_ANNOTATION,
-    HealthCheckPlan, MAX_AFFINITY_TIMEOUT_SECONDS, NodePlan, PlannedVirtualServer, PlannerConfig, ProxyMode,
-    REAL_SERVER_WEIGHT, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME, SERVICE_PROXY_NAME_LABEL, VirtualServerKind,
+    DEFAULT_AFFINITY_TIMEOUT_SECONDS, HealthCheckPlan, MAX_AFFINITY_TIMEOUT_SECONDS, NodePlan,
+    PlannedVirtualServer, PlannerConfig, ProxyMode, REAL_SERVER_WEIGHT, VirtualServerKind,
 };
 pub use table::{IpvsOp, IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
 pub use tracker::{Planner, plan_node};

@@ -12,10 +12,12 @@ use crate::governance::Labels;
 use crate::ports::{Protocol, port_from_i32};
 use crate::problem::{Problem, object_ref};
 
-use super::rules::{
-    DEFAULT_AFFINITY_TIMEOUT_SECONDS, EXTERNAL_TRAFFIC_ANNOTATION, HEALTH_CHECK_NODE_PORT_ANNOTATION,
-    MAX_AFFINITY_TIMEOUT_SECONDS, ProxyMode, SERVICE_NAME_LABEL,
+use crate::well_known::{
+    EXTERNAL_TRAFFIC_ANNOTATION, EXTERNAL_TRAFFIC_ONLY_LOCAL, HEALTH_CHECK_NODE_PORT_ANNOTATION,
+    SERVICE_NAME_LABEL,
 };
+
+use super::rules::{DEFAULT_AFFINITY_TIMEOUT_SECONDS, MAX_AFFINITY_TIMEOUT_SECONDS, ProxyMode};
 
 /// A Service's identity; ordered by namespace, then name (the order conflicts are decided in).
 /// `namespace/name` in one shared allocation: the planner's indexes, its claims and every planned
@@ -256,7 +258,7 @@ impl ServiceModel {
         let annotations = meta.annotations.as_ref();
         let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
         let external_local = spec.external_traffic_policy.as_deref() == Some("Local")
-            || annotation(EXTERNAL_TRAFFIC_ANNOTATION) == Some("OnlyLocal");
+            || annotation(EXTERNAL_TRAFFIC_ANNOTATION) == Some(EXTERNAL_TRAFFIC_ONLY_LOCAL);
         let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
 
         let persistence_timeout = if spec.session_affinity.as_deref() == Some("ClientIP") {

@@ -8,19 +8,10 @@ use k8s_openapi::api::core::v1::Service;
 use serde::Serialize;
 
 use crate::problem::Problem;
+use crate::well_known::{SERVICE_PROXY_NAME, SERVICE_PROXY_NAME_LABEL};
 
 use super::table::{IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
 
-/// The label that hands a Service to an alternative proxy; kube-proxy skips Services carrying it.
-pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-/// The value of [`SERVICE_PROXY_NAME_LABEL`] that names portpolicy's agent.
-pub const SERVICE_PROXY_NAME: &str = "portpolicy";
-/// The label linking an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// The pre-1.7 spelling of `externalTrafficPolicy: Local` (value `OnlyLocal`).
-pub const EXTERNAL_TRAFFIC_ANNOTATION: &str = "service.beta.kubernetes.io/external-traffic";
-/// The pre-1.7 spelling of `spec.healthCheckNodePort`.
-pub const HEALTH_CHECK_NODE_PORT_ANNOTATION: &str = "service.beta.kubernetes.io/healthcheck-nodeport";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when missing (the API server's default, 3 h).
 pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10800;
 /// The longest ClientIP affinity the API server accepts (1 day).

@@ -11,6 +11,10 @@ use crate::ipvs::table::test_keys::vs_key;
 use crate::ports::Protocol;
 use crate::problem::Problem;
 use crate::snapshot::Snapshot;
+use crate::well_known::{
+    EXTERNAL_TRAFFIC_ANNOTATION, HEALTH_CHECK_NODE_PORT_ANNOTATION, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME,
+    SERVICE_PROXY_NAME_LABEL,
+};
 use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 

@@ -29,13 +29,11 @@ use crate::crd::{AllocationRecord, NodePortKind};
 use crate::governance::{Labels, PolicySet};
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
+use crate::well_known::HEALTH_CHECK_NODE_PORT_ANNOTATION;
 
 pub use bitmap::PortBitmap;
 pub use plan::plan_node_ports;
-pub use service::{
-    EXTERNAL_TRAFFIC_ANNOTATION, EXTERNAL_TRAFFIC_ONLY_LOCAL, HEALTH_CHECK_NODE_PORT_ANNOTATION,
-    HealthCheckField,
-};
+pub use service::HealthCheckField;
 
 /// Everything the allocator decides from.
 #[derive(Clone, Copy, Debug)]

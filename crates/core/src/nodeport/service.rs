@@ -8,12 +8,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use crate::governance::Labels;
 use crate::ports::{Protocol, port_from_i32};
 use crate::problem::{Problem, object_ref};
-
-/// The pre-1.7 spelling of `externalTrafficPolicy: Local`.
-pub const EXTERNAL_TRAFFIC_ANNOTATION: &str = "service.beta.kubernetes.io/external-traffic";
-pub const EXTERNAL_TRAFFIC_ONLY_LOCAL: &str = "OnlyLocal";
-/// The pre-1.7 spelling of `spec.healthCheckNodePort`.
-pub const HEALTH_CHECK_NODE_PORT_ANNOTATION: &str = "service.beta.kubernetes.io/healthcheck-nodeport";
+use crate::well_known::{
+    EXTERNAL_TRAFFIC_ANNOTATION, EXTERNAL_TRAFFIC_ONLY_LOCAL, HEALTH_CHECK_NODE_PORT_ANNOTATION,
+};
 
 /// Where a Service carries its healthCheckNodePort, and so where a new one must be written.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

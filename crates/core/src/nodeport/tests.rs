@@ -8,6 +8,9 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::crd::PortPolicy;
+use crate::well_known::{
+    EXTERNAL_TRAFFIC_ANNOTATION, EXTERNAL_TRAFFIC_ONLY_LOCAL, HEALTH_CHECK_NODE_PORT_ANNOTATION,
+};
 
 const EDGE_NS: &str = "edge";
 const OTHER_NS: &str = "other";
