@@ -141,7 +141,7 @@ impl<D: Dataplane> Syncer<D> {
                 self.policy_ranges = agent_ranges(&PolicySet::compile(&snapshot.policies));
                 self.planner.load_snapshot(&snapshot);
             }
-            Change::Service(s) => self.planner.upsert_service(&s),
+            Change::Service(s) => self.planner.upsert_service(&*s),
             Change::ServiceDeleted { namespace, name } => self.planner.remove_service(&namespace, &name),
             Change::Slice(s) => self.planner.upsert_slice(&s),
             Change::SliceDeleted { namespace, name } => self.planner.remove_slice(&namespace, &name),

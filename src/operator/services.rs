@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 
 use portpolicy_core::crd::ExternalTrafficRule;
 use portpolicy_core::ports::Protocol;
+use portpolicy_core::service::{ServiceModel, ServiceType};
 use portpolicy_core::well_known::{
     HEALTH_CHECK_NODE_PORT_ANNOTATION, LAST_APPLIED_ANNOTATION, SERVICE_PROXY_NAME, SERVICE_PROXY_NAME_LABEL,
 };
@@ -152,7 +153,7 @@ fn owned_fields(service: &Service) -> Option<&Value> {
 /// Nobody owns a nodePort the API server picked at random: ownership is recorded for the fields
 /// a request sets, and allocation happens later, in the registry. So an owned nodePort is one a
 /// user (or a tool, or this operator) asked for; an unowned one is the API server's random pick.
-pub fn node_port_owned(service: &Service, port: i32, protocol: Protocol) -> Option<bool> {
+pub fn node_port_owned(service: &Service, port: u16, protocol: Protocol) -> Option<bool> {
     let entries = service
         .metadata
         .managed_fields
@@ -238,8 +239,8 @@ pub fn external_traffic_policy_set_by_user(service: &Service) -> bool {
 
 /// Whether `rule` makes the operator set `externalTrafficPolicy: Local` on this Service.
 pub fn wants_local_traffic(rule: ExternalTrafficRule, service: &Service) -> bool {
-    let service_type = service.spec.as_ref().and_then(|s| s.type_.as_deref());
-    if !matches!(service_type, Some("NodePort" | "LoadBalancer")) {
+    let service_type = ServiceType::parse(service.spec.as_ref().and_then(|s| s.type_.as_deref()));
+    if !service_type.has_node_ports() {
         return false;
     }
     match rule {
@@ -252,15 +253,8 @@ pub fn wants_local_traffic(rule: ExternalTrafficRule, service: &Service) -> bool
 /// Service identity, `namespace/name`.
 pub type ServiceKey = (String, String);
 
-pub fn key_of(service: &Service) -> ServiceKey {
-    (
-        service
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        service.metadata.name.clone().unwrap_or_default(),
-    )
+pub fn key_of(service: &ServiceModel<'_>) -> ServiceKey {
+    (service.namespace.to_string(), service.name.to_string())
 }
 
 /// Intents by Service, for iteration in a stable order.

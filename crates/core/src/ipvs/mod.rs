@@ -25,8 +25,8 @@ mod topology;
 mod tracker;
 
 pub use rules::{
-    DEFAULT_AFFINITY_TIMEOUT_SECONDS, HealthCheckPlan, MAX_AFFINITY_TIMEOUT_SECONDS, NodePlan,
-    PlannedVirtualServer, PlannerConfig, ProxyMode, REAL_SERVER_WEIGHT, VirtualServerKind,
+    HealthCheckPlan, NodePlan, PlannedVirtualServer, PlannerConfig, ProxyMode, REAL_SERVER_WEIGHT,
+    VirtualServerKind,
 };
 pub use table::{IpvsOp, IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
 pub use tracker::{Planner, plan_node};

@@ -5,19 +5,15 @@ use std::cmp::Ordering;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::governance::Labels;
 use crate::ports::{Protocol, port_from_i32};
 use crate::problem::{Problem, object_ref};
+use crate::service::{IssueKind, ServiceModel, parse_ip};
+use crate::well_known::SERVICE_NAME_LABEL;
 
-use crate::well_known::{
-    EXTERNAL_TRAFFIC_ANNOTATION, EXTERNAL_TRAFFIC_ONLY_LOCAL, HEALTH_CHECK_NODE_PORT_ANNOTATION,
-    SERVICE_NAME_LABEL,
-};
-
-use super::rules::{DEFAULT_AFFINITY_TIMEOUT_SECONDS, MAX_AFFINITY_TIMEOUT_SECONDS, ProxyMode};
+use super::rules::ProxyMode;
 
 /// A Service's identity; ordered by namespace, then name (the order conflicts are decided in).
 /// `namespace/name` in one shared allocation: the planner's indexes, its claims and every planned
@@ -56,14 +52,6 @@ impl ServiceId {
         }
     }
 
-    pub(super) fn of(service: &Service) -> Self {
-        let meta = &service.metadata;
-        ServiceId::new(
-            meta.namespace.as_deref().unwrap_or("default"),
-            meta.name.as_deref().unwrap_or("<unnamed>"),
-        )
-    }
-
     pub(super) fn pair(&self) -> (&str, &str) {
         let (namespace, slash_name) = self.qualified.split_at(self.namespace_len);
         (namespace, &slash_name[1..])
@@ -87,15 +75,15 @@ impl ServiceId {
     }
 }
 
-/// A proxied Service, with every field the planner reads parsed once.
+/// A proxied Service, with what the planner keeps of its model.
 #[derive(Clone, Debug)]
-pub(super) struct ServiceModel {
+pub(super) struct ServiceInfo {
     pub(super) id: ServiceId,
     pub(super) labels: Option<Labels>,
     pub(super) cluster_ips: Vec<IpAddr>,
     pub(super) external_ips: Vec<IpAddr>,
     pub(super) load_balancer_ips: Vec<IpAddr>,
-    pub(super) ports: Vec<ServicePortModel>,
+    pub(super) ports: Vec<ServicePortInfo>,
     pub(super) internal_local: bool,
     pub(super) external_local: bool,
     pub(super) persistence_timeout: Option<u32>,
@@ -104,61 +92,33 @@ pub(super) struct ServiceModel {
 }
 
 #[derive(Clone, Debug)]
-pub(super) struct ServicePortModel {
+pub(super) struct ServicePortInfo {
     pub(super) name: Arc<str>,
     pub(super) protocol: Protocol,
     pub(super) port: u16,
     pub(super) node_port: Option<u16>,
 }
 
-pub(super) fn parse_ip(text: &str) -> Option<IpAddr> {
-    text.trim().parse().ok()
-}
-
-impl ServiceModel {
+impl ServiceInfo {
     /// `None` when the mode does not proxy the Service.
-    pub(super) fn parse(service: &Service, mode: ProxyMode) -> Option<Self> {
-        if !mode.proxies(service) {
+    pub(super) fn new(model: ServiceModel<'_>, mode: ProxyMode) -> Option<Self> {
+        if !mode.proxies(&model) {
             return None;
         }
-        let meta = &service.metadata;
-        let id = ServiceId::of(service);
-        // Named only when something is wrong: most Services have no problem to report.
-        let object = || id.object();
-        let mut problems = Vec::new();
-        let default_spec = Default::default();
-        let spec = service.spec.as_ref().unwrap_or(&default_spec);
-        let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
-        let has_node_ports = matches!(kind, "NodePort" | "LoadBalancer");
-        let is_load_balancer = kind == "LoadBalancer";
-
-        let cluster_ip_texts: Vec<&str> = match spec.cluster_ips.as_deref() {
-            Some(ips) if !ips.is_empty() => ips.iter().map(String::as_str).collect(),
-            _ => spec.cluster_ip.as_deref().into_iter().collect(),
-        };
-        let mut cluster_ips = Vec::new();
-        for (i, text) in cluster_ip_texts.iter().enumerate() {
-            match parse_ip(text) {
-                Some(ip) => cluster_ips.push(ip),
-                None if text.is_empty() => {}
-                None => problems.push(Problem::new(
-                    object(),
-                    format!("spec.clusterIPs[{i}]"),
-                    format!("{text:?} is not an IP address; this cluster IP is not proxied"),
-                )),
-            }
-        }
-        if cluster_ips.is_empty() && problems.is_empty() {
-            problems.push(Problem::new(
-                object(),
+        let id = ServiceId::new(model.namespace, model.name);
+        let no_cluster_ip =
+            model.cluster_ips.is_empty() && !model.issues.iter().any(|i| i.kind == IssueKind::ClusterIp);
+        if no_cluster_ip {
+            // Nothing else matters until the API server has allocated one.
+            let problem = Problem::new(
+                model.object(),
                 "spec.clusterIP",
                 "no cluster IP allocated yet; the Service is not proxied until it has one",
-            ));
-            // kube-proxy skips such Services entirely, node ports and external IPs included.
-            return Some(ServiceModel {
+            );
+            return Some(ServiceInfo {
                 id,
-                labels: meta.labels.clone(),
-                cluster_ips,
+                labels: model.labels.cloned(),
+                cluster_ips: Vec::new(),
                 external_ips: Vec::new(),
                 load_balancer_ips: Vec::new(),
                 ports: Vec::new(),
@@ -166,162 +126,36 @@ impl ServiceModel {
                 external_local: false,
                 persistence_timeout: None,
                 health_check_node_port: None,
-                problems,
+                problems: vec![problem],
             });
         }
-
-        let mut external_ips = Vec::new();
-        for (i, text) in spec.external_ips.iter().flatten().enumerate() {
-            match parse_ip(text) {
-                Some(ip) => external_ips.push(ip),
-                None => problems.push(Problem::new(
-                    object(),
-                    format!("spec.externalIPs[{i}]"),
-                    format!("{text:?} is not an IP address; ignored"),
-                )),
-            }
-        }
-
-        let mut load_balancer_ips = Vec::new();
-        if is_load_balancer {
-            let ingress = service
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.as_ref());
-            for (i, ing) in ingress.into_iter().flatten().enumerate() {
-                // ipMode Proxy: the load balancer delivers to the nodes itself, so the node must
-                // not capture the LB IP (kube-proxy does the same since KEP-1860).
-                if ing.ip_mode.as_deref() == Some("Proxy") {
-                    continue;
-                }
-                let Some(text) = ing.ip.as_deref() else {
-                    continue;
-                };
-                match parse_ip(text) {
-                    Some(ip) => load_balancer_ips.push(ip),
-                    None => problems.push(Problem::new(
-                        object(),
-                        format!("status.loadBalancer.ingress[{i}].ip"),
-                        format!("{text:?} is not an IP address; ignored"),
-                    )),
-                }
-            }
-        }
-
-        let mut ports = Vec::new();
-        for (i, port) in spec.ports.iter().flatten().enumerate() {
-            let protocol = match Protocol::from_k8s(port.protocol.as_deref()) {
-                Ok(p) => p,
-                Err(e) => {
-                    problems.push(Problem::new(
-                        object(),
-                        format!("spec.ports[{i}].protocol"),
-                        format!("{e}; port not proxied"),
-                    ));
-                    continue;
-                }
-            };
-            let number = match port_from_i32(port.port) {
-                Ok(p) => p,
-                Err(e) => {
-                    problems.push(Problem::new(
-                        object(),
-                        format!("spec.ports[{i}].port"),
-                        format!("{e}; port not proxied"),
-                    ));
-                    continue;
-                }
-            };
-            let node_port = match port.node_port.filter(|_| has_node_ports) {
-                None | Some(0) => None,
-                Some(n) => match port_from_i32(n) {
-                    Ok(p) => Some(p),
-                    Err(e) => {
-                        problems.push(Problem::new(
-                            object(),
-                            format!("spec.ports[{i}].nodePort"),
-                            format!("{e}; node port not proxied"),
-                        ));
-                        None
-                    }
-                },
-            };
-            ports.push(ServicePortModel {
-                name: Arc::from(port.name.as_deref().unwrap_or_default()),
-                protocol,
-                port: number,
-                node_port,
-            });
-        }
-
-        let annotations = meta.annotations.as_ref();
-        let annotation = |key: &str| annotations.and_then(|a| a.get(key)).map(String::as_str);
-        let external_local = spec.external_traffic_policy.as_deref() == Some("Local")
-            || annotation(EXTERNAL_TRAFFIC_ANNOTATION) == Some(EXTERNAL_TRAFFIC_ONLY_LOCAL);
-        let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-
-        let persistence_timeout = if spec.session_affinity.as_deref() == Some("ClientIP") {
-            let configured = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds);
-            Some(match configured {
-                None => DEFAULT_AFFINITY_TIMEOUT_SECONDS,
-                Some(t) if t >= 1 && t as u32 <= MAX_AFFINITY_TIMEOUT_SECONDS => t as u32,
-                Some(t) => {
-                    problems.push(Problem::new(
-                        object(),
-                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-                        format!(
-                            "{t} is not 1-{MAX_AFFINITY_TIMEOUT_SECONDS}; using the default \
-                             {DEFAULT_AFFINITY_TIMEOUT_SECONDS}"
-                        ),
-                    ));
-                    DEFAULT_AFFINITY_TIMEOUT_SECONDS
-                }
+        let problems = model
+            .issues
+            .iter()
+            .filter_map(|issue| Some(model.problem(issue, Some(issue.kind.proxy_consequence()?))))
+            .collect();
+        let ports = model
+            .ports
+            .iter()
+            .map(|port| ServicePortInfo {
+                name: Arc::from(port.name),
+                protocol: port.protocol,
+                port: port.port,
+                node_port: port.node_port,
             })
-        } else {
-            None
-        };
-
-        let mut health_check_node_port = None;
-        if is_load_balancer && external_local {
-            let (field, value) = match spec.health_check_node_port {
-                Some(port) => ("spec.healthCheckNodePort", Some(i64::from(port))),
-                None => (
-                    "metadata.annotations",
-                    annotation(HEALTH_CHECK_NODE_PORT_ANNOTATION).and_then(|v| v.trim().parse::<i64>().ok()),
-                ),
-            };
-            if let Some(value) = value {
-                match i32::try_from(value)
-                    .map_err(|_| String::new())
-                    .and_then(port_from_i32)
-                {
-                    Ok(port) => health_check_node_port = Some(port),
-                    Err(_) => problems.push(Problem::new(
-                        object(),
-                        field,
-                        format!("{value} is not a port: must be 1-65535; no health check served"),
-                    )),
-                }
-            }
-        }
-
-        Some(ServiceModel {
+            .collect();
+        Some(ServiceInfo {
             id,
-            labels: meta.labels.clone(),
-            cluster_ips,
-            external_ips,
-            load_balancer_ips,
+            labels: model.labels.cloned(),
             ports,
-            internal_local,
-            external_local,
-            persistence_timeout,
-            health_check_node_port,
+            internal_local: model.internal_traffic_local,
+            external_local: model.external_traffic.is_local(),
+            persistence_timeout: model.affinity_timeout,
+            health_check_node_port: model.health_check.and_then(|h| h.node_port),
             problems,
+            cluster_ips: model.cluster_ips,
+            external_ips: model.external_ips,
+            load_balancer_ips: model.load_balancer_ips,
         })
     }
 }

@@ -4,18 +4,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Service;
 use serde::Serialize;
 
 use crate::problem::Problem;
-use crate::well_known::{SERVICE_PROXY_NAME, SERVICE_PROXY_NAME_LABEL};
+use crate::service::{ServiceModel, ServiceType};
+use crate::well_known::SERVICE_PROXY_NAME;
 
 use super::table::{IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
 
-/// `sessionAffinityConfig.clientIP.timeoutSeconds` when missing (the API server's default, 3 h).
-pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10800;
-/// The longest ClientIP affinity the API server accepts (1 day).
-pub const MAX_AFFINITY_TIMEOUT_SECONDS: u32 = 86400;
 /// Every real server gets the same weight, as kube-proxy programs them.
 pub const REAL_SERVER_WEIGHT: u32 = 1;
 
@@ -23,7 +19,8 @@ pub const REAL_SERVER_WEIGHT: u32 = 1;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub enum ProxyMode {
     /// The cluster runs no kube-proxy: proxy every Service kube-proxy would (not headless, not
-    /// ExternalName, not handed to another proxy by [`SERVICE_PROXY_NAME_LABEL`]).
+    /// ExternalName, not handed to another proxy by
+    /// [`SERVICE_PROXY_NAME_LABEL`](crate::well_known::SERVICE_PROXY_NAME_LABEL)).
     Replacement,
     /// kube-proxy runs too: proxy only the Services labeled
     /// `service.kubernetes.io/service-proxy-name: portpolicy`, which kube-proxy then leaves alone.
@@ -32,21 +29,15 @@ pub enum ProxyMode {
 }
 
 impl ProxyMode {
-    /// Whether the agent in this mode proxies a Service at all.
-    pub fn proxies(self, service: &Service) -> bool {
-        let proxy_name = service
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SERVICE_PROXY_NAME_LABEL));
+    /// Whether the agent in this mode proxies a Service at all. A Service without a name is
+    /// not proxied: the API server would have refused it, so kube-proxy never sees one.
+    pub fn proxies(self, service: &ServiceModel<'_>) -> bool {
+        let proxy_name = service.proxy_name();
         let ours = match self {
             ProxyMode::Replacement => proxy_name.is_none_or(|n| n == SERVICE_PROXY_NAME),
             ProxyMode::Delegated => proxy_name.is_some_and(|n| n == SERVICE_PROXY_NAME),
         };
-        let spec = service.spec.as_ref();
-        let external_name = spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName");
-        let headless = spec.and_then(|s| s.cluster_ip.as_deref()) == Some("None");
-        ours && !external_name && !headless
+        ours && service.type_ != ServiceType::ExternalName && !service.headless && !service.name.is_empty()
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::problem::Problem;
 
-use super::model::{ServiceModel, SliceModel};
+use super::model::{ServiceInfo, SliceModel};
 use super::rules::{HealthCheckPlan, PlannedVirtualServer, VirtualServerKind};
 use super::table::VirtualServerKey;
 use super::topology::{RealServers, candidates_for_port, choose_endpoints};
@@ -34,7 +34,7 @@ impl ServicePlan {
 
 /// What one Service needs on this node.
 pub(super) fn plan_service(
-    service: &ServiceModel,
+    service: &ServiceInfo,
     slices: &[SliceModel],
     node_addresses: &[IpAddr],
     scheduler: &Arc<str>,

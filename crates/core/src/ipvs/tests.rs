@@ -10,6 +10,7 @@ use crate::ipvs::diff::{Ownership, diff_keys};
 use crate::ipvs::table::test_keys::vs_key;
 use crate::ports::Protocol;
 use crate::problem::Problem;
+use crate::service::ServiceModel;
 use crate::snapshot::Snapshot;
 use crate::well_known::{
     EXTERNAL_TRAFFIC_ANNOTATION, HEALTH_CHECK_NODE_PORT_ANNOTATION, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME,
@@ -593,12 +594,12 @@ fn which_services_are_proxied() {
     ];
     for (name, svc, replacement, delegated) in cases {
         assert_eq!(
-            ProxyMode::Replacement.proxies(&svc),
+            ProxyMode::Replacement.proxies(&ServiceModel::read(&svc)),
             replacement,
             "{name} in replacement mode"
         );
         assert_eq!(
-            ProxyMode::Delegated.proxies(&svc),
+            ProxyMode::Delegated.proxies(&ServiceModel::read(&svc)),
             delegated,
             "{name} in delegated mode"
         );
@@ -886,6 +887,60 @@ fn health_checks_count_distinct_local_ready_ips() {
     assert_eq!(
         plan.reserved_node_ports,
         BTreeSet::from([30080, 30090, 30091, 30443, 32000, 32002])
+    );
+}
+
+/// Where the planner's reading of a Service used to differ from the allocator's, it now reads
+/// the one Service model, which decides as the API server does.
+#[test]
+fn services_are_read_as_the_api_server_reads_them() {
+    // healthCheckNodePort 0 means "allocate one": no problem, and no health check until then.
+    let unallocated = service(
+        "shop",
+        "lb",
+        json!({}),
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.20", "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 0, "ports": [{"port": 80, "nodePort": 30090}]}),
+        json!({}),
+    );
+    // A Service in the empty namespace is in `default`; one without a name cannot exist.
+    let mut defaulted = web_service(json!({}), json!({}));
+    defaulted.metadata.namespace = Some(String::new());
+    let mut nameless = service(
+        "shop",
+        "x",
+        json!({}),
+        json!({"clusterIP": "10.96.0.30", "ports": [{"port": 80}]}),
+        json!({}),
+    );
+    nameless.metadata.name = None;
+    let plan = plan_node(
+        &snapshot(vec![unallocated, defaulted, nameless], vec![]),
+        &config(ProxyMode::Replacement),
+    );
+    assert_eq!(plan.problems, []);
+    assert_eq!(plan.health_checks, []);
+    let services: BTreeSet<&str> = plan.virtual_servers.iter().map(|vs| &*vs.service).collect();
+    assert_eq!(services, BTreeSet::from(["default/web", "shop/lb"]));
+
+    // A healthCheckNodePort that is one of the Service's nodePorts is not served twice.
+    let clash = service(
+        "shop",
+        "lb",
+        json!({}),
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.20", "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 30080, "ports": [{"port": 80, "nodePort": 30080}]}),
+        json!({}),
+    );
+    let plan = plan_node(&snapshot(vec![clash], vec![]), &config(ProxyMode::Replacement));
+    assert_eq!(plan.health_checks, []);
+    assert_eq!(
+        plan.problems,
+        [Problem::new(
+            "Service/shop/lb",
+            "spec.healthCheckNodePort",
+            "30080 is already the nodePort of spec.ports[0]; no health check served"
+        )]
     );
 }
 

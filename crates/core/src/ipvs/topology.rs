@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::model::{ServicePortModel, SliceModel};
+use super::model::{ServicePortInfo, SliceModel};
 use super::rules::REAL_SERVER_WEIGHT;
 use super::table::RealServerKey;
 
@@ -49,7 +49,7 @@ pub(super) fn choose_endpoints(candidates: &[Candidate], ipv4: bool, local_only:
 /// Endpoints of one Service port across its slices (`slices` in slice-name order), sorted by
 /// real server. An endpoint listed by two slices counts once: the first listing wins, except
 /// that a listing on this node beats one elsewhere (as kube-proxy's EndpointSliceCache does).
-pub(super) fn candidates_for_port(port: &ServicePortModel, slices: &[SliceModel]) -> Vec<Candidate> {
+pub(super) fn candidates_for_port(port: &ServicePortInfo, slices: &[SliceModel]) -> Vec<Candidate> {
     let mut listed: Vec<Candidate> = Vec::with_capacity(slices.iter().map(|s| s.endpoints.len()).sum());
     for slice in slices {
         if slice.ipv4.is_none() {

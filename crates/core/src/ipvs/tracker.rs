@@ -6,16 +6,17 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::crd::DEFAULT_SCHEDULER;
 use crate::governance::{Governance, Labels, PolicySet};
 use crate::problem::{Problem, object_ref};
+use crate::service::{ServiceFields, ServiceModel, parse_ip};
 use crate::snapshot::Snapshot;
 
 use super::claims::Claims;
-use super::model::{ServiceId, ServiceModel, SliceModel, parse_ip};
+use super::model::{ServiceId, ServiceInfo, SliceModel};
 use super::rules::{NodePlan, PlannedVirtualServer, PlannerConfig, VirtualServerKind};
 use super::service_rules::{ServicePlan, kind_field, plan_service};
 use super::table::{IpvsTable, VirtualServerKey};
@@ -30,7 +31,7 @@ pub fn plan_node(snapshot: &Snapshot, config: &PlannerConfig) -> NodePlan {
 /// A proxied Service and its current plan.
 #[derive(Clone, Debug)]
 struct ProxiedService {
-    model: ServiceModel,
+    model: ServiceInfo,
     plan: ServicePlan,
 }
 
@@ -107,16 +108,16 @@ impl Planner {
         }
         self.load_slices(&snapshot.endpoint_slices);
 
-        let parsed: Vec<ServiceModel> = snapshot
+        let parsed: Vec<ServiceInfo> = snapshot
             .services
             .iter()
-            .filter_map(|service| ServiceModel::parse(service, self.config.mode))
+            .filter_map(|service| ServiceInfo::new(ServiceModel::read(service), self.config.mode))
             .collect();
         // Sort positions, not the models: a model is large, and moves once, into the index.
         let order = sorted_latest(&parsed, |service| service.id.pair());
 
         // Services and slices are both in ServiceId order: walk them together.
-        let mut parsed: Vec<Option<ServiceModel>> = parsed.into_iter().map(Some).collect();
+        let mut parsed: Vec<Option<ServiceInfo>> = parsed.into_iter().map(Some).collect();
         let mut slices = self.slices.iter().peekable();
         let services: Vec<(ServiceId, ProxiedService)> = order
             .iter()
@@ -284,10 +285,11 @@ impl Planner {
         self.namespace_labels = namespace_labels;
     }
 
-    pub fn upsert_service(&mut self, service: &Service) {
+    pub fn upsert_service<'a>(&mut self, service: impl Into<ServiceFields<'a>>) {
+        let model = ServiceModel::read(service);
+        let id = ServiceId::new(model.namespace, model.name);
         // Not (or no longer) ours: forget it, as if deleted.
-        let model = ServiceModel::parse(service, self.config.mode);
-        self.set_service(&ServiceId::of(service), model);
+        self.set_service(&id, ServiceInfo::new(model, self.config.mode));
     }
 
     pub fn remove_service(&mut self, namespace: &str, name: &str) {
@@ -417,7 +419,7 @@ impl Planner {
     }
 
     /// Plans one Service with its slices (in slice-name order) and its governing policy.
-    fn plan(&self, service: &ServiceModel, slices: &[SliceModel]) -> ServicePlan {
+    fn plan(&self, service: &ServiceInfo, slices: &[SliceModel]) -> ServicePlan {
         let mut problems = Vec::new();
         let scheduler = self.scheduler_for(service, &mut problems);
         let mut plan = plan_service(service, slices, &self.node_addresses, &scheduler);
@@ -425,7 +427,7 @@ impl Planner {
         plan
     }
 
-    fn scheduler_for(&self, service: &ServiceModel, problems: &mut Vec<Problem>) -> Arc<str> {
+    fn scheduler_for(&self, service: &ServiceInfo, problems: &mut Vec<Problem>) -> Arc<str> {
         let governance = self.policies.governing_service(
             self.namespace_labels.get(service.id.namespace()),
             service.labels.as_ref(),
@@ -453,7 +455,7 @@ impl Planner {
     }
 
     /// Plans a Service anew from its model, or forgets it (`None`).
-    fn set_service(&mut self, id: &ServiceId, model: Option<ServiceModel>) {
+    fn set_service(&mut self, id: &ServiceId, model: Option<ServiceInfo>) {
         let old = self.services.remove(id).map(|service| service.plan);
         if let Some(model) = model {
             let slices = self.slices_of(id);
