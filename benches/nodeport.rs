@@ -8,7 +8,7 @@ use chrono::DateTime;
 use criterion::{Criterion, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::Service;
 use portpolicy_core::crd::{AllocationRecord, PortPolicy};
-use portpolicy_core::governance::{Labels, PolicySet};
+use portpolicy_core::governance::{Labels, NamespaceLabels, PolicySet};
 use portpolicy_core::nodeport::{NodePortInput, PortBitmap, plan_node_ports};
 use portpolicy_core::ports::PortRange;
 use portpolicy_core::service::ServiceModel;
@@ -20,7 +20,7 @@ const SERVICES: usize = 10_000;
 struct Cluster {
     policies: PolicySet,
     services: Vec<Service>,
-    namespaces: BTreeMap<String, Labels>,
+    namespaces: NamespaceLabels,
     records: BTreeMap<String, Vec<AllocationRecord>>,
 }
 

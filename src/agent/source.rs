@@ -20,8 +20,7 @@ use tokio::sync::mpsc;
 use super::sync::Change;
 use crate::snapshot_files::load_paths;
 use portpolicy_core::crd::PortPolicy;
-use portpolicy_core::governance::{Labels, PolicySet};
-use portpolicy_core::well_known::NAMESPACE_NAME_LABEL;
+use portpolicy_core::governance::{NamespaceLabels, PolicySet};
 
 #[derive(Debug)]
 pub enum Event {
@@ -260,8 +259,8 @@ async fn watch_policies(client: Client, tx: mpsc::Sender<Event>, ready: mpsc::Se
     let mut stream = std::pin::pin!(futures::stream::select(policies, namespaces));
     let mut policy_objects: BTreeMap<String, PortPolicy> = BTreeMap::new();
     let mut policy_listing: Option<BTreeMap<String, PortPolicy>> = None;
-    let mut labels: BTreeMap<String, Labels> = BTreeMap::new();
-    let mut labels_listing: Option<BTreeMap<String, Labels>> = None;
+    let mut labels = NamespaceLabels::default();
+    let mut labels_listing: Option<NamespaceLabels> = None;
     let (mut policies_listed, mut namespaces_listed, mut announced) = (false, false, false);
     while let Some(event) = stream.next().await {
         match event {
@@ -304,13 +303,12 @@ async fn watch_policies(client: Client, tx: mpsc::Sender<Event>, ready: mpsc::Se
             },
             Ok(PolicyEvent::Namespace(event)) => match event {
                 WatchEvent::Init => {
-                    labels_listing = Some(BTreeMap::new());
+                    labels_listing = Some(NamespaceLabels::default());
                     continue;
                 }
                 WatchEvent::InitApply(ns) => {
                     if let Some(listing) = labels_listing.as_mut() {
-                        let (name, l) = namespace_labels(ns);
-                        listing.insert(name, l);
+                        listing.insert(&ns.metadata.name.unwrap_or_default(), ns.metadata.labels.as_ref());
                     }
                     continue;
                 }
@@ -319,15 +317,11 @@ async fn watch_policies(client: Client, tx: mpsc::Sender<Event>, ready: mpsc::Se
                     namespaces_listed = true;
                 }
                 WatchEvent::Apply(ns) => {
-                    let (name, l) = namespace_labels(ns);
-                    if labels.get(&name) == Some(&l) {
+                    if !labels.insert(&ns.metadata.name.unwrap_or_default(), ns.metadata.labels.as_ref()) {
                         continue;
                     }
-                    labels.insert(name, l);
                 }
-                WatchEvent::Delete(ns) => {
-                    labels.remove(&ns.metadata.name.unwrap_or_default());
-                }
+                WatchEvent::Delete(ns) => labels.remove(&ns.metadata.name.unwrap_or_default()),
             },
         }
         if !(policies_listed && namespaces_listed) {
@@ -356,13 +350,6 @@ fn parse_policy(object: DynamicObject) -> Option<(String, PortPolicy)> {
             None
         }
     }
-}
-
-fn namespace_labels(ns: PartialObjectMeta<Namespace>) -> (String, Labels) {
-    let name = ns.metadata.name.unwrap_or_default();
-    let mut labels = ns.metadata.labels.unwrap_or_default();
-    labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
-    (name, labels)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //!   an agent restart drops no connection.
 //! - A failure leaves everything already programmed in place and schedules a full sync.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -20,7 +20,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use super::dataplane::Dataplane;
 use super::metrics::Metrics;
 use super::nft::{self, MasqueradeOptions, Reach};
-use portpolicy_core::governance::{Labels, PolicySet};
+use portpolicy_core::governance::{NamespaceLabels, PolicySet};
 use portpolicy_core::ipvs::diff::{Ownership, diff, diff_keys};
 use portpolicy_core::ipvs::{
     HealthCheckPlan, NodePlan, Planner, PlannerConfig, ProxyMode, VirtualServerKind,
@@ -46,7 +46,7 @@ pub enum Change {
     Node(Box<Node>),
     Policies {
         policies: PolicySet,
-        namespace_labels: BTreeMap<String, Labels>,
+        namespace_labels: NamespaceLabels,
     },
 }
 

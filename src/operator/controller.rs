@@ -12,7 +12,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Config as ControllerConfig, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, predicates, watcher};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 
 use super::agent::POLICY_LABEL;
 use super::context::{Context, Settings, Stores};
@@ -26,7 +26,6 @@ use portpolicy_core::crd::PortPolicy;
 use portpolicy_core::hostport::HostPortPod;
 use portpolicy_core::ports::PortRange;
 use portpolicy_core::service::ServiceModel;
-use portpolicy_core::well_known::NAMESPACE_NAME_LABEL;
 
 /// Flags of `portpolicy operator`.
 #[derive(clap::Args, Debug, Clone)]
@@ -93,12 +92,11 @@ fn all_policies(store: &Store<PortPolicy>) -> Vec<ObjectRef<PortPolicy>> {
 }
 
 fn namespace_labels(namespaces: &Store<Namespace>, ns: &str) -> portpolicy_core::governance::Labels {
-    let mut labels = namespaces
-        .get(&ObjectRef::new(ns))
-        .map(|n| n.labels().clone())
-        .unwrap_or_default();
-    labels.insert(NAMESPACE_NAME_LABEL.into(), ns.into());
-    labels
+    let namespace = namespaces.get(&ObjectRef::new(ns));
+    portpolicy_core::governance::namespace_labels(
+        ns,
+        namespace.as_ref().and_then(|n| n.metadata.labels.as_ref()),
+    )
 }
 
 /// Policies a Service change concerns: those selecting it, those holding a record for it (it

@@ -11,14 +11,13 @@ use kube::ResourceExt;
 use super::services::{self, ServiceIntent, ServiceKey};
 use super::status::{AgentFacts, NodePortFacts, PolicyFacts};
 use portpolicy_core::crd::{CompiledPolicy, ExternalTrafficRule, NodePortKind, PortPolicy};
-use portpolicy_core::governance::{Governance, Labels, PolicySet};
+use portpolicy_core::governance::{Governance, NamespaceLabels, PolicySet};
 use portpolicy_core::hostport::{
     ConflictInput, HostPortConflict, HostPortPod, detect_conflicts, placed_pods,
 };
 use portpolicy_core::nodeport::{AssignmentState, NodePortInput, NodePortPlan, plan_node_ports};
 use portpolicy_core::ports::PortRange;
 use portpolicy_core::service::{ExternalTraffic, ServiceFields, ServiceModel};
-use portpolicy_core::well_known::NAMESPACE_NAME_LABEL;
 
 /// What the stores hold when a reconcile starts.
 #[derive(Clone, Copy)]
@@ -34,7 +33,7 @@ pub struct Inputs<'a> {
 /// The core's answer for the whole cluster; each policy's reconcile acts on its own part.
 pub struct Computation {
     pub policy_set: PolicySet,
-    pub namespace_labels: BTreeMap<String, Labels>,
+    pub namespace_labels: NamespaceLabels,
     /// The Services, each with whether it is `externalTrafficPolicy: Local` once the operator's
     /// writes land (as the allocator saw it).
     services: Vec<(Arc<Service>, bool)>,
@@ -57,7 +56,7 @@ pub fn compute(inputs: &Inputs<'_>) -> Computation {
         .iter()
         .map(|svc| {
             let model = ServiceModel::read(&**svc);
-            let ns_labels = namespace_labels.get(model.namespace);
+            let ns_labels = Some(&*namespace_labels.of(model.namespace));
             match policy_set.governing_service(ns_labels, model.labels) {
                 Governance::By(policy) => desired_model(svc, policy),
                 Governance::Ambiguous(..) => {
@@ -146,33 +145,23 @@ fn desired_model<'a>(svc: &'a Service, policy: &CompiledPolicy) -> ServiceModel<
     model
 }
 
-/// Labels of every namespace, with the `kubernetes.io/metadata.name` label the API server always
-/// sets (also for namespaces the store has not seen yet).
+/// Labels of every namespace in the store, and of those the store has not seen yet but objects
+/// live in (listed once, so lookups need not derive them again).
 fn namespace_labels(
     namespaces: &[Arc<Namespace>],
     services: &[Arc<Service>],
     pods: &[Arc<HostPortPod>],
-) -> BTreeMap<String, Labels> {
-    let mut labels: BTreeMap<String, Labels> = namespaces
-        .iter()
-        .map(|ns| {
-            let name = ns.name_any();
-            let mut l = ns.labels().clone();
-            l.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
-            (name, l)
-        })
-        .collect();
+) -> NamespaceLabels {
+    let mut labels = NamespaceLabels::default();
+    for ns in namespaces {
+        labels.insert(&ns.name_any(), ns.metadata.labels.as_ref());
+    }
     let referenced = services
         .iter()
         .filter_map(|s| s.metadata.namespace.as_deref())
         .chain(pods.iter().filter_map(|p| p.metadata.namespace.as_deref()));
     for ns in referenced {
-        if !labels.contains_key(ns) {
-            labels.insert(
-                ns.into(),
-                Labels::from([(NAMESPACE_NAME_LABEL.into(), ns.into())]),
-            );
-        }
+        labels.ensure(ns);
     }
     labels
 }
@@ -228,7 +217,7 @@ impl Computation {
             let model = ServiceModel::read(&**svc);
             let governance = self
                 .policy_set
-                .governing_service(self.namespace_labels.get(model.namespace), model.labels);
+                .governing_service(Some(&self.namespace_labels.of(model.namespace)), model.labels);
             if governance.policy().is_none_or(|p| p.name != policy) {
                 continue;
             }
@@ -279,7 +268,7 @@ impl Computation {
             .filter(|model| {
                 matches!(
                     self.policy_set
-                        .governing_service(self.namespace_labels.get(model.namespace), model.labels),
+                        .governing_service(Some(&self.namespace_labels.of(model.namespace)), model.labels),
                     Governance::Ungoverned
                 )
             })
@@ -292,7 +281,7 @@ impl Computation {
         self.managed_services()
             .filter(|model| {
                 self.policy_set.get(policy).is_some_and(|p| {
-                    p.selects_service(self.namespace_labels.get(model.namespace), model.labels)
+                    p.selects_service(Some(&self.namespace_labels.of(model.namespace)), model.labels)
                 })
             })
             .map(|model| services::key_of(&model))

@@ -3,7 +3,7 @@
 //! `plan` and the agent's `--snapshot` mode read these; the operator builds the same view from
 //! its watch caches. Loading never fails on one bad object: it is reported and skipped.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
@@ -12,8 +12,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::crd::PortPolicy;
+use crate::governance::NamespaceLabels;
 use crate::problem::{Problem, object_ref};
-use crate::well_known::NAMESPACE_NAME_LABEL;
 
 /// Every object kind portpolicy reads.
 #[derive(Clone, Debug, Default)]
@@ -45,13 +45,13 @@ impl Snapshot {
     /// Labels of every namespace that is listed or that some object lives in. A namespace the
     /// snapshot does not list still carries the label the API server always sets on it, so a
     /// `kubernetes.io/metadata.name` selector works on partial snapshots.
-    pub fn namespace_labels(&self) -> BTreeMap<String, BTreeMap<String, String>> {
-        let mut labels: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+    pub fn namespace_labels(&self) -> NamespaceLabels {
+        let mut labels = NamespaceLabels::default();
         for ns in &self.namespaces {
-            let name = ns.metadata.name.clone().unwrap_or_default();
-            let mut l = ns.metadata.labels.clone().unwrap_or_default();
-            l.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
-            labels.insert(name, l);
+            labels.insert(
+                ns.metadata.name.as_deref().unwrap_or_default(),
+                ns.metadata.labels.as_ref(),
+            );
         }
         let referenced = self
             .services
@@ -63,12 +63,12 @@ impl Snapshot {
             .chain(self.deployments.iter().map(|o| &o.metadata))
             .chain(self.stateful_sets.iter().map(|o| &o.metadata))
             .filter_map(|m| m.namespace.as_deref());
-        // Hashed, not sorted: a large snapshot has few namespaces and very many objects.
+        // Listed once, so lookups need not derive them again. Hashed, not sorted: a large
+        // snapshot has few namespaces and very many objects.
         let mut seen: HashSet<&str> = HashSet::new();
         for ns in referenced {
-            if seen.insert(ns) && !labels.contains_key(ns) {
-                let automatic = BTreeMap::from([(NAMESPACE_NAME_LABEL.to_string(), ns.to_string())]);
-                labels.insert(ns.to_string(), automatic);
+            if seen.insert(ns) {
+                labels.ensure(ns);
             }
         }
         labels
@@ -226,6 +226,7 @@ fn push_typed<K>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::well_known::NAMESPACE_NAME_LABEL;
 
     #[test]
     fn reads_lists_multi_documents_and_reports_bad_objects() {
@@ -295,8 +296,8 @@ metadata: {name: orphan}
             "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {team: a}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n",
         );
         let labels = loaded.snapshot.namespace_labels();
-        assert_eq!(labels["shop"]["team"], "a");
-        assert_eq!(labels["shop"][NAMESPACE_NAME_LABEL], "shop");
-        assert_eq!(labels["default"][NAMESPACE_NAME_LABEL], "default");
+        assert_eq!(labels.of("shop")["team"], "a");
+        assert_eq!(labels.of("shop")[NAMESPACE_NAME_LABEL], "shop");
+        assert_eq!(labels.of("default")[NAMESPACE_NAME_LABEL], "default");
     }
 }

@@ -5,7 +5,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::*;
-use crate::governance::PolicySet;
+use crate::governance::{NamespaceLabels, PolicySet};
 use crate::ipvs::diff::{Ownership, diff_keys};
 use crate::ipvs::table::test_keys::vs_key;
 use crate::ports::Protocol;
@@ -806,6 +806,12 @@ fn scheduler_comes_from_the_governing_policy() {
     planner.set_policies(set, snap.namespace_labels());
     assert_eq!(planner.take_dirty().len(), 3);
     assert!(planner.desired().values().all(|s| &*s.scheduler == "wlc"));
+
+    // Policies from a watch that has not seen the namespaces yet: every namespace still carries
+    // its name label, so the edge policy governs edge/a as it does in the snapshot.
+    let set = PolicySet::compile(&snap.policies);
+    planner.set_policies(set, NamespaceLabels::default());
+    assert_eq!(&*planner.node_plan().virtual_servers[0].scheduler, "lc");
 }
 
 #[test]

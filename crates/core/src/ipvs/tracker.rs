@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::crd::DEFAULT_SCHEDULER;
-use crate::governance::{Governance, Labels, PolicySet};
+use crate::governance::{Governance, NamespaceLabels, PolicySet};
 use crate::problem::{Problem, object_ref};
 use crate::service::{ServiceFields, ServiceModel, parse_ip};
 use crate::snapshot::Snapshot;
@@ -49,7 +49,7 @@ pub struct Planner {
     node_addresses: Vec<IpAddr>,
     node_problems: Vec<Problem>,
     policies: PolicySet,
-    namespace_labels: BTreeMap<String, Labels>,
+    namespace_labels: NamespaceLabels,
     /// Proxied Services only, each with its plan.
     services: BTreeMap<ServiceId, ProxiedService>,
     /// EndpointSlices by the Service they belong to (whether or not it exists or is proxied),
@@ -73,7 +73,7 @@ impl Planner {
             node_addresses: Vec::new(),
             node_problems,
             policies: PolicySet::default(),
-            namespace_labels: BTreeMap::new(),
+            namespace_labels: NamespaceLabels::default(),
             services: BTreeMap::new(),
             slices: BTreeMap::new(),
             slice_owners: HashMap::new(),
@@ -265,7 +265,7 @@ impl Planner {
     }
 
     /// Policies decide each Service's scheduler; every Service is re-planned.
-    pub fn set_policies(&mut self, policies: PolicySet, namespace_labels: BTreeMap<String, Labels>) {
+    pub fn set_policies(&mut self, policies: PolicySet, namespace_labels: NamespaceLabels) {
         self.set_policy_set(policies, namespace_labels);
         let ids: Vec<ServiceId> = self.services.keys().cloned().collect();
         for id in &ids {
@@ -273,7 +273,7 @@ impl Planner {
         }
     }
 
-    fn set_policy_set(&mut self, policies: PolicySet, namespace_labels: BTreeMap<String, Labels>) {
+    fn set_policy_set(&mut self, policies: PolicySet, namespace_labels: NamespaceLabels) {
         let mut schedulers: Vec<Arc<str>> = vec![Arc::from(DEFAULT_SCHEDULER)];
         for policy in policies.policies() {
             if !schedulers.iter().any(|s| **s == *policy.scheduler) {
@@ -429,7 +429,7 @@ impl Planner {
 
     fn scheduler_for(&self, service: &ServiceInfo, problems: &mut Vec<Problem>) -> Arc<str> {
         let governance = self.policies.governing_service(
-            self.namespace_labels.get(service.id.namespace()),
+            Some(&self.namespace_labels.of(service.id.namespace())),
             service.labels.as_ref(),
         );
         match governance {

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::Service;
 
 use crate::crd::{AllocationRecord, NodePortKind};
-use crate::governance::{Labels, PolicySet};
+use crate::governance::{NamespaceLabels, PolicySet};
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
 use crate::service::{HealthCheckField, ServiceModel};
@@ -44,8 +44,7 @@ pub struct NodePortInput<'a> {
     pub records: &'a BTreeMap<String, Vec<AllocationRecord>>,
     /// Every Service in the cluster, governed or not.
     pub services: &'a [ServiceModel<'a>],
-    /// Labels by namespace name (`Snapshot::namespace_labels()`).
-    pub namespace_labels: &'a BTreeMap<String, Labels>,
+    pub namespace_labels: &'a NamespaceLabels,
     pub now: chrono::DateTime<chrono::Utc>,
 }
 

@@ -228,8 +228,8 @@ impl<'i, 'a> Planner<'i, 'a> {
         let mut treatments = Vec::with_capacity(self.views.len());
         let mut found = Vec::new();
         for (view, invalid) in self.views.iter().zip(&self.invalid) {
-            let governance =
-                policies.governing_service(self.input.namespace_labels.get(view.namespace), view.labels);
+            let governance = policies
+                .governing_service(Some(&self.input.namespace_labels.of(view.namespace)), view.labels);
             let treatment = match governance {
                 Governance::By(policy) if invalid.is_empty() => match policy.node_port_range {
                     Some(range) => Treatment::Managed(policy, range),
@@ -311,7 +311,7 @@ impl<'i, 'a> Planner<'i, 'a> {
         let view = &self.views[view];
         self.input
             .policies
-            .governing_service(self.input.namespace_labels.get(view.namespace), view.labels)
+            .governing_service(Some(&self.input.namespace_labels.of(view.namespace)), view.labels)
             .policy()
             .map(|p| p.name.clone())
     }

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::crd::PortPolicy;
+use crate::governance::{Labels, NamespaceLabels};
 use crate::service::ServiceModel;
 use crate::well_known::{
     EXTERNAL_TRAFFIC_ANNOTATION, EXTERNAL_TRAFFIC_ONLY_LOCAL, HEALTH_CHECK_NODE_PORT_ANNOTATION,
@@ -66,7 +67,7 @@ struct World {
     policies: Vec<PortPolicy>,
     services: Vec<Service>,
     records: BTreeMap<String, Vec<crate::crd::AllocationRecord>>,
-    namespaces: BTreeMap<String, Labels>,
+    namespaces: NamespaceLabels,
     now: DateTime<Utc>,
     cluster: PortRange,
 }
@@ -83,7 +84,7 @@ impl World {
             policies,
             services,
             records: BTreeMap::new(),
-            namespaces: BTreeMap::from([
+            namespaces: NamespaceLabels::from_iter([
                 (EDGE_NS.to_string(), labels(&[("team", "edge")])),
                 ("core".to_string(), labels(&[("team", "core")])),
                 ("both".to_string(), labels(&[("team", "edge"), ("shared", "yes")])),
