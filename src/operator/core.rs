@@ -8,16 +8,17 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::ResourceExt;
 
-use super::services::{self, ServiceIntent, ServiceKey};
+use super::services::{self, ServiceKey};
 use super::status::{AgentFacts, NodePortFacts, PolicyFacts};
 use portpolicy_core::crd::{CompiledPolicy, ExternalTrafficRule, NodePortKind, PortPolicy};
 use portpolicy_core::governance::{Governance, NamespaceLabels, PolicySet};
 use portpolicy_core::hostport::{
     ConflictInput, HostPortConflict, HostPortPod, detect_conflicts, placed_pods,
 };
+use portpolicy_core::intent::{HealthCheckNodePort, ServiceIntent, ServicePortNodePort};
 use portpolicy_core::nodeport::{AssignmentState, NodePortInput, NodePortPlan, plan_node_ports};
 use portpolicy_core::ports::PortRange;
-use portpolicy_core::service::{ExternalTraffic, ServiceFields, ServiceModel};
+use portpolicy_core::service::{ExternalTraffic, HealthCheckField, ServiceFields, ServiceModel};
 
 /// What the stores hold when a reconcile starts.
 #[derive(Clone, Copy)]
@@ -209,10 +210,10 @@ impl Computation {
         let Some(compiled) = self.policy_set.get(policy) else {
             return BTreeMap::new();
         };
-        let mut intents = BTreeMap::new();
-        // Whether each governed Service is Local in its spec (else only through the legacy
-        // annotation), which decides where its healthCheckNodePort is written.
-        let mut spec_local = BTreeMap::new();
+        // Each governed Service's intent, with its model (where its ports are) and whether it is
+        // Local in its spec (else only through the legacy annotation, which decides where its
+        // healthCheckNodePort is written).
+        let mut governed = BTreeMap::new();
         for (svc, local) in &self.services {
             let model = ServiceModel::read(&**svc);
             let governance = self
@@ -223,38 +224,60 @@ impl Computation {
             }
             let key = services::key_of(&model);
             let mut intent = ServiceIntent::new(&key.0, &key.1);
+            intent.policy = Some(policy.to_string());
             // `local` is the desired view's: Local under a Local rule means the rule wants it (or
             // the owner chose it, and applying the same value changes nothing).
             intent.external_traffic_local = compiled.external_traffic != ExternalTrafficRule::Any
                 && model.type_.has_node_ports()
                 && *local;
             intent.proxy_label = compiled.agent_proxies;
-            spec_local.insert(key.clone(), *local);
-            intents.insert(key, intent);
+            governed.insert(key, (intent, model, *local));
         }
         for a in &self.plan.assignments {
             if a.policy.as_deref() != Some(policy) || a.state == AssignmentState::InUse {
                 continue;
             }
             let key = (a.namespace.clone(), a.service.clone());
-            let Some(intent) = intents.get_mut(&key) else {
+            let Some((intent, model, local)) = governed.get_mut(&key) else {
                 continue;
             };
             match a.kind {
-                NodePortKind::Service => intent.node_ports.push((a.port, a.protocol, a.node_port)),
+                NodePortKind::Service => {
+                    let spec_port = (model.ports.iter())
+                        .find(|p| p.name == a.port_name && p.port == a.port && p.protocol == a.protocol);
+                    if let Some(spec_port) = spec_port {
+                        intent.ports.push(ServicePortNodePort {
+                            index: spec_port.index,
+                            name: a.port_name.clone(),
+                            port: a.port,
+                            protocol: a.protocol,
+                            node_port: a.node_port,
+                        });
+                    }
+                }
                 NodePortKind::HealthCheck => {
-                    let in_spec = spec_local.get(&key).copied().unwrap_or(false);
-                    intent.health_check = Some((a.node_port, !in_spec));
+                    let field = if *local {
+                        HealthCheckField::Spec
+                    } else {
+                        HealthCheckField::Annotation
+                    };
+                    intent.health_check_node_port = Some(HealthCheckNodePort {
+                        node_port: a.node_port,
+                        field,
+                    });
                 }
             }
         }
         // Ports with the same number and different protocols share one nodePort and are listed
         // once per protocol, as the API server keys `spec.ports` by (port, protocol).
-        for intent in intents.values_mut() {
-            intent.node_ports.sort();
-            intent.node_ports.dedup();
-        }
-        intents
+        governed
+            .into_iter()
+            .map(|(key, (mut intent, ..))| {
+                intent.ports.sort_by_key(|p| (p.port, p.protocol, p.node_port));
+                intent.ports.dedup_by_key(|p| (p.port, p.protocol));
+                (key, intent)
+            })
+            .collect()
     }
 
     /// Services the operator holds fields on that no policy governs any more: they get an empty
@@ -333,6 +356,15 @@ mod tests {
         })
     }
 
+    /// (port, protocol, nodePort) of each port an intent sets.
+    fn node_ports(intent: &ServiceIntent) -> Vec<(u16, Protocol, u16)> {
+        intent
+            .ports
+            .iter()
+            .map(|p| (p.port, p.protocol, p.node_port))
+            .collect()
+    }
+
     fn created_by_kubectl() -> Value {
         json!([{"manager": "kubectl-create", "operation": "Update", "apiVersion": "v1", "fieldsType": "FieldsV1",
             "fieldsV1": {"f:spec": {"f:ports": {"k:{\"port\":80,\"protocol\":\"TCP\"}": {"f:port": {}}}}}}])
@@ -370,7 +402,7 @@ mod tests {
         let services = [service("web", json!({}), 30555, owned)];
         let comp = run(&policies, &services);
         let intent = &comp.intents("a")[&("shop".to_string(), "web".to_string())];
-        assert_eq!(intent.node_ports, [(80, Protocol::Tcp, 30555)]);
+        assert_eq!(node_ports(intent), [(80, Protocol::Tcp, 30555)]);
         let facts = comp.facts(&policies[0], None);
         let problems = &facts.node_ports.unwrap().problems;
         assert_eq!(problems[0].0, "OutsidePolicyRange", "{problems:?}");
@@ -379,7 +411,7 @@ mod tests {
         let services = [service("web", json!({}), 30555, created_by_kubectl())];
         let comp = run(&policies, &services);
         let intent = &comp.intents("a")[&("shop".to_string(), "web".to_string())];
-        assert!((31000..=31099).contains(&intent.node_ports[0].2), "{intent:?}");
+        assert!((31000..=31099).contains(&intent.ports[0].node_port), "{intent:?}");
     }
 
     #[test]
@@ -410,8 +442,9 @@ mod tests {
         let comp = run(&policies, &[Arc::new(lb)]);
         let intent = &comp.intents("a")[&("shop".to_string(), "lb".to_string())];
         assert!(intent.external_traffic_local);
-        assert_eq!(intent.node_ports, [(80, Protocol::Tcp, 31010)]);
-        let (health, in_annotation) = intent.health_check.expect("a health-check port");
+        assert_eq!(node_ports(intent), [(80, Protocol::Tcp, 31010)]);
+        let health = intent.health_check_node_port.expect("a health-check port");
+        let (health, in_annotation) = (health.node_port, health.field == HealthCheckField::Annotation);
         assert!((31000..=31099).contains(&health) && health != 31010, "{health}");
         assert!(!in_annotation);
     }

@@ -22,10 +22,11 @@ use serde_json::json;
 use super::agent::{self, POLICY_LABEL};
 use super::context::Context;
 use super::core::{Computation, Inputs, compute};
-use super::services::{FIELD_MANAGER, ServiceIntent, ServiceKey};
+use super::services::{self, FIELD_MANAGER, ServiceKey};
 use super::status::{self, AgentFacts, PolicyFacts};
 use super::{Error, Result};
 use portpolicy_core::crd::{PortPolicy, PortPolicyStatus, condition};
+use portpolicy_core::intent::ServiceIntent;
 
 pub const FINALIZER: &str = "portpolicy.io/cleanup";
 /// Annotation on the agent DaemonSet with a hash of what the operator applied, so an unchanged
@@ -218,7 +219,7 @@ async fn apply_service(key: &ServiceKey, intent: &ServiceIntent, ctx: &Context) 
         .services
         .get(&ObjectRef::<Service>::new(&key.1).within(&key.0));
     let Some(live) = live else { return Ok(()) };
-    if intent.satisfied_by(&live) {
+    if services::satisfied_by(intent, &live) {
         return Ok(());
     }
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &key.0);

@@ -11,6 +11,7 @@
 pub mod crd;
 pub mod governance;
 pub mod hostport;
+pub mod intent;
 pub mod ipvs;
 pub mod nodeport;
 pub mod plan;

@@ -6,11 +6,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{
-    AssignmentState, HealthCheckNodePort, NodePortAssignment, NodePortInput, NodePortPlan, NodePortProblem,
-    NodePortProblemReason as Reason, PolicyNodePorts, PortBitmap, ServiceNodePortChange, ServicePortNodePort,
+    AssignmentState, NodePortAssignment, NodePortInput, NodePortPlan, NodePortProblem,
+    NodePortProblemReason as Reason, PolicyNodePorts, PortBitmap,
 };
 use crate::crd::{AllocationRecord, CompiledPolicy, NodePortKind};
 use crate::governance::Governance;
+use crate::intent::{HealthCheckNodePort, ServiceIntent, ServicePortNodePort};
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
 use crate::service::{ServiceModel, ServicePortModel};
@@ -86,7 +87,7 @@ struct Planner<'i, 'a> {
     pins: BTreeMap<(&'a str, &'a str, &'a str, &'a str), (usize, u16)>,
     problems: Vec<NodePortProblem>,
     assignments: Vec<NodePortAssignment>,
-    changes: Vec<ServiceNodePortChange>,
+    changes: Vec<ServiceIntent>,
 }
 
 impl<'i, 'a> Planner<'i, 'a> {
@@ -603,12 +604,11 @@ impl<'i, 'a> Planner<'i, 'a> {
         }
 
         if !changed_ports.is_empty() || health_change.is_some() {
-            self.changes.push(ServiceNodePortChange {
-                namespace: view.namespace.to_string(),
-                name: view.name.to_string(),
-                policy: policy.name.clone(),
+            self.changes.push(ServiceIntent {
+                policy: Some(policy.name.clone()),
                 ports: changed_ports,
                 health_check_node_port: health_change,
+                ..ServiceIntent::new(view.namespace, view.name)
             });
         }
     }

@@ -9,6 +9,8 @@ use serde_json::{Value, json};
 use super::*;
 use crate::crd::PortPolicy;
 use crate::governance::{Labels, NamespaceLabels};
+use crate::intent::{HealthCheckNodePort, ServiceIntent, ServicePortNodePort};
+use crate::service::HealthCheckField;
 use crate::service::ServiceModel;
 use crate::well_known::{
     EXTERNAL_TRAFFIC_ANNOTATION, EXTERNAL_TRAFFIC_ONLY_LOCAL, HEALTH_CHECK_NODE_PORT_ANNOTATION,
@@ -184,10 +186,10 @@ fn governed_service_gets_a_port_from_the_upper_band_of_its_policy_range() {
     assert!((31016..=31099).contains(&np), "{np}");
     assert_eq!(
         plan.service_changes(),
-        [ServiceNodePortChange {
+        [ServiceIntent {
             namespace: EDGE_NS.into(),
             name: "web".into(),
-            policy: "edge".into(),
+            policy: Some("edge".into()),
             ports: vec![ServicePortNodePort {
                 index: 0,
                 name: "http".into(),
@@ -196,6 +198,8 @@ fn governed_service_gets_a_port_from_the_upper_band_of_its_policy_range() {
                 node_port: np,
             }],
             health_check_node_port: None,
+            external_traffic_local: false,
+            proxy_label: false,
         }]
     );
     let status = &plan.policies["edge"];
