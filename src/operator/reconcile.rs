@@ -26,6 +26,7 @@ use super::services::{self, FIELD_MANAGER, ServiceKey};
 use super::status::{self, AgentFacts, PolicyFacts};
 use super::{Error, Result};
 use portpolicy_core::crd::{PortPolicy, PortPolicyStatus, condition};
+use portpolicy_core::hash::fnv1a_64;
 use portpolicy_core::intent::ServiceIntent;
 
 pub const FINALIZER: &str = "portpolicy.io/cleanup";
@@ -247,9 +248,7 @@ async fn apply_service(key: &ServiceKey, intent: &ServiceIntent, ctx: &Context) 
 fn desired_daemon_set(policy: &PortPolicy, ctx: &Context) -> Option<DaemonSet> {
     let mut ds = agent::desired_daemon_set(policy, &ctx.settings.namespace, &ctx.settings.default_image)?;
     let text = serde_json::to_string(&ds).ok()?;
-    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = fnv1a_64(text.as_bytes());
     ds.metadata
         .annotations
         .get_or_insert_default()

@@ -10,6 +10,7 @@
 
 pub mod crd;
 pub mod governance;
+pub mod hash;
 pub mod hostport;
 pub mod intent;
 pub mod ipvs;

@@ -11,6 +11,7 @@ use super::{
 };
 use crate::crd::{AllocationRecord, CompiledPolicy, NodePortKind};
 use crate::governance::Governance;
+use crate::hash::Fnv1a64;
 use crate::intent::{HealthCheckNodePort, ServiceIntent, ServicePortNodePort};
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
@@ -876,26 +877,24 @@ fn static_band(size: usize) -> usize {
     if size <= 16 { 0 } else { (size / 32).clamp(16, 128) }
 }
 
-/// FNV-1a over the identity, finished with splitmix64 so nearby names spread over the range.
-/// Spelled out here because std's hashers may change between releases, and these numbers end up
-/// as nodePorts users see.
+/// FNV-1a over the identity's parts (each ended by a byte no name holds), finished with
+/// splitmix64 so nearby names spread over the range.
 fn identity_hash(identity: &Identity<'_>) -> u64 {
     let kind: &[u8] = match identity.kind {
         NodePortKind::Service => b"Service",
         NodePortKind::HealthCheck => b"HealthCheck",
     };
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut fnv = Fnv1a64::default();
     for part in [
         identity.namespace.as_bytes(),
         identity.service.as_bytes(),
         identity.port_name.as_bytes(),
         kind,
     ] {
-        for &byte in part.iter().chain(&[0xff]) {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        fnv.write(part);
+        fnv.write(&[0xff]);
     }
+    let mut hash = fnv.finish();
     hash ^= hash >> 30;
     hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     hash ^= hash >> 27;
