@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 
+use portpolicy_core::ipvs::listing::format_table;
 use portpolicy_core::ipvs::{IpvsOp, RealServerKey, VirtualServerKey};
 use portpolicy_core::ports::Protocol;
-use portpolicy_netlink::ipvs::format_like_ipvsadm;
 use portpolicy_netlink::{DummyLink, IpvsHandle, NetlinkError};
 
 #[derive(Subcommand, Debug)]
@@ -75,7 +75,7 @@ fn ipvs_dump() -> Result<(), String> {
     let mut handle = IpvsHandle::open().map_err(|e| e.to_string())?;
     let info = handle.info().map_err(|e| e.to_string())?;
     let table = handle.dump().map_err(|e| e.to_string())?;
-    print!("{}", format_like_ipvsadm(Some(&info), &table));
+    print!("{info}\n{}", format_table(&table));
     Ok(())
 }
 

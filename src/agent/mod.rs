@@ -33,6 +33,7 @@ use self::metrics::{AgentHealth, Metrics};
 use self::nft::{Cidr, MasqueradeOptions};
 use self::source::Event;
 use self::sync::Syncer;
+use portpolicy_core::ipvs::listing::format_table;
 use portpolicy_core::ipvs::{PlannerConfig, ProxyMode};
 
 /// The agent's port for `/metrics`, `/healthz` and `/readyz`: next to kube-proxy's 10256
@@ -136,17 +137,14 @@ pub enum AgentError {
 /// Runs the agent on this node until SIGINT or SIGTERM. Rules stay in the kernel on exit, so a
 /// restart drops no connection.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    if args.print_table {
+        let loaded = crate::snapshot_files::load_paths(&args.snapshot)?;
+        let plan = portpolicy_core::ipvs::plan_node(&loaded.snapshot, &planner_config(&args));
+        print!("{}", format_table(&plan.table()));
+        return Ok(());
+    }
     #[cfg(target_os = "linux")]
     {
-        if args.print_table {
-            let loaded = crate::snapshot_files::load_paths(&args.snapshot)?;
-            let plan = portpolicy_core::ipvs::plan_node(&loaded.snapshot, &planner_config(&args));
-            print!(
-                "{}",
-                portpolicy_netlink::ipvs::format_like_ipvsadm(None, &plan.table())
-            );
-            return Ok(());
-        }
         let dataplane = linux::LinuxDataplane::open(&args.interface, &args.sysctl_root)?;
         run_with(args, dataplane).await
     }

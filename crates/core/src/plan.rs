@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::crd::{AllocationRecord, NodePortKind};
 use crate::governance::PolicySet;
 use crate::hostport;
-use crate::ipvs::{NodePlan, PlannerConfig, ProxyMode, plan_node};
+use crate::ipvs::{NodePlan, PlannerConfig, ProxyMode, listing, plan_node};
 use crate::nodeport::{NodePortInput, plan_node_ports};
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
@@ -329,24 +329,23 @@ fn or_none(table: &Table) -> String {
 
 /// The node's rules as `ipvsadm -Ln` lists them, with the Service beside each virtual server
 /// and `[OnlyLocal]` on those that keep node traffic on the node.
+/// The planned table has no connections yet, and the lines drop `ipvsadm`'s trailing blanks.
 fn ipvsadm_listing(node: &NodeRow) -> String {
-    let mut out = String::from(
-        "Prot LocalAddress:Port Scheduler Flags\n  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n",
-    );
+    let mut out = String::from(listing::HEADER);
     for vs in &node.virtual_servers {
-        let address = join_host_port(&vs.address, vs.port);
-        let mut line = format!("{:<4} {} {}", vs.protocol.as_str(), address, vs.scheduler);
-        if let Some(timeout) = vs.persistence_timeout {
-            line.push_str(&format!(" persistent {timeout}"));
-        }
+        let line = listing::virtual_server_line(
+            vs.protocol,
+            &vs.address,
+            vs.port,
+            &vs.scheduler,
+            vs.persistence_timeout,
+        );
         let mark = if vs.only_local { " [OnlyLocal]" } else { "" };
         out.push_str(&format!("{line:<48} # {} {}{mark}\n", vs.service, vs.kind));
         for rs in &vs.real_servers {
-            out.push_str(&format!(
-                "  -> {:<28} Masq    {:<6} 0          0\n",
-                join_host_port(&rs.address, rs.port),
-                rs.weight
-            ));
+            let line = listing::real_server_line(&rs.address, rs.port, rs.weight, 0, 0);
+            out.push_str(line.trim_end());
+            out.push('\n');
         }
     }
     for hc in &node.health_checks {
@@ -356,12 +355,4 @@ fn ipvsadm_listing(node: &NodeRow) -> String {
         ));
     }
     out
-}
-
-fn join_host_port(address: &str, port: u16) -> String {
-    if address.contains(':') {
-        format!("[{address}]:{port}")
-    } else {
-        format!("{address}:{port}")
-    }
 }

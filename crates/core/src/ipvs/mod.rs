@@ -17,6 +17,7 @@
 
 mod claims;
 pub mod diff;
+pub mod listing;
 mod model;
 mod rules;
 mod service_rules;
