@@ -5,5 +5,6 @@
 pub mod agent;
 #[cfg(target_os = "linux")]
 pub mod debug;
+pub mod flags;
 pub mod operator;
 pub mod snapshot_files;

@@ -44,9 +44,13 @@ struct PlanArgs {
     /// Show IPVS rules for this node only.
     #[arg(long)]
     node: Option<String>,
-    /// Plan only Services labeled `service.kubernetes.io/service-proxy-name: portpolicy`, as the
-    /// agent does next to kube-proxy; the default shows the view of a cluster without kube-proxy.
-    #[arg(long)]
+    /// Which Services get IPVS rules: `replacement` (the default) shows a cluster without
+    /// kube-proxy; `delegated` only Services labeled
+    /// `service.kubernetes.io/service-proxy-name: portpolicy`, as the agent next to kube-proxy.
+    #[arg(long, value_parser = portpolicy::flags::proxy_mode(), default_value = "replacement")]
+    mode: ProxyMode,
+    /// The earlier spelling of `--mode delegated`.
+    #[arg(long, hide = true, conflicts_with = "mode")]
     delegated: bool,
     /// The cluster's --service-node-port-range.
     #[arg(long, default_value = "30000-32767", value_parser = parse_range)]
@@ -97,7 +101,7 @@ fn plan(args: PlanArgs) -> ExitCode {
         mode: if args.delegated {
             ProxyMode::Delegated
         } else {
-            ProxyMode::Replacement
+            args.mode
         },
         node: args.node,
         now: args.now.unwrap_or_else(Utc::now),

@@ -167,7 +167,7 @@ impl AgentHealth {
     }
 }
 
-/// The router for `--metrics-addr`.
+/// The router for `--metrics-address`.
 pub fn router(metrics: Metrics, health: AgentHealth) -> Router {
     let ready = health.clone();
     Router::new()

@@ -24,7 +24,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use tokio::sync::mpsc;
 
 use self::dataplane::Dataplane;
@@ -33,23 +33,15 @@ use self::metrics::{AgentHealth, Metrics};
 use self::nft::{Cidr, MasqueradeOptions};
 use self::source::Event;
 use self::sync::Syncer;
+use crate::flags;
 use portpolicy_core::ipvs::listing::format_table;
 use portpolicy_core::ipvs::{PlannerConfig, ProxyMode};
 
 /// The agent's port for `/metrics`, `/healthz` and `/readyz`: next to kube-proxy's 10256
 /// (healthz) and 10249 (metrics) without taking either, so both can run on one node.
-pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:10265";
+pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:10265";
 /// Linux allows 15 bytes in an interface name.
 pub const DEFAULT_INTERFACE: &str = "portpolicy-ipvs";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// kube-proxy runs too: proxy only Services labeled
-    /// `service.kubernetes.io/service-proxy-name: portpolicy`.
-    Delegated,
-    /// No kube-proxy: proxy every Service kube-proxy would, and own the whole IPVS table.
-    Replacement,
-}
 
 /// `portpolicy agent` flags; each has an environment variable for DaemonSet manifests.
 #[derive(Args, Debug, Clone)]
@@ -70,8 +62,11 @@ pub struct AgentArgs {
     /// deletes drained real servers), like `60s`, `5m` or `500ms`.
     #[arg(long, env = "PORTPOLICY_RESYNC_PERIOD", default_value = "60s", value_parser = parse_duration)]
     pub resync_period: Duration,
-    #[arg(long, env = "PORTPOLICY_MODE", value_enum, default_value_t = Mode::Delegated)]
-    pub mode: Mode,
+    /// `delegated`: kube-proxy runs too, proxy only Services labeled
+    /// `service.kubernetes.io/service-proxy-name: portpolicy`. `replacement`: no kube-proxy,
+    /// proxy every Service kube-proxy would and own the whole IPVS table.
+    #[arg(long, env = "PORTPOLICY_MODE", value_parser = flags::proxy_mode(), default_value = "delegated")]
+    pub mode: ProxyMode,
     /// Run from snapshot files or directories (`kubectl get -o yaml` output) instead of the API
     /// server; they are re-read whenever they change.
     #[arg(long, env = "PORTPOLICY_SNAPSHOT", value_delimiter = ',')]
@@ -80,15 +75,20 @@ pub struct AgentArgs {
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub snapshot_poll: Duration,
     /// Address for `/metrics`, `/healthz` and `/readyz`.
-    #[arg(long, env = "PORTPOLICY_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
-    pub metrics_addr: SocketAddr,
+    #[arg(
+        long,
+        alias = "metrics-addr",
+        env = "PORTPOLICY_METRICS_ADDR",
+        default_value = DEFAULT_METRICS_ADDRESS
+    )]
+    pub metrics_address: SocketAddr,
     /// Where the kernel's settings are written: `/proc/sys`, or the host's bind-mounted there
     /// when the container's own `/proc/sys` is read-only.
     #[arg(long, env = "PORTPOLICY_SYSCTL_ROOT", default_value = "/proc/sys")]
     pub sysctl_root: std::path::PathBuf,
     /// Address the health-check node ports listen on.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub health_check_bind_address: IpAddr,
+    #[arg(long, alias = "health-check-bind-address", default_value = "0.0.0.0")]
+    pub health_check_address: IpAddr,
     /// With `--snapshot`: print the IPVS table planned for this node (as `ipvsadm -Ln` lists
     /// it) and exit, touching nothing.
     #[arg(long, requires = "snapshot")]
@@ -159,10 +159,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
 pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> Result<(), AgentError> {
     let metrics = Metrics::new();
     let health = AgentHealth::new(args.resync_period);
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+    let listener = tokio::net::TcpListener::bind(args.metrics_address)
         .await
         .map_err(|source| AgentError::Listen {
-            address: args.metrics_addr,
+            address: args.metrics_address,
             source,
         })?;
     let app = metrics::router(metrics.clone(), health.clone());
@@ -171,7 +171,7 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
             tracing::error!(error = %e, "metrics server stopped");
         }
     });
-    tracing::info!(address = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
+    tracing::info!(address = %args.metrics_address, "serving /metrics, /healthz and /readyz");
 
     let (tx, mut rx) = mpsc::channel::<Event>(4096);
     if args.snapshot.is_empty() {
@@ -191,7 +191,7 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
         cluster_cidrs: args.cluster_cidrs.clone(),
     };
     let mut syncer = Syncer::new(dataplane, config, masquerade, metrics);
-    let mut health_checks = HealthCheckServers::new(args.health_check_bind_address, health.clone());
+    let mut health_checks = HealthCheckServers::new(args.health_check_address, health.clone());
 
     let mut ready = false;
     let mut dirty = false;
@@ -265,10 +265,7 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
 fn planner_config(args: &AgentArgs) -> PlannerConfig {
     PlannerConfig {
         node_name: args.node_name.clone(),
-        mode: match args.mode {
-            Mode::Delegated => ProxyMode::Delegated,
-            Mode::Replacement => ProxyMode::Replacement,
-        },
+        mode: args.mode,
     }
 }
 
@@ -338,11 +335,11 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
             masquerade_all: false,
             cluster_cidrs: vec![],
             resync_period: Duration::from_secs(60),
-            mode: Mode::Delegated,
+            mode: ProxyMode::Delegated,
             snapshot: vec![dir.clone()],
             snapshot_poll: Duration::from_millis(20),
-            metrics_addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), metrics_port),
-            health_check_bind_address: Ipv4Addr::LOCALHOST.into(),
+            metrics_address: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), metrics_port),
+            health_check_address: Ipv4Addr::LOCALHOST.into(),
             print_table: false,
             sysctl_root: "/proc/sys".into(),
         };

@@ -25,6 +25,7 @@ use kube::Resource as _;
 
 use portpolicy_core::crd::{AgentSpec, PortPolicy};
 use portpolicy_core::hash::fnv1a_32;
+use portpolicy_core::ipvs::ProxyMode;
 
 /// Port of the agent's `/healthz` and `/readyz`; the agent binds it on the host network.
 pub const AGENT_HEALTH_PORT: i32 = 10265;
@@ -110,8 +111,8 @@ fn pod_spec(agent: &AgentSpec, default_image: &str) -> PodSpec {
         args: Some(vec![
             "agent".into(),
             "--mode".into(),
-            "delegated".into(),
-            "--metrics-addr".into(),
+            ProxyMode::Delegated.as_str().into(),
+            "--metrics-address".into(),
             format!("0.0.0.0:{AGENT_HEALTH_PORT}"),
         ]),
         env: Some(vec![

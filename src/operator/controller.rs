@@ -44,7 +44,12 @@ pub struct OperatorArgs {
     )]
     pub image: String,
     /// The cluster's --service-node-port-range.
-    #[arg(long, env = "PORTPOLICY_NODE_PORT_RANGE", default_value = "30000-32767")]
+    #[arg(
+        long = "service-node-port-range",
+        alias = "node-port-range",
+        env = "PORTPOLICY_NODE_PORT_RANGE",
+        default_value = "30000-32767"
+    )]
     pub node_port_range: PortRange,
     /// This replica's name in the leader Lease.
     #[arg(long, env = "POD_NAME")]

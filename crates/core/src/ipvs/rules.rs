@@ -1,7 +1,9 @@
 //! What one node must program: the IPVS planner's output, and the settings it plans for.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::IpAddr;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -15,8 +17,10 @@ use super::table::{IpvsService, IpvsTable, RealServerKey, RealServerState, Virtu
 /// Every real server gets the same weight, as kube-proxy programs them.
 pub const REAL_SERVER_WEIGHT: u32 = 1;
 
-/// Which Services the agent proxies.
+/// Which Services the agent proxies. Spelled `delegated` and `replacement` everywhere: the
+/// agent's and `plan`'s `--mode`, and the agent DaemonSet the operator writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ProxyMode {
     /// The cluster runs no kube-proxy: proxy every Service kube-proxy would (not headless, not
     /// ExternalName, not handed to another proxy by
@@ -29,6 +33,15 @@ pub enum ProxyMode {
 }
 
 impl ProxyMode {
+    pub const ALL: [ProxyMode; 2] = [ProxyMode::Delegated, ProxyMode::Replacement];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyMode::Delegated => "delegated",
+            ProxyMode::Replacement => "replacement",
+        }
+    }
+
     /// Whether the agent in this mode proxies a Service at all. A Service without a name is
     /// not proxied: the API server would have refused it, so kube-proxy never sees one.
     pub fn proxies(self, service: &ServiceModel<'_>) -> bool {
@@ -38,6 +51,23 @@ impl ProxyMode {
             ProxyMode::Delegated => proxy_name.is_some_and(|n| n == SERVICE_PROXY_NAME),
         };
         ours && service.type_ != ServiceType::ExternalName && !service.headless && !service.name.is_empty()
+    }
+}
+
+impl fmt::Display for ProxyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ProxyMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        ProxyMode::ALL
+            .into_iter()
+            .find(|mode| mode.as_str() == text)
+            .ok_or_else(|| format!("{text:?} is not a proxy mode: must be delegated or replacement"))
     }
 }
 
