@@ -35,7 +35,7 @@ use self::source::Event;
 use self::sync::Syncer;
 use crate::flags;
 use portpolicy_core::ipvs::listing::format_table;
-use portpolicy_core::ipvs::{PlannerConfig, ProxyMode};
+use portpolicy_core::ipvs::{ProxyConfig, ProxyMode};
 
 /// The agent's port for `/metrics`, `/healthz` and `/readyz`: next to kube-proxy's 10256
 /// (healthz) and 10249 (metrics) without taking either, so both can run on one node.
@@ -139,8 +139,8 @@ pub enum AgentError {
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     if args.print_table {
         let loaded = crate::snapshot_files::load_paths(&args.snapshot)?;
-        let plan = portpolicy_core::ipvs::plan_node(&loaded.snapshot, &planner_config(&args));
-        print!("{}", format_table(&plan.table()));
+        let rules = portpolicy_core::ipvs::node_rules(&loaded.snapshot, &proxy_config(&args));
+        print!("{}", format_table(&rules.table()));
         return Ok(());
     }
     #[cfg(target_os = "linux")]
@@ -185,7 +185,7 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
         ));
     }
 
-    let config = planner_config(&args);
+    let config = proxy_config(&args);
     let masquerade = MasqueradeOptions {
         all: args.masquerade_all,
         cluster_cidrs: args.cluster_cidrs.clone(),
@@ -262,8 +262,8 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
     }
 }
 
-fn planner_config(args: &AgentArgs) -> PlannerConfig {
-    PlannerConfig {
+fn proxy_config(args: &AgentArgs) -> ProxyConfig {
+    ProxyConfig {
         node_name: args.node_name.clone(),
         mode: args.mode,
     }

@@ -1,4 +1,4 @@
-//! The sync engine: keeps the planner fed, and makes the kernel match its plan by applying only
+//! The sync engine: keeps the rule tracker fed, and makes the kernel match its plan by applying only
 //! the difference.
 //!
 //! - Incremental sync: the planner's dirty keys (plus keys whose last operation failed) are
@@ -23,7 +23,7 @@ use super::nft::{self, MasqueradeOptions, Reach};
 use portpolicy_core::governance::{NamespaceLabels, PolicySet};
 use portpolicy_core::ipvs::diff::{Ownership, diff, diff_keys};
 use portpolicy_core::ipvs::{
-    HealthCheckPlan, NodePlan, Planner, PlannerConfig, ProxyMode, VirtualServerKind,
+    HealthCheckRule, NodeRules, ProxyConfig, ProxyMode, RuleTracker, VirtualServerKind,
 };
 use portpolicy_core::ipvs::{IpvsTable, VirtualServerKey};
 use portpolicy_core::ports::{PortRange, Protocol};
@@ -59,7 +59,7 @@ pub struct SyncOutcome {
     /// Everything that went wrong, for the log; empty when the sync fully succeeded.
     pub errors: Vec<String>,
     /// The health-check listeners this node should run.
-    pub health_checks: Vec<HealthCheckPlan>,
+    pub health_checks: Vec<HealthCheckRule>,
 }
 
 impl SyncOutcome {
@@ -70,7 +70,7 @@ impl SyncOutcome {
 
 pub struct Syncer<D: Dataplane> {
     dataplane: D,
-    planner: Planner,
+    tracker: RuleTracker,
     masquerade: MasqueradeOptions,
     metrics: Metrics,
     /// What the kernel holds as far as the agent knows: the last dump plus what was applied.
@@ -92,10 +92,10 @@ pub struct Syncer<D: Dataplane> {
 }
 
 impl<D: Dataplane> Syncer<D> {
-    pub fn new(dataplane: D, config: PlannerConfig, masquerade: MasqueradeOptions, metrics: Metrics) -> Self {
+    pub fn new(dataplane: D, config: ProxyConfig, masquerade: MasqueradeOptions, metrics: Metrics) -> Self {
         Syncer {
             dataplane,
-            planner: Planner::new(config),
+            tracker: RuleTracker::new(config),
             masquerade,
             metrics,
             kernel: IpvsTable::new(),
@@ -115,8 +115,8 @@ impl<D: Dataplane> Syncer<D> {
         &mut self.dataplane
     }
 
-    pub fn planner(&self) -> &Planner {
-        &self.planner
+    pub fn tracker(&self) -> &RuleTracker {
+        &self.tracker
     }
 
     /// The next sync compares against a fresh dump of the kernel.
@@ -139,19 +139,19 @@ impl<D: Dataplane> Syncer<D> {
         match change {
             Change::Snapshot(snapshot) => {
                 self.policy_ranges = agent_ranges(&PolicySet::compile(&snapshot.policies));
-                self.planner.load_snapshot(&snapshot);
+                self.tracker.load_snapshot(&snapshot);
             }
-            Change::Service(s) => self.planner.upsert_service(&*s),
-            Change::ServiceDeleted { namespace, name } => self.planner.remove_service(&namespace, &name),
-            Change::Slice(s) => self.planner.upsert_slice(&s),
-            Change::SliceDeleted { namespace, name } => self.planner.remove_slice(&namespace, &name),
-            Change::Node(n) => self.planner.set_node(&n),
+            Change::Service(s) => self.tracker.upsert_service(&*s),
+            Change::ServiceDeleted { namespace, name } => self.tracker.remove_service(&namespace, &name),
+            Change::Slice(s) => self.tracker.upsert_slice(&s),
+            Change::SliceDeleted { namespace, name } => self.tracker.remove_slice(&namespace, &name),
+            Change::Node(n) => self.tracker.set_node(&n),
             Change::Policies {
                 policies,
                 namespace_labels,
             } => {
                 self.policy_ranges = agent_ranges(&policies);
-                self.planner.set_policies(policies, namespace_labels);
+                self.tracker.set_policies(policies, namespace_labels);
             }
         }
     }
@@ -173,14 +173,15 @@ impl<D: Dataplane> Syncer<D> {
                 Err(e) => outcome.errors.push(e.to_string()),
             }
         }
-        let plan = self.planner.node_plan();
+        let rules = self.tracker.node_rules();
         self.node_ports_seen.extend(
-            plan.virtual_servers
+            rules
+                .virtual_servers
                 .iter()
                 .filter(|vs| vs.kind == VirtualServerKind::NodePort)
                 .map(|vs| vs.key.port),
         );
-        let dirty = self.planner.take_dirty();
+        let dirty = self.tracker.take_dirty();
 
         if full {
             match (self.dataplane.dump(), self.dataplane.addresses()) {
@@ -192,14 +193,14 @@ impl<D: Dataplane> Syncer<D> {
                     // Without the kernel's state nothing can be compared safely: change nothing.
                     outcome.errors.push(e.to_string());
                     self.retry.extend(dirty);
-                    return self.finish(outcome, started, &plan);
+                    return self.finish(outcome, started, &rules);
                 }
             }
         }
 
         // Bind new addresses first: a virtual server on an address the agent does not hold is
         // not its to program, and a cluster IP must be local before traffic to it is accepted.
-        let mut holding: BTreeSet<IpAddr> = self.bound.union(&plan.vips).copied().collect();
+        let mut holding: BTreeSet<IpAddr> = self.bound.union(&rules.vips).copied().collect();
         if holding != self.bound {
             match self.dataplane.sync_addresses(&holding) {
                 Ok(()) => self.bound = holding.clone(),
@@ -209,8 +210,8 @@ impl<D: Dataplane> Syncer<D> {
                 }
             }
         }
-        let ownership = self.ownership(&plan, &holding);
-        let desired = self.planner.desired();
+        let ownership = self.ownership(&rules, &holding);
+        let desired = self.tracker.desired();
         let ops = if full {
             diff(&self.kernel, desired, &ownership)
         } else {
@@ -267,7 +268,7 @@ impl<D: Dataplane> Syncer<D> {
 
         // Unbind what the plan no longer wants, except addresses whose deletions failed (they
         // must stay owned until the retry deletes their virtual servers).
-        let mut keep: BTreeSet<IpAddr> = plan.vips.clone();
+        let mut keep: BTreeSet<IpAddr> = rules.vips.clone();
         keep.extend(
             self.retry
                 .iter()
@@ -282,7 +283,7 @@ impl<D: Dataplane> Syncer<D> {
         }
 
         let ruleset = nft::ruleset(
-            plan.virtual_servers.iter().map(|vs| {
+            rules.virtual_servers.iter().map(|vs| {
                 let reach = if vs.kind.is_external() {
                     Reach::External { local: vs.only_local }
                 } else {
@@ -302,19 +303,19 @@ impl<D: Dataplane> Syncer<D> {
                 }
             }
         }
-        if full || self.last_reserved.as_ref() != Some(&plan.reserved_node_ports) {
-            match self.dataplane.reserve_ports(&plan.reserved_node_ports) {
-                Ok(()) => self.last_reserved = Some(plan.reserved_node_ports.clone()),
+        if full || self.last_reserved.as_ref() != Some(&rules.reserved_node_ports) {
+            match self.dataplane.reserve_ports(&rules.reserved_node_ports) {
+                Ok(()) => self.last_reserved = Some(rules.reserved_node_ports.clone()),
                 Err(e) => {
                     self.last_reserved = None;
                     outcome.errors.push(e.to_string());
                 }
             }
         }
-        self.finish(outcome, started, &plan)
+        self.finish(outcome, started, &rules)
     }
 
-    fn finish(&mut self, mut outcome: SyncOutcome, started: Instant, plan: &NodePlan) -> SyncOutcome {
+    fn finish(&mut self, mut outcome: SyncOutcome, started: Instant, rules: &NodeRules) -> SyncOutcome {
         if !outcome.succeeded() {
             self.needs_full = true;
             self.metrics.sync_errors.inc();
@@ -325,9 +326,10 @@ impl<D: Dataplane> Syncer<D> {
         }
         self.metrics
             .virtual_servers
-            .set(plan.virtual_servers.len() as i64);
+            .set(rules.virtual_servers.len() as i64);
         self.metrics.real_servers.set(
-            plan.virtual_servers
+            rules
+                .virtual_servers
                 .iter()
                 .map(|vs| vs.real_servers.len() as i64)
                 .sum(),
@@ -335,7 +337,7 @@ impl<D: Dataplane> Syncer<D> {
         self.metrics
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
-        outcome.health_checks = plan.health_checks.clone();
+        outcome.health_checks = rules.health_checks.clone();
         outcome
     }
 
@@ -357,8 +359,8 @@ impl<D: Dataplane> Syncer<D> {
             .collect()
     }
 
-    fn ownership(&self, plan: &NodePlan, bound: &BTreeSet<IpAddr>) -> Ownership {
-        match self.planner.config().mode {
+    fn ownership(&self, rules: &NodeRules, bound: &BTreeSet<IpAddr>) -> Ownership {
+        match self.tracker.config().mode {
             ProxyMode::Replacement => Ownership::everything(),
             ProxyMode::Delegated => {
                 let seen = self
@@ -368,7 +370,7 @@ impl<D: Dataplane> Syncer<D> {
                 Ownership::nothing()
                     .with_bound_addresses(bound.iter().copied())
                     .with_node_ports(
-                        plan.node_addresses.iter().copied(),
+                        rules.node_addresses.iter().copied(),
                         self.policy_ranges.iter().copied().chain(seen),
                     )
             }

@@ -16,7 +16,7 @@ use portpolicy_core::hostport::{
     ConflictInput, HostPortConflict, HostPortPod, detect_conflicts, placed_pods,
 };
 use portpolicy_core::intent::{HealthCheckNodePort, ServiceIntent, ServicePortNodePort};
-use portpolicy_core::nodeport::{AssignmentState, NodePortInput, NodePortPlan, plan_node_ports};
+use portpolicy_core::nodeport::{AssignmentState, NodePortAllocation, NodePortInput, allocate_node_ports};
 use portpolicy_core::ports::PortRange;
 use portpolicy_core::service::{ExternalTraffic, HealthCheckField, ServiceFields, ServiceModel};
 
@@ -38,7 +38,7 @@ pub struct Computation {
     /// The Services, each with whether it is `externalTrafficPolicy: Local` once the operator's
     /// writes land (as the allocator saw it).
     services: Vec<(Arc<Service>, bool)>,
-    pub plan: NodePortPlan,
+    pub allocation: NodePortAllocation,
     pub conflicts: Vec<HostPortConflict>,
     /// Per policy, the other policies selecting some of the same Services.
     pub overlaps: BTreeMap<String, BTreeSet<String>>,
@@ -85,7 +85,7 @@ pub fn compute(inputs: &Inputs<'_>) -> Computation {
         .filter_map(|p| Some((p.name_any(), p.status.as_ref()?.allocations.clone())))
         .filter(|(_, r)| !r.is_empty())
         .collect();
-    let plan = plan_node_ports(&NodePortInput {
+    let allocation = allocate_node_ports(&NodePortInput {
         cluster_range: inputs.cluster_range,
         policies: &policy_set,
         records: &records,
@@ -112,7 +112,7 @@ pub fn compute(inputs: &Inputs<'_>) -> Computation {
         policy_set,
         namespace_labels,
         services,
-        plan,
+        allocation,
         conflicts,
         overlaps,
     }
@@ -179,12 +179,12 @@ impl Computation {
                 ..Default::default()
             };
         }
-        let node_ports = self.plan.policies.get(&name).map(|np| NodePortFacts {
+        let node_ports = self.allocation.policies.get(&name).map(|np| NodePortFacts {
             used: np.used,
             total: np.total,
             records: np.records.clone(),
             problems: self
-                .plan
+                .allocation
                 .problems_of(&name)
                 .map(|p| (p.reason.as_str().to_string(), p.problem.to_string()))
                 .collect(),
@@ -233,7 +233,7 @@ impl Computation {
             intent.proxy_label = compiled.agent_proxies;
             governed.insert(key, (intent, model, *local));
         }
-        for a in &self.plan.assignments {
+        for a in &self.allocation.assignments {
             if a.policy.as_deref() != Some(policy) || a.state == AssignmentState::InUse {
                 continue;
             }

@@ -1,7 +1,7 @@
 //! The PortPolicy custom resource: `portpolicy.io/v1alpha1`, cluster-scoped.
 //!
 //! The schema carries the validation a user needs at `kubectl apply` time (CEL rules for what
-//! plain OpenAPI cannot say); [`PortPolicySpec::validate`] repeats it in Rust so that an object
+//! plain OpenAPI cannot say); [`PortPolicySpec::compile`] repeats it in Rust so that an object
 //! that slipped past an older CRD, or a snapshot file, is still judged the same way.
 
 use std::collections::BTreeMap;

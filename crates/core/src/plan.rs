@@ -11,8 +11,8 @@ use serde::Serialize;
 use crate::crd::{AllocationRecord, NodePortKind};
 use crate::governance::PolicySet;
 use crate::hostport;
-use crate::ipvs::{NodePlan, PlannerConfig, ProxyMode, listing, plan_node};
-use crate::nodeport::{NodePortInput, plan_node_ports};
+use crate::ipvs::{NodeRules, ProxyConfig, ProxyMode, listing, node_rules};
+use crate::nodeport::{NodePortInput, allocate_node_ports};
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
 use crate::service::ServiceModel;
@@ -125,7 +125,7 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
         })
         .collect();
     let services: Vec<ServiceModel<'_>> = snapshot.services.iter().map(ServiceModel::read).collect();
-    let allocation = plan_node_ports(&NodePortInput {
+    let allocation = allocate_node_ports(&NodePortInput {
         cluster_range: options.node_port_range,
         policies: &policies,
         records: &records,
@@ -181,15 +181,15 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
         if options.node.as_ref().is_some_and(|only| *only != name) {
             continue;
         }
-        let plan = plan_node(
+        let rules = node_rules(
             &allocated,
-            &PlannerConfig {
+            &ProxyConfig {
                 node_name: name,
                 mode: options.mode,
             },
         );
-        problems.extend(plan.problems.iter().cloned());
-        nodes.push(node_row(&plan));
+        problems.extend(rules.problems.iter().cloned());
+        nodes.push(node_row(&rules));
     }
     if let Some(only) = &options.node
         && nodes.is_empty()
@@ -211,10 +211,10 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
     }
 }
 
-fn node_row(plan: &NodePlan) -> NodeRow {
+fn node_row(rules: &NodeRules) -> NodeRow {
     NodeRow {
-        name: plan.node.clone(),
-        virtual_servers: plan
+        name: rules.node.clone(),
+        virtual_servers: rules
             .virtual_servers
             .iter()
             .map(|vs| VirtualServerRow {
@@ -237,7 +237,7 @@ fn node_row(plan: &NodePlan) -> NodeRow {
                 only_local: vs.only_local,
             })
             .collect(),
-        health_checks: plan
+        health_checks: rules
             .health_checks
             .iter()
             .map(|hc| HealthCheckRow {

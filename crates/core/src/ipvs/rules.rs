@@ -72,7 +72,7 @@ impl FromStr for ProxyMode {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct PlannerConfig {
+pub struct ProxyConfig {
     /// The node this plan is for (`metadata.name` of the Node, `nodeName` of its endpoints).
     pub node_name: String,
     pub mode: ProxyMode,
@@ -96,7 +96,7 @@ impl VirtualServerKind {
 
 /// One virtual server the node must program, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct PlannedVirtualServer {
+pub struct VirtualServerRule {
     /// `namespace/name` of the Service.
     pub service: Arc<str>,
     /// The Service port's name; empty for a single unnamed port.
@@ -119,7 +119,7 @@ pub struct PlannedVirtualServer {
     pub real_servers: Arc<[(RealServerKey, u32)]>,
 }
 
-impl PlannedVirtualServer {
+impl VirtualServerRule {
     /// The kernel's view of this virtual server.
     pub fn to_ipvs_service(&self) -> IpvsService {
         IpvsService {
@@ -139,7 +139,7 @@ impl PlannedVirtualServer {
 
 /// A health-check node port this node serves (one HTTP listener, see the health module).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct HealthCheckPlan {
+pub struct HealthCheckRule {
     pub namespace: String,
     pub name: String,
     pub node_port: u16,
@@ -149,15 +149,15 @@ pub struct HealthCheckPlan {
 
 /// Everything one node must program.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct NodePlan {
+pub struct NodeRules {
     pub node: String,
     /// This node's InternalIP and ExternalIP addresses (the node-port virtual server addresses).
     pub node_addresses: BTreeSet<IpAddr>,
     /// Sorted by Service (namespace, then name), kind and key. A virtual server claimed by two
     /// Services appears once, for the first; the other gets a problem.
-    pub virtual_servers: Vec<PlannedVirtualServer>,
+    pub virtual_servers: Vec<VirtualServerRule>,
     /// Sorted by namespace and name.
-    pub health_checks: Vec<HealthCheckPlan>,
+    pub health_checks: Vec<HealthCheckRule>,
     /// Addresses to bind on the agent's dummy interface: cluster, external and load-balancer IPs.
     pub vips: BTreeSet<IpAddr>,
     /// Node ports (and health-check node ports) to keep out of `ip_local_reserved_ports`' reach
@@ -167,7 +167,7 @@ pub struct NodePlan {
     pub problems: Vec<Problem>,
 }
 
-impl NodePlan {
+impl NodeRules {
     /// The IPVS table this plan wants.
     pub fn table(&self) -> IpvsTable {
         self.virtual_servers

@@ -11,11 +11,11 @@
 //! gets it back, and the choice is deterministic (a stable hash of the identity picks where the
 //! search starts) instead of random, so `plan`, the operator and a re-run agree.
 //!
-//! [`plan_node_ports`] is pure: the clock arrives as `now`, the durable memory as the policies'
+//! [`allocate_node_ports`] is pure: the clock arrives as `now`, the durable memory as the policies'
 //! `status.allocations`, and the result says what to write without writing it.
 
+mod allocator;
 mod bitmap;
-mod plan;
 
 #[cfg(test)]
 mod tests;
@@ -29,8 +29,8 @@ use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
 use crate::service::ServiceModel;
 
+pub use allocator::allocate_node_ports;
 pub use bitmap::PortBitmap;
-pub use plan::plan_node_ports;
 
 /// Everything the allocator decides from.
 #[derive(Clone, Copy, Debug)]
@@ -48,7 +48,7 @@ pub struct NodePortInput<'a> {
 
 /// What the allocator decided.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct NodePortPlan {
+pub struct NodePortAllocation {
     /// Every nodePort a Service holds or is to hold, sorted by
     /// (namespace, service, kind, port name, protocol).
     pub assignments: Vec<NodePortAssignment>,
@@ -58,7 +58,7 @@ pub struct NodePortPlan {
     changes: Vec<ServiceIntent>,
 }
 
-impl NodePortPlan {
+impl NodePortAllocation {
     /// The Services whose nodePorts (or healthCheckNodePort) must be written, sorted by
     /// (namespace, name), each with only what changes. Writing them is the operator's job.
     pub fn service_changes(&self) -> &[ServiceIntent] {

@@ -97,10 +97,10 @@ impl World {
         }
     }
 
-    fn plan(&self) -> NodePortPlan {
+    fn plan(&self) -> NodePortAllocation {
         let set = PolicySet::compile(&self.policies);
         let services: Vec<ServiceModel<'_>> = self.services.iter().map(ServiceModel::read).collect();
-        plan_node_ports(&NodePortInput {
+        allocate_node_ports(&NodePortInput {
             cluster_range: self.cluster,
             policies: &set,
             records: &self.records,
@@ -111,7 +111,7 @@ impl World {
     }
 
     /// What the operator does with a plan: write the Services and the policies' records.
-    fn apply(&mut self, plan: &NodePortPlan) {
+    fn apply(&mut self, plan: &NodePortAllocation) {
         for change in plan.service_changes() {
             let service = self
                 .services
@@ -138,7 +138,7 @@ impl World {
 }
 
 fn assignment<'p>(
-    plan: &'p NodePortPlan,
+    plan: &'p NodePortAllocation,
     namespace: &str,
     service: &str,
     kind: NodePortKind,
@@ -150,7 +150,7 @@ fn assignment<'p>(
 }
 
 fn port(
-    plan: &NodePortPlan,
+    plan: &NodePortAllocation,
     namespace: &str,
     service: &str,
     port_name: &str,
@@ -158,11 +158,11 @@ fn port(
     assignment(plan, namespace, service, NodePortKind::Service, port_name).map(|a| (a.node_port, a.state))
 }
 
-fn health(plan: &NodePortPlan, namespace: &str, service: &str) -> Option<(u16, AssignmentState)> {
+fn health(plan: &NodePortAllocation, namespace: &str, service: &str) -> Option<(u16, AssignmentState)> {
     assignment(plan, namespace, service, NodePortKind::HealthCheck, "").map(|a| (a.node_port, a.state))
 }
 
-fn reasons(plan: &NodePortPlan) -> Vec<(NodePortProblemReason, String, String)> {
+fn reasons(plan: &NodePortAllocation) -> Vec<(NodePortProblemReason, String, String)> {
     plan.problems
         .iter()
         .map(|p| (p.reason, p.problem.object.clone(), p.problem.field.clone()))

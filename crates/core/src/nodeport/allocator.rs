@@ -1,4 +1,4 @@
-//! Planning: seed what is held, then give every governed Service port its nodePort.
+//! The allocator: seed what is held, then give every governed Service port its nodePort.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{
-    AssignmentState, NodePortAssignment, NodePortInput, NodePortPlan, NodePortProblem,
+    AssignmentState, NodePortAllocation, NodePortAssignment, NodePortInput, NodePortProblem,
     NodePortProblemReason as Reason, PolicyNodePorts, PortBitmap,
 };
 use crate::crd::{AllocationRecord, CompiledPolicy, NodePortKind};
@@ -18,8 +18,8 @@ use crate::problem::Problem;
 use crate::service::{ServiceModel, ServicePortModel};
 
 /// Decides every nodePort from the input. Deterministic: the same input gives the same plan.
-pub fn plan_node_ports(input: &NodePortInput<'_>) -> NodePortPlan {
-    Planner::new(input).run()
+pub fn allocate_node_ports(input: &NodePortInput<'_>) -> NodePortAllocation {
+    Allocator::new(input).run()
 }
 
 /// A nodePort's owner: one Service port (or health check) of one Service, by name.
@@ -69,7 +69,7 @@ enum Treatment<'a> {
     Untouched,
 }
 
-struct Planner<'i, 'a> {
+struct Allocator<'i, 'a> {
     input: &'i NodePortInput<'a>,
     now: Time,
     now_nanos: i128,
@@ -91,7 +91,7 @@ struct Planner<'i, 'a> {
     changes: Vec<ServiceIntent>,
 }
 
-impl<'i, 'a> Planner<'i, 'a> {
+impl<'i, 'a> Allocator<'i, 'a> {
     fn new(input: &'i NodePortInput<'a>) -> Self {
         let now_nanos = i128::from(input.now.timestamp()) * 1_000_000_000
             + i128::from(input.now.timestamp_subsec_nanos());
@@ -119,7 +119,7 @@ impl<'i, 'a> Planner<'i, 'a> {
                 problems
             })
             .collect();
-        Planner {
+        Allocator {
             input,
             now,
             now_nanos,
@@ -135,7 +135,7 @@ impl<'i, 'a> Planner<'i, 'a> {
         }
     }
 
-    fn run(mut self) -> NodePortPlan {
+    fn run(mut self) -> NodePortAllocation {
         self.check_policies();
         let treatments = self.govern();
         self.seed_services();
@@ -143,7 +143,7 @@ impl<'i, 'a> Planner<'i, 'a> {
         self.read_records();
         for (i, treatment) in treatments.iter().enumerate() {
             match *treatment {
-                Treatment::Managed(policy, range) => self.plan_service(i, policy, range),
+                Treatment::Managed(policy, range) => self.allocate_service(i, policy, range),
                 Treatment::Untouched => self.record_untouched(i),
             }
         }
@@ -427,7 +427,7 @@ impl<'i, 'a> Planner<'i, 'a> {
         }
     }
 
-    fn plan_service(&mut self, i: usize, policy: &'a CompiledPolicy, range: PortRange) {
+    fn allocate_service(&mut self, i: usize, policy: &'a CompiledPolicy, range: PortRange) {
         let view = self.views[i];
         let mut changed_ports = Vec::new();
 
@@ -753,7 +753,7 @@ impl<'i, 'a> Planner<'i, 'a> {
         })
     }
 
-    fn finish(mut self) -> NodePortPlan {
+    fn finish(mut self) -> NodePortAllocation {
         let mut policies = BTreeMap::new();
         let ranged: Vec<_> = self.ranged_policies().collect();
         for (policy, range) in ranged {
@@ -815,7 +815,7 @@ impl<'i, 'a> Planner<'i, 'a> {
         });
         self.changes
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        NodePortPlan {
+        NodePortAllocation {
             assignments: self.assignments,
             problems: self.problems,
             policies,
