@@ -69,6 +69,37 @@ enum Treatment<'a> {
     Untouched,
 }
 
+/// A Service the allocator manages: its view, and the policy and range it is managed by.
+#[derive(Clone, Copy)]
+struct Managed<'a> {
+    /// Index into the views.
+    i: usize,
+    view: &'a ServiceModel<'a>,
+    policy: &'a CompiledPolicy,
+    range: PortRange,
+}
+
+/// The nodePort a group of Service ports is to hold.
+#[derive(Clone, Copy, Debug)]
+struct Target {
+    port: u16,
+    state: AssignmentState,
+    /// Every member moves to it (a pin), not only those without a port of their own.
+    every_member: bool,
+}
+
+/// Ports with the same number share one nodePort, whatever their protocols.
+fn port_groups<'p, 'a>(ports: &'p [ServicePortModel<'a>]) -> Vec<Vec<&'p ServicePortModel<'a>>> {
+    let mut groups: Vec<Vec<&ServicePortModel<'a>>> = Vec::new();
+    for port in ports {
+        match groups.iter_mut().find(|g| g[0].port == port.port) {
+            Some(group) => group.push(port),
+            None => groups.push(vec![port]),
+        }
+    }
+    groups
+}
+
 struct Allocator<'i, 'a> {
     input: &'i NodePortInput<'a>,
     now: Time,
@@ -428,190 +459,202 @@ impl<'i, 'a> Allocator<'i, 'a> {
     }
 
     fn allocate_service(&mut self, i: usize, policy: &'a CompiledPolicy, range: PortRange) {
-        let view = self.views[i];
+        let managed = Managed {
+            i,
+            view: self.views[i],
+            policy,
+            range,
+        };
         let mut changed_ports = Vec::new();
-
-        // Ports with the same number share one nodePort, whatever their protocols.
-        let mut groups: Vec<Vec<&ServicePortModel<'a>>> = Vec::new();
-        for port in &view.ports {
-            match groups.iter_mut().find(|g| g[0].port == port.port) {
-                Some(group) => group.push(port),
-                None => groups.push(vec![port]),
-            }
+        for group in port_groups(&managed.view.ports) {
+            let target = self.group_target(managed, &group);
+            changed_ports.extend(self.assign_group(managed, &group, target));
         }
-        for group in groups {
-            let names: Vec<&'a str> = group.iter().map(|p| p.name).collect();
-            let identity = Identity {
-                namespace: view.namespace,
-                service: view.name,
-                port_name: names[0],
-                kind: NodePortKind::Service,
-            };
-            let current = group.iter().find_map(|p| p.node_port);
-            let field = format!("spec.ports[{}].nodePort", group[0].index);
-
-            // (port, state, whether every member moves to it)
-            let mut target: Option<(u16, AssignmentState, bool)> = None;
-            if view.allocates_node_ports
-                && let Some(&(pin_index, pin)) = names.iter().find_map(|name| {
-                    self.pins
-                        .get(&(policy.name.as_str(), view.namespace, view.name, *name))
-                })
-            {
-                match self.holder_other_than(pin, i, &names) {
-                    None => {
-                        self.take(pin, i);
-                        target = Some((pin, AssignmentState::Pinned, true));
-                    }
-                    Some(holder) => {
-                        let problem = Problem::new(
-                            format!("PortPolicy/{}", policy.name),
-                            format!("spec.nodePorts.pinned[{pin_index}].nodePort"),
-                            format!(
-                                "{pin} is pinned for {} but is held by {holder}; the holder keeps it",
-                                identity.describe()
-                            ),
-                        );
-                        self.problem(Some(&policy.name), Reason::PinnedPortTaken, problem);
-                    }
-                }
-            }
-            if target.is_none() {
-                target = match current {
-                    Some(port) if !range.contains(port) && policy.enforce && view.allocates_node_ports => {
-                        match self.restore_or_allocate(
-                            i,
-                            policy,
-                            range,
-                            &names,
-                            NodePortKind::Service,
-                            &field,
-                        ) {
-                            Some((new, state)) => Some((new, state, false)),
-                            None => Some((port, AssignmentState::Existing, false)),
-                        }
-                    }
-                    Some(port) => Some((port, AssignmentState::Existing, false)),
-                    None if view.allocates_node_ports => self
-                        .restore_or_allocate(i, policy, range, &names, NodePortKind::Service, &field)
-                        .map(|(port, state)| (port, state, false)),
-                    None => None,
-                };
-            }
-
-            for member in &group {
-                let outcome = match (member.node_port, target) {
-                    (Some(_), Some((port, state, true))) => Some((port, state)),
-                    (Some(own), Some((port, state, false))) if own == port => Some((port, state)),
-                    (Some(own), Some((port, state, false)))
-                        if !range.contains(own) && policy.enforce && range.contains(port) =>
-                    {
-                        Some((port, state))
-                    }
-                    (Some(own), _) => Some((own, AssignmentState::Existing)),
-                    (None, Some((port, state, _))) if view.allocates_node_ports => Some((port, state)),
-                    (None, _) => None,
-                };
-                if let Some(own) = member.node_port
-                    && !range.contains(own)
-                {
-                    let fate = match outcome {
-                        Some((port, _)) if port != own => format!("moved to {port}"),
-                        _ if policy.enforce => "kept: no free port in the range to move it to".to_string(),
-                        _ => "kept, as the policy does not enforce its range".to_string(),
-                    };
-                    let problem = Problem::new(
-                        view.object(),
-                        format!("spec.ports[{}].nodePort", member.index),
-                        format!(
-                            "{own} is outside PortPolicy/{}'s range {range}; {fate}",
-                            policy.name
-                        ),
-                    );
-                    self.problem(Some(&policy.name), Reason::OutsidePolicyRange, problem);
-                }
-                let Some((node_port, state)) = outcome else {
-                    continue;
-                };
-                let assignment = NodePortAssignment {
-                    policy: Some(policy.name.clone()),
-                    namespace: view.namespace.to_string(),
-                    service: view.name.to_string(),
-                    port_name: member.name.to_string(),
-                    port: member.port,
-                    protocol: member.protocol,
-                    node_port,
-                    kind: NodePortKind::Service,
-                    state,
-                    previous: member.node_port,
-                };
-                if assignment.changed() {
-                    changed_ports.push(ServicePortNodePort {
-                        index: member.index,
-                        name: member.name.to_string(),
-                        port: member.port,
-                        protocol: member.protocol,
-                        node_port,
-                    });
-                }
-                self.assignments.push(assignment);
-            }
-        }
-
-        let mut health_change = None;
-        if let Some(health) = view.health_check {
-            let field = health.field.path();
-            let outcome = match health.node_port {
-                Some(own) if range.contains(own) => Some((own, AssignmentState::Existing)),
-                Some(own) => {
-                    let moved = if policy.enforce {
-                        self.restore_or_allocate(i, policy, range, &[""], NodePortKind::HealthCheck, &field)
-                    } else {
-                        None
-                    };
-                    let fate = match moved {
-                        Some((port, _)) => format!("moved to {port}"),
-                        None if policy.enforce => "kept: no free port in the range to move it to".to_string(),
-                        None => "kept, as the policy does not enforce its range".to_string(),
-                    };
-                    let problem = Problem::new(
-                        view.object(),
-                        field.as_str(),
-                        format!(
-                            "{own} is outside PortPolicy/{}'s range {range}; {fate}",
-                            policy.name
-                        ),
-                    );
-                    self.problem(Some(&policy.name), Reason::OutsidePolicyRange, problem);
-                    moved.or(Some((own, AssignmentState::Existing)))
-                }
-                None => self.restore_or_allocate(i, policy, range, &[""], NodePortKind::HealthCheck, &field),
-            };
-            if let Some((node_port, state)) = outcome {
-                if health.node_port != Some(node_port) {
-                    health_change = Some(HealthCheckNodePort {
-                        node_port,
-                        field: health.field,
-                    });
-                }
-                self.assignments.push(health_assignment(
-                    view,
-                    Some(&policy.name),
-                    node_port,
-                    state,
-                    health.node_port,
-                ));
-            }
-        }
-
+        let health_change = self.allocate_health_check(managed);
         if !changed_ports.is_empty() || health_change.is_some() {
             self.changes.push(ServiceIntent {
                 policy: Some(policy.name.clone()),
                 ports: changed_ports,
                 health_check_node_port: health_change,
-                ..ServiceIntent::new(view.namespace, view.name)
+                ..ServiceIntent::new(managed.view.namespace, managed.view.name)
             });
         }
+    }
+
+    /// The nodePort a group of ports (one number, several protocols) is to hold: its pin, else
+    /// what it holds (moved into the range if the policy enforces it), else a new one.
+    fn group_target(&mut self, m: Managed<'a>, group: &[&ServicePortModel<'a>]) -> Option<Target> {
+        let names: Vec<&'a str> = group.iter().map(|p| p.name).collect();
+        if let Some(pinned) = self.pinned_target(m, &names) {
+            return Some(pinned);
+        }
+        let field = format!("spec.ports[{}].nodePort", group[0].index);
+        let kept = |port| Target {
+            port,
+            state: AssignmentState::Existing,
+            every_member: false,
+        };
+        let fresh = |(port, state)| Target {
+            port,
+            state,
+            every_member: false,
+        };
+        match group.iter().find_map(|p| p.node_port) {
+            Some(port) if !m.range.contains(port) && m.policy.enforce && m.view.allocates_node_ports => {
+                let moved =
+                    self.restore_or_allocate(m.i, m.policy, m.range, &names, NodePortKind::Service, &field);
+                Some(moved.map_or(kept(port), fresh))
+            }
+            Some(port) => Some(kept(port)),
+            None if m.view.allocates_node_ports => self
+                .restore_or_allocate(m.i, m.policy, m.range, &names, NodePortKind::Service, &field)
+                .map(fresh),
+            None => None,
+        }
+    }
+
+    /// The group's pinned port, if the policy pins one and nobody else holds it.
+    fn pinned_target(&mut self, m: Managed<'a>, names: &[&'a str]) -> Option<Target> {
+        if !m.view.allocates_node_ports {
+            return None;
+        }
+        let (namespace, service) = (m.view.namespace, m.view.name);
+        let &(pin_index, pin) = names.iter().find_map(|name| {
+            self.pins
+                .get(&(m.policy.name.as_str(), namespace, service, *name))
+        })?;
+        let Some(holder) = self.holder_other_than(pin, m.i, names) else {
+            self.take(pin, m.i);
+            return Some(Target {
+                port: pin,
+                state: AssignmentState::Pinned,
+                every_member: true,
+            });
+        };
+        let identity = Identity {
+            namespace,
+            service,
+            port_name: names[0],
+            kind: NodePortKind::Service,
+        };
+        let problem = Problem::new(
+            format!("PortPolicy/{}", m.policy.name),
+            format!("spec.nodePorts.pinned[{pin_index}].nodePort"),
+            format!(
+                "{pin} is pinned for {} but is held by {holder}; the holder keeps it",
+                identity.describe()
+            ),
+        );
+        self.problem(Some(&m.policy.name), Reason::PinnedPortTaken, problem);
+        None
+    }
+
+    /// Records each member's assignment; returns the ports whose nodePort changes.
+    fn assign_group(
+        &mut self,
+        m: Managed<'a>,
+        group: &[&ServicePortModel<'a>],
+        target: Option<Target>,
+    ) -> Vec<ServicePortNodePort> {
+        let mut changed = Vec::new();
+        for member in group {
+            let outcome = match (member.node_port, target) {
+                (Some(_), Some(t)) if t.every_member => Some((t.port, t.state)),
+                (Some(own), Some(t)) if own == t.port => Some((t.port, t.state)),
+                (Some(own), Some(t))
+                    if !m.range.contains(own) && m.policy.enforce && m.range.contains(t.port) =>
+                {
+                    Some((t.port, t.state))
+                }
+                (Some(own), _) => Some((own, AssignmentState::Existing)),
+                (None, Some(t)) if m.view.allocates_node_ports => Some((t.port, t.state)),
+                (None, _) => None,
+            };
+            if let Some(own) = member.node_port
+                && !m.range.contains(own)
+            {
+                let field = format!("spec.ports[{}].nodePort", member.index);
+                self.report_outside_range(m, &field, own, outcome.map(|(port, _)| port));
+            }
+            let Some((node_port, state)) = outcome else {
+                continue;
+            };
+            let assignment = NodePortAssignment {
+                policy: Some(m.policy.name.clone()),
+                namespace: m.view.namespace.to_string(),
+                service: m.view.name.to_string(),
+                port_name: member.name.to_string(),
+                port: member.port,
+                protocol: member.protocol,
+                node_port,
+                kind: NodePortKind::Service,
+                state,
+                previous: member.node_port,
+            };
+            if assignment.changed() {
+                changed.push(ServicePortNodePort {
+                    index: member.index,
+                    name: member.name.to_string(),
+                    port: member.port,
+                    protocol: member.protocol,
+                    node_port,
+                });
+            }
+            self.assignments.push(assignment);
+        }
+        changed
+    }
+
+    /// A Local LoadBalancer's healthCheckNodePort; returns it if it must be written.
+    fn allocate_health_check(&mut self, m: Managed<'a>) -> Option<HealthCheckNodePort> {
+        let health = m.view.health_check?;
+        let field = health.field.path();
+        let outcome = match health.node_port {
+            Some(own) if m.range.contains(own) => Some((own, AssignmentState::Existing)),
+            Some(own) => {
+                let moved = if m.policy.enforce {
+                    self.restore_or_allocate(m.i, m.policy, m.range, &[""], NodePortKind::HealthCheck, &field)
+                } else {
+                    None
+                };
+                self.report_outside_range(m, &field, own, Some(moved.map_or(own, |(port, _)| port)));
+                moved.or(Some((own, AssignmentState::Existing)))
+            }
+            None => {
+                self.restore_or_allocate(m.i, m.policy, m.range, &[""], NodePortKind::HealthCheck, &field)
+            }
+        };
+        let (node_port, state) = outcome?;
+        self.assignments.push(health_assignment(
+            m.view,
+            Some(&m.policy.name),
+            node_port,
+            state,
+            health.node_port,
+        ));
+        (health.node_port != Some(node_port)).then_some(HealthCheckNodePort {
+            node_port,
+            field: health.field,
+        })
+    }
+
+    /// `own`, held at `field`, is outside the policy's range; `now` is what it holds after
+    /// this plan (another port if it moved).
+    fn report_outside_range(&mut self, m: Managed<'a>, field: &str, own: u16, now: Option<u16>) {
+        let fate = match now {
+            Some(port) if port != own => format!("moved to {port}"),
+            _ if m.policy.enforce => "kept: no free port in the range to move it to".to_string(),
+            _ => "kept, as the policy does not enforce its range".to_string(),
+        };
+        let problem = Problem::new(
+            m.view.object(),
+            field,
+            format!(
+                "{own} is outside PortPolicy/{}'s range {}; {fate}",
+                m.policy.name, m.range
+            ),
+        );
+        self.problem(Some(&m.policy.name), Reason::OutsidePolicyRange, problem);
     }
 
     /// A Service nobody may change still shows what it holds.
