@@ -17,7 +17,7 @@ use std::time::Instant;
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::dataplane::Dataplane;
+use super::dataplane::{Dataplane, DataplaneError};
 use super::metrics::Metrics;
 use super::nft::{self, MasqueradeOptions, Reach};
 use portpolicy_core::governance::{NamespaceLabels, PolicySet};
@@ -25,7 +25,7 @@ use portpolicy_core::ipvs::diff::{Ownership, diff, diff_keys};
 use portpolicy_core::ipvs::{
     HealthCheckRule, NodeRules, ProxyConfig, ProxyMode, RuleTracker, VirtualServerKind,
 };
-use portpolicy_core::ipvs::{IpvsTable, VirtualServerKey};
+use portpolicy_core::ipvs::{IpvsOp, IpvsTable, VirtualServerKey};
 use portpolicy_core::ports::{PortRange, Protocol};
 use portpolicy_core::snapshot::Snapshot;
 
@@ -156,7 +156,7 @@ impl<D: Dataplane> Syncer<D> {
         }
     }
 
-    /// Brings the kernel in line with the plan: a full sync when one is due, else incremental.
+    /// Brings the kernel in line with the rules: a full sync when one is due, else incremental.
     pub fn sync(&mut self) -> SyncOutcome {
         let started = Instant::now();
         let full = std::mem::take(&mut self.needs_full);
@@ -182,48 +182,78 @@ impl<D: Dataplane> Syncer<D> {
                 .map(|vs| vs.key.port),
         );
         let dirty = self.tracker.take_dirty();
-
-        if full {
-            match (self.dataplane.dump(), self.dataplane.addresses()) {
-                (Ok(table), Ok(bound)) => {
-                    self.kernel = table;
-                    self.bound = bound;
-                }
-                (Err(e), _) | (_, Err(e)) => {
-                    // Without the kernel's state nothing can be compared safely: change nothing.
-                    outcome.errors.push(e.to_string());
-                    self.retry.extend(dirty);
-                    return self.finish(outcome, started, &rules);
-                }
-            }
+        if full && let Err(e) = self.read_kernel() {
+            // Without the kernel's state nothing can be compared safely: change nothing.
+            outcome.errors.push(e.to_string());
+            self.retry.extend(dirty);
+            return self.finish(outcome, started, &rules);
         }
 
         // Bind new addresses first: a virtual server on an address the agent does not hold is
         // not its to program, and a cluster IP must be local before traffic to it is accepted.
-        let mut holding: BTreeSet<IpAddr> = self.bound.union(&rules.vips).copied().collect();
-        if holding != self.bound {
-            match self.dataplane.sync_addresses(&holding) {
-                Ok(()) => self.bound = holding.clone(),
-                Err(e) => {
-                    outcome.errors.push(e.to_string());
-                    holding = self.bound.clone();
-                }
-            }
+        let wanted: BTreeSet<IpAddr> = self.bound.union(&rules.vips).copied().collect();
+        self.bind(wanted, &mut outcome);
+        let ops = self.operations(full, dirty, &rules);
+        self.apply(&ops, &mut outcome);
+        self.track_draining(&ops, full);
+
+        // Unbind what the rules no longer want, except addresses whose deletions failed (they
+        // must stay owned until the retry deletes their virtual servers).
+        let mut keep: BTreeSet<IpAddr> = rules.vips.clone();
+        keep.extend(
+            self.retry
+                .iter()
+                .map(|k| k.address)
+                .filter(|a| self.bound.contains(a)),
+        );
+        self.bind(keep, &mut outcome);
+        self.sync_ruleset(&rules, full, &mut outcome);
+        self.sync_reserved_ports(&rules, full, &mut outcome);
+        self.finish(outcome, started, &rules)
+    }
+
+    /// Replaces the model of the kernel with a dump of it.
+    fn read_kernel(&mut self) -> Result<(), DataplaneError> {
+        let table = self.dataplane.dump()?;
+        self.bound = self.dataplane.addresses()?;
+        self.kernel = table;
+        Ok(())
+    }
+
+    /// Makes the dummy interface hold `addresses`; on failure what it held stays recorded.
+    fn bind(&mut self, addresses: BTreeSet<IpAddr>, outcome: &mut SyncOutcome) {
+        if addresses == self.bound {
+            return;
         }
-        let ownership = self.ownership(&rules, &holding);
+        match self.dataplane.sync_addresses(&addresses) {
+            Ok(()) => self.bound = addresses,
+            Err(e) => outcome.errors.push(e.to_string()),
+        }
+    }
+
+    /// What to send the kernel: the whole owned table compared on a full sync, else only the
+    /// dirty keys and those to retry.
+    fn operations(
+        &mut self,
+        full: bool,
+        dirty: BTreeSet<VirtualServerKey>,
+        rules: &NodeRules,
+    ) -> Vec<IpvsOp> {
+        let ownership = self.ownership(rules, &self.bound);
         let desired = self.tracker.desired();
-        let ops = if full {
-            diff(&self.kernel, desired, &ownership)
-        } else {
-            let keys: BTreeSet<VirtualServerKey> =
-                dirty.into_iter().chain(std::mem::take(&mut self.retry)).collect();
-            diff_keys(&self.drain_view(&keys), desired, &keys, &ownership)
-        };
         if full {
             self.retry.clear();
+            return diff(&self.kernel, desired, &ownership);
         }
+        let keys: BTreeSet<VirtualServerKey> =
+            dirty.into_iter().chain(std::mem::take(&mut self.retry)).collect();
+        diff_keys(&self.drain_view(&keys), desired, &keys, &ownership)
+    }
 
-        let report = self.dataplane.apply(&ops);
+    /// Applies the operations, keeping the model of the kernel in step with what it accepted
+    /// and scheduling a retry (and a full sync) for what it refused.
+    fn apply(&mut self, ops: &[IpvsOp], outcome: &mut SyncOutcome) {
+        let report = self.dataplane.apply(ops);
         let failed: BTreeSet<usize> = report.failures.iter().map(|(i, _)| *i).collect();
         for (i, op) in ops.iter().enumerate() {
             self.metrics.ipvs_operations.with_label_values(&[op.kind()]).inc();
@@ -247,7 +277,12 @@ impl<D: Dataplane> Syncer<D> {
                 .errors
                 .extend(report.failures.into_iter().map(|(_, message)| message));
         }
-        for op in &ops {
+    }
+
+    /// Remembers the virtual servers that still hold real servers the rules dropped.
+    fn track_draining(&mut self, ops: &[IpvsOp], full: bool) {
+        let desired = self.tracker.desired();
+        for op in ops {
             let key = op.service();
             let drains = match (self.kernel.get(key), desired.get(key)) {
                 (Some(have), Some(want)) => have
@@ -265,23 +300,10 @@ impl<D: Dataplane> Syncer<D> {
         if full {
             self.draining.retain(|k| self.kernel.contains_key(k));
         }
+    }
 
-        // Unbind what the plan no longer wants, except addresses whose deletions failed (they
-        // must stay owned until the retry deletes their virtual servers).
-        let mut keep: BTreeSet<IpAddr> = rules.vips.clone();
-        keep.extend(
-            self.retry
-                .iter()
-                .map(|k| k.address)
-                .filter(|a| self.bound.contains(a)),
-        );
-        if keep != self.bound {
-            match self.dataplane.sync_addresses(&keep) {
-                Ok(()) => self.bound = keep,
-                Err(e) => outcome.errors.push(e.to_string()),
-            }
-        }
-
+    /// Applies the masquerading ruleset when it changed (always on a full sync).
+    fn sync_ruleset(&mut self, rules: &NodeRules, full: bool, outcome: &mut SyncOutcome) {
         let ruleset = nft::ruleset(
             rules.virtual_servers.iter().map(|vs| {
                 let reach = if vs.kind.is_external() {
@@ -291,28 +313,33 @@ impl<D: Dataplane> Syncer<D> {
                 };
                 (&vs.key, reach)
             }),
-            desired,
+            self.tracker.desired(),
             &self.masquerade,
         );
-        if full || self.last_ruleset.as_ref() != Some(&ruleset) {
-            match self.dataplane.apply_ruleset(&ruleset) {
-                Ok(()) => self.last_ruleset = Some(ruleset),
-                Err(e) => {
-                    self.last_ruleset = None;
-                    outcome.errors.push(e.to_string());
-                }
+        if !full && self.last_ruleset.as_ref() == Some(&ruleset) {
+            return;
+        }
+        match self.dataplane.apply_ruleset(&ruleset) {
+            Ok(()) => self.last_ruleset = Some(ruleset),
+            Err(e) => {
+                self.last_ruleset = None;
+                outcome.errors.push(e.to_string());
             }
         }
-        if full || self.last_reserved.as_ref() != Some(&rules.reserved_node_ports) {
-            match self.dataplane.reserve_ports(&rules.reserved_node_ports) {
-                Ok(()) => self.last_reserved = Some(rules.reserved_node_ports.clone()),
-                Err(e) => {
-                    self.last_reserved = None;
-                    outcome.errors.push(e.to_string());
-                }
+    }
+
+    /// Reserves the node ports when they changed (always on a full sync).
+    fn sync_reserved_ports(&mut self, rules: &NodeRules, full: bool, outcome: &mut SyncOutcome) {
+        if !full && self.last_reserved.as_ref() == Some(&rules.reserved_node_ports) {
+            return;
+        }
+        match self.dataplane.reserve_ports(&rules.reserved_node_ports) {
+            Ok(()) => self.last_reserved = Some(rules.reserved_node_ports.clone()),
+            Err(e) => {
+                self.last_reserved = None;
+                outcome.errors.push(e.to_string());
             }
         }
-        self.finish(outcome, started, &rules)
     }
 
     fn finish(&mut self, mut outcome: SyncOutcome, started: Instant, rules: &NodeRules) -> SyncOutcome {
