@@ -8,24 +8,40 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use portpolicy_core::ipvs::table::ApplyRefusal;
 use portpolicy_core::ipvs::{IpvsOp, IpvsTable, RealServerKey, VirtualServerKey};
+use portpolicy_netlink::{NetlinkError, errno};
+
+use super::nft::NftError;
+use super::sysctl::SysctlError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
+    #[error("opening IPVS: {0}")]
+    OpenIpvs(#[source] NetlinkError),
     #[error("reading the IPVS table: {0}")]
-    Dump(String),
-    #[error("syncing addresses on {interface}: {message}")]
-    Addresses { interface: String, message: String },
+    Dump(#[source] NetlinkError),
+    #[error("syncing addresses on {interface}: {source}")]
+    Addresses {
+        interface: String,
+        #[source]
+        source: NetlinkError,
+    },
     #[error("applying the nftables ruleset: {0}")]
-    Nftables(String),
-    #[error("kernel settings: {0}")]
-    Sysctl(String),
+    Nftables(#[from] NftError),
+    #[error("kernel settings: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Sysctl(Vec<SysctlError>),
+}
+
+impl From<SysctlError> for DataplaneError {
+    fn from(error: SysctlError) -> Self {
+        DataplaneError::Sysctl(vec![error])
+    }
 }
 
 /// What applying a batch of operations did: every operation was attempted, and the ones the
-/// kernel refused are listed (index into the batch, and why).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// kernel refused are listed (index into the batch, and the kernel's answer).
+#[derive(Debug, Default)]
 pub struct ApplyReport {
-    pub failures: Vec<(usize, String)>,
+    pub failures: Vec<(usize, NetlinkError)>,
 }
 
 impl ApplyReport {
@@ -106,7 +122,8 @@ impl Dataplane for FakeDataplane {
         let mut k = self.state();
         k.dumps += 1;
         if k.fail_dump {
-            return Err(DataplaneError::Dump("injected failure".into()));
+            let error = std::io::Error::other("injected failure");
+            return Err(DataplaneError::Dump(NetlinkError::Io(error)));
         }
         Ok(k.table.clone())
     }
@@ -118,15 +135,16 @@ impl Dataplane for FakeDataplane {
             k.ops_log.push(op.clone());
             if k.fail_next_ops > 0 {
                 k.fail_next_ops -= 1;
-                report.failures.push((i, format!("{op}: injected failure")));
+                report.failures.push((i, NetlinkError::kernel(op, errno::EIO)));
                 continue;
             }
+            // Refused as the kernel refuses it.
             if let Err(refusal) = op.apply_to(&mut k.table) {
-                let why = match refusal {
-                    ApplyRefusal::Exists => "exists",
-                    ApplyRefusal::NotFound => "not found",
+                let errno = match refusal {
+                    ApplyRefusal::Exists => errno::EEXIST,
+                    ApplyRefusal::NotFound => errno::ENOENT,
                 };
-                report.failures.push((i, format!("{op}: {why}")));
+                report.failures.push((i, NetlinkError::kernel(op, errno)));
             }
         }
         report

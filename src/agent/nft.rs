@@ -27,6 +27,22 @@ pub const TABLE_NAME: &str = "portpolicy";
 /// The packet mark bit meaning "masquerade me" (the bit kube-proxy uses for the same purpose).
 pub const MASQUERADE_MARK: u32 = 0x4000;
 
+/// Why `nft -f -` did not apply a ruleset.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run nft: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("writing to nft: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("waiting for nft: {0}")]
+    Wait(#[source] std::io::Error),
+    #[error("nft -f - exited with {status}: {stderr}")]
+    Refused {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+}
+
 /// How a virtual server is reached, which decides whether its traffic is masqueraded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Reach {

@@ -28,6 +28,7 @@ use portpolicy_core::ipvs::{
 use portpolicy_core::ipvs::{IpvsOp, IpvsTable, VirtualServerKey};
 use portpolicy_core::ports::{PortRange, Protocol};
 use portpolicy_core::snapshot::Snapshot;
+use portpolicy_netlink::NetlinkError;
 
 /// One change in the cluster, as a watch or a snapshot reload reports it.
 #[derive(Clone, Debug)]
@@ -50,14 +51,24 @@ pub enum Change {
     },
 }
 
+/// One thing that went wrong in a sync.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    /// The kernel refused one IPVS operation (the error names it).
+    #[error(transparent)]
+    Refused(NetlinkError),
+}
+
 /// What one sync did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct SyncOutcome {
     pub full: bool,
     pub operations: usize,
     pub failed_operations: usize,
     /// Everything that went wrong, for the log; empty when the sync fully succeeded.
-    pub errors: Vec<String>,
+    pub errors: Vec<SyncError>,
     /// The health-check listeners this node should run.
     pub health_checks: Vec<HealthCheckRule>,
 }
@@ -170,7 +181,7 @@ impl<D: Dataplane> Syncer<D> {
         if !self.sysctls_done {
             match self.dataplane.ensure_sysctls() {
                 Ok(()) => self.sysctls_done = true,
-                Err(e) => outcome.errors.push(e.to_string()),
+                Err(e) => outcome.errors.push(e.into()),
             }
         }
         let rules = self.tracker.node_rules();
@@ -184,7 +195,7 @@ impl<D: Dataplane> Syncer<D> {
         let dirty = self.tracker.take_dirty();
         if full && let Err(e) = self.read_kernel() {
             // Without the kernel's state nothing can be compared safely: change nothing.
-            outcome.errors.push(e.to_string());
+            outcome.errors.push(e.into());
             self.retry.extend(dirty);
             return self.finish(outcome, started, &rules);
         }
@@ -227,7 +238,7 @@ impl<D: Dataplane> Syncer<D> {
         }
         match self.dataplane.sync_addresses(&addresses) {
             Ok(()) => self.bound = addresses,
-            Err(e) => outcome.errors.push(e.to_string()),
+            Err(e) => outcome.errors.push(e.into()),
         }
     }
 
@@ -273,9 +284,12 @@ impl<D: Dataplane> Syncer<D> {
         if !report.succeeded() {
             // The model may be wrong where the kernel disagreed: compare against a dump next.
             self.needs_full = true;
-            outcome
-                .errors
-                .extend(report.failures.into_iter().map(|(_, message)| message));
+            outcome.errors.extend(
+                report
+                    .failures
+                    .into_iter()
+                    .map(|(_, error)| SyncError::Refused(error)),
+            );
         }
     }
 
@@ -323,7 +337,7 @@ impl<D: Dataplane> Syncer<D> {
             Ok(()) => self.last_ruleset = Some(ruleset),
             Err(e) => {
                 self.last_ruleset = None;
-                outcome.errors.push(e.to_string());
+                outcome.errors.push(e.into());
             }
         }
     }
@@ -337,7 +351,7 @@ impl<D: Dataplane> Syncer<D> {
             Ok(()) => self.last_reserved = Some(rules.reserved_node_ports.clone()),
             Err(e) => {
                 self.last_reserved = None;
-                outcome.errors.push(e.to_string());
+                outcome.errors.push(e.into());
             }
         }
     }

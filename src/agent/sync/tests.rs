@@ -4,7 +4,7 @@ use std::net::IpAddr;
 use pretty_assertions::assert_eq;
 
 use super::*;
-use crate::agent::dataplane::{FakeDataplane, FakeKernel};
+use crate::agent::dataplane::{DataplaneError, FakeDataplane, FakeKernel};
 use portpolicy_core::ipvs::IpvsOp;
 use portpolicy_core::ipvs::node_rules;
 use portpolicy_core::snapshot::parse_str;
@@ -354,6 +354,16 @@ fn refused_operations_are_counted_retried_and_lose_nothing() {
     let outcome = s.sync();
     assert!(!outcome.succeeded());
     assert_eq!((outcome.operations, outcome.failed_operations), (2, 1));
+    // The kernel's answer is kept as it came, errno and all.
+    assert!(
+        matches!(
+            &outcome.errors[..],
+            [SyncError::Refused(NetlinkError::Kernel { errno, name: "EIO", .. })]
+                if *errno == portpolicy_netlink::errno::EIO
+        ),
+        "{:?}",
+        outcome.errors
+    );
     assert_eq!(metrics.sync_errors.get(), 1);
     assert_eq!(
         metrics
@@ -386,6 +396,14 @@ fn a_failed_dump_changes_nothing_and_is_retried() {
     });
     let outcome = s.sync();
     assert!(!outcome.succeeded());
+    assert!(
+        matches!(
+            &outcome.errors[..],
+            [SyncError::Dataplane(DataplaneError::Dump(NetlinkError::Io(_)))]
+        ),
+        "{:?}",
+        outcome.errors
+    );
     assert_eq!(fake.state().ops_log, vec![]);
     assert_eq!(fake.state().ruleset_writes, 0);
     assert_eq!(metrics.sync_errors.get(), 1);
