@@ -10,7 +10,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use portpolicy::agent::dataplane::{FakeDataplane, FakeKernel};
+use portpolicy::agent::fake::{FakeDataplane, FakeKernel};
 use portpolicy::agent::metrics::Metrics;
 use portpolicy::agent::nft::MasqueradeOptions;
 use portpolicy::agent::sync::{Change, Syncer};

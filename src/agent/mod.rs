@@ -3,12 +3,14 @@
 //!
 //! The pieces: a [`source`] (snapshot file or API watches) feeds cluster changes to the
 //! [`sync::Syncer`], which keeps the incremental planner and talks to the kernel only through
-//! the [`dataplane::Dataplane`] trait ([`linux`] for real, a fake in tests). Around it: the
+//! the [`dataplane::Dataplane`] trait ([`linux`] for real, an in-memory fake in tests). Around it: the
 //! masquerading ruleset ([`nft`]), sysctls and reserved node ports ([`sysctl`]), health-check
 //! node ports ([`health_check`]) and the agent's own `/metrics`, `/healthz`, `/readyz`
 //! ([`metrics`]).
 
 pub mod dataplane;
+#[cfg(any(test, feature = "test-util"))]
+pub mod fake;
 pub mod health_check;
 #[cfg(target_os = "linux")]
 pub mod linux;
@@ -295,7 +297,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::agent::dataplane::{FakeDataplane, FakeKernel};
+    use crate::agent::fake::{FakeDataplane, FakeKernel};
     use crate::agent::test_support::{free_port, http_get};
 
     /// The whole response, or nothing while the server is not up yet.

@@ -4,7 +4,8 @@ use std::net::IpAddr;
 use pretty_assertions::assert_eq;
 
 use super::*;
-use crate::agent::dataplane::{DataplaneError, FakeDataplane, FakeKernel};
+use crate::agent::dataplane::DataplaneError;
+use crate::agent::fake::{FakeDataplane, FakeKernel};
 use portpolicy_core::ipvs::IpvsOp;
 use portpolicy_core::ipvs::node_rules;
 use portpolicy_core::snapshot::parse_str;
