@@ -4,9 +4,9 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-pub struct Counting;
+pub(crate) struct Counting;
 
-pub static LIVE: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static LIVE: AtomicUsize = AtomicUsize::new(0);
 
 // Bench-only: a counting allocator has to implement the unsafe GlobalAlloc trait.
 #[allow(unsafe_code)]

@@ -43,7 +43,7 @@ pub struct ApplyReport {
 }
 
 impl ApplyReport {
-    pub fn succeeded(&self) -> bool {
+    pub(crate) fn succeeded(&self) -> bool {
         self.failures.is_empty()
     }
 }

@@ -84,7 +84,7 @@ impl Drop for Listener {
 }
 
 /// The set of running listeners, reconciled with the plan on every sync.
-pub struct HealthCheckServers {
+pub(super) struct HealthCheckServers {
     bind: IpAddr,
     health: AgentHealth,
     listeners: BTreeMap<u16, Listener>,
@@ -92,7 +92,7 @@ pub struct HealthCheckServers {
 
 impl HealthCheckServers {
     /// Listeners bind `bind` (`0.0.0.0` on a node, loopback in tests).
-    pub fn new(bind: IpAddr, health: AgentHealth) -> Self {
+    pub(super) fn new(bind: IpAddr, health: AgentHealth) -> Self {
         HealthCheckServers {
             bind,
             health,
@@ -100,13 +100,14 @@ impl HealthCheckServers {
         }
     }
 
-    pub fn ports(&self) -> Vec<u16> {
+    #[cfg(test)]
+    fn ports(&self) -> Vec<u16> {
         self.listeners.keys().copied().collect()
     }
 
     /// Starts, updates and stops listeners to match the plan. Must run inside a tokio runtime.
     /// Returns the ports that could not be bound (they are retried on the next call).
-    pub fn update(&mut self, rules: &[HealthCheckRule]) -> Vec<(u16, std::io::Error)> {
+    pub(super) fn update(&mut self, rules: &[HealthCheckRule]) -> Vec<(u16, std::io::Error)> {
         let wanted: BTreeMap<u16, &HealthCheckRule> = rules.iter().map(|p| (p.node_port, p)).collect();
         self.listeners.retain(|port, l| {
             wanted

@@ -12,7 +12,7 @@ use super::sysctl::{IPVS_SYSCTLS, Sysctls};
 use portpolicy_core::ipvs::{IpvsOp, IpvsTable};
 use portpolicy_netlink::{DummyLink, IpvsHandle, NetlinkError};
 
-pub struct LinuxDataplane {
+pub(super) struct LinuxDataplane {
     ipvs: IpvsHandle,
     link: DummyLink,
     interface: String,
@@ -23,7 +23,7 @@ pub struct LinuxDataplane {
 
 impl LinuxDataplane {
     /// Opens the IPVS family and finds (or creates) the dummy interface.
-    pub fn open(interface: &str, sysctl_root: &std::path::Path) -> Result<Self, DataplaneError> {
+    pub(super) fn open(interface: &str, sysctl_root: &std::path::Path) -> Result<Self, DataplaneError> {
         let ipvs = IpvsHandle::open().map_err(DataplaneError::OpenIpvs)?;
         let link = DummyLink::ensure(interface).map_err(|source| DataplaneError::Addresses {
             interface: interface.to_string(),

@@ -102,7 +102,7 @@ impl Metrics {
         }
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
         let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
@@ -118,7 +118,7 @@ impl Default for Metrics {
 /// Whether the agent is doing its job: it has synced, recently, and the last sync worked.
 /// Shared by `/healthz`, `/readyz` and the health-check node ports (`serviceProxyHealthy`).
 #[derive(Clone, Debug)]
-pub struct AgentHealth {
+pub(crate) struct AgentHealth {
     inner: Arc<Mutex<HealthState>>,
     stale_after: Duration,
 }
@@ -131,7 +131,7 @@ struct HealthState {
 
 impl AgentHealth {
     /// Healthy while the last successful sync is younger than two resync periods.
-    pub fn new(resync_period: Duration) -> Self {
+    pub(crate) fn new(resync_period: Duration) -> Self {
         AgentHealth {
             inner: Arc::default(),
             stale_after: resync_period * 2,
@@ -142,7 +142,7 @@ impl AgentHealth {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn record(&self, succeeded: bool, at: Instant) {
+    pub(crate) fn record(&self, succeeded: bool, at: Instant) {
         let mut s = self.lock();
         s.last_failed = !succeeded;
         if succeeded {
@@ -150,25 +150,25 @@ impl AgentHealth {
         }
     }
 
-    pub fn healthy_at(&self, now: Instant) -> bool {
+    pub(crate) fn healthy_at(&self, now: Instant) -> bool {
         let s = *self.lock();
         !s.last_failed
             && s.last_success
                 .is_some_and(|t| now.saturating_duration_since(t) <= self.stale_after)
     }
 
-    pub fn healthy(&self) -> bool {
+    pub(crate) fn healthy(&self) -> bool {
         self.healthy_at(Instant::now())
     }
 
     /// Ready once the kernel has been brought in line with the plan at least once.
-    pub fn ready(&self) -> bool {
+    pub(crate) fn ready(&self) -> bool {
         self.lock().last_success.is_some()
     }
 }
 
 /// The router for `--metrics-address`.
-pub fn router(metrics: Metrics, health: AgentHealth) -> Router {
+pub(crate) fn router(metrics: Metrics, health: AgentHealth) -> Router {
     let ready = health.clone();
     Router::new()
         .route(

@@ -11,12 +11,12 @@
 pub mod dataplane;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake;
-pub mod health_check;
+mod health_check;
 #[cfg(target_os = "linux")]
-pub mod linux;
+mod linux;
 pub mod metrics;
 pub mod nft;
-pub mod source;
+mod source;
 pub mod sync;
 pub mod sysctl;
 #[cfg(test)]
@@ -41,9 +41,9 @@ use portpolicy_core::ipvs::{ProxyConfig, ProxyMode};
 
 /// The agent's port for `/metrics`, `/healthz` and `/readyz`: next to kube-proxy's 10256
 /// (healthz) and 10249 (metrics) without taking either, so both can run on one node.
-pub const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:10265";
+pub(crate) const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:10265";
 /// Linux allows 15 bytes in an interface name.
-pub const DEFAULT_INTERFACE: &str = "portpolicy-ipvs";
+pub(crate) const DEFAULT_INTERFACE: &str = "portpolicy-ipvs";
 
 /// `portpolicy agent` flags; each has an environment variable for DaemonSet manifests.
 #[derive(Args, Debug, Clone)]
@@ -98,7 +98,7 @@ pub struct AgentArgs {
 }
 
 /// `90`, `90s`, `500ms`, `5m`, `1h`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
@@ -158,7 +158,10 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
 }
 
 /// The agent's loop over any dataplane.
-pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> Result<(), AgentError> {
+pub(crate) async fn run_with<D: Dataplane + 'static>(
+    args: AgentArgs,
+    dataplane: D,
+) -> Result<(), AgentError> {
     let metrics = Metrics::new();
     let health = AgentHealth::new(args.resync_period);
     let listener = tokio::net::TcpListener::bind(args.metrics_address)

@@ -23,9 +23,9 @@ use portpolicy_core::ipvs::{IpvsTable, VirtualServerKey};
 use portpolicy_core::ports::Protocol;
 
 /// The table name, in both the `ip` and `ip6` families. The agent owns it whole.
-pub const TABLE_NAME: &str = "portpolicy";
+pub(crate) const TABLE_NAME: &str = "portpolicy";
 /// The packet mark bit meaning "masquerade me" (the bit kube-proxy uses for the same purpose).
-pub const MASQUERADE_MARK: u32 = 0x4000;
+pub(crate) const MASQUERADE_MARK: u32 = 0x4000;
 
 /// Why `nft -f -` did not apply a ruleset.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +45,7 @@ pub enum NftError {
 
 /// How a virtual server is reached, which decides whether its traffic is masqueraded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Reach {
+pub(crate) enum Reach {
     /// A cluster IP.
     ClusterIp,
     /// A node port, external IP or load-balancer IP; `local` when the service's external
@@ -136,7 +136,7 @@ fn key_element(key: &VirtualServerKey) -> String {
 
 /// The whole batch for `nft -f -`: both tables deleted and recreated in one transaction, so the
 /// kernel never runs with half a ruleset and rules the agent no longer wants disappear.
-pub fn ruleset<'a>(
+pub(crate) fn ruleset<'a>(
     virtual_servers: impl IntoIterator<Item = (&'a VirtualServerKey, Reach)>,
     table: &IpvsTable,
     options: &MasqueradeOptions,

@@ -23,7 +23,7 @@ use portpolicy_core::crd::PortPolicy;
 use portpolicy_core::governance::{NamespaceLabels, PolicySet};
 
 #[derive(Debug)]
-pub enum Event {
+pub(super) enum Event {
     Change(Change),
     /// Everything the source knows at start has been sent.
     Ready,
@@ -60,7 +60,7 @@ fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
 
 /// Loads the snapshot now and again whenever a file's mtime or size changes. A snapshot that
 /// cannot be read is logged and skipped: the last good one stays in force.
-pub async fn snapshot_source(paths: Vec<PathBuf>, poll: Duration, tx: mpsc::Sender<Event>) {
+pub(super) async fn snapshot_source(paths: Vec<PathBuf>, poll: Duration, tx: mpsc::Sender<Event>) {
     let mut last = None;
     let mut ready_sent = false;
     let mut ticker = tokio::time::interval(poll);
@@ -108,7 +108,7 @@ pub async fn snapshot_source(paths: Vec<PathBuf>, poll: Duration, tx: mpsc::Send
 /// Watches Services, EndpointSlices, this Node, PortPolicies and Namespaces (labels only).
 /// Each watch retries with backoff on errors; an object that does not parse is logged and
 /// skipped, never stopping its watch.
-pub async fn kube_source(client: Client, node_name: String, tx: mpsc::Sender<Event>) {
+pub(super) async fn kube_source(client: Client, node_name: String, tx: mpsc::Sender<Event>) {
     let (ready_tx, mut ready_rx) = mpsc::channel::<&'static str>(8);
     let services = tokio::spawn(watch_objects::<Service>(
         client.clone(),

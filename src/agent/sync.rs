@@ -122,26 +122,20 @@ impl<D: Dataplane> Syncer<D> {
         }
     }
 
-    pub fn dataplane(&mut self) -> &mut D {
-        &mut self.dataplane
-    }
-
-    pub fn tracker(&self) -> &RuleTracker {
-        &self.tracker
-    }
-
     /// The next sync compares against a fresh dump of the kernel.
     pub fn request_full(&mut self) {
         self.needs_full = true;
     }
 
     /// Whether the next sync will be a full one (a failure is waiting to be retried).
-    pub fn needs_full(&self) -> bool {
+    #[cfg(test)]
+    fn needs_full(&self) -> bool {
         self.needs_full
     }
 
     /// Real servers the plan dropped but that still drain; the next full sync deletes them.
-    pub fn draining(&self) -> &BTreeSet<VirtualServerKey> {
+    #[cfg(test)]
+    fn draining(&self) -> &BTreeSet<VirtualServerKey> {
         &self.draining
     }
 

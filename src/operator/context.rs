@@ -15,7 +15,7 @@ use portpolicy_core::ports::PortRange;
 
 /// The reflector stores a reconcile reads. Reconciles never list from the API server.
 #[derive(Clone)]
-pub struct Stores {
+pub(super) struct Stores {
     pub policies: Store<PortPolicy>,
     pub services: Store<Service>,
     pub pods: Store<HostPortPod>,
@@ -26,7 +26,9 @@ pub struct Stores {
 impl Stores {
     /// Waits until every store has listed once, so a reconcile never mistakes a cache that is
     /// still filling for Services that are gone (which would mark their ports released).
-    pub async fn wait_until_ready(&self) -> Result<(), kube::runtime::reflector::store::WriterDropped> {
+    pub(super) async fn wait_until_ready(
+        &self,
+    ) -> Result<(), kube::runtime::reflector::store::WriterDropped> {
         self.policies.wait_until_ready().await?;
         self.services.wait_until_ready().await?;
         self.pods.wait_until_ready().await?;
@@ -37,7 +39,7 @@ impl Stores {
 
 /// Settings that come from flags and the environment.
 #[derive(Clone, Debug)]
-pub struct Settings {
+pub(super) struct Settings {
     /// Where the agent DaemonSets live: the operator's own namespace.
     pub namespace: String,
     /// The agent image when a policy names none: the operator's own image.
@@ -46,9 +48,9 @@ pub struct Settings {
     pub cluster_range: PortRange,
 }
 
-pub type Clock = Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>;
+pub(super) type Clock = Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>;
 
-pub struct Context {
+pub(super) struct Context {
     pub client: Client,
     pub stores: Stores,
     pub recorder: Recorder,
@@ -59,7 +61,7 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(
+    pub(super) fn new(
         client: Client,
         stores: Stores,
         metrics: Metrics,

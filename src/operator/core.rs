@@ -283,7 +283,7 @@ impl Computation {
     /// Services the operator holds fields on that no policy governs any more: they get an empty
     /// apply, which hands those fields back. Nothing is released while some policy is invalid,
     /// because its selectors cannot be evaluated and it may still mean to govern them.
-    pub fn releases(&self) -> Vec<ServiceKey> {
+    pub(crate) fn releases(&self) -> Vec<ServiceKey> {
         if !self.policy_set.invalid().is_empty() {
             return Vec::new();
         }
@@ -300,7 +300,7 @@ impl Computation {
     }
 
     /// Services `policy` governs that the operator holds fields on: what a deleted policy lets go.
-    pub fn held_by(&self, policy: &str) -> Vec<ServiceKey> {
+    pub(crate) fn held_by(&self, policy: &str) -> Vec<ServiceKey> {
         self.managed_services()
             .filter(|model| {
                 self.policy_set.get(policy).is_some_and(|p| {

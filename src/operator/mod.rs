@@ -22,15 +22,15 @@
 //! Only the leader of the `portpolicy-operator` Lease runs the controller, so two replicas never
 //! both allocate.
 
-pub mod agent;
-pub mod context;
+pub(crate) mod agent;
+mod context;
 pub mod controller;
 pub mod core;
 pub mod lease;
 pub mod metrics;
-pub mod reconcile;
+mod reconcile;
 pub mod server;
-pub mod services;
+mod services;
 pub mod status;
 
 /// Why a reconcile or the operator failed.

@@ -29,14 +29,14 @@ use portpolicy_core::crd::{PortPolicy, PortPolicyStatus, condition};
 use portpolicy_core::hash::fnv1a_64;
 use portpolicy_core::intent::ServiceIntent;
 
-pub const FINALIZER: &str = "portpolicy.io/cleanup";
+pub(super) const FINALIZER: &str = "portpolicy.io/cleanup";
 /// Annotation on the agent DaemonSet with a hash of what the operator applied, so an unchanged
 /// DaemonSet is not applied again on every reconcile.
-pub const SPEC_HASH_ANNOTATION: &str = "portpolicy.io/spec-hash";
+pub(super) const SPEC_HASH_ANNOTATION: &str = "portpolicy.io/spec-hash";
 /// Retention expiry and drift are caught at this period even without a watch event.
 const RESYNC: Duration = Duration::from_secs(300);
 
-pub async fn reconcile(policy: Arc<PortPolicy>, ctx: Arc<Context>) -> Result<Action> {
+pub(super) async fn reconcile(policy: Arc<PortPolicy>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconciles.inc();
     let _timer = ctx.metrics.duration.start_timer();
     ctx.stores
@@ -58,7 +58,7 @@ pub async fn reconcile(policy: Arc<PortPolicy>, ctx: Arc<Context>) -> Result<Act
     })
 }
 
-pub fn error_policy(policy: Arc<PortPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
+pub(super) fn error_policy(policy: Arc<PortPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .failures
         .with_label_values(&[error.metric_label()])

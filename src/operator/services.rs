@@ -19,11 +19,11 @@ use portpolicy_core::well_known::{
     HEALTH_CHECK_NODE_PORT_ANNOTATION, LAST_APPLIED_ANNOTATION, SERVICE_PROXY_NAME, SERVICE_PROXY_NAME_LABEL,
 };
 
-pub const FIELD_MANAGER: &str = "portpolicy-operator";
+pub(super) const FIELD_MANAGER: &str = "portpolicy-operator";
 
 /// Whether the live Service already carries everything `intent` asks for, and nothing the
 /// operator owns but no longer wants.
-pub fn satisfied_by(intent: &ServiceIntent, service: &Service) -> bool {
+pub(super) fn satisfied_by(intent: &ServiceIntent, service: &Service) -> bool {
     let spec = service.spec.as_ref();
     let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
     let node_ports_ok = intent.ports.iter().all(|want| {
@@ -93,7 +93,7 @@ fn owned_fields(service: &Service) -> Option<&Value> {
 /// Nobody owns a nodePort the API server picked at random: ownership is recorded for the fields
 /// a request sets, and allocation happens later, in the registry. So an owned nodePort is one a
 /// user (or a tool, or this operator) asked for; an unowned one is the API server's random pick.
-pub fn node_port_owned(service: &Service, port: u16, protocol: Protocol) -> Option<bool> {
+pub(super) fn node_port_owned(service: &Service, port: u16, protocol: Protocol) -> Option<bool> {
     let entries = service
         .metadata
         .managed_fields
@@ -119,7 +119,7 @@ pub fn node_port_owned(service: &Service, port: u16, protocol: Protocol) -> Opti
 }
 
 /// Like [`node_port_owned`], for `spec.healthCheckNodePort`.
-pub fn health_check_node_port_owned(service: &Service) -> Option<bool> {
+pub(super) fn health_check_node_port_owned(service: &Service) -> Option<bool> {
     let entries = service
         .metadata
         .managed_fields
@@ -134,7 +134,7 @@ pub fn health_check_node_port_owned(service: &Service) -> Option<bool> {
 }
 
 /// Whether the operator holds any field of this Service (an entry of ours in managedFields).
-pub fn managed_by_operator(service: &Service) -> bool {
+pub(super) fn managed_by_operator(service: &Service) -> bool {
     service
         .metadata
         .managed_fields
@@ -151,7 +151,7 @@ pub fn managed_by_operator(service: &Service) -> bool {
 /// manager through server-side apply is explicit, and so is one in kubectl's last-applied
 /// configuration; `Local` is always explicit (nothing defaults to it). Anything else counts as
 /// the default, which DefaultLocal replaces.
-pub fn external_traffic_policy_set_by_user(service: &Service) -> bool {
+pub(super) fn external_traffic_policy_set_by_user(service: &Service) -> bool {
     let Some(value) = service
         .spec
         .as_ref()
@@ -178,7 +178,7 @@ pub fn external_traffic_policy_set_by_user(service: &Service) -> bool {
 }
 
 /// Whether `rule` makes the operator set `externalTrafficPolicy: Local` on this Service.
-pub fn wants_local_traffic(rule: ExternalTrafficRule, service: &Service) -> bool {
+pub(super) fn wants_local_traffic(rule: ExternalTrafficRule, service: &Service) -> bool {
     let service_type = ServiceType::parse(service.spec.as_ref().and_then(|s| s.type_.as_deref()));
     if !service_type.has_node_ports() {
         return false;
@@ -191,9 +191,9 @@ pub fn wants_local_traffic(rule: ExternalTrafficRule, service: &Service) -> bool
 }
 
 /// Service identity, `namespace/name`.
-pub type ServiceKey = (String, String);
+pub(super) type ServiceKey = (String, String);
 
-pub fn key_of(service: &ServiceModel<'_>) -> ServiceKey {
+pub(super) fn key_of(service: &ServiceModel<'_>) -> ServiceKey {
     (service.namespace.to_string(), service.name.to_string())
 }
 

@@ -250,14 +250,14 @@ fn keep_transition_times(mut conditions: Vec<Condition>, old: &[Condition]) -> V
 
 /// A condition whose `status` changed (or that is new), for events.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transition {
+pub(crate) struct Transition {
     pub type_: String,
     pub status: String,
     pub reason: String,
     pub message: String,
 }
 
-pub fn transitions(old: Option<&PortPolicyStatus>, new: &PortPolicyStatus) -> Vec<Transition> {
+pub(crate) fn transitions(old: Option<&PortPolicyStatus>, new: &PortPolicyStatus) -> Vec<Transition> {
     let old = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
     new.conditions
         .iter()
@@ -272,7 +272,7 @@ pub fn transitions(old: Option<&PortPolicyStatus>, new: &PortPolicyStatus) -> Ve
 }
 
 /// Whether `new` must be written: anything but condition timestamps differs.
-pub fn needs_write(old: Option<&PortPolicyStatus>, new: &PortPolicyStatus) -> bool {
+pub(crate) fn needs_write(old: Option<&PortPolicyStatus>, new: &PortPolicyStatus) -> bool {
     let Some(old) = old else { return true };
     let strip = |s: &PortPolicyStatus| {
         let mut s = s.clone();

@@ -3,6 +3,9 @@
 //! The schema carries the validation a user needs at `kubectl apply` time (CEL rules for what
 //! plain OpenAPI cannot say); [`PortPolicySpec::compile`] repeats it in Rust so that an object
 //! that slipped past an older CRD, or a snapshot file, is still judged the same way.
+// KubeSchema re-declares each spec struct in a private module to build its schema, and the
+// lint then calls the public originals unreachable.
+#![allow(unreachable_pub)]
 
 use std::collections::BTreeMap;
 
@@ -89,7 +92,7 @@ pub struct NodePortsSpec {
     pub enforce: bool,
 }
 
-pub const DEFAULT_RETENTION_SECONDS: i64 = 24 * 60 * 60;
+pub(crate) const DEFAULT_RETENTION_SECONDS: i64 = 24 * 60 * 60;
 
 fn default_retention_seconds() -> i64 {
     DEFAULT_RETENTION_SECONDS
@@ -164,7 +167,7 @@ pub struct AgentSpec {
     pub masquerade: Option<MasqueradeSpec>,
 }
 
-pub const DEFAULT_SCHEDULER: &str = "rr";
+pub(crate) const DEFAULT_SCHEDULER: &str = "rr";
 
 fn default_scheduler() -> String {
     DEFAULT_SCHEDULER.to_string()
@@ -435,7 +438,7 @@ impl CompiledPolicy {
         self.namespace_selector.matches(namespace_labels)
     }
 
-    pub fn host_port_allowed(&self, port: u16) -> bool {
+    pub(crate) fn host_port_allowed(&self, port: u16) -> bool {
         self.host_ports_allowed
             .as_ref()
             .is_none_or(|ranges| ranges.iter().any(|r| r.contains(port)))

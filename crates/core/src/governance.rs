@@ -153,7 +153,7 @@ impl PolicySet {
     }
 
     /// Policies whose hostPort rules apply to Pods in a namespace.
-    pub fn for_namespace<'s>(
+    pub(crate) fn for_namespace<'s>(
         &'s self,
         namespace_labels: Option<&'s Labels>,
     ) -> impl Iterator<Item = &'s CompiledPolicy> + 's {

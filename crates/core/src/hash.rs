@@ -9,7 +9,7 @@ const PRIME_32: u32 = 0x0100_0193;
 
 /// 64-bit FNV-1a, fed in parts.
 #[derive(Clone, Copy, Debug)]
-pub struct Fnv1a64(u64);
+pub(crate) struct Fnv1a64(u64);
 
 impl Default for Fnv1a64 {
     fn default() -> Self {
@@ -18,13 +18,13 @@ impl Default for Fnv1a64 {
 }
 
 impl Fnv1a64 {
-    pub fn write(&mut self, bytes: &[u8]) {
+    pub(crate) fn write(&mut self, bytes: &[u8]) {
         for &byte in bytes {
             self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(PRIME_64);
         }
     }
 
-    pub fn finish(self) -> u64 {
+    pub(crate) fn finish(self) -> u64 {
         self.0
     }
 }

@@ -250,11 +250,6 @@ fn node_row(rules: &NodeRules) -> NodeRow {
 }
 
 impl PlanReport {
-    /// Whether anything could be planned at all (the CLI exits non-zero otherwise).
-    pub fn planned_anything(&self) -> bool {
-        !(self.node_ports.is_empty() && self.host_port_conflicts.is_empty() && self.nodes.is_empty())
-    }
-
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("plan reports serialize") + "\n"
     }

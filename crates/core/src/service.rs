@@ -26,9 +26,9 @@ use crate::well_known::{
 };
 
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when missing (the API server's default, 3 h).
-pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10800;
+pub(crate) const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10800;
 /// The longest ClientIP affinity the API server accepts (1 day).
-pub const MAX_AFFINITY_TIMEOUT_SECONDS: u32 = 86400;
+pub(crate) const MAX_AFFINITY_TIMEOUT_SECONDS: u32 = 86400;
 
 /// The fields of a Service that portpolicy reads, borrowed from whatever holds them.
 #[derive(Clone, Copy, Debug, Default)]
@@ -148,7 +148,7 @@ pub enum ExternalTraffic {
 }
 
 impl ExternalTraffic {
-    pub fn is_local(self) -> bool {
+    pub(crate) fn is_local(self) -> bool {
         self != ExternalTraffic::Cluster
     }
 }
@@ -220,7 +220,7 @@ pub enum IssueKind {
 impl IssueKind {
     /// Whether the issue makes the Service one the allocator must leave untouched: the API
     /// server would refuse it, and its nodePorts are what the allocator decides about.
-    pub fn blocks_allocation(self) -> bool {
+    pub(crate) fn blocks_allocation(self) -> bool {
         matches!(
             self,
             IssueKind::Invalid | IssueKind::Port | IssueKind::NodePort | IssueKind::HealthCheckNodePort
@@ -229,7 +229,7 @@ impl IssueKind {
 
     /// What proxying the Service gives up because of the issue, as the end of its message;
     /// `None` when proxying loses nothing.
-    pub fn proxy_consequence(self) -> Option<&'static str> {
+    pub(crate) fn proxy_consequence(self) -> Option<&'static str> {
         match self {
             IssueKind::Invalid => None,
             IssueKind::Port => Some("port not proxied"),
@@ -343,12 +343,12 @@ impl<'a> ServiceModel<'a> {
     }
 
     /// The proxy this Service is handed to (`service.kubernetes.io/service-proxy-name`).
-    pub fn proxy_name(&self) -> Option<&'a str> {
+    pub(crate) fn proxy_name(&self) -> Option<&'a str> {
         self.labels?.get(SERVICE_PROXY_NAME_LABEL).map(String::as_str)
     }
 
     /// Every nodePort the Service holds, with the field that holds it.
-    pub fn held_node_ports(&self) -> impl Iterator<Item = (u16, String)> + '_ {
+    pub(crate) fn held_node_ports(&self) -> impl Iterator<Item = (u16, String)> + '_ {
         let ports = self.ports.iter().filter_map(|p| {
             p.node_port
                 .map(|np| (np, format!("spec.ports[{}].nodePort", p.index)))

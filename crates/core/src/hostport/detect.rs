@@ -59,7 +59,7 @@ pub struct HostPortConflict {
 }
 
 impl HostPortConflict {
-    pub fn binding(&self) -> HostPortBinding {
+    pub(crate) fn binding(&self) -> HostPortBinding {
         HostPortBinding {
             protocol: self.protocol,
             host_ip: self.host_ip,

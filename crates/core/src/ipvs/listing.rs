@@ -8,10 +8,10 @@ use crate::ports::Protocol;
 use super::table::IpvsTable;
 
 /// The two header lines `ipvsadm -Ln` prints before the table.
-pub const HEADER: &str = "Prot LocalAddress:Port Scheduler Flags\n  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n";
+pub(crate) const HEADER: &str = "Prot LocalAddress:Port Scheduler Flags\n  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n";
 
 /// `10.96.0.10:80`, or `[fd00::10]:80` for an IPv6 address.
-pub fn socket_text(address: &str, port: u16) -> String {
+pub(crate) fn socket_text(address: &str, port: u16) -> String {
     if address.contains(':') {
         format!("[{address}]:{port}")
     } else {
@@ -20,7 +20,7 @@ pub fn socket_text(address: &str, port: u16) -> String {
 }
 
 /// A virtual server's line: `TCP  10.96.0.10:80 rr persistent 300`.
-pub fn virtual_server_line(
+pub(crate) fn virtual_server_line(
     protocol: Protocol,
     address: &str,
     port: u16,
@@ -39,7 +39,7 @@ pub fn virtual_server_line(
 }
 
 /// A masquerading real server's line, padded as `ipvsadm` pads it (trailing blanks included).
-pub fn real_server_line(address: &str, port: u16, weight: u32, active: u32, inactive: u32) -> String {
+pub(crate) fn real_server_line(address: &str, port: u16, weight: u32, active: u32, inactive: u32) -> String {
     format!(
         "  -> {:<28} {:<7} {weight:<6} {active:<10} {inactive:<10}",
         socket_text(address, port),

@@ -25,10 +25,7 @@ pub mod table;
 mod topology;
 mod tracker;
 
-pub use rules::{
-    HealthCheckRule, NodeRules, ProxyConfig, ProxyMode, REAL_SERVER_WEIGHT, VirtualServerKind,
-    VirtualServerRule,
-};
+pub use rules::{HealthCheckRule, NodeRules, ProxyConfig, ProxyMode, VirtualServerKind, VirtualServerRule};
 pub use table::{IpvsOp, IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
 pub use tracker::{RuleTracker, node_rules};
 

@@ -15,7 +15,7 @@ use crate::well_known::SERVICE_PROXY_NAME;
 use super::table::{IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
 
 /// Every real server gets the same weight, as kube-proxy programs them.
-pub const REAL_SERVER_WEIGHT: u32 = 1;
+pub(crate) const REAL_SERVER_WEIGHT: u32 = 1;
 
 /// Which Services the agent proxies. Spelled `delegated` and `replacement` everywhere: the
 /// agent's and `plan`'s `--mode`, and the agent DaemonSet the operator writes.
@@ -121,7 +121,7 @@ pub struct VirtualServerRule {
 
 impl VirtualServerRule {
     /// The kernel's view of this virtual server.
-    pub fn to_ipvs_service(&self) -> IpvsService {
+    pub(crate) fn to_ipvs_service(&self) -> IpvsService {
         IpvsService {
             scheduler: self.scheduler.clone(),
             persistence_timeout: self.persistence_timeout,
