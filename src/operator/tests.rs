@@ -16,8 +16,9 @@ use kube::{Client, Resource};
 use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 
-use super::context::{Context, Settings, Stores};
-use super::metrics::Metrics;
+use super::context::{CacheSync, Context, Settings, Stores};
+use super::lease::Leadership;
+use super::metrics::{Metrics, WATCHED_RESOURCES};
 use super::reconcile::reconcile;
 use portpolicy_core::crd::PortPolicy;
 use portpolicy_core::hostport::HostPortPod;
@@ -69,6 +70,8 @@ fn context(cluster: Cluster) -> (Arc<Context>, Handle) {
     let mut ctx = Context::new(
         client,
         stores,
+        CacheSync::listed(&WATCHED_RESOURCES),
+        Leadership::new(true),
         Metrics::new(),
         settings,
         Some("operator-0".into()),
@@ -400,14 +403,7 @@ async fn agent_daemon_set_is_applied_with_an_owner_reference() {
     });
     let expected = p.clone();
     run(ctx, handle, &p, move |mut h| async move {
-        let (body, send) = expect(&mut h, "PATCH", STATUS_URI).await;
-        let agents = condition(&body["status"], "AgentsReady");
-        assert_eq!((&agents["status"], &agents["reason"]), (&json!("False"), &json!("DaemonSetMissing")));
-        reply_status(send, &expected, &body);
-        let (event, send) = expect(&mut h, "POST", "/apis/events.k8s.io/v1/namespaces/default/events?").await;
-        assert_eq!(event["reason"], "DaemonSetMissing");
-        reply(send, &event);
-
+        // The DaemonSet first, so the status describes it as it is.
         let (ds, send) = expect(
             &mut h,
             "PATCH",
@@ -425,9 +421,71 @@ async fn agent_daemon_set_is_applied_with_an_owner_reference() {
         assert_eq!(pod["serviceAccountName"], "portpolicy-agent");
         assert_eq!(pod["containers"][0]["image"], "portpolicy:test");
         reply(send, &ds);
+
+        // Just created, so not ready yet; but not missing, and no Warning event for a
+        // DaemonSet whose pods are only starting.
+        let (body, send) = expect(&mut h, "PATCH", STATUS_URI).await;
+        let agents = condition(&body["status"], "AgentsReady");
+        assert_eq!(
+            (&agents["status"], &agents["reason"]),
+            (&json!("False"), &json!("NotReady"))
+        );
+        assert_eq!(body["status"]["agentsReady"], "0/0");
+        reply_status(send, &expected, &body);
         h
     })
     .await;
+}
+
+#[tokio::test]
+async fn daemon_set_that_cannot_be_created_is_reported_missing_with_the_reason() {
+    let p = policy(json!({"agent": {"proxy": true}}), None);
+    let (ctx, mut handle) = context(Cluster {
+        policies: vec![p.clone()],
+        ..Default::default()
+    });
+    handle.allow(10);
+    let expected = p.clone();
+    let verify = tokio::spawn(async move {
+        let (_, send) = expect(
+            &mut handle,
+            "PATCH",
+            "/apis/apps/v1/namespaces/portpolicy-system/daemonsets/portpolicy-agent-edge?&force=true&fieldManager=portpolicy-operator",
+        )
+        .await;
+        let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+            "reason": "Forbidden", "message": "daemonsets.apps is forbidden: quota exceeded"});
+        send.send_response(
+            Response::builder()
+                .status(403)
+                .body(Body::from(serde_json::to_vec(&forbidden).unwrap()))
+                .unwrap(),
+        );
+        let (body, send) = expect(&mut handle, "PATCH", STATUS_URI).await;
+        let agents = condition(&body["status"], "AgentsReady");
+        assert_eq!(agents["reason"], "DaemonSetMissing");
+        let message = agents["message"].as_str().unwrap();
+        assert!(
+            message.contains("portpolicy-system/portpolicy-agent-edge") && message.contains("quota exceeded"),
+            "{message}"
+        );
+        reply_status(send, &expected, &body);
+        let (event, send) = expect(
+            &mut handle,
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/default/events?",
+        )
+        .await;
+        assert_eq!(
+            (event["type"].as_str(), event["reason"].as_str()),
+            (Some("Warning"), Some("DaemonSetMissing"))
+        );
+        reply(send, &event);
+        handle
+    });
+    let result = reconcile(Arc::new(p), ctx).await;
+    assert!(matches!(result, Err(super::Error::Kube(_))), "{result:?}");
+    verify.await.unwrap();
 }
 
 #[tokio::test]
