@@ -609,4 +609,53 @@ mod tests {
         // "recording" has no namespace selector: its hostPort rules cover every namespace.
         assert_eq!(got, ["edge", "recording"]);
     }
+
+    fn dynamic(name: &str, retention: serde_json::Value) -> DynamicObject {
+        serde_json::from_value(
+            json!({"apiVersion": "portpolicy.io/v1alpha1", "kind": "PortPolicy",
+            "metadata": {"name": name, "resourceVersion": "1"},
+            "spec": {"nodePorts": {"range": "31000-31099", "retentionSeconds": retention}}}),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn unreadable_policies_stay_out_of_the_cache_and_the_rest_goes_in() {
+        let metrics = Metrics::new();
+        let unreadable = UnreadablePolicies::default();
+        let mut reader = PolicyReader {
+            unreadable: unreadable.clone(),
+            metrics: metrics.clone(),
+            relisting: None,
+        };
+        let (store, mut writer) = reflector::store::<PortPolicy>();
+        let mut feed = |event| {
+            if let Some(event) = reader.read(event) {
+                writer.apply_watcher_event(&event);
+            }
+        };
+        feed(Event::Init);
+        feed(Event::InitApply(dynamic("broken", json!("a day"))));
+        feed(Event::InitApply(dynamic("edge", json!(60))));
+        feed(Event::InitDone);
+        let mut names: Vec<_> = store.state().iter().map(|p| p.name_any()).collect();
+        names.sort();
+        assert_eq!(names, ["edge"]);
+        let known = unreadable.get();
+        assert_eq!(known["broken"].problem.field, "spec.nodePorts.retentionSeconds");
+        assert_eq!(metrics.unreadable_policies.get(), 1);
+
+        // Fixed: it goes into the cache and off the list.
+        feed(Event::Apply(dynamic("broken", json!(3600))));
+        assert!(unreadable.is_empty());
+        assert_eq!(store.state().len(), 2);
+        // Broken again: the readable copy leaves the cache, so its old spec is not acted on.
+        feed(Event::Apply(dynamic("edge", json!(true))));
+        assert_eq!(store.state().len(), 1);
+        assert_eq!(unreadable.len(), 1);
+        // Deleted while unreadable.
+        feed(Event::Delete(dynamic("edge", json!(true))));
+        assert!(unreadable.is_empty());
+        assert_eq!(metrics.unreadable_policies.get(), 0);
+    }
 }

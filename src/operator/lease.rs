@@ -121,7 +121,7 @@ impl Leadership {
         self.state.borrow().leading
     }
 
-    fn set(&self, leading: bool) {
+    pub(crate) fn set(&self, leading: bool) {
         self.state.send_modify(|term| {
             if leading && !term.leading {
                 term.gained += 1;

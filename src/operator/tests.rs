@@ -654,3 +654,91 @@ async fn deleted_policy_hands_its_services_back_then_drops_its_finalizer() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn follower_reconciles_nothing_and_writes_nothing() {
+    let p = policy(range_spec(), None);
+    let (ctx, mut handle) = context(Cluster {
+        policies: vec![p.clone()],
+        services: vec![node_port_service("shop", "web", 30555)],
+        ..Default::default()
+    });
+    ctx.leadership.set(false);
+    handle.allow(10);
+    let result = reconcile(Arc::new(p), ctx.clone()).await;
+    assert!(result.is_ok(), "{result:?}");
+    drop(ctx);
+    assert!(handle.next_request().await.is_none(), "a follower sent a request");
+}
+
+#[tokio::test]
+async fn losing_leadership_cancels_a_reconcile_in_the_middle_and_nothing_more_is_sent() {
+    let p = policy(range_spec(), None);
+    let (ctx, mut handle) = context(Cluster {
+        policies: vec![p.clone()],
+        services: vec![node_port_service("shop", "web", 30555)],
+        ..Default::default()
+    });
+    handle.allow(10);
+    let leadership = ctx.leadership.clone();
+    let running = tokio::spawn(reconcile(Arc::new(p), ctx));
+    // The status write is sent and the API server does not answer (it froze, say).
+    let (_, send) = expect(&mut handle, "PATCH", STATUS_URI).await;
+    leadership.set(false);
+    let result = tokio::time::timeout(Duration::from_secs(1), running)
+        .await
+        .expect("the reconcile stops at once")
+        .unwrap();
+    assert!(matches!(result, Err(super::Error::LostLeadership)), "{result:?}");
+    drop(send);
+    // The Service write that would have followed never goes out.
+    assert!(handle.next_request().await.is_none());
+}
+
+#[test]
+fn unreadable_policy_names_object_and_field() {
+    let object: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "portpolicy.io/v1alpha1", "kind": "PortPolicy",
+        "metadata": {"name": "broken", "uid": "u-1", "resourceVersion": "7"},
+        "spec": {"nodePorts": {"range": "31000-31099",
+            "pinned": [{"namespace": "a", "service": "b", "nodePort": "high"}]}}}))
+    .unwrap();
+    let unreadable = super::controller::read_policy(&object).unwrap_err();
+    assert_eq!(unreadable.problem.object, "PortPolicy/broken");
+    assert_eq!(unreadable.problem.field, "spec.nodePorts.pinned[0].nodePort");
+    assert!(
+        unreadable.problem.message.contains("invalid type"),
+        "{}",
+        unreadable.problem
+    );
+    assert_eq!(unreadable.reference.name.as_deref(), Some("broken"));
+    assert_eq!(unreadable.reference.uid.as_deref(), Some("u-1"));
+    assert_eq!(unreadable.resource_version.as_deref(), Some("7"));
+
+    let fine: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "portpolicy.io/v1alpha1", "kind": "PortPolicy",
+        "metadata": {"name": "edge"}, "spec": {"nodePorts": {"range": "31000-31099"}}}))
+    .unwrap();
+    let policy = super::controller::read_policy(&fine).unwrap();
+    assert_eq!(policy.spec.node_ports.unwrap().range, "31000-31099");
+}
+
+#[test]
+fn api_server_failures_are_told_apart_from_refusals() {
+    let status = |code: u16| {
+        kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            ..Default::default()
+        }))
+    };
+    assert!(matches!(
+        super::Error::from(status(503)),
+        super::Error::ApiServer(_)
+    ));
+    assert!(matches!(super::Error::from(status(422)), super::Error::Kube(_)));
+    let timeout = kube::Error::Service("request timed out".into());
+    let error = super::Error::from(timeout);
+    assert_eq!(error.metric_label(), "api_server");
+    assert_eq!(error.exit_code(), 1);
+    assert_eq!(super::Error::Config("x".into()).exit_code(), 2);
+}
