@@ -38,7 +38,8 @@ use portpolicy_core::crd::PortPolicy;
 use portpolicy_core::hostport::HostPortPod;
 use portpolicy_core::ports::PortRange;
 use portpolicy_core::problem::{Problem, object_ref};
-use portpolicy_core::snapshot::NAMESPACE_NAME_LABEL;
+use portpolicy_core::service::ServiceModel;
+use portpolicy_core::well_known::NAMESPACE_NAME_LABEL;
 
 /// How long running reconciles may take to finish after SIGTERM before they are dropped; well
 /// inside the default 30 s termination grace period, leaving time to release the Lease.
@@ -317,7 +318,7 @@ fn policies_for_service(
     policies: &Store<PortPolicy>,
     namespaces: &Store<Namespace>,
 ) -> Vec<ObjectRef<PortPolicy>> {
-    let (ns, name) = key_of(service);
+    let (ns, name) = key_of(&ServiceModel::read(service));
     let ns_labels = namespace_labels(namespaces, &ns);
     let mut out = Vec::new();
     for policy in policies.state() {
