@@ -309,7 +309,11 @@ impl Operator {
 
     fn terminate(&mut self) {
         let pid = self.child.as_ref().unwrap().id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        // The shell's own `kill`: no procps needed.
+        let sent = Command::new("sh")
+            .args(["-c", &format!("kill -TERM {pid}")])
+            .status()
+            .unwrap();
         assert!(sent.success());
     }
 

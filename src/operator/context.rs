@@ -215,3 +215,37 @@ impl Context {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_waiter_wakes_once_all_caches_listed_and_a_dropped_watch_is_an_error() {
+        let caches = CacheSync::new(&["services", "pods"]);
+        // Several waiters at once: the reflector store's readiness woke only one of them.
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let c = caches.clone();
+                tokio::spawn(async move { c.wait().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        caches.mark("services", CacheState::Listed);
+        tokio::task::yield_now().await;
+        assert!(waiters.iter().all(|w| !w.is_finished()));
+        caches.mark("pods", CacheState::Listed);
+        for w in waiters {
+            tokio::time::timeout(std::time::Duration::from_secs(1), w)
+                .await
+                .expect("every waiter wakes")
+                .unwrap()
+                .unwrap();
+        }
+        caches.mark("pods", CacheState::Dropped);
+        // A dropped cache stays dropped even if a late event says listed.
+        caches.mark("pods", CacheState::Listed);
+        assert!(matches!(caches.wait().await, Err(Error::CacheDropped("pods"))));
+        assert_eq!(caches.not_synced(), [("pods", CacheState::Dropped)]);
+    }
+}

@@ -742,3 +742,33 @@ fn api_server_failures_are_told_apart_from_refusals() {
     assert_eq!(error.exit_code(), 1);
     assert_eq!(super::Error::Config("x".into()).exit_code(), 2);
 }
+
+#[tokio::test]
+async fn nothing_is_handed_back_while_some_policy_cannot_be_read() {
+    // `web` carries the operator's fields and no readable policy selects it: normally it would
+    // be handed back. The unreadable policy may be the one that governs it.
+    let p = policy(
+        json!({"serviceSelector": {"matchLabels": {"tier": "other"}}}),
+        None,
+    );
+    let (ctx, handle) = context(Cluster {
+        policies: vec![p.clone()],
+        services: vec![proxied_service("shop", "web")],
+        ..Default::default()
+    });
+    ctx.unreadable.insert(
+        "broken".into(),
+        super::context::UnreadablePolicy {
+            reference: Default::default(),
+            resource_version: Some("1".into()),
+            problem: portpolicy_core::problem::Problem::new("PortPolicy/broken", "spec", "bad"),
+        },
+    );
+    let expected = p.clone();
+    run(ctx, handle, &p, move |mut h| async move {
+        let (body, send) = expect(&mut h, "PATCH", STATUS_URI).await;
+        reply_status(send, &expected, &body);
+        h
+    })
+    .await;
+}
