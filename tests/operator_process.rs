@@ -26,6 +26,8 @@ struct Recorded {
     method: String,
     path: String,
     body: Value,
+    /// When it arrived (a frozen server records requests as they come and answers later).
+    at: Instant,
 }
 
 #[derive(Default)]
@@ -122,14 +124,15 @@ async fn handle(State(api): State<FakeApi>, method: Method, uri: Uri, body: Byte
     let path = uri.path().to_string();
     let query = uri.query().unwrap_or_default().to_string();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    let mut frozen = api.frozen.subscribe();
-    let _ = frozen.wait_for(|f| !*f).await;
-    let mut state = api.state.lock().unwrap();
-    state.requests.push(Recorded {
+    api.state.lock().unwrap().requests.push(Recorded {
         method: method.to_string(),
         path: path.clone(),
         body: body.clone(),
+        at: Instant::now(),
     });
+    let mut frozen = api.frozen.subscribe();
+    let _ = frozen.wait_for(|f| !*f).await;
+    let mut state = api.state.lock().unwrap();
     if method == Method::GET && query.split('&').any(|q| q == "watch=true" || q == "watch=1") {
         // An open watch with no events; the client keeps its cache as listed.
         drop(state);
@@ -429,13 +432,13 @@ async fn follower_is_ready_and_takes_over_quickly_when_the_leader_is_stopped() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leader_steps_down_when_the_api_server_freezes_and_leads_again_after() {
+async fn leader_stops_when_the_api_server_freezes_and_restarted_writes_only_once_it_leads() {
     let api = FakeApi::start(vec![policy(
         "edge",
         json!({"nodePorts": {"range": "31000-31099"}}),
     )])
     .await;
-    let operator = Operator::start(&api, "operator-a", &FAST_ELECTION);
+    let mut operator = Operator::start(&api, "operator-a", &FAST_ELECTION);
     operator.wait_ready(Duration::from_secs(20)).await.unwrap();
     operator
         .wait_metric("portpolicy_operator_leader", 1.0, Duration::from_secs(10))
@@ -450,36 +453,36 @@ async fn leader_steps_down_when_the_api_server_freezes_and_leads_again_after() {
 
     api.freeze();
     let frozen = Instant::now();
-    // The renew deadline is 2 s: it stops leading before the 3 s lease could pass to another.
-    let stepped_down = operator
-        .wait_metric("portpolicy_operator_leader", 0.0, Duration::from_secs(3))
+    // The renew deadline is 2 s: it stops before the 3 s lease could pass to another replica.
+    let status = operator
+        .wait_exit(Duration::from_secs(3))
         .await
-        .unwrap();
-    eprintln!("stepped down {stepped_down:?} after the freeze");
-    assert!(frozen.elapsed() < Duration::from_secs(3));
-    let seen_while_frozen = api.requests().len();
-    assert_eq!(operator.get("/healthz").await.unwrap().0, 200, "it keeps running");
+        .expect("a leader that cannot renew stops before its lease runs out");
+    let stopped = frozen.elapsed();
+    eprintln!("stopped {stopped:?} after the freeze");
+    assert_eq!(status.code(), Some(3), "{}", operator.log());
+    assert!(operator.log().contains("stopped leading"), "{}", operator.log());
 
+    // Restarted (as the kubelet would) once the API server answers again: it follows until it
+    // holds the Lease and writes nothing before.
     api.thaw();
+    let restarted = Instant::now();
+    let operator = Operator::start(&api, "operator-a", &FAST_ELECTION);
     operator
         .wait_metric("portpolicy_operator_leader", 1.0, Duration::from_secs(10))
         .await
         .unwrap();
-    let leads_again = api
+    let after: Vec<_> = api
         .requests()
-        .iter()
-        .enumerate()
-        .skip(seen_while_frozen)
-        .find(|(_, r)| r.path.starts_with(LEASES) && r.method == "PUT")
-        .map(|(i, _)| i)
-        .expect("it renewed the Lease to lead again");
-    // Between stepping down and winning the Lease again it wrote nothing else.
-    let writes: Vec<_> = api.requests()[seen_while_frozen..leads_again]
-        .iter()
-        .filter(|r| r.method != "GET" && !r.path.starts_with(LEASES))
-        .cloned()
+        .into_iter()
+        .filter(|r| r.at >= restarted && r.method != "GET")
         .collect();
-    assert!(writes.is_empty(), "wrote while following: {writes:?}");
+    let first_lease_write = after
+        .iter()
+        .position(|r| r.path.starts_with(LEASES))
+        .expect("it wrote the Lease to lead");
+    let early: Vec<_> = after[..first_lease_write].iter().map(|r| &r.path).collect();
+    assert!(early.is_empty(), "wrote before it led: {early:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,9 +2,9 @@
 //!
 //! Every replica runs every watch and keeps every cache, so a follower is Ready and takes over
 //! warm. Reconciles run only on the leader ([`Leadership`] gates them and every write in them);
-//! a leader that stops leading cancels its reconciles at once and follows again. On SIGTERM or
-//! Ctrl-C the controller finishes its running reconciles, then the Lease is released so a
-//! follower takes over at its next check.
+//! a leader that stops leading cancels its reconciles at once and exits (status 3), to be
+//! restarted as a follower with fresh caches. On SIGTERM or Ctrl-C the controller finishes its
+//! running reconciles, then the Lease is released so a follower takes over at its next check.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -517,13 +517,21 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         }
     };
 
-    tokio::select! {
-        () = controller => tracing::info!("controller stopped"),
-        () = forced => tracing::warn!(
-            grace = ?SHUTDOWN_GRACE,
-            "reconciles still running after the shutdown grace period; dropping them"
-        ),
-        () = elector.run(&leadership, &metrics) => unreachable!("the elector runs until dropped"),
+    let outcome = tokio::select! {
+        () = controller => {
+            tracing::info!("controller stopped");
+            Ok(())
+        }
+        () = forced => {
+            tracing::warn!(
+                grace = ?SHUTDOWN_GRACE,
+                "reconciles still running after the shutdown grace period; dropping them"
+            );
+            Ok(())
+        }
+        // Leadership is already false: no write starts, and leaving this select drops the
+        // running reconciles.
+        _ = elector.lead(&leadership, &metrics) => Err(Error::LostLeadership),
         () = report_unreadable(ctx) => unreachable!("the reporter runs until dropped"),
         result = server::serve(listener, metrics.clone(), health) => {
             return Err(result.err().unwrap_or(Error::MetricsServer {
@@ -531,11 +539,12 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
                 source: std::io::Error::other("the server stopped"),
             }));
         }
-    }
+    };
     // Nothing writes any more (the controller, its reconciles and the reporter are dropped), so
-    // the Lease can go: a follower takes over at its next check.
+    // the Lease can go: a follower takes over at its next check. (After a lost lead this only
+    // succeeds if nobody else holds it and the API server answers in time.)
     elector.release().await;
-    Ok(())
+    outcome
 }
 
 #[cfg(test)]

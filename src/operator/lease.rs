@@ -5,8 +5,9 @@
 //!
 //! - The holder renews every [`Timing::renew_period`]. If it has not renewed for
 //!   [`Timing::renew_deadline`] (every Lease request is bounded by that deadline, so a frozen API
-//!   server cannot hold it up) it stops writing at once and follows again; it leads again only
-//!   when it wins the Lease again.
+//!   server cannot hold it up) it stops writing at once, and the operator exits (as
+//!   kube-controller-manager does): restarted, it starts as a follower with fresh caches, and
+//!   writes nothing until it wins the Lease again.
 //! - A follower checks the Lease every [`Timing::follow_period`]. It takes over when the holder
 //!   field is empty (a released Lease) or when the record has not changed for
 //!   `leaseDurationSeconds` as measured on its own monotonic clock since it saw the record change,
@@ -396,24 +397,20 @@ impl Elector {
         }
     }
 
-    /// Leads whenever it can, for ever: `leadership` is true exactly while this replica holds a
-    /// Lease it renewed within the renew deadline. Dropping the future stops renewing.
-    pub async fn run(&mut self, leadership: &Leadership, metrics: &Metrics) {
-        loop {
-            let renewed = self.acquire().await;
-            leadership.set(true);
-            metrics.leader.set(1);
-            let lost = self.hold(renewed).await;
-            // Before anything else: no write may start from here on.
-            leadership.set(false);
-            metrics.leader.set(0);
-            metrics.leadership_lost.inc();
-            tracing::error!(
-                identity = %self.identity,
-                reason = %lost,
-                "stepped down: writing nothing, following until this replica wins the Lease again"
-            );
-        }
+    /// Follows until this replica wins the Lease, then leads until it loses it: `leadership`
+    /// is true exactly while this replica holds a Lease it renewed within the renew deadline.
+    /// Returns why it stopped leading, with `leadership` already false. Dropping the future
+    /// stops renewing.
+    pub async fn lead(&mut self, leadership: &Leadership, metrics: &Metrics) -> LeadershipLost {
+        let renewed = self.acquire().await;
+        leadership.set(true);
+        metrics.leader.set(1);
+        let lost = self.hold(renewed).await;
+        // Before anything else: no write may start from here on.
+        leadership.set(false);
+        metrics.leader.set(0);
+        tracing::error!(identity = %self.identity, reason = %lost, "stopped leading: writing nothing from now on");
+        lost
     }
 
     /// Hands the Lease back if this replica holds it (empty holder, 1 s duration), so a

@@ -35,7 +35,6 @@ pub struct Metrics {
     pub watch_errors: IntCounterVec,
     pub unreadable_policies: IntGauge,
     pub leader: IntGauge,
-    pub leadership_lost: IntCounter,
 }
 
 impl Default for Metrics {
@@ -100,11 +99,6 @@ impl Metrics {
         )
         .unwrap();
         let leader = IntGauge::new("leader", "1 while this replica leads and may write, else 0").unwrap();
-        let leadership_lost = IntCounter::new(
-            "leadership_lost_total",
-            "Times this replica stopped leading before shutdown",
-        )
-        .unwrap();
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(failures.clone()),
@@ -117,7 +111,6 @@ impl Metrics {
             Box::new(watch_errors.clone()),
             Box::new(unreadable_policies.clone()),
             Box::new(leader.clone()),
-            Box::new(leadership_lost.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -134,7 +127,6 @@ impl Metrics {
             watch_errors,
             unreadable_policies,
             leader,
-            leadership_lost,
         }
     }
 
@@ -192,7 +184,6 @@ mod tests {
         for line in [
             "portpolicy_operator_reconciliations_total 0",
             "portpolicy_operator_leader 0",
-            "portpolicy_operator_leadership_lost_total 0",
             "portpolicy_operator_unreadable_policies 0",
             "portpolicy_operator_reconcile_duration_seconds_count 0",
         ] {

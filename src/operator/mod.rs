@@ -53,8 +53,10 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
-    /// This replica does not lead (any more): it must not write; the leader does the work.
-    #[error("this replica does not lead; it writes nothing until it leads again")]
+    /// This replica does not lead (any more): it must not write; the leader does the work. Out
+    /// of a reconcile, the reconcile was cancelled; out of the operator, it stopped leading and
+    /// exits, to be restarted as a follower.
+    #[error("this replica stopped leading; it writes nothing until it leads again")]
     LostLeadership,
     /// A watch ended, so its cache is no longer kept up to date (the operator is stopping).
     #[error("the watch of {0} ended; its cache is no longer kept up to date")]
@@ -113,11 +115,12 @@ impl Error {
     }
 
     /// The process's exit status when this error stops the operator: 2 for what a restart
-    /// cannot fix (flags, environment, kubeconfig, a metrics address that cannot be bound), 1
-    /// for the rest. Losing leadership does not stop the process (the replica follows again).
+    /// cannot fix (flags, environment, kubeconfig, a metrics address that cannot be bound), 3
+    /// for a leader that lost its Lease (restarted, it follows), 1 for the rest.
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Config(_) | Error::MetricsServer { .. } => 2,
+            Error::LostLeadership => 3,
             _ => 1,
         }
     }

@@ -78,7 +78,7 @@ pub fn error_policy(policy: Arc<PortPolicy>, error: &Error, ctx: Arc<Context>) -
         .inc();
     let name = policy.name_any();
     match error {
-        // The new leader reconciles it; this replica does again when it leads again.
+        // The new leader reconciles it; this process is on its way out (it exits, status 3).
         Error::LostLeadership => {
             tracing::info!(policy = %name, "reconcile cancelled: this replica stopped leading");
             Action::await_change()
