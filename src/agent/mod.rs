@@ -97,6 +97,16 @@ pub struct AgentArgs {
     pub print_table: bool,
 }
 
+impl AgentArgs {
+    /// What the nftables ruleset masquerades, from `--masquerade-all` and `--cluster-cidr`.
+    pub fn masquerade(&self) -> MasqueradeOptions {
+        MasqueradeOptions {
+            all: self.masquerade_all,
+            cluster_cidrs: self.cluster_cidrs.clone(),
+        }
+    }
+}
+
 /// `90`, `90s`, `500ms`, `5m`, `1h`.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -191,10 +201,7 @@ pub(crate) async fn run_with<D: Dataplane + 'static>(
     }
 
     let config = proxy_config(&args);
-    let masquerade = MasqueradeOptions {
-        all: args.masquerade_all,
-        cluster_cidrs: args.cluster_cidrs.clone(),
-    };
+    let masquerade = args.masquerade();
     let mut syncer = Syncer::new(dataplane, config, masquerade, metrics);
     let mut health_checks = HealthCheckServers::new(args.health_check_address, health.clone());
 

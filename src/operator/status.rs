@@ -28,6 +28,8 @@ pub struct PolicyFacts {
 pub struct NodePortFacts {
     pub used: usize,
     pub total: usize,
+    /// How the range splits into used, reserved, pinned and free ports (for the metrics).
+    pub counts: super::core::NodePortCounts,
     pub records: Vec<AllocationRecord>,
     /// Why some governed Service port did not get a nodePort: (reason, message), reasons in
     /// PascalCase (`RangeExhausted`, `PinnedPortTaken`, ...).
@@ -39,8 +41,9 @@ pub struct AgentFacts {
     /// `ready/desired`.
     pub summary: String,
     pub ready: bool,
-    /// Set when the DaemonSet does not exist yet or could not be read.
-    pub missing: bool,
+    /// Why the DaemonSet is missing, when applying it failed (a DaemonSet just created is not
+    /// missing, only not ready yet).
+    pub missing: Option<String>,
 }
 
 /// Condition messages are bounded so a status with thousands of conflicts stays small; the full
@@ -186,17 +189,14 @@ impl Conditions<'_> {
     }
 
     fn agents_ready(&mut self, agents: &AgentFacts) {
-        let (reason, message) = if agents.missing {
-            (
-                "DaemonSetMissing",
-                "the agent DaemonSet does not exist yet".to_string(),
-            )
+        let (reason, message) = if let Some(why) = &agents.missing {
+            ("DaemonSetMissing", why.clone())
         } else if agents.ready {
             ("AllReady", format!("{} agent pods ready", agents.summary))
         } else {
             ("NotReady", format!("{} agent pods ready", agents.summary))
         };
-        let ready = agents.ready && !agents.missing;
+        let ready = agents.ready && agents.missing.is_none();
         self.push(condition::AGENTS_READY, ready, reason, message.clone());
         if !ready {
             self.not_ready.push(("AgentsNotReady", message));
