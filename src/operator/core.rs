@@ -110,24 +110,24 @@ pub fn compute(inputs: &Inputs<'_>) -> Computation {
         .services
         .iter()
         .map(|svc| {
-            let model = ServiceModel::read(&**svc);
-            let ns_labels = Some(&*namespace_labels.of(model.namespace));
-            match policy_set.governing_service(ns_labels, model.labels) {
+            let fields = ServiceFields::from(&**svc);
+            let ns_labels = Some(&*namespace_labels.of(fields.namespace()));
+            match policy_set.governing_service(ns_labels, fields.labels) {
                 Governance::By(policy) => desired_model(svc, policy),
                 Governance::Ambiguous(..) => {
                     let selecting: Vec<&str> = policy_set
                         .policies()
                         .iter()
-                        .filter(|p| p.selects_service(ns_labels, model.labels))
+                        .filter(|p| p.selects_service(ns_labels, fields.labels))
                         .map(|p| p.name.as_str())
                         .collect();
                     for p in &selecting {
                         let others = selecting.iter().filter(|o| *o != p).map(|o| o.to_string());
                         overlaps.entry(p.to_string()).or_default().extend(others);
                     }
-                    model
+                    ServiceModel::read(fields)
                 }
-                _ => model,
+                _ => ServiceModel::read(fields),
             }
         })
         .collect();
@@ -276,13 +276,14 @@ impl Computation {
         // healthCheckNodePort is written).
         let mut governed = BTreeMap::new();
         for (svc, local) in &self.services {
-            let model = ServiceModel::read(&**svc);
+            let fields = ServiceFields::from(&**svc);
             let governance = self
                 .policy_set
-                .governing_service(Some(&self.namespace_labels.of(model.namespace)), model.labels);
+                .governing_service(Some(&self.namespace_labels.of(fields.namespace())), fields.labels);
             if governance.policy().is_none_or(|p| p.name != policy) {
                 continue;
             }
+            let model = ServiceModel::read(fields);
             let key = services::key_of(&model);
             let mut intent = ServiceIntent::new(&key.0, &key.1);
             intent.policy = Some(policy.to_string());

@@ -92,7 +92,12 @@ impl<'a> From<&'a Service> for ServiceFields<'a> {
     }
 }
 
-impl ServiceFields<'_> {
+impl<'a> ServiceFields<'a> {
+    /// The namespace: `default` when missing or empty, as `kubectl apply` would place it.
+    pub fn namespace(&self) -> &'a str {
+        self.namespace.filter(|ns| !ns.is_empty()).unwrap_or("default")
+    }
+
     fn annotation(&self, key: &str) -> Option<&str> {
         self.annotations?.get(key).map(String::as_str)
     }
@@ -292,7 +297,7 @@ impl<'a> ServiceModel<'a> {
         let fields = fields.into();
         let type_ = ServiceType::parse(fields.type_);
         let mut model = ServiceModel {
-            namespace: fields.namespace.filter(|ns| !ns.is_empty()).unwrap_or("default"),
+            namespace: fields.namespace(),
             name: fields.name.unwrap_or_default(),
             created: fields.creation_timestamp,
             labels: fields.labels,
@@ -498,14 +503,15 @@ impl<'a> ServiceModel<'a> {
 
     /// Cluster, external and load-balancer IPs.
     fn read_addresses(&mut self, fields: &ServiceFields<'a>) {
-        let cluster_ip_texts: Vec<&str> = if fields.cluster_ips.is_empty() {
-            fields.cluster_ip.into_iter().collect()
-        } else {
-            fields.cluster_ips.iter().map(String::as_str).collect()
-        };
+        // `spec.clusterIPs`, or `spec.clusterIP` without them.
+        let listed = fields.cluster_ips.iter().map(String::as_str);
+        let single = fields.cluster_ip.filter(|_| fields.cluster_ips.is_empty());
+        let primary = fields
+            .cluster_ip
+            .or(fields.cluster_ips.first().map(String::as_str));
         // The primary cluster IP decides, as kube-proxy's ShouldSkipService reads it.
-        self.headless = fields.cluster_ip.or(cluster_ip_texts.first().copied()) == Some("None");
-        for (i, text) in cluster_ip_texts.iter().enumerate() {
+        self.headless = primary == Some("None");
+        for (i, text) in listed.chain(single).enumerate() {
             match parse_ip(text) {
                 Some(ip) => self.cluster_ips.push(ip),
                 None if text.is_empty() || self.headless => {}
