@@ -127,8 +127,8 @@ pub enum AgentError {
     },
     #[error("connecting to the API server: {0}")]
     Kube(#[from] kube::Error),
-    #[error("reading the snapshot: {0}")]
-    Snapshot(#[from] crate::snapshot_files::LoadError),
+    #[error("{0}")]
+    SnapshotRefused(String),
     #[error("the agent runs on Linux only")]
     Unsupported,
 }
@@ -139,7 +139,13 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     #[cfg(target_os = "linux")]
     {
         if args.print_table {
-            let loaded = crate::snapshot_files::load_paths(&args.snapshot)?;
+            let loaded = crate::snapshot_files::load_paths(&args.snapshot);
+            for problem in &loaded.problems {
+                tracing::warn!(%problem, "snapshot");
+            }
+            if let Some(why) = source::refusal(&loaded) {
+                return Err(AgentError::SnapshotRefused(why));
+            }
             let plan = portpolicy_core::ipvs::plan::plan_node(&loaded.snapshot, &planner_config(&args));
             print!(
                 "{}",
@@ -192,7 +198,7 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
         all: args.masquerade_all,
         cluster_cidrs: args.cluster_cidrs.clone(),
     };
-    let mut syncer = Syncer::new(dataplane, config, masquerade, metrics);
+    let mut syncer = Syncer::new(dataplane, config, masquerade, metrics.clone());
     let mut health_checks = HealthCheckServers::new(args.health_check_bind_address, health.clone());
 
     let mut ready = false;
@@ -220,7 +226,16 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
                     while let Some(event) = next {
                         match event {
                             Event::Ready => ready = true,
+                            Event::Refused(why) => {
+                                metrics.snapshot_refusals.inc();
+                                metrics.snapshot_refused.set(1);
+                                health.set_source_refused(Some(why));
+                            }
                             Event::Change(change) => {
+                                if matches!(change, sync::Change::Snapshot(_)) {
+                                    metrics.snapshot_refused.set(0);
+                                    health.set_source_refused(None);
+                                }
                                 syncer.observe(change);
                                 dirty = true;
                             }

@@ -16,7 +16,7 @@ use crate::nodeport::{NodePortInput, plan_node_ports};
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
 use crate::snapshot::Snapshot;
-use crate::table::Table;
+use crate::table::{Table, escape_controls};
 
 /// What to plan, beyond the snapshot itself.
 #[derive(Clone, Debug)]
@@ -305,7 +305,10 @@ impl PlanReport {
         section("HOST PORT CONFLICTS", or_none(&conflicts));
 
         for node in &self.nodes {
-            section(&format!("IPVS ON NODE {}", node.name), ipvsadm_listing(node));
+            section(
+                &format!("IPVS ON NODE {}", escape_controls(&node.name)),
+                ipvsadm_listing(node),
+            );
         }
 
         let mut problems = Table::new(&["object", "field", "message"]);
@@ -338,7 +341,11 @@ fn ipvsadm_listing(node: &NodeRow) -> String {
             line.push_str(&format!(" persistent {timeout}"));
         }
         let mark = if vs.only_local { " [OnlyLocal]" } else { "" };
-        out.push_str(&format!("{line:<48} # {} {}{mark}\n", vs.service, vs.kind));
+        out.push_str(&format!(
+            "{line:<48} # {} {}{mark}\n",
+            escape_controls(&vs.service),
+            vs.kind
+        ));
         for rs in &vs.real_servers {
             out.push_str(&format!(
                 "  -> {:<28} Masq    {:<6} 0          0\n",
@@ -350,7 +357,9 @@ fn ipvsadm_listing(node: &NodeRow) -> String {
     for hc in &node.health_checks {
         out.push_str(&format!(
             "health check node port {} for {}: {} local endpoint(s)\n",
-            hc.node_port, hc.service, hc.local_endpoints
+            hc.node_port,
+            escape_controls(&hc.service),
+            hc.local_endpoints
         ));
     }
     out
