@@ -23,7 +23,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use portpolicy::snapshot_files::load_paths;
-use portpolicy_core::ipvs::plan::ProxyMode;
+use portpolicy_core::ipvs::ProxyMode;
 use portpolicy_core::plan::{PlanOptions, build_plan};
 use portpolicy_core::ports::PortRange;
 

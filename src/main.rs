@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use portpolicy::snapshot_files::load_paths;
 use portpolicy_core::crd::PortPolicy;
-use portpolicy_core::ipvs::plan::ProxyMode;
+use portpolicy_core::ipvs::ProxyMode;
 use portpolicy_core::plan::{PlanOptions, build_plan};
 use portpolicy_core::ports::PortRange;
 

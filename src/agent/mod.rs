@@ -33,7 +33,7 @@ use self::metrics::{AgentHealth, Metrics};
 use self::nft::{Cidr, MasqueradeOptions};
 use self::source::Event;
 use self::sync::Syncer;
-use portpolicy_core::ipvs::plan::{PlannerConfig, ProxyMode};
+use portpolicy_core::ipvs::{PlannerConfig, ProxyMode};
 
 /// The agent's port for `/metrics`, `/healthz` and `/readyz`: next to kube-proxy's 10256
 /// (healthz) and 10249 (metrics) without taking either, so both can run on one node.
@@ -146,7 +146,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             if let Some(why) = source::refusal(&loaded) {
                 return Err(AgentError::SnapshotRefused(why));
             }
-            let plan = portpolicy_core::ipvs::plan::plan_node(&loaded.snapshot, &planner_config(&args));
+            let plan = portpolicy_core::ipvs::plan_node(&loaded.snapshot, &planner_config(&args));
             print!(
                 "{}",
                 portpolicy_netlink::ipvs::format_like_ipvsadm(None, &plan.table())

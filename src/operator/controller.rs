@@ -25,7 +25,8 @@ use super::{Error, Result};
 use portpolicy_core::crd::PortPolicy;
 use portpolicy_core::hostport::HostPortPod;
 use portpolicy_core::ports::PortRange;
-use portpolicy_core::snapshot::NAMESPACE_NAME_LABEL;
+use portpolicy_core::service::ServiceModel;
+use portpolicy_core::well_known::NAMESPACE_NAME_LABEL;
 
 /// Flags of `portpolicy operator`.
 #[derive(clap::Args, Debug, Clone)]
@@ -108,7 +109,7 @@ fn policies_for_service(
     policies: &Store<PortPolicy>,
     namespaces: &Store<Namespace>,
 ) -> Vec<ObjectRef<PortPolicy>> {
-    let (ns, name) = key_of(service);
+    let (ns, name) = key_of(&ServiceModel::read(service));
     let ns_labels = namespace_labels(namespaces, &ns);
     let mut out = Vec::new();
     for policy in policies.state() {
