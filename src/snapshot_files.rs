@@ -188,6 +188,44 @@ impl Walk {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::symlink;
+    use std::process::Command;
+    use std::time::Duration;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("portpolicy-files-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn node(name: &str) -> String {
+        format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {name}}}\n")
+    }
+
+    fn node_names(loaded: &Loaded) -> Vec<&str> {
+        let mut names: Vec<_> = loaded
+            .snapshot
+            .nodes
+            .iter()
+            .map(|n| n.metadata.name.as_deref().unwrap_or_default())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// The problems as (entry file name, message), entries named relative to `dir`.
+    fn problems_in(loaded: &Loaded, dir: &Path) -> Vec<(String, String)> {
+        let prefix = format!("{}/", dir.display());
+        loaded
+            .problems
+            .iter()
+            .map(|p| {
+                let entry = p.object.strip_prefix(&prefix).unwrap_or(&p.object).to_string();
+                (entry, p.message.clone())
+            })
+            .collect()
+    }
 
     #[test]
     fn shipped_demo_cluster_loads_without_problems() {
@@ -208,5 +246,119 @@ mod tests {
         assert_eq!(s.services.len(), 8);
         assert_eq!(s.endpoint_slices.len(), 9);
         assert_eq!(s.pods.len(), 7);
+    }
+
+    #[test]
+    fn each_bad_entry_is_a_problem_naming_it_and_the_rest_is_read() {
+        let dir = scratch("bad-entries");
+        std::fs::write(dir.join("a-good.yaml"), node("good")).unwrap();
+        // kubectl output redirected by PowerShell: UTF-16LE with a byte-order mark.
+        let mut utf16 = vec![0xFF, 0xFE];
+        utf16.extend(node("windows").encode_utf16().flat_map(u16::to_le_bytes));
+        std::fs::write(dir.join("b-utf16.yaml"), utf16).unwrap();
+        std::fs::write(
+            dir.join("c-latin1.yaml"),
+            b"apiVersion: v1\nkind: Node\nmetadata: {name: caf\xE9}\n",
+        )
+        .unwrap();
+        symlink(dir.join("missing.yaml"), dir.join("d-dangling.yaml")).unwrap();
+        // Unreadable for root too: reading /proc/self/mem at offset 0 fails with EIO.
+        symlink("/proc/self/mem", dir.join("e-unreadable.yaml")).unwrap();
+        std::fs::create_dir(dir.join("f-empty")).unwrap();
+        std::fs::create_dir_all(dir.join(".git/refs")).unwrap();
+        std::fs::write(dir.join(".git/config.yaml"), node("from-git")).unwrap();
+        std::fs::write(dir.join("README.md"), "not a snapshot").unwrap();
+        let fifo = dir.join("g-fifo.yaml");
+        assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        std::fs::write(
+            dir.join("h-good.json"),
+            r#"{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "json"}}"#,
+        )
+        .unwrap();
+
+        // Opening the FIFO would block until a writer comes: none will.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let walked = dir.clone();
+        std::thread::spawn(move || tx.send(load_paths(&[walked])).unwrap());
+        let loaded = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("loading must not hang on a FIFO");
+
+        assert_eq!(node_names(&loaded), ["good", "json", "windows"]);
+        let problems = problems_in(&loaded, &dir);
+        let entries: Vec<&str> = problems.iter().map(|(e, _)| e.as_str()).collect();
+        assert_eq!(
+            entries,
+            [
+                "c-latin1.yaml",
+                "d-dangling.yaml",
+                "e-unreadable.yaml",
+                "f-empty",
+                "g-fifo.yaml"
+            ],
+            "{problems:#?}"
+        );
+        let message = |entry: &str| &problems.iter().find(|(e, _)| e == entry).unwrap().1;
+        assert!(message("c-latin1.yaml").contains("not UTF-8 text: invalid byte 0xE9"));
+        assert!(message("d-dangling.yaml").contains("missing.yaml, which cannot be read"));
+        assert!(message("e-unreadable.yaml").starts_with("cannot read"));
+        assert!(message("f-empty").contains("holds no .yaml, .yml or .json files"));
+        assert!(message("g-fifo.yaml").contains("a FIFO, not a regular file: not opened"));
+        // Unreadable text makes the snapshot not whole; the empty directory and FIFO do not.
+        let unreadable: Vec<_> = loaded
+            .unreadable
+            .iter()
+            .map(|p| p.object.rsplit('/').next().unwrap())
+            .collect();
+        assert_eq!(
+            unreadable,
+            ["c-latin1.yaml", "d-dangling.yaml", "e-unreadable.yaml"]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_mounted_config_map_is_read_once() {
+        // What the kubelet writes for a ConfigMap volume: the files live in a timestamped
+        // directory, `..data` points at it, and each visible name points through `..data`.
+        let dir = scratch("configmap");
+        let stamped = dir.join("..2026_11_26_12_00_00.000000001");
+        std::fs::create_dir(&stamped).unwrap();
+        std::fs::write(
+            stamped.join("nodes.yaml"),
+            format!("{}---\n{}", node("a"), node("b")),
+        )
+        .unwrap();
+        std::fs::write(stamped.join("more.yaml"), node("c")).unwrap();
+        symlink("..2026_11_26_12_00_00.000000001", dir.join("..data")).unwrap();
+        symlink("..data/nodes.yaml", dir.join("nodes.yaml")).unwrap();
+        symlink("..data/more.yaml", dir.join("more.yaml")).unwrap();
+        // A second symlink to the same file, and a directory symlink looping back.
+        symlink("nodes.yaml", dir.join("alias.yaml")).unwrap();
+        symlink(".", dir.join("loop")).unwrap();
+
+        let loaded = load_paths(std::slice::from_ref(&dir));
+        assert_eq!(
+            loaded.problems,
+            [],
+            "nothing is read twice, so nothing is a duplicate"
+        );
+        assert_eq!(node_names(&loaded), ["a", "b", "c"]);
+        // Named explicitly, the mounted directory's own files are read too, still once each.
+        let loaded = load_paths(&[dir.clone(), dir.join("..data")]);
+        assert_eq!(loaded.problems, []);
+        assert_eq!(node_names(&loaded), ["a", "b", "c"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_path_that_is_not_there_is_a_problem_not_a_failure() {
+        let dir = scratch("missing");
+        std::fs::write(dir.join("ok.yaml"), node("ok")).unwrap();
+        let loaded = load_paths(&[dir.join("ok.yaml"), dir.join("nope.yaml")]);
+        assert_eq!(node_names(&loaded), ["ok"]);
+        assert_eq!(problems_in(&loaded, &dir)[0].0, "nope.yaml");
+        assert!(!loaded.is_whole());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

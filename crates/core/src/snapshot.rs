@@ -240,9 +240,12 @@ impl Loader {
                 .to_string()
         };
         let kind = text(&obj, "kind");
-        let list_items = matches!(obj.get("items"), Some(Value::Array(_)));
-        if list_items && (kind.ends_with("List") || kind.is_empty()) {
-            if kind.is_empty() {
+        let items = obj.get("items");
+        let is_list = matches!(items, Some(Value::Array(_))) && kind.ends_with("List");
+        // kubectl prints `kind: List` after the items, so a dump cut off in them has none.
+        let cut_off_list = kind.is_empty() && matches!(items, Some(Value::Array(_) | Value::Null));
+        if is_list || cut_off_list {
+            if cut_off_list {
                 let problem = Problem::new(
                     location,
                     "kind",
@@ -252,11 +255,10 @@ impl Loader {
                 self.loaded.unreadable.push(problem.clone());
                 self.loaded.problems.push(problem);
             }
-            let Some(Value::Array(items)) = obj.remove("items") else {
-                unreachable!("checked above")
-            };
-            for (i, item) in items.into_iter().enumerate() {
-                self.add_document(&format!("{location}, items[{i}]"), item);
+            if let Some(Value::Array(items)) = obj.remove("items") {
+                for (i, item) in items.into_iter().enumerate() {
+                    self.add_document(&format!("{location}, items[{i}]"), item);
+                }
             }
             return;
         }
@@ -294,10 +296,24 @@ impl Loader {
             None
         };
         if let Some(field) = missing {
-            // Every object kubectl prints has all three: one without is cut off or not an object.
-            let problem = Problem::new(object, field, format!("{location}: missing {field}"));
-            self.loaded.unreadable.push(problem.clone());
-            self.loaded.problems.push(problem);
+            let problem = Problem::new(&object, field, format!("{location}: missing {field}"));
+            self.loaded.problems.push(problem.clone());
+            // Absent, it is cut off or not an object (kubectl prints all three on every object);
+            // present but not a string, it is one bad object.
+            let value = match field {
+                "metadata.name" => meta.and_then(|m| m.get("name")),
+                key => obj.get(key),
+            };
+            match value.filter(|v| !v.is_null()) {
+                Some(v) if !v.is_string() => {
+                    let last = self.loaded.problems.last_mut().expect("just pushed");
+                    last.message = format!(
+                        "{location}: {field} is {v}, not a string (quote it: YAML reads y, n, yes, no, \
+                         on, off and numbers as other types); object skipped"
+                    );
+                }
+                _ => self.loaded.unreadable.push(problem),
+            }
             return;
         }
         self.objects_in_text += 1;

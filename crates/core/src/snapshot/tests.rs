@@ -445,3 +445,16 @@ fn a_status_round_trips_through_its_tolerant_reader() {
     assert_eq!(read.unreadable_records, []);
     assert_eq!(serde_json::to_value(&read).unwrap(), status);
 }
+
+#[test]
+fn a_name_yaml_reads_as_another_type_is_named_as_such() {
+    // `n` is false in YAML 1.1, as kubectl reads it too.
+    let loaded = parse_str("n.yaml", "apiVersion: v1\nkind: Node\nmetadata: {name: n}\n");
+    assert_eq!(fields(&loaded), [("Node/<unnamed>", "metadata.name")]);
+    let message = &loaded.problems[0].message;
+    assert!(
+        message.contains("metadata.name is false, not a string"),
+        "{message}"
+    );
+    assert!(loaded.is_whole(), "one bad object, not a cut-off text");
+}
