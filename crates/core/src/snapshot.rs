@@ -154,7 +154,7 @@ struct Seen {
 pub struct Loader {
     loaded: Loaded,
     seen: HashMap<(Kind, String, String), Seen>,
-    /// Objects read from the text being added, to tell a text with no objects.
+    /// Documents and items met in the text being added, to tell an empty text.
     objects_in_text: usize,
 }
 
@@ -193,7 +193,7 @@ impl Loader {
             };
             self.add_document(&location, doc);
         }
-        if self.objects_in_text == 0 && !self.loaded.problems.iter().any(|p| p.object == source) {
+        if self.objects_in_text == 0 {
             self.unreadable(source, "holds no Kubernetes objects");
         }
     }
@@ -223,6 +223,8 @@ impl Loader {
         if value.is_null() {
             return;
         }
+        // Anything but an empty document: a text of nothing else holds nothing.
+        self.objects_in_text += 1;
         let Value::Object(mut obj) = value else {
             let problem = Problem::new(
                 location,
@@ -316,7 +318,6 @@ impl Loader {
             }
             return;
         }
-        self.objects_in_text += 1;
         let Some(tag) = tag else {
             self.loaded.problems.push(Problem::new(
                 object,
