@@ -107,6 +107,8 @@ pub enum LiveError {
     Config(String),
     #[error("cannot build a client for the cluster: {0}")]
     Client(#[source] kube::Error),
+    #[error("cannot reach the cluster: {0}")]
+    Unreachable(#[source] kube::Error),
 }
 
 /// The client configuration kubectl would use with the same flags, and a name for it.
@@ -139,17 +141,51 @@ pub async fn config(target: &Target) -> Result<(Config, String), LiveError> {
     Ok((config, name))
 }
 
-/// Lists every kind portpolicy reads from the cluster at `config`.
+/// Lists every kind portpolicy reads from the cluster at `config`. A cluster that does not
+/// answer at all is an error; once it has answered, each kind that fails is a problem.
 pub async fn load_cluster(config: Config) -> Result<Loaded, LiveError> {
     let client = Client::try_from(config).map_err(LiveError::Client)?;
     let mut loader = Loader::new();
+    let mut answered = false;
     for kind in &KINDS {
-        list_kind(&client, kind, &mut loader).await;
+        match list_kind(&client, kind, &mut loader).await {
+            Ok(()) => answered = true,
+            Err(kube::Error::Api(status)) => {
+                answered = true;
+                kind_refused(kind, &status, &mut loader);
+            }
+            Err(e) if !answered => return Err(LiveError::Unreachable(e)),
+            Err(e) => loader.unreadable(kind.kind, format!("cannot list {}: {e}", kind.resource)),
+        }
     }
     Ok(loader.finish())
 }
 
-async fn list_kind(client: &Client, kind: &ListedKind, loader: &mut Loader) {
+fn kind_refused(kind: &ListedKind, status: &kube::core::Status, loader: &mut Loader) {
+    match status.code {
+        403 => loader.problem(
+            kind.kind,
+            format!(
+                "forbidden: this user may not list {} cluster-wide ({}); planned without them",
+                kind.resource, status.message
+            ),
+        ),
+        404 if kind.kind == "PortPolicy" => loader.problem(
+            kind.kind,
+            "the PortPolicy CRD is not installed in this cluster; planned without policies",
+        ),
+        _ => loader.unreadable(
+            kind.kind,
+            format!(
+                "cannot list {}: {} ({})",
+                kind.resource, status.message, status.code
+            ),
+        ),
+    }
+}
+
+/// Lists one kind page by page into `loader`.
+async fn list_kind(client: &Client, kind: &ListedKind, loader: &mut Loader) -> Result<(), kube::Error> {
     let mut token: Option<String> = None;
     let mut index = 0usize;
     // Bounded: a server that keeps returning a continue token is cut off after this many pages.
@@ -159,38 +195,18 @@ async fn list_kind(client: &Client, kind: &ListedKind, loader: &mut Loader) {
             url.push_str("&continue=");
             url.push_str(&percent_encode(t));
         }
-        let request = match http::Request::get(&url).body(Vec::new()) {
-            Ok(r) => r,
-            Err(e) => return loader.unreadable(kind.resource, format!("cannot build the request: {e}")),
-        };
-        let text = match client.request_text(request).await {
-            Ok(text) => text,
-            Err(kube::Error::Api(status)) if status.code == 403 => {
-                return loader.problem(
-                    kind.kind,
-                    format!(
-                        "forbidden: this user may not list {} cluster-wide ({}); planned without them",
-                        kind.resource, status.message
-                    ),
-                );
-            }
-            Err(kube::Error::Api(status)) if status.code == 404 && kind.kind == "PortPolicy" => {
-                return loader.problem(
-                    kind.kind,
-                    "the PortPolicy CRD is not installed in this cluster; planned without policies",
-                );
-            }
-            Err(e) => {
-                return loader.unreadable(kind.kind, format!("cannot list {}: {e}", kind.resource));
-            }
-        };
+        let request = http::Request::get(&url)
+            .body(Vec::new())
+            .map_err(kube::Error::HttpError)?;
+        let text = client.request_text(request).await?;
         let mut list: Value = match serde_json::from_str(&text) {
             Ok(list) => list,
             Err(e) => {
-                return loader.unreadable(
+                loader.unreadable(
                     kind.kind,
                     format!("the API server's list of {} is not JSON: {e}", kind.resource),
                 );
+                return Ok(());
             }
         };
         token = list
@@ -212,13 +228,14 @@ async fn list_kind(client: &Client, kind: &ListedKind, loader: &mut Loader) {
             }
         }
         if token.is_none() {
-            return;
+            return Ok(());
         }
     }
     loader.unreadable(
         kind.kind,
         format!("listing {} did not end; cut off", kind.resource),
     );
+    Ok(())
 }
 
 /// A continue token in a query string (tokens are base64, whose `+`, `/` and `=` must be escaped).

@@ -96,7 +96,8 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Plan(args) => {
-            init_tracing(false, "warn");
+            // The client logs every failed request; plan reports each failure itself.
+            init_tracing(false, "warn,kube_client::client::builder=off");
             plan(args)
         }
         Command::Crd => print_stdout(&PortPolicy::crd_yaml()),
