@@ -274,7 +274,7 @@ impl<'de> Deserialize<'de> for PortPolicyStatus {
                 match serde_path_to_error::deserialize::<_, T>(value) {
                     Ok(record) => out.push(record),
                     Err(e) => {
-                        let inner = crate::snapshot::field_path(e.path());
+                        let inner = crate::snapshot::error_field(&e);
                         let field = if inner.is_empty() {
                             format!("status.{list}[{i}]")
                         } else {

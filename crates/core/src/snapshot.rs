@@ -288,6 +288,29 @@ impl Loader {
             namespace.as_deref(),
             name.as_deref().unwrap_or("<unnamed>"),
         );
+        // Fields the loader reads before typing the object: the wrong type in one of them is
+        // that object's problem (typing would name it too, but a namespace of the wrong type
+        // would first have become `default`).
+        let mistyped = match meta {
+            Some(m) if !m.is_object() && !m.is_null() => Some(("metadata", m, "a mapping")),
+            _ => ["namespace", "resourceVersion"].into_iter().find_map(|key| {
+                let v = meta.and_then(|m| m.get(key)).filter(|v| !v.is_null())?;
+                (!v.is_string()).then_some((key, v, "a string"))
+            }),
+        };
+        if let Some((key, v, wanted)) = mistyped {
+            let field = if key == "metadata" {
+                key.to_string()
+            } else {
+                format!("metadata.{key}")
+            };
+            self.loaded.problems.push(Problem::new(
+                object,
+                &field,
+                format!("{location}: {field} is {v}, not {wanted}; object skipped"),
+            ));
+            return;
+        }
         let missing = if api_version.is_empty() {
             Some("apiVersion")
         } else if kind.is_empty() {
@@ -352,7 +375,15 @@ impl Loader {
                 if let Some(status) = &policy.status {
                     target
                         .problems
-                        .extend(status.unreadable_record_problems(policy.name()));
+                        .extend(
+                            status
+                                .unreadable_record_problems(policy.name())
+                                .into_iter()
+                                .map(|p| Problem {
+                                    message: format!("{}: {}", read.location, p.message),
+                                    ..p
+                                }),
+                        );
                 }
                 target.keep(policy, read, &mut s.policies)
             }
@@ -468,7 +499,7 @@ fn typed<K: DeserializeOwned>(value: Value, read: &ReadObject<'_>, problems: &mu
     match serde_path_to_error::deserialize::<_, K>(value) {
         Ok(typed) => Some(typed),
         Err(e) => {
-            let field = field_path(e.path());
+            let field = error_field(&e);
             problems.push(Problem::new(
                 read.object,
                 field,
@@ -479,11 +510,26 @@ fn typed<K: DeserializeOwned>(value: Value, read: &ReadObject<'_>, problems: &mu
     }
 }
 
-/// `spec.ports[0].port`, as `kubectl explain` and the API server's errors spell field paths.
-pub fn field_path(path: &serde_path_to_error::Path) -> String {
-    let text = path.to_string();
-    // The crate writes `?` for a position it cannot name, and `.` for the root.
-    if text == "." { String::new() } else { text }
+/// The field a deserialization error is about, spelled `spec.ports[0].port` as `kubectl
+/// explain` and the API server's errors spell field paths. serde reports a missing field at
+/// the mapping that lacks it; the field named is the missing one itself.
+pub fn error_field<E: std::fmt::Display>(error: &serde_path_to_error::Error<E>) -> String {
+    let mut path = error.path().to_string();
+    // The crate writes `.` for the root.
+    if path == "." {
+        path.clear();
+    }
+    let message = error.inner().to_string();
+    if let Some(missing) = message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+    {
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(missing);
+    }
+    path
 }
 
 /// UTF-8, with or without a byte-order mark, or UTF-16 with one.

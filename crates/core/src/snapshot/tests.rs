@@ -415,7 +415,7 @@ status:
         [
             ("PortPolicy/edge", "status.allocations[1].nodePort"),
             ("PortPolicy/edge", "status.allocations[2].kind"),
-            ("PortPolicy/edge", "status.conflicts[1]"),
+            ("PortPolicy/edge", "status.conflicts[1].protocol"),
         ]
     );
     assert!(
@@ -457,4 +457,202 @@ fn a_name_yaml_reads_as_another_type_is_named_as_such() {
         "{message}"
     );
     assert!(loaded.is_whole(), "one bad object, not a cut-off text");
+}
+
+/// The loader under mutation: real-shaped objects (the demo cluster, a full Pod as the API
+/// server returns it) with a value of the wrong type, a field removed, the text cut off or
+/// random bytes spliced in. Never a panic; every problem names its object (or the file), and
+/// an object's problem names the field; a wrong type is named at its own path.
+mod mutations {
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+
+    const SOURCE: &str = "mutated.yaml";
+
+    fn demo_texts() -> [&'static str; 2] {
+        [
+            include_str!("../../../../examples/demo-cluster/cluster.yaml"),
+            include_str!("../../../../examples/demo-cluster/workloads.yaml"),
+        ]
+    }
+
+    /// Every object of the demo cluster and the full Pod fixture.
+    fn objects() -> Vec<Value> {
+        let mut out = Vec::new();
+        for text in demo_texts() {
+            for doc in serde_saphyr::from_str_multiple::<Value, Vec<Value>>(text).unwrap() {
+                match doc.get("items") {
+                    Some(Value::Array(items)) => out.extend(items.iter().cloned()),
+                    _ => out.push(doc),
+                }
+            }
+        }
+        out.push(serde_json::from_str(include_str!("../hostport/testdata/full-pod.json")).unwrap());
+        out
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Key(String),
+        Item(usize),
+    }
+
+    /// A position's field path, spelled as problems spell it (`spec.ports[0].port`).
+    fn spelled(steps: &[Step]) -> String {
+        let mut out = String::new();
+        for step in steps {
+            match step {
+                Step::Key(k) if out.is_empty() => out.push_str(k),
+                Step::Key(k) => {
+                    out.push('.');
+                    out.push_str(k);
+                }
+                Step::Item(i) => out.push_str(&format!("[{i}]")),
+            }
+        }
+        out
+    }
+
+    /// Every position in `value`.
+    fn positions(value: &Value, path: Vec<Step>, out: &mut Vec<Vec<Step>>) {
+        let children: Vec<(Step, &Value)> = match value {
+            Value::Object(map) => map.iter().map(|(k, v)| (Step::Key(k.clone()), v)).collect(),
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (Step::Item(i), v))
+                .collect(),
+            _ => Vec::new(),
+        };
+        for (step, child) in children {
+            let mut child_path = path.clone();
+            child_path.push(step);
+            out.push(child_path.clone());
+            positions(child, child_path, out);
+        }
+    }
+
+    fn at_mut<'a>(value: &'a mut Value, path: &[Step]) -> &'a mut Value {
+        path.iter().fold(value, |here, step| match step {
+            Step::Key(k) => &mut here[k.as_str()],
+            Step::Item(i) => &mut here[*i],
+        })
+    }
+
+    fn mutation_site(object: Index, position: Index) -> (Value, Vec<Step>) {
+        let objects = objects();
+        let value = objects[object.index(objects.len())].clone();
+        let mut paths = Vec::new();
+        positions(&value, Vec::new(), &mut paths);
+        let path = paths[position.index(paths.len())].clone();
+        (value, path)
+    }
+
+    /// The demo cluster as one `List` in kubectl's key order, `kind: List` after the items.
+    fn kubectl_dump() -> String {
+        let list = json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": ""}, "items": objects()});
+        serde_saphyr::to_string(&list).unwrap()
+    }
+
+    /// A value no field of `original`'s type accepts: a scalar becomes a list, a list or a
+    /// mapping a string (no Kubernetes scalar reads a list, no list or mapping a string).
+    fn wrong_type(original: &Value) -> Value {
+        match original {
+            Value::Array(_) | Value::Object(_) => json!("not a collection"),
+            _ => json!([true]),
+        }
+    }
+
+    /// Fields whose type takes any JSON (managedFields' fieldsV1), where no type is wrong.
+    fn free_form(path: &str) -> bool {
+        path.contains("fieldsV1")
+    }
+
+    fn check_problems(loaded: &Loaded) {
+        for p in &loaded.problems {
+            assert!(!p.object.is_empty(), "{p:?}");
+            assert!(!p.message.is_empty(), "{p:?}");
+            if !p.object.starts_with(SOURCE) {
+                // Not the file or one of its documents: a `Kind/[namespace/]name`, and a field.
+                assert!(p.object.contains('/'), "{p:?}");
+                assert!(!p.field.is_empty(), "an object's problem names the field: {p:?}");
+                assert!(p.message.starts_with(SOURCE), "and where it was read: {p:?}");
+            }
+        }
+    }
+
+    fn load(text: &str) -> Loaded {
+        parse_str(SOURCE, text)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn a_wrong_type_anywhere_is_named_at_its_path(object in any::<Index>(), position in any::<Index>()) {
+            let (mut value, path) = mutation_site(object, position);
+            let spelled = spelled(&path);
+            prop_assume!(!free_form(&spelled));
+            let target = at_mut(&mut value, &path);
+            *target = wrong_type(target);
+            let loaded = load(&serde_saphyr::to_string(&value).unwrap());
+            check_problems(&loaded);
+            prop_assert!(
+                loaded.problems.iter().any(|p| !p.field.is_empty() && spelled.starts_with(&p.field)),
+                "{spelled}: {:#?}", loaded.problems
+            );
+        }
+
+        #[test]
+        fn a_field_removed_anywhere_never_panics(object in any::<Index>(), position in any::<Index>()) {
+            let (mut value, path) = mutation_site(object, position);
+            let (last, parent) = path.split_last().unwrap();
+            match (at_mut(&mut value, parent), last) {
+                (Value::Array(items), Step::Item(i)) => {
+                    items.remove(*i);
+                }
+                (Value::Object(map), Step::Key(k)) => {
+                    map.remove(k);
+                }
+                _ => unreachable!("positions come from the value"),
+            }
+            let loaded = load(&serde_saphyr::to_string(&value).unwrap());
+            check_problems(&loaded);
+            prop_assert!(
+                loaded.snapshot.object_count() == 1 || !loaded.problems.is_empty(),
+                "an object not loaded is a problem: {}", spelled(&path)
+            );
+        }
+
+        #[test]
+        fn a_cut_off_dump_never_panics_and_says_it_was_cut(at in any::<Index>()) {
+            // kubectl's key order is what makes a cut visible: a cut anywhere before the
+            // closing `kind: List` loses it. (A hand-written List with its kind first, or
+            // YAML documents cut between two, cannot tell.)
+            let text = kubectl_dump();
+            let end_of_items = text.rfind("\nkind: List").unwrap();
+            let mut cut = at.index(end_of_items);
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            let loaded = load(&text[..cut]);
+            check_problems(&loaded);
+            prop_assert!(!loaded.is_whole(), "cut at byte {cut} of {}: {:?}", text.len(), loaded.problems);
+        }
+
+        #[test]
+        fn random_bytes_spliced_in_never_panic(
+            file in 0..2usize,
+            at in any::<Index>(),
+            bytes in proptest::collection::vec(any::<u8>(), 1..64),
+        ) {
+            let text = demo_texts()[file].as_bytes();
+            let at = at.index(text.len());
+            let spliced = [&text[..at], &bytes[..], &text[at..]].concat();
+            let mut loader = Loader::new();
+            loader.add_bytes(SOURCE, &spliced);
+            check_problems(&loader.finish());
+        }
+    }
 }
