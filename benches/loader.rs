@@ -1,7 +1,7 @@
 //! The snapshot loader on a real-sized dump, against libyaml.
 //!
 //! Generates `kubectl get ... -A -o yaml` (and `-o json`) of a 10,000-Service, 100,000-endpoint,
-//! 50,000-Pod cluster (`support/cluster_dump.rs`), writes it to a temporary file and prints:
+//! 50,000-Pod cluster (`portpolicy-cluster-dump`, in `crates/cluster-dump`), writes it to a temporary file and prints:
 //!
 //! - `load`: `snapshot_files::load_paths` on the file, what `plan` and `agent --snapshot` run:
 //!   the wall time (median of `--runs`), MB/s, and the heap peak (a counting allocator) and what
@@ -23,16 +23,14 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use portpolicy::snapshot_files::load_paths;
+use portpolicy_cluster_dump::{self as cluster_dump, DumpShape};
 use portpolicy_core::ipvs::ProxyMode;
 use portpolicy_core::plan::{PlanOptions, build_plan};
 use portpolicy_core::ports::PortRange;
 
-#[path = "support/cluster_dump.rs"]
-mod cluster_dump;
 #[path = "support/counting_alloc.rs"]
 mod counting_alloc;
 
-use cluster_dump::DumpShape;
 use counting_alloc::{LIVE, PEAK, reset_peak};
 
 const MIB: f64 = 1024.0 * 1024.0;

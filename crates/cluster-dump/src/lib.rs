@@ -3,10 +3,10 @@
 //! prints them (sorted), no managedFields (kubectl hides them by default), every field the API
 //! server fills in (uids, resourceVersions, timestamps, owner references, status).
 //!
-//! Shared by the benches and the tests (`#[path]`-included), so the loader's figures and its
-//! real-size tests read the same kind of file. Depends on `serde_json` only.
-
-#![allow(dead_code)]
+//! Shared by the benches and the tests, so the loader's figures and its real-size tests read the
+//! same kind of file. A crate of its own so that it is built optimized even in test builds
+//! (see the workspace's `[profile.dev.package]`): a debug-built generator would spend most of a
+//! real-size test writing the file.
 
 use serde_json::{Value, json};
 
@@ -368,18 +368,17 @@ fn write_sequence_item(value: &Value, indent: usize, out: &mut String) {
 /// A mapping's entries at `indent`; the first one continues the current line when `inline`.
 fn write_mapping_body(value: &Value, indent: usize, inline: bool, out: &mut String) {
     let Value::Object(map) = value else { unreachable!() };
-    let mut keys: Vec<&String> = map.keys().collect();
-    keys.sort();
-    for (n, key) in keys.into_iter().enumerate() {
+    // serde_json's map is sorted by key (no `preserve_order` here), as kubectl prints.
+    for (n, (key, child)) in map.iter().enumerate() {
         if n > 0 || !inline {
             pad(indent, out);
         }
         write_string(key, out);
         out.push(':');
-        match &map[key] {
+        match child {
             Value::Object(m) if !m.is_empty() => {
                 out.push('\n');
-                write_mapping_body(&map[key], indent + 2, false, out);
+                write_mapping_body(child, indent + 2, false, out);
             }
             Value::Array(items) if !items.is_empty() => {
                 out.push('\n');
@@ -397,10 +396,13 @@ fn write_mapping_body(value: &Value, indent: usize, inline: bool, out: &mut Stri
 }
 
 fn write_scalar(value: &Value, out: &mut String) {
+    use std::fmt::Write;
     match value {
         Value::Null => out.push_str("null"),
         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::Number(n) => {
+            let _ = write!(out, "{n}");
+        }
         Value::String(s) => write_string(s, out),
         Value::Object(_) => out.push_str("{}"),
         Value::Array(_) => out.push_str("[]"),
@@ -416,17 +418,14 @@ fn write_string(s: &str, out: &mut String) {
 }
 
 fn needs_quotes(s: &str) -> bool {
-    let Some(first) = s.chars().next() else {
+    let Some(first) = s.bytes().next() else {
         return true;
     };
-    let reserved = matches!(
-        s.to_ascii_lowercase().as_str(),
-        "true" | "false" | "yes" | "no" | "on" | "off" | "y" | "n" | "null" | "~"
-    );
-    reserved
-        || s.parse::<f64>().is_ok()
-        || (first.is_ascii_digit() && s.contains(':'))
-        || "-?:,[]{}#&*!|>'\"%@` ".contains(first)
+    const RESERVED: [&str; 10] = ["true", "false", "yes", "no", "on", "off", "y", "n", "null", "~"];
+    let number_like = first.is_ascii_digit() || matches!(first, b'+' | b'-' | b'.');
+    RESERVED.iter().any(|r| s.eq_ignore_ascii_case(r))
+        || (number_like && (s.parse::<f64>().is_ok() || s.contains(':')))
+        || b"-?:,[]{}#&*!|>'\"%@` ".contains(&first)
         || s.contains(": ")
         || s.contains(" #")
         || s.ends_with(':')
@@ -435,5 +434,6 @@ fn needs_quotes(s: &str) -> bool {
 }
 
 fn pad(indent: usize, out: &mut String) {
-    out.extend(std::iter::repeat_n(' ', indent));
+    const SPACES: &str = "                                                                ";
+    out.push_str(&SPACES[..indent.min(SPACES.len())]);
 }
