@@ -103,11 +103,15 @@ fn main() -> ExitCode {
         Command::Crd => print_stdout(&PortPolicy::crd_yaml()),
         Command::Operator(args) => {
             init_tracing(true, "info");
-            run_async("operator", portpolicy::operator::controller::run(args))
+            run_async(
+                "operator",
+                portpolicy::operator::controller::run(args),
+                portpolicy::operator::Error::exit_code,
+            )
         }
         Command::Agent(args) => {
             init_tracing(false, "info");
-            run_async("agent", portpolicy::agent::run(args))
+            run_async("agent", portpolicy::agent::run(args), |_| 1)
         }
         #[cfg(target_os = "linux")]
         Command::Debug(command) => command.run(),
@@ -201,7 +205,11 @@ fn init_tracing(json: bool, default_level: &str) {
     }
 }
 
-fn run_async<E: std::fmt::Display>(what: &str, future: impl Future<Output = Result<(), E>>) -> ExitCode {
+fn run_async<E: std::fmt::Display>(
+    what: &str,
+    future: impl Future<Output = Result<(), E>>,
+    exit_code: impl Fn(&E) -> u8,
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -213,7 +221,7 @@ fn run_async<E: std::fmt::Display>(what: &str, future: impl Future<Output = Resu
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "{what} stopped");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&error))
         }
     }
 }
