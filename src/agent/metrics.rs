@@ -23,6 +23,8 @@ pub struct Metrics {
     pub sync_errors: IntCounter,
     pub last_successful_sync: Gauge,
     pub full_syncs: IntCounter,
+    pub snapshot_refusals: IntCounter,
+    pub snapshot_refused: IntGauge,
 }
 
 impl Metrics {
@@ -77,6 +79,16 @@ impl Metrics {
             "Syncs that compared the whole kernel table (start-up, resync, retries).",
         )
         .expect("valid counter");
+        let snapshot_refusals = IntCounter::new(
+            "portpolicy_agent_snapshot_refusals_total",
+            "Snapshot reads refused because the snapshot could not be read whole.",
+        )
+        .expect("valid counter");
+        let snapshot_refused = IntGauge::new(
+            "portpolicy_agent_snapshot_refused",
+            "1 while the snapshot on disk is refused and the last good one is programmed.",
+        )
+        .expect("valid gauge");
         for c in [
             Box::new(sync_duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ipvs_operations.clone()),
@@ -86,6 +98,8 @@ impl Metrics {
             Box::new(sync_errors.clone()),
             Box::new(last_successful_sync.clone()),
             Box::new(full_syncs.clone()),
+            Box::new(snapshot_refusals.clone()),
+            Box::new(snapshot_refused.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -99,6 +113,8 @@ impl Metrics {
             sync_errors,
             last_successful_sync,
             full_syncs,
+            snapshot_refusals,
+            snapshot_refused,
         }
     }
 
@@ -123,10 +139,12 @@ pub(crate) struct AgentHealth {
     stale_after: Duration,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct HealthState {
     last_success: Option<Instant>,
     last_failed: bool,
+    /// Why the cluster source is not being followed (a snapshot that cannot be read whole).
+    source_refused: Option<String>,
 }
 
 impl AgentHealth {
@@ -150,8 +168,13 @@ impl AgentHealth {
         }
     }
 
+    /// The source's latest state was refused (`Some(why)`), or accepted again (`None`).
+    pub(crate) fn set_source_refused(&self, why: Option<String>) {
+        self.lock().source_refused = why;
+    }
+
     pub(crate) fn healthy_at(&self, now: Instant) -> bool {
-        let s = *self.lock();
+        let s = self.lock();
         !s.last_failed
             && s.last_success
                 .is_some_and(|t| now.saturating_duration_since(t) <= self.stale_after)
@@ -161,9 +184,21 @@ impl AgentHealth {
         self.healthy_at(Instant::now())
     }
 
-    /// Ready once the kernel has been brought in line with the plan at least once.
-    pub(crate) fn ready(&self) -> bool {
-        self.lock().last_success.is_some()
+    /// Ready once the kernel has been brought in line with the plan at least once, and while
+    /// the plan follows the cluster source: `Err(why)` otherwise.
+    pub(crate) fn readiness(&self) -> Result<(), String> {
+        let s = self.lock();
+        if let Some(why) = &s.source_refused {
+            return Err(if s.last_success.is_some() {
+                format!("{why}; still programming the last good snapshot\n")
+            } else {
+                format!("{why}; nothing programmed yet\n")
+            });
+        }
+        if s.last_success.is_none() {
+            return Err("no successful sync yet\n".into());
+        }
+        Ok(())
     }
 }
 
@@ -188,8 +223,13 @@ pub(crate) fn router(metrics: Metrics, health: AgentHealth) -> Router {
         .route(
             "/readyz",
             get(move || {
-                let ok = ready.ready();
-                async move { status(ok, "no successful sync yet") }
+                let readiness = ready.readiness();
+                async move {
+                    match readiness {
+                        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+                    }
+                }
             }),
         )
 }
@@ -211,13 +251,13 @@ mod tests {
         let health = AgentHealth::new(Duration::from_secs(60));
         let t0 = Instant::now();
         assert!(!health.healthy_at(t0));
-        assert!(!health.ready());
+        assert!(health.readiness().is_err());
         health.record(true, t0);
         assert!(health.healthy_at(t0 + Duration::from_secs(119)));
         assert!(!health.healthy_at(t0 + Duration::from_secs(121)));
         health.record(false, t0 + Duration::from_secs(1));
         assert!(!health.healthy_at(t0 + Duration::from_secs(2)));
-        assert!(health.ready());
+        assert!(health.readiness().is_ok());
     }
 
     #[test]

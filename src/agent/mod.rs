@@ -140,8 +140,8 @@ pub enum AgentError {
     },
     #[error("connecting to the API server: {0}")]
     Kube(#[from] kube::Error),
-    #[error("reading the snapshot: {0}")]
-    Snapshot(#[from] crate::snapshot_files::LoadError),
+    #[error("{0}")]
+    SnapshotRefused(String),
     #[error("the agent runs on Linux only")]
     Unsupported,
 }
@@ -150,7 +150,13 @@ pub enum AgentError {
 /// restart drops no connection.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     if args.print_table {
-        let loaded = crate::snapshot_files::load_paths(&args.snapshot)?;
+        let loaded = crate::snapshot_files::load_paths(&args.snapshot);
+        for problem in &loaded.problems {
+            tracing::warn!(%problem, "snapshot");
+        }
+        if let Some(why) = source::refusal(&loaded) {
+            return Err(AgentError::SnapshotRefused(why));
+        }
         let rules = portpolicy_core::ipvs::node_rules(&loaded.snapshot, &proxy_config(&args));
         print!("{}", format_table(&rules.table()));
         return Ok(());
@@ -202,7 +208,7 @@ pub(crate) async fn run_with<D: Dataplane + 'static>(
 
     let config = proxy_config(&args);
     let masquerade = args.masquerade();
-    let mut syncer = Syncer::new(dataplane, config, masquerade, metrics);
+    let mut syncer = Syncer::new(dataplane, config, masquerade, metrics.clone());
     let mut health_checks = HealthCheckServers::new(args.health_check_address, health.clone());
 
     let mut ready = false;
@@ -230,7 +236,16 @@ pub(crate) async fn run_with<D: Dataplane + 'static>(
                     while let Some(event) = next {
                         match event {
                             Event::Ready => ready = true,
+                            Event::Refused(why) => {
+                                metrics.snapshot_refusals.inc();
+                                metrics.snapshot_refused.set(1);
+                                health.set_source_refused(Some(why));
+                            }
                             Event::Change(change) => {
+                                if matches!(change, sync::Change::Snapshot(_)) {
+                                    metrics.snapshot_refused.set(0);
+                                    health.set_source_refused(None);
+                                }
                                 syncer.observe(change);
                                 dirty = true;
                             }
@@ -384,6 +399,127 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
             let metrics = get(metrics_port, "/metrics");
             assert!(metrics.contains("portpolicy_agent_ipvs_operations_total{kind=\"add_real_server\"} 2"));
             assert!(metrics.contains("portpolicy_agent_virtual_servers 1"));
+        });
+        agent.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The same cluster as `kubectl get -o yaml` prints it: one List, `kind: List` after the items.
+    fn kubectl_list(endpoint: &str) -> String {
+        let items: String = SNAPSHOT
+            .replace("ENDPOINT", endpoint)
+            .split("---")
+            .filter(|doc| !doc.trim().is_empty())
+            .map(|doc| {
+                let lines: Vec<&str> = doc.trim().lines().collect();
+                format!("- {}\n", lines.join("\n  "))
+            })
+            .collect();
+        format!("apiVersion: v1\nitems:\n{items}kind: List\nmetadata:\n  resourceVersion: \"\"\n")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_that_cannot_be_read_whole_is_refused_and_the_last_good_one_kept() {
+        let dir = std::env::temp_dir().join(format!("portpolicy-agent-refuse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cluster.yaml");
+        let good = kubectl_list("10.0.1.2");
+        // Cut off after the first item: valid YAML, but without the `kind: List` that ends it.
+        let second_item = good.match_indices("\n- ").nth(1).unwrap().0;
+        let cut_at_an_item = &good[..second_item + 1];
+        std::fs::write(&file, cut_at_an_item).unwrap();
+        let metrics_port = free_port();
+        let args = AgentArgs {
+            node_name: "node-a".into(),
+            interface: DEFAULT_INTERFACE.into(),
+            masquerade_all: false,
+            cluster_cidrs: vec![],
+            resync_period: Duration::from_secs(60),
+            // Replacement mode owns the whole table: an empty cluster would withdraw everything.
+            mode: ProxyMode::Replacement,
+            snapshot: vec![file.clone()],
+            snapshot_poll: Duration::from_millis(20),
+            metrics_address: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), metrics_port),
+            health_check_address: Ipv4Addr::LOCALHOST.into(),
+            print_table: false,
+            sysctl_root: "/proc/sys".into(),
+        };
+        let fake = FakeDataplane::new(FakeKernel::default());
+        let agent = tokio::spawn(run_with(args, fake.clone()));
+        let wait = |what: &dyn Fn() -> bool, why: &str| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !what() {
+                assert!(Instant::now() < deadline, "timed out waiting for {why}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let metric = |name: &str| {
+            get(metrics_port, "/metrics")
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
+                .unwrap_or_default()
+        };
+        tokio::task::block_in_place(|| {
+            // Refused from the start: nothing is programmed and the agent is not ready.
+            wait(
+                &|| get(metrics_port, "/readyz").contains("nothing programmed yet"),
+                "the first refusal",
+            );
+            let readyz = get(metrics_port, "/readyz");
+            assert!(readyz.contains(" 503 "), "{readyz}");
+            assert!(readyz.contains("cannot be read whole"), "{readyz}");
+            assert!(readyz.contains("no kind: List"), "{readyz}");
+            assert_eq!(metric("portpolicy_agent_snapshot_refused"), "1");
+            assert!(fake.state().ops_log.is_empty(), "{:?}", fake.state().ops_log);
+
+            std::fs::write(&file, &good).unwrap();
+            wait(
+                &|| get(metrics_port, "/readyz").contains(" 200 "),
+                "the good snapshot",
+            );
+            let programmed = fake.state().table.clone();
+            assert!(!programmed.is_empty());
+            assert_eq!(metric("portpolicy_agent_snapshot_refused"), "0");
+
+            // Cut mid-object, then emptied (as `>` does before writing): each refused, the
+            // kernel table untouched, readiness says why.
+            for (what, text) in [("half the file", &good[..good.len() / 2]), ("an empty file", "")] {
+                let refusals: u64 = metric("portpolicy_agent_snapshot_refusals_total")
+                    .parse()
+                    .unwrap();
+                std::fs::write(&file, text).unwrap();
+                wait(
+                    &|| {
+                        metric("portpolicy_agent_snapshot_refusals_total")
+                            .parse::<u64>()
+                            .unwrap()
+                            > refusals
+                    },
+                    what,
+                );
+                let readyz = get(metrics_port, "/readyz");
+                assert!(readyz.contains(" 503 "), "{what}: {readyz}");
+                assert!(
+                    readyz.contains("still programming the last good snapshot"),
+                    "{what}: {readyz}"
+                );
+                assert_eq!(metric("portpolicy_agent_snapshot_refused"), "1", "{what}");
+                std::thread::sleep(Duration::from_millis(100));
+                assert_eq!(
+                    fake.state().table,
+                    programmed,
+                    "{what}: the last good plan stays programmed"
+                );
+            }
+
+            std::fs::write(&file, kubectl_list("10.0.1.9")).unwrap();
+            wait(&|| get(metrics_port, "/readyz").contains(" 200 "), "recovery");
+            assert_eq!(metric("portpolicy_agent_snapshot_refused"), "0");
+            assert_ne!(
+                fake.state().table,
+                programmed,
+                "the new snapshot is followed again"
+            );
         });
         agent.abort();
         std::fs::remove_dir_all(&dir).unwrap();

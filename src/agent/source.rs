@@ -21,12 +21,16 @@ use super::sync::Change;
 use crate::snapshot_files::load_paths;
 use portpolicy_core::crd::PortPolicy;
 use portpolicy_core::governance::{NamespaceLabels, PolicySet};
+use portpolicy_core::snapshot::Loaded;
 
 #[derive(Debug)]
 pub(super) enum Event {
     Change(Change),
     /// Everything the source knows at start has been sent.
     Ready,
+    /// The source's current state cannot be used (a snapshot that cannot be read whole); the
+    /// agent keeps what it has. Cleared by the next [`Change::Snapshot`].
+    Refused(String),
 }
 
 /// Files under `paths` with their modification time and size: the snapshot changed when this
@@ -58,8 +62,28 @@ fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     out
 }
 
+/// Why a loaded snapshot cannot stand for the cluster, if it cannot: some text in it could not
+/// be read (a file cut off mid-write, invalid YAML, an unreadable entry), or it holds nothing.
+/// Programming it would withdraw every rule for what it lacks, so it is refused whole.
+pub(super) fn refusal(loaded: &Loaded) -> Option<String> {
+    if let Some(first) = loaded.unreadable.first() {
+        let more = loaded.unreadable.len() - 1;
+        let more = if more > 0 {
+            format!(" (and {more} more)")
+        } else {
+            String::new()
+        };
+        return Some(format!("the snapshot cannot be read whole: {first}{more}"));
+    }
+    if loaded.snapshot.object_count() == 0 {
+        return Some("the snapshot holds no objects".to_string());
+    }
+    None
+}
+
 /// Loads the snapshot now and again whenever a file's mtime or size changes. A snapshot that
-/// cannot be read is logged and skipped: the last good one stays in force.
+/// cannot be read whole is refused ([`refusal`]): the last good one stays in force, and the
+/// loop is told, for `/readyz` and the metrics.
 pub(super) async fn snapshot_source(paths: Vec<PathBuf>, poll: Duration, tx: mpsc::Sender<Event>) {
     let mut last = None;
     let mut ready_sent = false;
@@ -73,22 +97,27 @@ pub(super) async fn snapshot_source(paths: Vec<PathBuf>, poll: Duration, tx: mps
         }
         let read = paths.clone();
         let loaded = match tokio::task::spawn_blocking(move || load_paths(&read)).await {
-            Ok(Ok(loaded)) => loaded,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot load the snapshot; keeping the last one");
-                last = Some(now);
-                continue;
-            }
+            Ok(loaded) => loaded,
             Err(e) => {
                 tracing::error!(error = %e, "snapshot loader panicked");
                 continue;
             }
         };
+        last = Some(now);
+        if let Some(why) = refusal(&loaded) {
+            for problem in &loaded.unreadable {
+                tracing::error!(%problem, "snapshot");
+            }
+            tracing::error!(reason = %why, "snapshot refused; keeping the last good one");
+            if tx.send(Event::Refused(why)).await.is_err() {
+                return;
+            }
+            continue;
+        }
         for problem in &loaded.problems {
             tracing::warn!(%problem, "snapshot");
         }
         tracing::info!(objects = loaded.snapshot.object_count(), "snapshot loaded");
-        last = Some(now);
         if tx
             .send(Event::Change(Change::Snapshot(Box::new(loaded.snapshot))))
             .await

@@ -187,8 +187,8 @@ pub fn read_policy(object: &DynamicObject) -> std::result::Result<PortPolicy, Bo
     };
     let value = serde_json::to_value(object).map_err(|e| unreadable(String::new(), e.to_string()))?;
     serde_path_to_error::deserialize::<_, PortPolicy>(value).map_err(|e| {
-        let field = e.path().to_string();
-        let field = if field == "." { String::new() } else { field };
+        // Spelled as `plan` spells it, a missing field included (`spec`, not the root).
+        let field = portpolicy_core::snapshot::error_field(&e);
         unreadable(field, e.into_inner().to_string())
     })
 }

@@ -233,6 +233,13 @@ impl Computation {
                 ..Default::default()
             };
         }
+        // Status records that did not parse were skipped when the policy was read (the core's
+        // tolerant status reader); say so, or they would vanish from the status unexplained.
+        let unreadable = policy
+            .status
+            .iter()
+            .flat_map(|s| s.unreadable_record_problems(&name))
+            .map(|p| ("UnreadableRecord".to_string(), p.to_string()));
         let compiled = self.policy_set.get(&name);
         let node_ports = self.allocation.policies.get(&name).map(|np| NodePortFacts {
             used: np.used,
@@ -244,10 +251,12 @@ impl Computation {
                 np.records.iter().filter_map(|r| u16::try_from(r.node_port).ok()),
             ),
             records: np.records.clone(),
-            problems: self
-                .allocation
-                .problems_of(&name)
-                .map(|p| (p.reason.as_str().to_string(), p.problem.to_string()))
+            problems: unreadable
+                .chain(
+                    self.allocation
+                        .problems_of(&name)
+                        .map(|p| (p.reason.as_str().to_string(), p.problem.to_string())),
+                )
                 .collect(),
         });
         PolicyFacts {
@@ -453,6 +462,38 @@ mod tests {
                 "{name} must leave the shared Service alone"
             );
         }
+    }
+
+    #[test]
+    fn a_bad_allocation_record_is_skipped_reported_and_the_rest_kept() {
+        let policy: Arc<PortPolicy> = Arc::new(
+            serde_json::from_value(
+                json!({"apiVersion": "portpolicy.io/v1alpha1", "kind": "PortPolicy",
+                "metadata": {"name": "a"}, "spec": {"nodePorts": {"range": "31000-31099"}},
+                "status": {"allocations": [
+                    {"namespace": "shop", "service": "web", "kind": "Service", "nodePort": "31005"},
+                    {"namespace": "shop", "service": "gone", "kind": "Service", "nodePort": 31006,
+                        "releasedAt": "2026-11-26T11:00:00Z"}]}}),
+            )
+            .unwrap(),
+        );
+        let comp = run(std::slice::from_ref(&policy), &[]);
+        let facts = comp.facts(&policy, None);
+        let np = facts.node_ports.unwrap();
+        assert_eq!(np.problems[0].0, "UnreadableRecord", "{:?}", np.problems);
+        assert!(
+            np.problems[0].1.contains("status.allocations[0].nodePort"),
+            "{:?}",
+            np.problems
+        );
+        // The readable record is still honoured: the released port stays retained.
+        assert!(
+            np.records
+                .iter()
+                .any(|r| r.service == "gone" && r.node_port == 31006),
+            "{:?}",
+            np.records
+        );
     }
 
     #[test]

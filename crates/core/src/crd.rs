@@ -187,7 +187,8 @@ pub struct MasqueradeSpec {
 }
 
 /// Observed state, written by the operator.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+// Read tolerantly (see the `Deserialize` impl), so not derived.
+#[derive(Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PortPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -208,6 +209,104 @@ pub struct PortPolicyStatus {
     pub allocations: Vec<AllocationRecord>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicts: Vec<HostPortConflictRecord>,
+    /// Records that did not parse and were skipped; never written back.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub unreadable_records: Vec<UnreadableRecord>,
+}
+
+/// A status record that did not parse: where it is and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnreadableRecord {
+    /// The record's field path, like `status.allocations[3].nodePort`.
+    pub field: String,
+    pub message: String,
+}
+
+impl PortPolicyStatus {
+    /// A problem for each skipped record, naming the policy and the record's field.
+    pub fn unreadable_record_problems(&self, policy: &str) -> Vec<Problem> {
+        self.unreadable_records
+            .iter()
+            .map(|r| {
+                Problem::new(
+                    format!("PortPolicy/{policy}"),
+                    &r.field,
+                    format!(
+                        "{}; this record is skipped, the policy and its other records are kept",
+                        r.message
+                    ),
+                )
+            })
+            .collect()
+    }
+}
+
+// One record of `allocations` or `conflicts` that does not parse is skipped (kept in
+// `unreadable_records` for the reader to report) instead of failing the whole policy: a
+// hand-edited or older status loses that record, not every allocation. `plan`, the agent and
+// the operator all read policies through this.
+impl<'de> Deserialize<'de> for PortPolicyStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// The status as written; the records stay untyped until each is read on its own.
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Wire {
+            #[serde(default)]
+            observed_generation: Option<i64>,
+            #[serde(default)]
+            conditions: Option<Vec<Condition>>,
+            #[serde(default)]
+            node_ports_used: Option<String>,
+            #[serde(default)]
+            conflict_count: Option<i32>,
+            #[serde(default)]
+            agents_ready: Option<String>,
+            #[serde(default)]
+            allocations: Option<Vec<serde_json::Value>>,
+            #[serde(default)]
+            conflicts: Option<Vec<serde_json::Value>>,
+        }
+        fn records<T: serde::de::DeserializeOwned>(
+            list: &str,
+            values: Option<Vec<serde_json::Value>>,
+            unreadable: &mut Vec<UnreadableRecord>,
+        ) -> Vec<T> {
+            let mut out = Vec::new();
+            for (i, value) in values.unwrap_or_default().into_iter().enumerate() {
+                match serde_path_to_error::deserialize::<_, T>(value) {
+                    Ok(record) => out.push(record),
+                    Err(e) => {
+                        let inner = crate::snapshot::error_field(&e);
+                        let field = if inner.is_empty() {
+                            format!("status.{list}[{i}]")
+                        } else {
+                            format!("status.{list}[{i}].{inner}")
+                        };
+                        unreadable.push(UnreadableRecord {
+                            field,
+                            message: e.into_inner().to_string(),
+                        });
+                    }
+                }
+            }
+            out
+        }
+        let wire = Wire::deserialize(deserializer)?;
+        let mut unreadable_records = Vec::new();
+        let allocations = records("allocations", wire.allocations, &mut unreadable_records);
+        let conflicts = records("conflicts", wire.conflicts, &mut unreadable_records);
+        Ok(PortPolicyStatus {
+            observed_generation: wire.observed_generation,
+            conditions: wire.conditions.unwrap_or_default(),
+            node_ports_used: wire.node_ports_used,
+            conflict_count: wire.conflict_count.unwrap_or_default(),
+            agents_ready: wire.agents_ready,
+            allocations,
+            conflicts,
+            unreadable_records,
+        })
+    }
 }
 
 /// Whether a nodePort serves a Service port or its load balancer's health checks.

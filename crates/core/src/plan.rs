@@ -3,7 +3,7 @@
 //! The JSON shape is a stable contract (top-level keys `nodePorts`, `hostPortConflicts`,
 //! `nodes`, `problems`); the table output reads like `kubectl get` and, per node, `ipvsadm -Ln`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -17,7 +17,7 @@ use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
 use crate::service::ServiceModel;
 use crate::snapshot::Snapshot;
-use crate::table::Table;
+use crate::table::{Table, escape_controls};
 
 /// What to plan, beyond the snapshot itself.
 #[derive(Clone, Debug)]
@@ -167,12 +167,15 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
     // IPVS is planned for the cluster as it will be once the operator has written the
     // allocations: a Service waiting for its nodePort already gets its node-port rules.
     let mut allocated = snapshot.clone();
+    let by_name: HashMap<(&str, &str), usize> = snapshot
+        .services
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| Some(((s.metadata.namespace.as_deref()?, s.metadata.name.as_deref()?), i)))
+        .collect();
     for change in allocation.service_changes() {
-        if let Some(service) = allocated.services.iter_mut().find(|s| {
-            s.metadata.namespace.as_deref() == Some(change.namespace.as_str())
-                && s.metadata.name.as_deref() == Some(change.name.as_str())
-        }) {
-            change.apply_to(service);
+        if let Some(&i) = by_name.get(&(change.namespace.as_str(), change.name.as_str())) {
+            change.apply_to(&mut allocated.services[i]);
         }
     }
     let mut nodes = Vec::new();
@@ -191,6 +194,8 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
         problems.extend(rules.problems.iter().cloned());
         nodes.push(node_row(&rules));
     }
+    // By name, not by where the snapshot listed them: the same cluster prints the same plan.
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
     if let Some(only) = &options.node
         && nodes.is_empty()
     {
@@ -302,7 +307,10 @@ impl PlanReport {
         section("HOST PORT CONFLICTS", or_none(&conflicts));
 
         for node in &self.nodes {
-            section(&format!("IPVS ON NODE {}", node.name), ipvsadm_listing(node));
+            section(
+                &format!("IPVS ON NODE {}", escape_controls(&node.name)),
+                ipvsadm_listing(node),
+            );
         }
 
         let mut problems = Table::new(&["object", "field", "message"]);
@@ -336,7 +344,11 @@ fn ipvsadm_listing(node: &NodeRow) -> String {
             vs.persistence_timeout,
         );
         let mark = if vs.only_local { " [OnlyLocal]" } else { "" };
-        out.push_str(&format!("{line:<48} # {} {}{mark}\n", vs.service, vs.kind));
+        out.push_str(&format!(
+            "{line:<48} # {} {}{mark}\n",
+            escape_controls(&vs.service),
+            vs.kind
+        ));
         for rs in &vs.real_servers {
             let line = listing::real_server_line(&rs.address, rs.port, rs.weight, 0, 0);
             out.push_str(line.trim_end());
@@ -346,7 +358,9 @@ fn ipvsadm_listing(node: &NodeRow) -> String {
     for hc in &node.health_checks {
         out.push_str(&format!(
             "health check node port {} for {}: {} local endpoint(s)\n",
-            hc.node_port, hc.service, hc.local_endpoints
+            hc.node_port,
+            escape_controls(&hc.service),
+            hc.local_endpoints
         ));
     }
     out

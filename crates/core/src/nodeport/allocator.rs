@@ -213,21 +213,29 @@ impl<'i, 'a> Allocator<'i, 'a> {
                     ),
                 );
             }
-            for (j, &(other, other_range)) in ranged.iter().enumerate() {
-                if i != j && range.overlaps(&other_range) {
-                    self.problem(
-                        Some(&policy.name),
-                        Reason::PolicyOverlap,
-                        Problem::new(
-                            &object,
-                            "spec.nodePorts.range",
-                            format!(
-                                "{range} overlaps PortPolicy/{}'s range {other_range}; both allocate from the shared ports",
-                                other.name
-                            ),
-                        ),
-                    );
+            // One problem per policy, whatever the number of others it overlaps: many policies
+            // sharing one range must not make a problem for every pair of them.
+            let others: Vec<_> = ranged
+                .iter()
+                .enumerate()
+                .filter(|&(j, &(_, other_range))| i != j && range.overlaps(&other_range))
+                .map(|(_, &(other, other_range))| format!("PortPolicy/{}'s range {other_range}", other.name))
+                .collect();
+            if !others.is_empty() {
+                const NAMED: usize = 3;
+                let mut named = others[..others.len().min(NAMED)].join(", ");
+                if others.len() > NAMED {
+                    named.push_str(&format!(" and {} more", others.len() - NAMED));
                 }
+                self.problem(
+                    Some(&policy.name),
+                    Reason::PolicyOverlap,
+                    Problem::new(
+                        &object,
+                        "spec.nodePorts.range",
+                        format!("{range} overlaps {named}; they allocate from the shared ports"),
+                    ),
+                );
             }
             for (k, pin) in policy.pinned.iter().enumerate() {
                 let Ok(port) = u16::try_from(pin.node_port) else {
