@@ -16,7 +16,10 @@ use portpolicy_core::hostport::{
     ConflictInput, HostPortConflict, HostPortPod, detect_conflicts, placed_pods,
 };
 use portpolicy_core::intent::{HealthCheckNodePort, ServiceIntent, ServicePortNodePort};
-use portpolicy_core::nodeport::{AssignmentState, NodePortAllocation, NodePortInput, allocate_node_ports};
+use portpolicy_core::nodeport::{
+    AssignmentState, NodePortAllocation, NodePortAssignment, NodePortInput, NodePortProblemReason,
+    allocate_node_ports,
+};
 use portpolicy_core::ports::PortRange;
 use portpolicy_core::service::{ExternalTraffic, HealthCheckField, ServiceFields, ServiceModel};
 
@@ -348,6 +351,56 @@ impl Computation {
                 intent.ports.dedup_by_key(|p| (p.port, p.protocol));
                 (key, intent)
             })
+            .collect()
+    }
+
+    /// What writing `policy`'s intent to `live` does to each of its nodePorts that changes, as
+    /// `node_port_allocations_total` counts it (see `metrics::ALLOCATION_OUTCOMES`).
+    pub fn outcomes(&self, policy: &str, live: &Service) -> Vec<&'static str> {
+        let fields = ServiceFields::from(live);
+        let model = ServiceModel::read(fields);
+        let live_port = |a: &NodePortAssignment| match a.kind {
+            NodePortKind::Service => (model.ports.iter())
+                .find(|p| p.name == a.port_name && p.port == a.port && p.protocol == a.protocol)
+                .and_then(|p| p.node_port),
+            NodePortKind::HealthCheck => fields.health_check_node_port.and_then(|p| u16::try_from(p).ok()),
+        };
+        self.allocation
+            .assignments
+            .iter()
+            .filter(|a| {
+                a.policy.as_deref() == Some(policy)
+                    && a.namespace == model.namespace
+                    && a.service == model.name
+            })
+            .filter_map(|a| {
+                let held = live_port(a);
+                if held == Some(a.node_port) {
+                    return None;
+                }
+                match a.state {
+                    AssignmentState::Restored => Some("restored"),
+                    AssignmentState::Pinned => Some("pinned"),
+                    AssignmentState::Allocated if held.is_some() => Some("moved"),
+                    AssignmentState::Allocated => Some("allocated"),
+                    AssignmentState::Existing | AssignmentState::InUse => None,
+                }
+            })
+            .collect()
+    }
+
+    /// The nodePorts `policy` cannot give its Services now (its range is full, a pinned port is
+    /// taken), each as its problem reads.
+    pub fn refusals(&self, policy: &str) -> BTreeSet<String> {
+        self.allocation
+            .problems_of(policy)
+            .filter(|p| {
+                matches!(
+                    p.reason,
+                    NodePortProblemReason::RangeExhausted | NodePortProblemReason::PinnedPortTaken
+                )
+            })
+            .map(|p| p.problem.to_string())
             .collect()
     }
 
