@@ -265,7 +265,8 @@ fn drift_made_by_others_is_repaired_by_the_full_sync() {
     s.request_full();
     assert!(s.sync().succeeded());
     assert_eq!(metrics.resync_drift.get(), 0);
-    fake.state().set_connections(&web_cluster_ip(), &rs("10.0.1.2", 8080), 0);
+    fake.state()
+        .set_connections(&web_cluster_ip(), &rs("10.0.1.2", 8080), 0);
     // Someone deletes a real server behind the agent's back and adds a service on its VIP.
     {
         let mut k = fake.state();
