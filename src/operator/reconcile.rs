@@ -150,7 +150,7 @@ async fn apply(policy: &PortPolicy, ctx: &Context) -> Result<Action> {
     write_status_and_events(policy, &facts, ctx).await?;
 
     let mut refusals = comp.refusals(&name);
-    for (key, intent) in comp.intents(&name) {
+    for (key, intent) in comp.intents_in_write_order(&name) {
         let Some(live) = service_to_write(&key, &intent, ctx) else {
             continue;
         };
