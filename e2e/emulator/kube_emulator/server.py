@@ -11,6 +11,7 @@ import asyncio
 import copy
 import json
 import time
+import traceback
 
 import kmock
 import yaml
@@ -96,6 +97,11 @@ class ApiServer:
             code, body = e.code, e.status()
             entry["reason"] = e.reason
             entry["message"] = e.message
+        except Exception as e:  # a bug of the emulator: say so, as the API server would
+            traceback.print_exc()
+            code, body = 500, ApiError(500, "InternalError", f"emulator: {e!r}").status()
+            entry["reason"] = "InternalError"
+            entry["message"] = repr(e)
         entry["code"] = code
         self._write_log(entry)
         return rendering.Response(status=code, headers=JSON, payload=body)

@@ -23,7 +23,7 @@ class Event:
     previous: dict | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class Watch:
     resource: tuple[str, str]
     namespace: str | None
