@@ -7,7 +7,7 @@ import copy
 
 import jsonpatch
 
-from .errors import bad_request
+from .errors import ApiError, bad_request
 
 # patchMergeKey of the lists kubectl's strategic patches touch, by the tail of the field path.
 _MERGE_KEYS: list[tuple[tuple[str, ...], str]] = [
@@ -38,9 +38,29 @@ def json_merge(target, patch):
     return out
 
 
-def json_patch(target, operations):
+def _missing_or_null(target, path: str) -> bool:
     try:
-        return jsonpatch.apply_patch(target, operations)
+        return jsonpatch.JsonPointer(path).resolve(target) is None
+    except jsonpatch.JsonPointerException:
+        return True
+
+
+def json_patch(target, operations):
+    if not isinstance(operations, list):
+        raise bad_request("a JSON patch is a list of operations")
+    # As the API server's JSON patch library does (and kube-runtime's finalizer helper relies
+    # on), `test` against null passes for a path that does not exist.
+    kept = []
+    for op in operations:
+        if isinstance(op, dict) and op.get("op") == "test" and op.get("value") is None:
+            if not _missing_or_null(target, op.get("path", "")):
+                raise ApiError(422, "Invalid", f"the JSON patch test at {op.get('path')} failed")
+            continue
+        kept.append(op)
+    try:
+        return jsonpatch.apply_patch(target, kept)
+    except jsonpatch.JsonPatchTestFailed as e:
+        raise ApiError(422, "Invalid", f"the JSON patch test failed: {e}")
     except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
         raise bad_request(f"the JSON patch cannot be applied: {e}")
 

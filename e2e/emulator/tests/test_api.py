@@ -186,7 +186,13 @@ def test_finalizers_hold_deletion_until_the_last_is_removed(crd):
     e = crd
     pp = "/apis/portpolicy.io/v1alpha1/portpolicies"
     e.ok("POST", pp, {"apiVersion": "portpolicy.io/v1alpha1", "kind": "PortPolicy",
-                      "metadata": {"name": "edge", "finalizers": ["portpolicy.io/cleanup"]}, "spec": {}})
+                      "metadata": {"name": "edge"}, "spec": {}})
+    # How kube-runtime's finalizer helper adds the first one: `test` null passes for a missing path.
+    add = [{"op": "test", "path": "/metadata/finalizers", "value": None},
+           {"op": "add", "path": "/metadata/finalizers", "value": ["portpolicy.io/cleanup"]}]
+    e.ok("PATCH", f"{pp}/edge", add, content_type="application/json-patch+json")
+    code, status = e.request("PATCH", f"{pp}/edge", add, content_type="application/json-patch+json")
+    assert (code, status["reason"]) == (422, "Invalid")
     rv = e.ok("GET", pp)["metadata"]["resourceVersion"]
     marked = e.ok("DELETE", f"{pp}/edge")
     assert marked["metadata"]["deletionTimestamp"]
