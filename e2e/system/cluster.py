@@ -194,6 +194,14 @@ class Replica:
                 if self._supervise and self.process is process:
                     self._spawn()
 
+    def terminate(self) -> None:
+        """SIGTERM without a restart, as when its pod is deleted; returns at once."""
+        with self._lock:
+            self._supervise = False
+            process = self.process
+        if process and process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+
     def signal(self, sig: int) -> None:
         if self.process and self.process.poll() is None:
             self.process.send_signal(sig)

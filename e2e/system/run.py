@@ -68,6 +68,12 @@ class Run:
         ports = (svc or {}).get("spec", {}).get("ports") or [{}]
         return ports[0].get("nodePort")
 
+    def create_service(self, name: str) -> None:
+        """A NodePort Service of the proxied policy. (Through apply: kubectl's typed commands
+        such as `kubectl create service` send protobuf, which the emulator does not read.)"""
+        manifest = (MANIFESTS / "workload.yaml").read_text().replace("name: shopfront", f"name: {name}")
+        self.kubectl("apply", "-f", "-", input=manifest)
+
     def guest(self, script: str, timeout: float = 60) -> tuple[int, str]:
         return self.vm.run(script, timeout)
 
@@ -81,7 +87,8 @@ class Run:
             f"nsip netns exec ext sh -c \"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 10.1.0.1 {port} | tail -n 1\"; "
             "echo; i=$((i + 1)); done"
         )
-        return [line for line in self.guest(script)[1].splitlines() if line.strip()]
+        # Refused or timed-out connections print nc's complaint, not a pod's name.
+        return [line for line in self.guest(script)[1].splitlines() if line.startswith("pod-")]
 
     # --- setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -142,7 +149,8 @@ class Run:
         svc = self.service("shopfront")
         label = svc["metadata"].get("labels", {}).get("service.kubernetes.io/service-proxy-name")
         self.check("service-handed-to-the-agent", label == "portpolicy", f"proxy-name label is {label!r}")
-        table = wait_for(lambda: (t := self.ipvs()) if f"10.1.0.1:{port}" in t and "10.0.11.2:8080" in t else None, 60, 1)
+        programmed = lambda t: f"10.1.0.1:{port}" in t and "10.0.11.2:8080" in t
+        table = wait_for(lambda: programmed(self.ipvs()), 60, 1)
         self.check("agent-programs-the-node-port", bool(table), f"ipvsadm -Ln:\n{self.ipvs()}")
         got = sorted(set(self.answers(port, 4)))
         self.check("traffic-through-node-port-reaches-the-pod", got == ["pod-a1"], f"answers: {got}")
@@ -213,18 +221,25 @@ class Run:
             self.check("leader-sigterm-hands-over-within-seconds", False, f"no leader (holder {leader!r})")
             return
         other = "op-b" if leader == "op-a" else "op-a"
+        # Like deleting its pod: the replica gets SIGTERM and is not restarted under its name.
         stopped = time.monotonic()
-        self.replica(leader).signal(signal.SIGTERM)
+        self.replica(leader).terminate()
         took_over = wait_for(lambda: self.holder() == other, 30, 0.25)
         elapsed = time.monotonic() - stopped
+        old = self.replica(leader).process
+        exited = wait_for(lambda: old.poll() is not None, 20, 0.2)
+        self.check("sigterm-stops-the-leader", bool(exited), f"{leader} still running 20 s after SIGTERM")
+        if not exited:
+            old.kill()
+            old.wait()
+        self.replica(leader).start()
         self.timings["SIGTERM handover"] = elapsed
         self.check(
             "leader-sigterm-hands-over-within-seconds",
             bool(took_over) and elapsed <= 5,
             f"{other} took the Lease after {elapsed:.1f}s" if took_over else f"{other} did not take the Lease in 30 s",
         )
-        self.kubectl("create", "service", "nodeport", "after-handover", "-n", "shop", "--tcp=80:8080")
-        self.kubectl("label", "service", "-n", "shop", "after-handover", "proxy=portpolicy")
+        self.create_service("after-handover")
         port = wait_for(lambda: (p := self.node_port_of("after-handover")) in POLICY_RANGE and p, 45, 0.5)
         self.check("allocation-goes-on-after-handover", bool(port),
                    f"shop/after-handover has nodePort {self.node_port_of('after-handover')}")
@@ -268,8 +283,7 @@ class Run:
             f"{len(violations)} writes by {leader} after the freeze before it led again: "
             + "; ".join(f"{describe(e)} at +{e['t'] - frozen_at:.1f}s" for e in violations[:5]),
         )
-        self.kubectl("create", "service", "nodeport", "after-freeze", "-n", "shop", "--tcp=80:8080")
-        self.kubectl("label", "service", "-n", "shop", "after-freeze", "proxy=portpolicy")
+        self.create_service("after-freeze")
         port = wait_for(lambda: (p := self.node_port_of("after-freeze")) in POLICY_RANGE and p, 60, 0.5)
         self.check("allocation-goes-on-after-the-freeze", bool(port),
                    f"shop/after-freeze has nodePort {self.node_port_of('after-freeze')} "

@@ -60,7 +60,11 @@ class Vm:
             raise VmError(f"the guest was not ready within {timeout:.0f}s")
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.connect(str(self.socket_path))
-        return time.monotonic() - self.booted_at
+        ready = time.monotonic() - self.booted_at
+        status, out = self.run("echo hello", 30)
+        if (status, out) != (0, "hello"):
+            raise VmError(f"the guest's control loop answered {status} {out!r}")
+        return ready
 
     def run(self, script: str, timeout: float = 60) -> tuple[int, str]:
         """Runs a shell script in the guest; returns its exit status and output."""
