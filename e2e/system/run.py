@@ -251,6 +251,9 @@ class Run:
             return
         replica = self.replica(leader)
         exits_before = len(replica.exits)
+        # Freeze it while the leader is busy with a new Service, so that writes are in flight.
+        self.create_service("during-freeze")
+        time.sleep(0.3)
         frozen_at = time.time()
         self.api.freeze()
         try:
@@ -290,9 +293,17 @@ class Run:
                    f"{time.time() - thawed_at:.0f}s after the thaw")
 
     def scenario_bad_objects(self) -> None:
-        since = time.time()
         self.kubectl("apply", "-f", str(MANIFESTS / "bad-objects.yaml"))
-        port = wait_for(lambda: self.node_port_of("checkout") == 31043, 45, 0.5)
+        # Operators that start with the unreadable policy present must still list, lead and
+        # reconcile everything else.
+        time.sleep(3)
+        for replica in self.replicas:
+            replica.stop()
+        for replica in self.replicas:
+            replica.start()
+        wait_for(self.holder, 30)
+        self.kubectl("apply", "-f", str(MANIFESTS / "checkout.yaml"))
+        port = wait_for(lambda: self.node_port_of("checkout") == 31043, 60, 0.5)
         self.check("the-rest-reconciles-beside-bad-objects", bool(port),
                    f"shop/checkout has nodePort {self.node_port_of('checkout')}, not its pin 31043")
 
