@@ -331,6 +331,8 @@ class Run:
             allocated.get("reason") == "InvalidService" and "spec.type" in allocated.get("message", ""),
             f"edge NodePortsAllocated: {allocated}",
         )
+        # Leave a readable cluster to the next scenario.
+        self.kubectl("delete", "-f", str(MANIFESTS / "bad-objects.yaml"), "--wait=false", check=False)
 
     def scenario_delete_policy(self) -> None:
         port = self.node_port
