@@ -14,7 +14,7 @@ use portpolicy::agent::dataplane::{FakeDataplane, FakeKernel};
 use portpolicy::agent::metrics::Metrics;
 use portpolicy::agent::nft::MasqueradeOptions;
 use portpolicy::agent::sync::{Change, Syncer};
-use portpolicy_core::ipvs::plan::{PlannerConfig, ProxyMode};
+use portpolicy_core::ipvs::{PlannerConfig, ProxyMode};
 use portpolicy_core::snapshot::Snapshot;
 
 const SERVICES: usize = 10_000;

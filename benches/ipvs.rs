@@ -18,8 +18,9 @@ use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use portpolicy_core::ipvs::diff::{Ownership, diff, diff_keys};
-use portpolicy_core::ipvs::plan::{Planner, PlannerConfig, ProxyMode, SERVICE_NAME_LABEL, plan_node};
+use portpolicy_core::ipvs::{Planner, PlannerConfig, ProxyMode, plan_node};
 use portpolicy_core::snapshot::Snapshot;
+use portpolicy_core::well_known::SERVICE_NAME_LABEL;
 use serde_json::json;
 
 const ENDPOINTS_PER_SERVICE: usize = 10;

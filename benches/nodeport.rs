@@ -11,6 +11,7 @@ use portpolicy_core::crd::{AllocationRecord, PortPolicy};
 use portpolicy_core::governance::{Labels, PolicySet};
 use portpolicy_core::nodeport::{NodePortInput, PortBitmap, plan_node_ports};
 use portpolicy_core::ports::PortRange;
+use portpolicy_core::service::ServiceModel;
 use serde_json::json;
 
 const NAMESPACES: usize = 100;
@@ -123,12 +124,14 @@ fn cluster() -> Cluster {
     }
 }
 
+/// Reading the Services is part of the work: the operator and `plan` start from the objects.
 fn plan(cluster: &Cluster) -> portpolicy_core::nodeport::NodePortPlan {
+    let services: Vec<ServiceModel<'_>> = cluster.services.iter().map(ServiceModel::read).collect();
     plan_node_ports(&NodePortInput {
         cluster_range: PortRange::DEFAULT_NODE_PORTS,
         policies: &cluster.policies,
         records: &cluster.records,
-        services: &cluster.services,
+        services: &services,
         namespace_labels: &cluster.namespaces,
         now: DateTime::from_timestamp(1_767_225_600, 0).unwrap(),
     })

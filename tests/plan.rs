@@ -7,7 +7,7 @@ use std::process::Command;
 
 use chrono::{DateTime, Utc};
 use portpolicy::snapshot_files::load_paths;
-use portpolicy_core::ipvs::plan::ProxyMode;
+use portpolicy_core::ipvs::ProxyMode;
 use portpolicy_core::plan::{PlanOptions, PlanReport, build_plan};
 use portpolicy_core::ports::PortRange;
 use serde_json::Value;

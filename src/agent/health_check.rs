@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use super::metrics::AgentHealth;
-use portpolicy_core::ipvs::plan::HealthCheckPlan;
+use portpolicy_core::ipvs::HealthCheckPlan;
 
 /// What one listener answers for; the count changes live as endpoints come and go.
 #[derive(Debug)]

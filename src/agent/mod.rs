@@ -33,7 +33,7 @@ use self::metrics::{AgentHealth, Metrics};
 use self::nft::{Cidr, MasqueradeOptions};
 use self::source::Event;
 use self::sync::Syncer;
-use portpolicy_core::ipvs::plan::{PlannerConfig, ProxyMode};
+use portpolicy_core::ipvs::{PlannerConfig, ProxyMode};
 
 /// The agent's port for `/metrics`, `/healthz` and `/readyz`: next to kube-proxy's 10256
 /// (healthz) and 10249 (metrics) without taking either, so both can run on one node.
@@ -94,6 +94,16 @@ pub struct AgentArgs {
     pub print_table: bool,
 }
 
+impl AgentArgs {
+    /// What the nftables ruleset masquerades, from `--masquerade-all` and `--cluster-cidr`.
+    pub fn masquerade(&self) -> MasqueradeOptions {
+        MasqueradeOptions {
+            all: self.masquerade_all,
+            cluster_cidrs: self.cluster_cidrs.clone(),
+        }
+    }
+}
+
 /// `90`, `90s`, `500ms`, `5m`, `1h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -140,7 +150,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     {
         if args.print_table {
             let loaded = crate::snapshot_files::load_paths(&args.snapshot)?;
-            let plan = portpolicy_core::ipvs::plan::plan_node(&loaded.snapshot, &planner_config(&args));
+            let plan = portpolicy_core::ipvs::plan_node(&loaded.snapshot, &planner_config(&args));
             print!(
                 "{}",
                 portpolicy_netlink::ipvs::format_like_ipvsadm(None, &plan.table())
@@ -188,10 +198,7 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
     }
 
     let config = planner_config(&args);
-    let masquerade = MasqueradeOptions {
-        all: args.masquerade_all,
-        cluster_cidrs: args.cluster_cidrs.clone(),
-    };
+    let masquerade = args.masquerade();
     let mut syncer = Syncer::new(dataplane, config, masquerade, metrics);
     let mut health_checks = HealthCheckServers::new(args.health_check_bind_address, health.clone());
 

@@ -21,7 +21,7 @@ use super::sync::Change;
 use crate::snapshot_files::load_paths;
 use portpolicy_core::crd::PortPolicy;
 use portpolicy_core::governance::{Labels, PolicySet};
-use portpolicy_core::snapshot::NAMESPACE_NAME_LABEL;
+use portpolicy_core::well_known::NAMESPACE_NAME_LABEL;
 
 #[derive(Debug)]
 pub enum Event {

@@ -22,7 +22,7 @@ use super::metrics::Metrics;
 use super::nft::{self, MasqueradeOptions, Reach};
 use portpolicy_core::governance::{Labels, PolicySet};
 use portpolicy_core::ipvs::diff::{Ownership, diff, diff_keys};
-use portpolicy_core::ipvs::plan::{
+use portpolicy_core::ipvs::{
     HealthCheckPlan, NodePlan, Planner, PlannerConfig, ProxyMode, VirtualServerKind,
 };
 use portpolicy_core::ipvs::{IpvsTable, VirtualServerKey};
@@ -141,7 +141,7 @@ impl<D: Dataplane> Syncer<D> {
                 self.policy_ranges = agent_ranges(&PolicySet::compile(&snapshot.policies));
                 self.planner.load_snapshot(&snapshot);
             }
-            Change::Service(s) => self.planner.upsert_service(&s),
+            Change::Service(s) => self.planner.upsert_service(&*s),
             Change::ServiceDeleted { namespace, name } => self.planner.remove_service(&namespace, &name),
             Change::Slice(s) => self.planner.upsert_slice(&s),
             Change::SliceDeleted { namespace, name } => self.planner.remove_slice(&namespace, &name),

@@ -10,14 +10,69 @@ use kube::ResourceExt;
 
 use super::services::{self, ServiceIntent, ServiceKey};
 use super::status::{AgentFacts, NodePortFacts, PolicyFacts};
-use portpolicy_core::crd::{CompiledPolicy, ExternalTrafficRule, NodePortKind, PortPolicy};
+use portpolicy_core::crd::{CompiledPolicy, ExternalTrafficRule, NodePortKind, PinnedNodePort, PortPolicy};
 use portpolicy_core::governance::{Governance, Labels, PolicySet};
 use portpolicy_core::hostport::{
     ConflictInput, HostPortConflict, HostPortPod, detect_conflicts, placed_pods,
 };
 use portpolicy_core::nodeport::{AssignmentState, NodePortInput, NodePortPlan, plan_node_ports};
-use portpolicy_core::ports::{PortRange, Protocol};
-use portpolicy_core::snapshot::NAMESPACE_NAME_LABEL;
+use portpolicy_core::ports::PortRange;
+use portpolicy_core::service::{ExternalTraffic, ServiceFields, ServiceModel};
+use portpolicy_core::well_known::NAMESPACE_NAME_LABEL;
+
+/// How a policy's nodePort range splits up. Each port of the range is counted once, in the
+/// first of these that applies: used (a Service or a retained record holds it), reserved
+/// (`spec.nodePorts.reserved`), pinned (`spec.nodePorts.pinned` to a Service that does not hold
+/// it now), free. So `used + reserved + pinned + free == total`, and `free` is what the
+/// allocator can still hand out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodePortCounts {
+    pub total: usize,
+    pub used: usize,
+    pub reserved: usize,
+    pub pinned: usize,
+    pub free: usize,
+}
+
+impl NodePortCounts {
+    pub fn of(
+        range: PortRange,
+        reserved: &[PortRange],
+        pinned: &[PinnedNodePort],
+        held: impl IntoIterator<Item = u16>,
+    ) -> Self {
+        let in_range = |port: u16| range.contains(port).then(|| usize::from(port - range.low));
+        let mut taken = vec![false; range.len()];
+        let mut mark = |port: u16| match in_range(port).map(|i| std::mem::replace(&mut taken[i], true)) {
+            Some(false) => 1,
+            _ => 0,
+        };
+        let used = held.into_iter().map(&mut mark).sum();
+        let reserved = reserved
+            .iter()
+            .filter_map(|r| {
+                let low = r.low.max(range.low);
+                let high = r.high.min(range.high);
+                (low <= high).then_some(low..=high)
+            })
+            .flatten()
+            .map(&mut mark)
+            .sum();
+        let pinned = pinned
+            .iter()
+            .filter_map(|p| u16::try_from(p.node_port).ok())
+            .map(&mut mark)
+            .sum();
+        let total = range.len();
+        NodePortCounts {
+            total,
+            used,
+            reserved,
+            pinned,
+            free: total - used - reserved - pinned,
+        }
+    }
+}
 
 /// What the stores hold when a reconcile starts.
 #[derive(Clone, Copy)]
@@ -34,10 +89,9 @@ pub struct Inputs<'a> {
 pub struct Computation {
     pub policy_set: PolicySet,
     pub namespace_labels: BTreeMap<String, Labels>,
-    /// Services as they will be once the operator's `externalTrafficPolicy` writes land, so the
-    /// allocator gives a newly Local LoadBalancer its healthCheckNodePort from the policy in the
-    /// same pass (otherwise the API server would pick one from the whole cluster range).
-    pub services: Vec<Service>,
+    /// The Services, each with whether it is `externalTrafficPolicy: Local` once the operator's
+    /// writes land (as the allocator saw it).
+    services: Vec<(Arc<Service>, bool)>,
     pub plan: NodePortPlan,
     pub conflicts: Vec<HostPortConflict>,
     /// Per policy, the other policies selecting some of the same Services.
@@ -49,27 +103,31 @@ pub fn compute(inputs: &Inputs<'_>) -> Computation {
     let namespace_labels = namespace_labels(inputs.namespaces, inputs.services, inputs.pods);
 
     let mut overlaps: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let services: Vec<Service> = inputs
+    // Services as they will be once the operator's `externalTrafficPolicy` writes land, so the
+    // allocator gives a newly Local LoadBalancer its healthCheckNodePort from the policy in the
+    // same pass (otherwise the API server would pick one from the whole cluster range).
+    let models: Vec<ServiceModel<'_>> = inputs
         .services
         .iter()
         .map(|svc| {
-            let ns_labels = namespace_labels.get(svc.metadata.namespace.as_deref().unwrap_or("default"));
-            match policy_set.governing_service(ns_labels, svc.metadata.labels.as_ref()) {
-                Governance::By(policy) => desired_view(svc, policy),
+            let model = ServiceModel::read(&**svc);
+            let ns_labels = namespace_labels.get(model.namespace);
+            match policy_set.governing_service(ns_labels, model.labels) {
+                Governance::By(policy) => desired_model(svc, policy),
                 Governance::Ambiguous(..) => {
                     let selecting: Vec<&str> = policy_set
                         .policies()
                         .iter()
-                        .filter(|p| p.selects_service(ns_labels, svc.metadata.labels.as_ref()))
+                        .filter(|p| p.selects_service(ns_labels, model.labels))
                         .map(|p| p.name.as_str())
                         .collect();
                     for p in &selecting {
                         let others = selecting.iter().filter(|o| *o != p).map(|o| o.to_string());
                         overlaps.entry(p.to_string()).or_default().extend(others);
                     }
-                    (**svc).clone()
+                    model
                 }
-                _ => (**svc).clone(),
+                _ => model,
             }
         })
         .collect();
@@ -85,10 +143,16 @@ pub fn compute(inputs: &Inputs<'_>) -> Computation {
         cluster_range: inputs.cluster_range,
         policies: &policy_set,
         records: &records,
-        services: &services,
+        services: &models,
         namespace_labels: &namespace_labels,
         now: inputs.now,
     });
+    let services = inputs
+        .services
+        .iter()
+        .zip(&models)
+        .map(|(svc, model)| (svc.clone(), model.external_traffic == ExternalTraffic::Local))
+        .collect();
 
     let (placed, _pod_problems) = placed_pods(inputs.pods.iter().map(|p| &**p));
     let conflicts = detect_conflicts(&ConflictInput {
@@ -112,47 +176,28 @@ pub fn compute(inputs: &Inputs<'_>) -> Computation {
 /// set when the policy sets it, and without the nodePorts the API server picked at random
 /// outside the policy's range (nobody asked for those, so moving them into the range is the
 /// policy's whole point; a nodePort some manager set is the user's and stays, reported).
-fn desired_view(svc: &Service, policy: &CompiledPolicy) -> Service {
-    let local = services::wants_local_traffic(policy.external_traffic, svc);
+fn desired_model<'a>(svc: &'a Service, policy: &CompiledPolicy) -> ServiceModel<'a> {
     let range = policy.node_port_range;
     let outside = |port: Option<i32>| match (range, port) {
         (Some(range), Some(port)) => u16::try_from(port).map_or(true, |p| !range.contains(p)),
         _ => false,
     };
-    let spec = svc.spec.as_ref();
-    let random_ports: Vec<usize> = spec
-        .and_then(|s| s.ports.as_ref())
-        .into_iter()
-        .flatten()
-        .enumerate()
-        .filter(|(_, p)| outside(p.node_port))
-        .filter(|(_, p)| {
-            let protocol = Protocol::from_k8s(p.protocol.as_deref()).unwrap_or(Protocol::Tcp);
-            services::node_port_owned(svc, p.port, protocol) == Some(false)
-        })
-        .map(|(i, _)| i)
-        .collect();
-    let random_health_check = outside(spec.and_then(|s| s.health_check_node_port))
-        && services::health_check_node_port_owned(svc) == Some(false);
-    let already_local = spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
-    if random_ports.is_empty() && !random_health_check && (!local || already_local) {
-        return svc.clone();
+    let mut fields = ServiceFields::from(svc);
+    if services::wants_local_traffic(policy.external_traffic, svc) {
+        fields.external_traffic_policy = Some("Local");
     }
-    let mut desired = svc.clone();
-    if let Some(spec) = desired.spec.as_mut() {
-        if local {
-            spec.external_traffic_policy = Some("Local".into());
-        }
-        if let Some(ports) = spec.ports.as_mut() {
-            for i in random_ports {
-                ports[i].node_port = None;
-            }
-        }
-        if random_health_check {
-            spec.health_check_node_port = None;
+    if outside(fields.health_check_node_port) && services::health_check_node_port_owned(svc) == Some(false) {
+        fields.health_check_node_port = None;
+    }
+    let mut model = ServiceModel::read(fields);
+    for port in &mut model.ports {
+        if outside(port.node_port.map(i32::from))
+            && services::node_port_owned(svc, port.port, port.protocol) == Some(false)
+        {
+            port.node_port = None;
         }
     }
-    desired
+    model
 }
 
 /// Labels of every namespace, with the `kubernetes.io/metadata.name` label the API server always
@@ -198,9 +243,16 @@ impl Computation {
                 ..Default::default()
             };
         }
+        let compiled = self.policy_set.get(&name);
         let node_ports = self.plan.policies.get(&name).map(|np| NodePortFacts {
             used: np.used,
             total: np.total,
+            counts: NodePortCounts::of(
+                np.range,
+                compiled.map(|c| c.reserved.as_slice()).unwrap_or_default(),
+                compiled.map(|c| c.pinned.as_slice()).unwrap_or_default(),
+                np.records.iter().filter_map(|r| u16::try_from(r.node_port).ok()),
+            ),
             records: np.records.clone(),
             problems: self
                 .plan
@@ -233,32 +285,23 @@ impl Computation {
         // Whether each governed Service is Local in its spec (else only through the legacy
         // annotation), which decides where its healthCheckNodePort is written.
         let mut spec_local = BTreeMap::new();
-        for svc in &self.services {
-            let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+        for (svc, local) in &self.services {
+            let model = ServiceModel::read(&**svc);
             let governance = self
                 .policy_set
-                .governing_service(self.namespace_labels.get(ns), svc.metadata.labels.as_ref());
+                .governing_service(self.namespace_labels.get(model.namespace), model.labels);
             if governance.policy().is_none_or(|p| p.name != policy) {
                 continue;
             }
-            let key = services::key_of(svc);
+            let key = services::key_of(&model);
             let mut intent = ServiceIntent::new(&key.0, &key.1);
-            // `svc` is the desired view: Local there under a Local rule means the rule wants it
-            // (or the owner chose it, and applying the same value changes nothing).
+            // `local` is the desired view's: Local under a Local rule means the rule wants it (or
+            // the owner chose it, and applying the same value changes nothing).
             intent.external_traffic_local = compiled.external_traffic != ExternalTrafficRule::Any
-                && services::wants_local_traffic(ExternalTrafficRule::RequireLocal, svc)
-                && svc
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.external_traffic_policy.as_deref())
-                    == Some("Local");
+                && model.type_.has_node_ports()
+                && *local;
             intent.proxy_label = compiled.agent_proxies;
-            let local = svc
-                .spec
-                .as_ref()
-                .and_then(|s| s.external_traffic_policy.as_deref())
-                == Some("Local");
-            spec_local.insert(key.clone(), local);
+            spec_local.insert(key.clone(), *local);
             intents.insert(key, intent);
         }
         for a in &self.plan.assignments {
@@ -293,40 +336,43 @@ impl Computation {
         if !self.policy_set.invalid().is_empty() {
             return Vec::new();
         }
-        self.services
-            .iter()
-            .filter(|svc| services::managed_by_operator(svc))
-            .filter(|svc| {
-                let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+        self.managed_services()
+            .filter(|model| {
                 matches!(
                     self.policy_set
-                        .governing_service(self.namespace_labels.get(ns), svc.metadata.labels.as_ref()),
+                        .governing_service(self.namespace_labels.get(model.namespace), model.labels),
                     Governance::Ungoverned
                 )
             })
-            .map(services::key_of)
+            .map(|model| services::key_of(&model))
             .collect()
     }
 
     /// Services `policy` governs that the operator holds fields on: what a deleted policy lets go.
     pub fn held_by(&self, policy: &str) -> Vec<ServiceKey> {
-        self.services
-            .iter()
-            .filter(|svc| services::managed_by_operator(svc))
-            .filter(|svc| {
-                let ns = svc.metadata.namespace.as_deref().unwrap_or("default");
+        self.managed_services()
+            .filter(|model| {
                 self.policy_set.get(policy).is_some_and(|p| {
-                    p.selects_service(self.namespace_labels.get(ns), svc.metadata.labels.as_ref())
+                    p.selects_service(self.namespace_labels.get(model.namespace), model.labels)
                 })
             })
-            .map(services::key_of)
+            .map(|model| services::key_of(&model))
             .collect()
+    }
+
+    /// The Services the operator holds fields on.
+    fn managed_services(&self) -> impl Iterator<Item = ServiceModel<'_>> {
+        self.services
+            .iter()
+            .filter(|(svc, _)| services::managed_by_operator(svc))
+            .map(|(svc, _)| ServiceModel::read(&**svc))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use portpolicy_core::ports::Protocol;
     use serde_json::{Value, json};
 
     fn policy(name: &str, spec: Value) -> Arc<PortPolicy> {
@@ -440,5 +486,52 @@ mod tests {
         let (health, in_annotation) = intent.health_check.expect("a health-check port");
         assert!((31000..=31099).contains(&health) && health != 31010, "{health}");
         assert!(!in_annotation);
+    }
+
+    #[test]
+    fn node_port_counts_add_up_and_free_excludes_reserved_and_pinned() {
+        let policies = [policy(
+            "a",
+            json!({"nodePorts": {"range": "31000-31099",
+                // 31000-31009 plus an overlapping 31005-31014 and a range reaching outside.
+                "reserved": ["31000-31009", "31005-31014", "31095-31200"],
+                "pinned": [{"namespace": "shop", "service": "web", "nodePort": 31050},
+                    {"namespace": "shop", "service": "gone", "nodePort": 31060},
+                    {"namespace": "shop", "service": "odd", "nodePort": 31003}]}}),
+        )];
+        // `web` holds its pinned port; a second Service holds a port the allocator gave it.
+        let services = [
+            service("web", json!({}), 31050, created_by_kubectl()),
+            service("api", json!({}), 30555, created_by_kubectl()),
+        ];
+        let comp = run(&policies, &services);
+        let facts = comp.facts(&policies[0], None);
+        let np = facts.node_ports.unwrap();
+        let c = np.counts;
+        assert_eq!(c.total, 100);
+        assert_eq!(c.used, 2, "{np:?}");
+        assert_eq!(c.used, np.used, "the metric and the status agree on used");
+        // 31000-31014 and 31095-31099; 31003 is reserved before it is pinned.
+        assert_eq!(c.reserved, 20);
+        // 31060 only: 31050 is used, 31003 reserved.
+        assert_eq!(c.pinned, 1);
+        assert_eq!(c.free, 100 - 2 - 20 - 1);
+        assert_eq!(c.used + c.reserved + c.pinned + c.free, c.total);
+    }
+
+    #[test]
+    fn node_port_counts_count_each_port_once() {
+        let range: PortRange = "100-109".parse().unwrap();
+        let c = NodePortCounts::of(range, &["105-120".parse().unwrap()], &[], [100, 100, 106, 5000]);
+        assert_eq!(
+            c,
+            NodePortCounts {
+                total: 10,
+                used: 2,
+                reserved: 4,
+                pinned: 0,
+                free: 4
+            }
+        );
     }
 }

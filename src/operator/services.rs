@@ -15,13 +15,12 @@ use serde_json::{Value, json};
 
 use portpolicy_core::crd::ExternalTrafficRule;
 use portpolicy_core::ports::Protocol;
+use portpolicy_core::service::{ServiceModel, ServiceType};
+use portpolicy_core::well_known::{
+    HEALTH_CHECK_NODE_PORT_ANNOTATION, LAST_APPLIED_ANNOTATION, SERVICE_PROXY_NAME, SERVICE_PROXY_NAME_LABEL,
+};
 
 pub const FIELD_MANAGER: &str = "portpolicy-operator";
-pub const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-pub const PROXY_NAME: &str = "portpolicy";
-/// The pre-1.7 spelling of `spec.healthCheckNodePort`, for Services that are Local only through
-/// the `OnlyLocal` annotation.
-pub const HEALTH_CHECK_ANNOTATION: &str = "service.beta.kubernetes.io/healthcheck-nodeport";
 
 /// Everything one policy wants on one Service.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -57,10 +56,10 @@ impl ServiceIntent {
     pub fn apply_body(&self) -> Value {
         let mut metadata = json!({"name": self.name, "namespace": self.namespace});
         if self.proxy_label {
-            metadata["labels"] = json!({PROXY_NAME_LABEL: PROXY_NAME});
+            metadata["labels"] = json!({SERVICE_PROXY_NAME_LABEL: SERVICE_PROXY_NAME});
         }
         if let Some((port, true)) = self.health_check {
-            metadata["annotations"] = json!({HEALTH_CHECK_ANNOTATION: port.to_string()});
+            metadata["annotations"] = json!({HEALTH_CHECK_NODE_PORT_ANNOTATION: port.to_string()});
         }
         let mut body = json!({"apiVersion": "v1", "kind": "Service", "metadata": metadata});
         let mut spec = serde_json::Map::new();
@@ -101,17 +100,18 @@ impl ServiceIntent {
             None => true,
             Some((port, false)) => spec.and_then(|s| s.health_check_node_port) == Some(i32::from(port)),
             Some((port, true)) => {
-                annotation(service, HEALTH_CHECK_ANNOTATION) == Some(port.to_string().as_str())
+                annotation(service, HEALTH_CHECK_NODE_PORT_ANNOTATION) == Some(port.to_string().as_str())
             }
         };
         let traffic_ok = !self.external_traffic_local
             || spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
-        let label_ok = !self.proxy_label || label(service, PROXY_NAME_LABEL) == Some(PROXY_NAME);
+        let label_ok =
+            !self.proxy_label || label(service, SERVICE_PROXY_NAME_LABEL) == Some(SERVICE_PROXY_NAME);
         // A field the operator still owns but no longer wants is given back by the next apply.
         let owned = owned_fields(service);
         let owned_label = owned
             .and_then(|f| f.pointer("/f:metadata/f:labels"))
-            .and_then(|labels| labels.get(format!("f:{PROXY_NAME_LABEL}")))
+            .and_then(|labels| labels.get(format!("f:{SERVICE_PROXY_NAME_LABEL}")))
             .is_some();
         let owned_traffic = owned
             .and_then(|f| f.pointer("/f:spec/f:externalTrafficPolicy"))
@@ -153,7 +153,7 @@ fn owned_fields(service: &Service) -> Option<&Value> {
 /// Nobody owns a nodePort the API server picked at random: ownership is recorded for the fields
 /// a request sets, and allocation happens later, in the registry. So an owned nodePort is one a
 /// user (or a tool, or this operator) asked for; an unowned one is the API server's random pick.
-pub fn node_port_owned(service: &Service, port: i32, protocol: Protocol) -> Option<bool> {
+pub fn node_port_owned(service: &Service, port: u16, protocol: Protocol) -> Option<bool> {
     let entries = service
         .metadata
         .managed_fields
@@ -231,7 +231,7 @@ pub fn external_traffic_policy_set_by_user(service: &Service) -> bool {
                 .and_then(|s| s.get("f:externalTrafficPolicy"))
                 .is_some()
     });
-    let last_applied = annotation(service, "kubectl.kubernetes.io/last-applied-configuration")
+    let last_applied = annotation(service, LAST_APPLIED_ANNOTATION)
         .and_then(|text| serde_json::from_str::<Value>(text).ok())
         .is_some_and(|v| v.pointer("/spec/externalTrafficPolicy").is_some());
     applied_by_other || last_applied
@@ -239,8 +239,8 @@ pub fn external_traffic_policy_set_by_user(service: &Service) -> bool {
 
 /// Whether `rule` makes the operator set `externalTrafficPolicy: Local` on this Service.
 pub fn wants_local_traffic(rule: ExternalTrafficRule, service: &Service) -> bool {
-    let service_type = service.spec.as_ref().and_then(|s| s.type_.as_deref());
-    if !matches!(service_type, Some("NodePort" | "LoadBalancer")) {
+    let service_type = ServiceType::parse(service.spec.as_ref().and_then(|s| s.type_.as_deref()));
+    if !service_type.has_node_ports() {
         return false;
     }
     match rule {
@@ -253,15 +253,8 @@ pub fn wants_local_traffic(rule: ExternalTrafficRule, service: &Service) -> bool
 /// Service identity, `namespace/name`.
 pub type ServiceKey = (String, String);
 
-pub fn key_of(service: &Service) -> ServiceKey {
-    (
-        service
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        service.metadata.name.clone().unwrap_or_default(),
-    )
+pub fn key_of(service: &ServiceModel<'_>) -> ServiceKey {
+    (service.namespace.to_string(), service.name.to_string())
 }
 
 /// Intents by Service, for iteration in a stable order.

@@ -17,5 +17,7 @@ pub mod plan;
 pub mod ports;
 pub mod problem;
 pub mod selector;
+pub mod service;
 pub mod snapshot;
 pub mod table;
+pub mod well_known;

@@ -11,10 +11,11 @@ use serde::Serialize;
 use crate::crd::{AllocationRecord, NodePortKind};
 use crate::governance::PolicySet;
 use crate::hostport;
-use crate::ipvs::plan::{NodePlan, PlannerConfig, ProxyMode, plan_node};
+use crate::ipvs::{NodePlan, PlannerConfig, ProxyMode, plan_node};
 use crate::nodeport::{NodePortInput, plan_node_ports};
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
+use crate::service::ServiceModel;
 use crate::snapshot::Snapshot;
 use crate::table::Table;
 
@@ -123,11 +124,12 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
             (p.name().to_string(), records)
         })
         .collect();
+    let services: Vec<ServiceModel<'_>> = snapshot.services.iter().map(ServiceModel::read).collect();
     let allocation = plan_node_ports(&NodePortInput {
         cluster_range: options.node_port_range,
         policies: &policies,
         records: &records,
-        services: &snapshot.services,
+        services: &services,
         namespace_labels: &namespace_labels,
         now: options.now,
     });

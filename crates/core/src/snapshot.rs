@@ -13,6 +13,7 @@ use serde_json::Value;
 
 use crate::crd::PortPolicy;
 use crate::problem::{Problem, object_ref};
+use crate::well_known::NAMESPACE_NAME_LABEL;
 
 /// Every object kind portpolicy reads.
 #[derive(Clone, Debug, Default)]
@@ -27,9 +28,6 @@ pub struct Snapshot {
     pub deployments: Vec<Deployment>,
     pub stateful_sets: Vec<StatefulSet>,
 }
-
-/// The label the API server puts on every Namespace (`kubernetes.io/metadata.name`).
-pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 impl Snapshot {
     pub fn object_count(&self) -> usize {

@@ -6,7 +6,7 @@ use pretty_assertions::assert_eq;
 use super::*;
 use crate::agent::dataplane::{FakeDataplane, FakeKernel};
 use portpolicy_core::ipvs::IpvsOp;
-use portpolicy_core::ipvs::plan::plan_node;
+use portpolicy_core::ipvs::plan_node;
 use portpolicy_core::snapshot::parse_str;
 
 const NODE: &str = "

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use crate::crd::{CompiledPolicy, HostPortConflictRecord};
 use crate::governance::{Labels, PolicySet};
 use crate::ports::{PortRange, Protocol};
-use crate::snapshot::NAMESPACE_NAME_LABEL;
+use crate::well_known::NAMESPACE_NAME_LABEL;
 
 use super::binding::HostPortBinding;
 use super::placement::PlacedPod;

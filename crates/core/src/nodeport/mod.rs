@@ -16,7 +16,6 @@
 
 mod bitmap;
 mod plan;
-mod service;
 
 #[cfg(test)]
 mod tests;
@@ -29,13 +28,11 @@ use crate::crd::{AllocationRecord, NodePortKind};
 use crate::governance::{Labels, PolicySet};
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
+use crate::service::{HealthCheckField, ServiceModel};
+use crate::well_known::HEALTH_CHECK_NODE_PORT_ANNOTATION;
 
 pub use bitmap::PortBitmap;
 pub use plan::plan_node_ports;
-pub use service::{
-    EXTERNAL_TRAFFIC_ANNOTATION, EXTERNAL_TRAFFIC_ONLY_LOCAL, HEALTH_CHECK_NODE_PORT_ANNOTATION,
-    HealthCheckField,
-};
 
 /// Everything the allocator decides from.
 #[derive(Clone, Copy, Debug)]
@@ -46,7 +43,7 @@ pub struct NodePortInput<'a> {
     /// `status.allocations` of each policy, by policy name: the durable sticky records.
     pub records: &'a BTreeMap<String, Vec<AllocationRecord>>,
     /// Every Service in the cluster, governed or not.
-    pub services: &'a [Service],
+    pub services: &'a [ServiceModel<'a>],
     /// Labels by namespace name (`Snapshot::namespace_labels()`).
     pub namespace_labels: &'a BTreeMap<String, Labels>,
     pub now: chrono::DateTime<chrono::Utc>,

@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
-use super::service::{PortView, ServiceView};
 use super::{
     AssignmentState, HealthCheckNodePort, NodePortAssignment, NodePortInput, NodePortPlan, NodePortProblem,
     NodePortProblemReason as Reason, PolicyNodePorts, PortBitmap, ServiceNodePortChange, ServicePortNodePort,
@@ -14,6 +13,7 @@ use crate::crd::{AllocationRecord, CompiledPolicy, NodePortKind};
 use crate::governance::Governance;
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
+use crate::service::{ServiceModel, ServicePortModel};
 
 /// Decides every nodePort from the input. Deterministic: the same input gives the same plan.
 pub fn plan_node_ports(input: &NodePortInput<'_>) -> NodePortPlan {
@@ -71,7 +71,11 @@ struct Planner<'i, 'a> {
     input: &'i NodePortInput<'a>,
     now: Time,
     now_nanos: i128,
-    views: Vec<ServiceView<'a>>,
+    /// The Services, oldest first.
+    views: Vec<&'a ServiceModel<'a>>,
+    /// By view: the problems that leave the Service untouched (its valid nodePorts are still
+    /// held, so nothing else is given them).
+    invalid: Vec<Vec<Problem>>,
     /// Ports held by a Service or a record, or reserved/pinned by a policy: never handed out
     /// automatically. Covers the cluster range only, like the API server's bitmap.
     blocked: PortBitmap,
@@ -91,25 +95,34 @@ impl<'i, 'a> Planner<'i, 'a> {
             + i128::from(input.now.timestamp_subsec_nanos());
         // Whole seconds: that is what a Time survives a round trip through the API as.
         let now = Time(Timestamp::from_second(input.now.timestamp()).unwrap_or(Timestamp::UNIX_EPOCH));
-        let mut views: Vec<ServiceView<'a>> = input.services.iter().map(ServiceView::read).collect();
+        let mut views: Vec<&'a ServiceModel<'a>> = input.services.iter().collect();
         // Oldest first, like the order the API server would have seen them in.
         views.sort_by(|a, b| (a.created, a.namespace, a.name).cmp(&(b.created, b.namespace, b.name)));
         let mut seen = BTreeSet::new();
-        for view in &mut views {
-            if !seen.insert((view.namespace, view.name)) {
-                let problem = Problem::new(
-                    &view.object,
-                    "metadata.name",
-                    "appears more than once in the input",
-                );
-                view.problems.push(problem);
-            }
-        }
+        let invalid = views
+            .iter()
+            .map(|view| {
+                let mut problems: Vec<Problem> = (view.issues.iter())
+                    .filter(|issue| issue.kind.blocks_allocation())
+                    .map(|issue| view.problem(issue, None))
+                    .collect();
+                if !seen.insert((view.namespace, view.name)) {
+                    let problem = Problem::new(
+                        view.object(),
+                        "metadata.name",
+                        "appears more than once in the input",
+                    );
+                    problems.push(problem);
+                }
+                problems
+            })
+            .collect();
         Planner {
             input,
             now,
             now_nanos,
             views,
+            invalid,
             blocked: PortBitmap::new(input.cluster_range),
             holders: BTreeMap::new(),
             reservations: BTreeMap::new(),
@@ -214,17 +227,17 @@ impl<'i, 'a> Planner<'i, 'a> {
         let policies = self.input.policies;
         let mut treatments = Vec::with_capacity(self.views.len());
         let mut found = Vec::new();
-        for view in &self.views {
+        for (view, invalid) in self.views.iter().zip(&self.invalid) {
             let governance =
                 policies.governing_service(self.input.namespace_labels.get(view.namespace), view.labels);
             let treatment = match governance {
-                Governance::By(policy) if view.is_valid() => match policy.node_port_range {
+                Governance::By(policy) if invalid.is_empty() => match policy.node_port_range {
                     Some(range) => Treatment::Managed(policy, range),
                     None => Treatment::Untouched,
                 },
                 Governance::Ambiguous(a, b) => {
                     let problem = Problem::new(
-                        &view.object,
+                        view.object(),
                         "metadata.labels",
                         format!(
                             "selected by PortPolicy/{} and PortPolicy/{}; its nodePorts are left untouched until one policy selects it",
@@ -243,7 +256,7 @@ impl<'i, 'a> Planner<'i, 'a> {
                 _ => Treatment::Untouched,
             };
             let governing = governance.policy().map(|p| p.name.as_str());
-            for problem in &view.problems {
+            for problem in invalid {
                 found.push((governing, Reason::InvalidService, problem.clone()));
             }
             treatments.push(treatment);
@@ -259,7 +272,7 @@ impl<'i, 'a> Planner<'i, 'a> {
     fn seed_services(&mut self) {
         let mut duplicates = Vec::new();
         for (i, view) in self.views.iter().enumerate() {
-            for (port, field) in view.held_ports() {
+            for (port, field) in view.held_node_ports() {
                 match self.holders.get(&port) {
                     Some(&Holder::Service(first)) if first != i => duplicates.push((first, i, port, field)),
                     Some(_) => {}
@@ -272,7 +285,7 @@ impl<'i, 'a> Planner<'i, 'a> {
         }
         for (first, later, port, field) in duplicates {
             let first_field = self.views[first]
-                .held_ports()
+                .held_node_ports()
                 .find(|(p, _)| *p == port)
                 .map(|(_, f)| f)
                 .unwrap_or_default();
@@ -281,11 +294,11 @@ impl<'i, 'a> Planner<'i, 'a> {
                 (first, &first_field, later, &field),
             ] {
                 let problem = Problem::new(
-                    &self.views[at].object,
+                    self.views[at].object(),
                     at_field.as_str(),
                     format!(
                         "nodePort {port} is also held by {} {other_field}; both keep it, one must change",
-                        self.views[other].object
+                        self.views[other].object()
                     ),
                 );
                 let policy = self.governing_name(at);
@@ -371,7 +384,7 @@ impl<'i, 'a> Planner<'i, 'a> {
                 };
                 let holds_a_port = by_name
                     .get(&(identity.namespace, identity.service))
-                    .is_some_and(|&i| holds_port(&self.views[i], identity));
+                    .is_some_and(|&i| holds_port(self.views[i], identity));
                 let expired = record
                     .released_at
                     .as_ref()
@@ -413,11 +426,11 @@ impl<'i, 'a> Planner<'i, 'a> {
     }
 
     fn plan_service(&mut self, i: usize, policy: &'a CompiledPolicy, range: PortRange) {
-        let view = self.views[i].clone();
+        let view = self.views[i];
         let mut changed_ports = Vec::new();
 
         // Ports with the same number share one nodePort, whatever their protocols.
-        let mut groups: Vec<Vec<&PortView<'a>>> = Vec::new();
+        let mut groups: Vec<Vec<&ServicePortModel<'a>>> = Vec::new();
         for port in &view.ports {
             match groups.iter_mut().find(|g| g[0].port == port.port) {
                 Some(group) => group.push(port),
@@ -506,7 +519,7 @@ impl<'i, 'a> Planner<'i, 'a> {
                         _ => "kept, as the policy does not enforce its range".to_string(),
                     };
                     let problem = Problem::new(
-                        &view.object,
+                        view.object(),
                         format!("spec.ports[{}].nodePort", member.index),
                         format!(
                             "{own} is outside PortPolicy/{}'s range {range}; {fate}",
@@ -544,7 +557,7 @@ impl<'i, 'a> Planner<'i, 'a> {
         }
 
         let mut health_change = None;
-        if let Some(health) = view.health_check.clone() {
+        if let Some(health) = view.health_check {
             let field = health.field.path();
             let outcome = match health.node_port {
                 Some(own) if range.contains(own) => Some((own, AssignmentState::Existing)),
@@ -560,7 +573,7 @@ impl<'i, 'a> Planner<'i, 'a> {
                         None => "kept, as the policy does not enforce its range".to_string(),
                     };
                     let problem = Problem::new(
-                        &view.object,
+                        view.object(),
                         field.as_str(),
                         format!(
                             "{own} is outside PortPolicy/{}'s range {range}; {fate}",
@@ -580,7 +593,7 @@ impl<'i, 'a> Planner<'i, 'a> {
                     });
                 }
                 self.assignments.push(health_assignment(
-                    &view,
+                    view,
                     Some(&policy.name),
                     node_port,
                     state,
@@ -637,7 +650,7 @@ impl<'i, 'a> Planner<'i, 'a> {
         let view = &self.views[i];
         match self.holders.get(&port)? {
             Holder::Service(j) if *j == i => None,
-            Holder::Service(j) => Some(self.views[*j].object.clone()),
+            Holder::Service(j) => Some(self.views[*j].object()),
             Holder::Retained { identity, .. }
                 if identity.namespace == view.namespace
                     && identity.service == view.name
@@ -715,7 +728,7 @@ impl<'i, 'a> Planner<'i, 'a> {
                 policy.name
             ),
         };
-        let problem = Problem::new(&self.views[i].object, field, message);
+        let problem = Problem::new(self.views[i].object(), field, message);
         self.problem(Some(&policy.name), Reason::RangeExhausted, problem);
         None
     }
@@ -822,7 +835,7 @@ fn record(identity: &Identity<'_>, port: u16, released_at: Option<Time>) -> Allo
 }
 
 fn health_assignment(
-    view: &ServiceView<'_>,
+    view: &ServiceModel<'_>,
     policy: Option<&str>,
     node_port: u16,
     state: AssignmentState,
@@ -847,7 +860,7 @@ fn record_port(record: &AllocationRecord) -> Option<u16> {
 }
 
 /// Whether a Service holds a nodePort for this identity right now.
-fn holds_port(view: &ServiceView<'_>, identity: Identity<'_>) -> bool {
+fn holds_port(view: &ServiceModel<'_>, identity: Identity<'_>) -> bool {
     match identity.kind {
         NodePortKind::Service => view
             .ports

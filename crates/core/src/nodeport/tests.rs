@@ -8,6 +8,10 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::crd::PortPolicy;
+use crate::service::ServiceModel;
+use crate::well_known::{
+    EXTERNAL_TRAFFIC_ANNOTATION, EXTERNAL_TRAFFIC_ONLY_LOCAL, HEALTH_CHECK_NODE_PORT_ANNOTATION,
+};
 
 const EDGE_NS: &str = "edge";
 const OTHER_NS: &str = "other";
@@ -92,11 +96,12 @@ impl World {
 
     fn plan(&self) -> NodePortPlan {
         let set = PolicySet::compile(&self.policies);
+        let services: Vec<ServiceModel<'_>> = self.services.iter().map(ServiceModel::read).collect();
         plan_node_ports(&NodePortInput {
             cluster_range: self.cluster,
             policies: &set,
             records: &self.records,
-            services: &self.services,
+            services: &services,
             namespace_labels: &self.namespaces,
             now: self.now,
         })
@@ -1027,6 +1032,23 @@ fn invalid_services_are_reported_by_field_and_left_untouched() {
             "spec {spec}"
         );
     }
+}
+
+#[test]
+fn an_empty_type_is_cluster_ip_not_an_invalid_service() {
+    // The API server defaults `type: ""` to ClusterIP, so such a Service is valid (and holds no
+    // nodePort), as the planner always read it.
+    let world = World::new(
+        vec![edge(json!({"range": "31000-31099"}))],
+        vec![service(
+            EDGE_NS,
+            "plain",
+            json!({"type": "", "ports": [{"port": 80}]}),
+        )],
+    );
+    let plan = world.plan();
+    assert!(plan.problems.is_empty(), "{:?}", plan.problems);
+    assert!(plan.assignments.is_empty());
 }
 
 #[test]

@@ -1,6 +1,21 @@
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+
 use super::*;
+use crate::governance::PolicySet;
 use crate::ipvs::diff::{Ownership, diff_keys};
 use crate::ipvs::table::test_keys::vs_key;
+use crate::ports::Protocol;
+use crate::problem::Problem;
+use crate::service::ServiceModel;
+use crate::snapshot::Snapshot;
+use crate::well_known::{
+    EXTERNAL_TRAFFIC_ANNOTATION, HEALTH_CHECK_NODE_PORT_ANNOTATION, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME,
+    SERVICE_PROXY_NAME_LABEL,
+};
 use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 
@@ -579,12 +594,12 @@ fn which_services_are_proxied() {
     ];
     for (name, svc, replacement, delegated) in cases {
         assert_eq!(
-            ProxyMode::Replacement.proxies(&svc),
+            ProxyMode::Replacement.proxies(&ServiceModel::read(&svc)),
             replacement,
             "{name} in replacement mode"
         );
         assert_eq!(
-            ProxyMode::Delegated.proxies(&svc),
+            ProxyMode::Delegated.proxies(&ServiceModel::read(&svc)),
             delegated,
             "{name} in delegated mode"
         );
@@ -875,6 +890,60 @@ fn health_checks_count_distinct_local_ready_ips() {
     );
 }
 
+/// Where the planner's reading of a Service used to differ from the allocator's, it now reads
+/// the one Service model, which decides as the API server does.
+#[test]
+fn services_are_read_as_the_api_server_reads_them() {
+    // healthCheckNodePort 0 means "allocate one": no problem, and no health check until then.
+    let unallocated = service(
+        "shop",
+        "lb",
+        json!({}),
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.20", "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 0, "ports": [{"port": 80, "nodePort": 30090}]}),
+        json!({}),
+    );
+    // A Service in the empty namespace is in `default`; one without a name cannot exist.
+    let mut defaulted = web_service(json!({}), json!({}));
+    defaulted.metadata.namespace = Some(String::new());
+    let mut nameless = service(
+        "shop",
+        "x",
+        json!({}),
+        json!({"clusterIP": "10.96.0.30", "ports": [{"port": 80}]}),
+        json!({}),
+    );
+    nameless.metadata.name = None;
+    let plan = plan_node(
+        &snapshot(vec![unallocated, defaulted, nameless], vec![]),
+        &config(ProxyMode::Replacement),
+    );
+    assert_eq!(plan.problems, []);
+    assert_eq!(plan.health_checks, []);
+    let services: BTreeSet<&str> = plan.virtual_servers.iter().map(|vs| &*vs.service).collect();
+    assert_eq!(services, BTreeSet::from(["default/web", "shop/lb"]));
+
+    // A healthCheckNodePort that is one of the Service's nodePorts is not served twice.
+    let clash = service(
+        "shop",
+        "lb",
+        json!({}),
+        json!({"type": "LoadBalancer", "clusterIP": "10.96.0.20", "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 30080, "ports": [{"port": 80, "nodePort": 30080}]}),
+        json!({}),
+    );
+    let plan = plan_node(&snapshot(vec![clash], vec![]), &config(ProxyMode::Replacement));
+    assert_eq!(plan.health_checks, []);
+    assert_eq!(
+        plan.problems,
+        [Problem::new(
+            "Service/shop/lb",
+            "spec.healthCheckNodePort",
+            "30080 is already the nodePort of spec.ports[0]; no health check served"
+        )]
+    );
+}
+
 #[test]
 fn two_services_on_one_virtual_server_first_wins() {
     let shared = |ns: &str, name: &str, cluster_ip: &str| {
@@ -1076,70 +1145,6 @@ fn later_copies_in_a_snapshot_win_as_applying_them_in_order_would() {
     applied.upsert_slice(&first);
     applied.upsert_slice(&moved);
     assert_eq!(applied.node_plan(), plan);
-}
-
-mod claims {
-    use super::*;
-    use pretty_assertions::assert_eq;
-    use proptest::prelude::*;
-
-    fn id(i: u8) -> ServiceId {
-        ServiceId::new(["a", "b"][usize::from(i % 2)], &format!("s{}", i / 2))
-    }
-
-    fn key(k: u8) -> VirtualServerKey {
-        vs_key(&format!("10.96.0.{k}"), 80, Protocol::Tcp)
-    }
-
-    #[test]
-    fn the_first_by_namespace_and_name_wins_and_the_next_takes_over() {
-        let mut claims = Claims::default();
-        let (b_s0, a_s1) = (ServiceId::new("b", "s0"), ServiceId::new("a", "s1"));
-        claims.claim(key(1), &b_s0);
-        assert_eq!(claims.winner(&key(1)), Some(&b_s0));
-        assert_eq!(
-            claims.contested_winner(&key(1)),
-            None,
-            "one claimant is no contest"
-        );
-        claims.claim(key(1), &a_s1);
-        assert_eq!(claims.winner(&key(1)), Some(&a_s1));
-        assert_eq!(claims.contested_winner(&key(1)), Some(&a_s1));
-        claims.release(&key(1), &a_s1);
-        assert_eq!(claims.winner(&key(1)), Some(&b_s0));
-        assert_eq!(claims.contested_winner(&key(1)), None);
-        claims.release(&key(1), &b_s0);
-        assert_eq!(claims.winner(&key(1)), None);
-        assert!(claims.winners.is_empty() && claims.contested.is_empty());
-    }
-
-    proptest! {
-        /// Any claims and releases leave the winner of each key the least claimant, and keep
-        /// only keys with two or more claimants as contested.
-        #[test]
-        fn claims_agree_with_a_set_of_claimants(ops in prop::collection::vec((any::<bool>(), 0..3u8, 0..5u8), 0..60)) {
-            let mut claims = Claims::default();
-            let mut model: BTreeMap<u8, BTreeSet<ServiceId>> = BTreeMap::new();
-            for (claim, k, i) in ops {
-                if claim {
-                    claims.claim(key(k), &id(i));
-                    model.entry(k).or_default().insert(id(i));
-                } else {
-                    claims.release(&key(k), &id(i));
-                    if let Some(set) = model.get_mut(&k) {
-                        set.remove(&id(i));
-                    }
-                }
-                for k in 0..3u8 {
-                    let set = model.get(&k).cloned().unwrap_or_default();
-                    prop_assert_eq!(claims.winner(&key(k)), set.first());
-                    let contested = (set.len() > 1).then(|| set.first()).flatten();
-                    prop_assert_eq!(claims.contested_winner(&key(k)), contested);
-                    prop_assert_eq!(claims.contested.get(&key(k)).map(Vec::len).unwrap_or(0), if set.len() > 1 { set.len() } else { 0 });
-                }
-            }
-        }
-    }
 }
 
 mod incremental {

@@ -1,0 +1,148 @@
+//! What one node must program: the IPVS planner's output, and the settings it plans for.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::problem::Problem;
+use crate::service::{ServiceModel, ServiceType};
+use crate::well_known::SERVICE_PROXY_NAME;
+
+use super::table::{IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
+
+/// Every real server gets the same weight, as kube-proxy programs them.
+pub const REAL_SERVER_WEIGHT: u32 = 1;
+
+/// Which Services the agent proxies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum ProxyMode {
+    /// The cluster runs no kube-proxy: proxy every Service kube-proxy would (not headless, not
+    /// ExternalName, not handed to another proxy by
+    /// [`SERVICE_PROXY_NAME_LABEL`](crate::well_known::SERVICE_PROXY_NAME_LABEL)).
+    Replacement,
+    /// kube-proxy runs too: proxy only the Services labeled
+    /// `service.kubernetes.io/service-proxy-name: portpolicy`, which kube-proxy then leaves alone.
+    #[default]
+    Delegated,
+}
+
+impl ProxyMode {
+    /// Whether the agent in this mode proxies a Service at all. A Service without a name is
+    /// not proxied: the API server would have refused it, so kube-proxy never sees one.
+    pub fn proxies(self, service: &ServiceModel<'_>) -> bool {
+        let proxy_name = service.proxy_name();
+        let ours = match self {
+            ProxyMode::Replacement => proxy_name.is_none_or(|n| n == SERVICE_PROXY_NAME),
+            ProxyMode::Delegated => proxy_name.is_some_and(|n| n == SERVICE_PROXY_NAME),
+        };
+        ours && service.type_ != ServiceType::ExternalName && !service.headless && !service.name.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlannerConfig {
+    /// The node this plan is for (`metadata.name` of the Node, `nodeName` of its endpoints).
+    pub node_name: String,
+    pub mode: ProxyMode,
+}
+
+/// Where a virtual server's address comes from. The order is the order of a plan.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum VirtualServerKind {
+    ClusterIP,
+    NodePort,
+    ExternalIP,
+    LoadBalancer,
+}
+
+impl VirtualServerKind {
+    /// Traffic to cluster IPs comes from inside the cluster; to the others, from outside.
+    pub fn is_external(self) -> bool {
+        self != VirtualServerKind::ClusterIP
+    }
+}
+
+/// One virtual server the node must program, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlannedVirtualServer {
+    /// `namespace/name` of the Service.
+    pub service: Arc<str>,
+    /// The Service port's name; empty for a single unnamed port.
+    pub port_name: Arc<str>,
+    pub kind: VirtualServerKind,
+    pub key: VirtualServerKey,
+    /// Real servers are this node's endpoints only (`internalTrafficPolicy: Local` for a cluster
+    /// IP, `externalTrafficPolicy: Local` for the external kinds). For the external kinds this
+    /// also means the client address is kept: external traffic is not masqueraded.
+    pub only_local: bool,
+    /// Traffic from outside the cluster must be masqueraded so replies return through this
+    /// node: always for cluster IPs, and for the external kinds under Cluster policy.
+    /// Node-local clients are masqueraded regardless (their replies would never return).
+    pub masquerade_external: bool,
+    pub scheduler: Arc<str>,
+    /// Seconds of ClientIP persistence (`sessionAffinity: ClientIP`).
+    pub persistence_timeout: Option<u32>,
+    /// Sorted by address and port; every weight is [`REAL_SERVER_WEIGHT`]. Shared by the
+    /// Service's virtual servers of the same address family and locality.
+    pub real_servers: Arc<[(RealServerKey, u32)]>,
+}
+
+impl PlannedVirtualServer {
+    /// The kernel's view of this virtual server.
+    pub fn to_ipvs_service(&self) -> IpvsService {
+        IpvsService {
+            scheduler: self.scheduler.clone(),
+            persistence_timeout: self.persistence_timeout,
+            // Inserted in order: a few real servers fit one node, built without sorting.
+            real_servers: self
+                .real_servers
+                .iter()
+                .fold(BTreeMap::new(), |mut reals, (rs, weight)| {
+                    reals.insert(*rs, RealServerState::with_weight(*weight));
+                    reals
+                }),
+        }
+    }
+}
+
+/// A health-check node port this node serves (one HTTP listener, see the health module).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HealthCheckPlan {
+    pub namespace: String,
+    pub name: String,
+    pub node_port: u16,
+    /// Distinct IPs of this node's ready, not terminating endpoints of the Service.
+    pub local_endpoints: usize,
+}
+
+/// Everything one node must program.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct NodePlan {
+    pub node: String,
+    /// This node's InternalIP and ExternalIP addresses (the node-port virtual server addresses).
+    pub node_addresses: BTreeSet<IpAddr>,
+    /// Sorted by Service (namespace, then name), kind and key. A virtual server claimed by two
+    /// Services appears once, for the first; the other gets a problem.
+    pub virtual_servers: Vec<PlannedVirtualServer>,
+    /// Sorted by namespace and name.
+    pub health_checks: Vec<HealthCheckPlan>,
+    /// Addresses to bind on the agent's dummy interface: cluster, external and load-balancer IPs.
+    pub vips: BTreeSet<IpAddr>,
+    /// Node ports (and health-check node ports) to keep out of `ip_local_reserved_ports`' reach
+    /// of ephemeral ports.
+    pub reserved_node_ports: BTreeSet<u16>,
+    /// Sorted and without duplicates.
+    pub problems: Vec<Problem>,
+}
+
+impl NodePlan {
+    /// The IPVS table this plan wants.
+    pub fn table(&self) -> IpvsTable {
+        self.virtual_servers
+            .iter()
+            .map(|vs| (vs.key, vs.to_ipvs_service()))
+            .collect()
+    }
+}
