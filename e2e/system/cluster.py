@@ -37,10 +37,17 @@ def kubeconfig(path: pathlib.Path, port: int) -> pathlib.Path:
     return path
 
 
+# Each start of an operator replica connects through a listener of its own (`op-a.0`,
+# `op-a.1`, ...), so the request log tells a write the restarted process sent apart from one
+# the previous process had in flight when it died.
+REPLICAS = ("op-a", "op-b")
+STARTS_PER_REPLICA = 8
+
+
 class ApiServer:
     """The emulator, one loopback port per client so that its request log tells them apart."""
 
-    LISTENERS = ("kubectl", "op-a", "op-b", "vm")
+    LISTENERS = ("kubectl", "vm") + tuple(f"{r}.{n}" for r in REPLICAS for n in range(STARTS_PER_REPLICA))
 
     def __init__(self, emulator_dir: pathlib.Path, work: pathlib.Path):
         self.work = work
@@ -88,8 +95,13 @@ def writes(entries: list[dict], listener: str | None = None, since: float = 0.0)
         if e.get("verb") in WRITE_VERBS
         and 200 <= e.get("code", 0) < 300
         and e["t"] >= since
-        and (listener is None or e["listener"] == listener)
+        and (listener is None or of_client(e, listener))
     ]
+
+
+def of_client(entry: dict, client: str) -> bool:
+    """True for requests of `client`: a listener name, or a replica name for all its starts."""
+    return entry["listener"] == client or entry["listener"].startswith(client + ".")
 
 
 def describe(entry: dict) -> str:
@@ -135,11 +147,12 @@ def http_status(url: str, timeout: float = 2.0) -> int | None:
 
 
 class Replica:
-    """One operator replica: its own identity, metrics port and API listener. A supervisor
-    thread starts it again a second after it exits, like a pod's restartPolicy Always."""
+    """One operator replica: its own identity, metrics port and an API listener for each start.
+    A supervisor thread starts it again a second after it exits, like a pod's restartPolicy
+    Always."""
 
-    def __init__(self, name: str, binary: str, kubeconfig: pathlib.Path, metrics_port: int, work: pathlib.Path):
-        self.name, self.binary, self.kubeconfig, self.metrics_port = name, binary, kubeconfig, metrics_port
+    def __init__(self, name: str, binary: str, api: ApiServer, metrics_port: int, work: pathlib.Path):
+        self.name, self.binary, self.api, self.metrics_port = name, binary, api, metrics_port
         self.log_path = work / f"operator-{name}.log"
         self.process: subprocess.Popen | None = None
         self.exits: list[tuple[float, int]] = []  # (time, status)
@@ -152,10 +165,17 @@ class Replica:
     def metrics_url(self) -> str:
         return f"http://127.0.0.1:{self.metrics_port}"
 
+    def listener(self, start: int) -> str:
+        """The listener the `start`-th process (0 is the first) talks through."""
+        return f"{self.name}.{start}"
+
     def _spawn(self) -> None:
+        start = len(self.starts)
+        if start >= STARTS_PER_REPLICA:
+            raise RuntimeError(f"{self.name} started more than {STARTS_PER_REPLICA} times; raise STARTS_PER_REPLICA")
         env = dict(
             os.environ,
-            KUBECONFIG=str(self.kubeconfig),
+            KUBECONFIG=str(self.api.kubeconfigs[self.listener(start)]),
             POD_NAME=self.name,
             POD_NAMESPACE="portpolicy-system",
             PORTPOLICY_METRICS_ADDRESS=f"127.0.0.1:{self.metrics_port}",
