@@ -181,7 +181,8 @@ class Replica:
             PORTPOLICY_METRICS_ADDRESS=f"127.0.0.1:{self.metrics_port}",
             PORTPOLICY_NODE_PORT_RANGE="30000-32767",
             PORTPOLICY_IMAGE="portpolicy:dev",
-            RUST_LOG="info",
+            # RUST_LOG=debug e2e/run-system ... passes through to the operators.
+            RUST_LOG=os.environ.get("RUST_LOG", "info"),
         )
         log = open(self.log_path, "a")
         log.write(f"--- start {time.time():.3f}\n")

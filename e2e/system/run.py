@@ -28,7 +28,9 @@ class Run:
         self.args = args
         self.work = pathlib.Path(args.work)
         self.work.mkdir(parents=True, exist_ok=True)
-        (self.work / "kubectl.log").unlink(missing_ok=True)
+        # Logs of this run only (the replicas append across their restarts within a run).
+        for stale in ("kubectl.log", "operator-op-a.log", "operator-op-b.log", "agent.log"):
+            (self.work / stale).unlink(missing_ok=True)
         self.passed = self.failed = 0
         self.timings: dict[str, float] = {}
         self.api: ApiServer | None = None
@@ -90,6 +92,19 @@ class Run:
         # Refused or timed-out connections print nc's complaint, not a pod's name.
         return [line for line in self.guest(script)[1].splitlines() if line.startswith("pod-")]
 
+    def ensure_proxied(self) -> int | None:
+        """The proxied policy, the shopfront Service and its first EndpointSlice, as the traffic
+        scenario leaves them, so that each scenario also runs alone (``--only``); applying them
+        again changes nothing. Returns shopfront's nodePort once it is in the policy's range."""
+        self.kubectl("apply", "-f", str(pathlib.Path(self.args.repo) / "config" / "samples" / "proxied.yaml"))
+        self.kubectl("apply", "-f", str(MANIFESTS / "workload.yaml"))
+        if self.node_port is None:
+            self.kubectl("apply", "-f", str(MANIFESTS / "slice-one.yaml"))
+        port = wait_for(lambda: (p := self.node_port_of("shopfront")) in POLICY_RANGE and p, 60, 0.5)
+        if port and self.node_port is None:
+            self.node_port = port
+        return port
+
     # --- setup -------------------------------------------------------------------------------------
     def setup(self) -> None:
         started = time.monotonic()
@@ -134,11 +149,7 @@ class Run:
         self.check("one-replica-holds-the-lease", holder in ("op-a", "op-b"), f"Lease holder: {holder!r}")
 
     def scenario_node_port_and_traffic(self) -> None:
-        self.kubectl("apply", "-f", str(pathlib.Path(self.args.repo) / "config" / "samples" / "proxied.yaml"))
-        self.kubectl("apply", "-f", str(MANIFESTS / "workload.yaml"))
-        self.kubectl("apply", "-f", str(MANIFESTS / "slice-one.yaml"))
-        port = wait_for(lambda: (p := self.node_port_of("shopfront")) in POLICY_RANGE and p, 60, 0.5)
-        self.node_port = port
+        port = self.ensure_proxied()
         self.check(
             "service-gets-node-port-from-policy-range",
             bool(port),
@@ -165,7 +176,7 @@ class Run:
                          "--subresource=status", "--type=merge", "-p", status, check=False)
 
     def scenario_endpoint_slices(self) -> None:
-        port = self.node_port
+        port = self.node_port or self.ensure_proxied()
         if not port:
             self.check("endpointslice-change-adds-a-real-server", False, "no node port from the previous scenario")
             return
@@ -216,6 +227,7 @@ class Run:
         )
 
     def scenario_sigterm_handover(self) -> None:
+        self.ensure_proxied()
         leader = wait_for(self.holder, 30)
         if leader not in ("op-a", "op-b"):
             self.check("leader-sigterm-hands-over-within-seconds", False, f"no leader (holder {leader!r})")
@@ -245,6 +257,7 @@ class Run:
                    f"shop/after-handover has nodePort {self.node_port_of('after-handover')}")
 
     def scenario_frozen_api_server(self) -> None:
+        self.ensure_proxied()
         leader = wait_for(self.holder, 30)
         if leader not in ("op-a", "op-b"):
             self.check("leader-steps-down-when-the-api-server-hangs", False, f"no leader (holder {leader!r})")
@@ -350,7 +363,7 @@ class Run:
         self.kubectl("delete", "-f", str(MANIFESTS / "bad-objects.yaml"), "--wait=false", check=False)
 
     def scenario_delete_policy(self) -> None:
-        port = self.node_port
+        port = self.node_port or self.ensure_proxied()
         result = self.kubectl("delete", "pp", "proxied", "--wait=true", "--timeout=45s", check=False, timeout=60)
         gone = self.kubectl.json("get", "pp", "proxied") is None
         self.check("deleting-the-policy-runs-its-finalizer", result.returncode == 0 and gone,
