@@ -412,6 +412,9 @@ async fn follower_is_ready_and_takes_over_quickly_when_the_leader_is_stopped() {
         "the follower says it follows and whom:\n{}",
         second.log()
     );
+    // The follower's first list prompts a reconcile of the policy a debounce (1 s) later, which
+    // it skips; let that pass, so that only becoming leader can prompt the next one.
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     let stopped = Instant::now();
     first.terminate();
@@ -434,8 +437,18 @@ async fn follower_is_ready_and_takes_over_quickly_when_the_leader_is_stopped() {
         first.log()
     );
     // As a follower it skipped every reconcile; leading, it does them all, with no watch event
-    // to prompt it (the fake's watches send none).
-    let took_over = Instant::now();
+    // to prompt it (the fake's watches send none). Counted from its Lease write: by then the
+    // old leader has stopped writing, and the new one may reconcile at once.
+    let took_over = api
+        .requests()
+        .iter()
+        .find(|r| {
+            r.path.starts_with(LEASES)
+                && r.method != "GET"
+                && r.body["spec"]["holderIdentity"] == "operator-b"
+        })
+        .expect("operator-b wrote the Lease to lead")
+        .at;
     wait_for_status_write(&api, "edge", took_over, Duration::from_secs(10))
         .await
         .unwrap_or_else(|e| panic!("the new leader did not reconcile: {e}\n{}", second.log()));
