@@ -7,11 +7,12 @@ use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
 use super::dataplane::{ApplyReport, Dataplane, DataplaneError};
+use super::nft::NftError;
 use super::sysctl::{IPVS_SYSCTLS, Sysctls};
 use portpolicy_core::ipvs::{IpvsOp, IpvsTable};
-use portpolicy_netlink::{DummyLink, IpvsHandle};
+use portpolicy_netlink::{DummyLink, IpvsHandle, NetlinkError};
 
-pub struct LinuxDataplane {
+pub(super) struct LinuxDataplane {
     ipvs: IpvsHandle,
     link: DummyLink,
     interface: String,
@@ -22,11 +23,11 @@ pub struct LinuxDataplane {
 
 impl LinuxDataplane {
     /// Opens the IPVS family and finds (or creates) the dummy interface.
-    pub fn open(interface: &str, sysctl_root: &std::path::Path) -> Result<Self, DataplaneError> {
-        let ipvs = IpvsHandle::open().map_err(|e| DataplaneError::Dump(e.to_string()))?;
-        let link = DummyLink::ensure(interface).map_err(|e| DataplaneError::Addresses {
+    pub(super) fn open(interface: &str, sysctl_root: &std::path::Path) -> Result<Self, DataplaneError> {
+        let ipvs = IpvsHandle::open().map_err(DataplaneError::OpenIpvs)?;
+        let link = DummyLink::ensure(interface).map_err(|source| DataplaneError::Addresses {
             interface: interface.to_string(),
-            message: e.to_string(),
+            source,
         })?;
         Ok(LinuxDataplane {
             ipvs,
@@ -37,17 +38,17 @@ impl LinuxDataplane {
         })
     }
 
-    fn address_error(&self, e: impl ToString) -> DataplaneError {
+    fn address_error(&self, source: NetlinkError) -> DataplaneError {
         DataplaneError::Addresses {
             interface: self.interface.clone(),
-            message: e.to_string(),
+            source,
         }
     }
 }
 
 impl Dataplane for LinuxDataplane {
     fn dump(&mut self) -> Result<IpvsTable, DataplaneError> {
-        self.ipvs.dump().map_err(|e| DataplaneError::Dump(e.to_string()))
+        self.ipvs.dump().map_err(DataplaneError::Dump)
     }
 
     fn apply(&mut self, ops: &[IpvsOp]) -> ApplyReport {
@@ -64,7 +65,7 @@ impl Dataplane for LinuxDataplane {
                 .position(|o| *o == op)
                 .map_or(from, |i| from + i);
             from = index + 1;
-            failures.push((index, err.to_string()));
+            failures.push((index, err));
         }
         ApplyReport { failures }
     }
@@ -87,31 +88,24 @@ impl Dataplane for LinuxDataplane {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| DataplaneError::Nftables(format!("cannot run nft: {e}")))?;
+            .map_err(NftError::Spawn)?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(ruleset.as_bytes())
-                .map_err(|e| DataplaneError::Nftables(format!("writing to nft: {e}")))?;
+            stdin.write_all(ruleset.as_bytes()).map_err(NftError::Write)?;
         }
-        let output = child
-            .wait_with_output()
-            .map_err(|e| DataplaneError::Nftables(format!("waiting for nft: {e}")))?;
+        let output = child.wait_with_output().map_err(NftError::Wait)?;
         if output.status.success() {
             Ok(())
         } else {
-            Err(DataplaneError::Nftables(format!(
-                "nft -f - exited with {}: {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            )))
+            Err(NftError::Refused {
+                status: output.status,
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            }
+            .into())
         }
     }
 
     fn reserve_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), DataplaneError> {
-        self.reserved_by_us = self
-            .sysctls
-            .reserve_ports(ports, &self.reserved_by_us)
-            .map_err(|e| DataplaneError::Sysctl(e.to_string()))?;
+        self.reserved_by_us = self.sysctls.reserve_ports(ports, &self.reserved_by_us)?;
         Ok(())
     }
 
@@ -121,13 +115,13 @@ impl Dataplane for LinuxDataplane {
             match self.sysctls.ensure(name, value) {
                 Ok(true) => tracing::info!(sysctl = name, value, "set"),
                 Ok(false) => {}
-                Err(e) => errors.push(e.to_string()),
+                Err(e) => errors.push(e),
             }
         }
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(DataplaneError::Sysctl(errors.join("; ")))
+            Err(DataplaneError::Sysctl(errors))
         }
     }
 }

@@ -23,13 +23,29 @@ use portpolicy_core::ipvs::{IpvsTable, VirtualServerKey};
 use portpolicy_core::ports::Protocol;
 
 /// The table name, in both the `ip` and `ip6` families. The agent owns it whole.
-pub const TABLE_NAME: &str = "portpolicy";
+pub(crate) const TABLE_NAME: &str = "portpolicy";
 /// The packet mark bit meaning "masquerade me" (the bit kube-proxy uses for the same purpose).
-pub const MASQUERADE_MARK: u32 = 0x4000;
+pub(crate) const MASQUERADE_MARK: u32 = 0x4000;
+
+/// Why `nft -f -` did not apply a ruleset.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run nft: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("writing to nft: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("waiting for nft: {0}")]
+    Wait(#[source] std::io::Error),
+    #[error("nft -f - exited with {status}: {stderr}")]
+    Refused {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+}
 
 /// How a virtual server is reached, which decides whether its traffic is masqueraded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Reach {
+pub(crate) enum Reach {
     /// A cluster IP.
     ClusterIp,
     /// A node port, external IP or load-balancer IP; `local` when the service's external
@@ -120,7 +136,7 @@ fn key_element(key: &VirtualServerKey) -> String {
 
 /// The whole batch for `nft -f -`: both tables deleted and recreated in one transaction, so the
 /// kernel never runs with half a ruleset and rules the agent no longer wants disappear.
-pub fn ruleset<'a>(
+pub(crate) fn ruleset<'a>(
     virtual_servers: impl IntoIterator<Item = (&'a VirtualServerKey, Reach)>,
     table: &IpvsTable,
     options: &MasqueradeOptions,

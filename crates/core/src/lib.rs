@@ -10,7 +10,9 @@
 
 pub mod crd;
 pub mod governance;
+pub mod hash;
 pub mod hostport;
+pub mod intent;
 pub mod ipvs;
 pub mod nodeport;
 pub mod plan;
