@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -134,6 +135,15 @@ class Kubectl:
         if result.returncode != 0:
             return None
         return json.loads(result.stdout)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now. Fixed ports collide when two runs share a
+    machine (another worktree's run, CI on a shared runner): the operator then cannot bind its
+    metrics port and exits."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def http_status(url: str, timeout: float = 2.0) -> int | None:

@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 
-from cluster import REPLICAS, ApiServer, Kubectl, Replica, describe, wait_for, writes
+from cluster import REPLICAS, ApiServer, Kubectl, Replica, describe, free_port, wait_for, writes
 from vm import Vm, VmError
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -118,8 +118,8 @@ class Run:
         self.kubectl("apply", "-f", str(repo / "config" / "samples" / "services.yaml"))
         self.kubectl("apply", "-f", str(repo / "config" / "samples" / "edge.yaml"))
         self.vm = Vm(self.args.kernel, self.args.initrd, self.api.ports["vm"], self.work, timeout=900)
-        for name, metrics_port in (("op-a", 18081), ("op-b", 18082)):
-            replica = Replica(name, self.args.bin, self.api, metrics_port, self.work)
+        for name in REPLICAS:
+            replica = Replica(name, self.args.bin, self.api, free_port(), self.work)
             replica.start()
             self.replicas.append(replica)
         self.timings["host setup"] = time.monotonic() - started
@@ -262,7 +262,23 @@ class Run:
         if leader not in ("op-a", "op-b"):
             self.check("leader-steps-down-when-the-api-server-hangs", False, f"no leader (holder {leader!r})")
             return
-        replica = self.replica(leader)
+        # The follower goes first (like a one-replica Deployment), so that the leader's own
+        # restarted process must lead again: it finds its own name in the Lease (or an empty
+        # holder, if its release landed) and leads within moments of starting, before its caches
+        # have listed. With a follower racing it the takeover path runs instead, which the
+        # SIGTERM scenario already covers.
+        follower = self.replica("op-b" if leader == "op-a" else "op-a")
+        follower.terminate()
+        follower_process = follower.process
+        if follower_process and not wait_for(lambda: follower_process.poll() is not None, 20, 0.2):
+            follower_process.kill()
+        try:
+            self.freeze_the_leader(self.replica(leader))
+        finally:
+            follower.start()
+
+    def freeze_the_leader(self, replica: Replica) -> None:
+        leader = replica.name
         exits_before = len(replica.exits)
         frozen_start = len(replica.starts) - 1  # which start of this replica is the leader now
         # Freeze it while the leader is busy with a new Service, so that writes are in flight.
@@ -293,12 +309,13 @@ class Run:
         old_start = frozen_start
         entries = [e for e in self.api.requests() if e["t"] >= frozen_at]
         in_flight = [e for e in writes(entries, replica.listener(old_start)) if e.get("resource") != "leases"]
-        violations, leads = [], False
+        violations, leads, led_again = [], False, False
         for e in entries:
             if not e["listener"].startswith(replica.name + ".") or e["listener"] == replica.listener(old_start):
                 continue
             if e.get("resource") == "leases" and e.get("verb") in ("create", "update", "patch") and 200 <= e["code"] < 300:
                 leads = e.get("holder") == leader
+                led_again = led_again or leads
             elif e in writes([e]) and not leads:
                 violations.append(e)
         if in_flight:
@@ -314,6 +331,8 @@ class Run:
             if violations
             else f"{leader} was not restarted after stepping down",
         )
+        self.check("restarted-leader-leads-again-after-a-freeze", led_again,
+                   f"no restart of {leader} wrote the Lease as its holder after the thaw")
         self.create_service("after-freeze")
         port = wait_for(lambda: (p := self.node_port_of("after-freeze")) in POLICY_RANGE and p, 60, 0.5)
         self.check("allocation-goes-on-after-the-freeze", bool(port),
