@@ -26,10 +26,7 @@ use serde_json::json;
 const ENDPOINTS_PER_SERVICE: usize = 10;
 
 fn config() -> PlannerConfig {
-    PlannerConfig {
-        node_name: "node-0".to_string(),
-        mode: ProxyMode::Replacement,
-    }
+    PlannerConfig::new("node-0", ProxyMode::Replacement)
 }
 
 fn service(i: usize) -> Service {

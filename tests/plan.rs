@@ -266,3 +266,72 @@ fn cli_crd_output_is_the_checked_in_crd() {
         std::fs::read_to_string(Path::new(&root()).join("crds/portpolicy.yaml")).unwrap()
     );
 }
+
+/// Zone hints and source ranges show in both outputs the way a user reads them: the JSON keys
+/// `topology` and `sourceRanges` appear only where they apply, and the table marks them.
+#[test]
+fn cli_shows_topology_and_source_ranges_only_where_they_apply() {
+    let path = temp_file(
+        "topology.yaml",
+        "\
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}
+status: {addresses: [{type: InternalIP, address: 192.168.1.10}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.50
+  trafficDistribution: PreferClose
+  loadBalancerSourceRanges: [203.0.113.0/24]
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.50}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: shop, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.1.2], nodeName: node-a, zone: zone-a, hints: {forZones: [{name: zone-a}]}}
+- {addresses: [10.0.2.2], nodeName: node-b, zone: zone-b, hints: {forZones: [{name: zone-b}]}}
+",
+    );
+    let (code, stdout, _) = portpolicy(&["plan", "-f", path.to_str().unwrap(), "-o", "json"]);
+    assert_eq!(code, 0);
+    let json: Value = serde_json::from_str(&stdout).unwrap();
+    let servers = json["nodes"][0]["virtualServers"].as_array().unwrap();
+    let summary: Vec<(String, Value, Value, usize)> = servers
+        .iter()
+        .map(|vs| {
+            (
+                vs["kind"].as_str().unwrap().to_string(),
+                vs.get("topology").cloned().unwrap_or(Value::Null),
+                vs.get("sourceRanges").cloned().unwrap_or(Value::Null),
+                vs["realServers"].as_array().unwrap().len(),
+            )
+        })
+        .collect();
+    let zone = Value::from("PreferSameZone");
+    assert_eq!(
+        summary,
+        [
+            ("ClusterIP".to_string(), zone.clone(), Value::Null, 1),
+            ("NodePort".to_string(), zone.clone(), Value::Null, 1),
+            (
+                "LoadBalancer".to_string(),
+                zone,
+                serde_json::json!(["203.0.113.0/24"]),
+                1
+            ),
+        ]
+    );
+    let (_, table, _) = portpolicy(&["plan", "-f", path.to_str().unwrap()]);
+    assert!(
+        table.contains("# shop/lb LoadBalancer [PreferSameZone] [from 203.0.113.0/24]"),
+        "{table}"
+    );
+}

@@ -265,13 +265,11 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
 }
 
 fn planner_config(args: &AgentArgs) -> PlannerConfig {
-    PlannerConfig {
-        node_name: args.node_name.clone(),
-        mode: match args.mode {
-            Mode::Delegated => ProxyMode::Delegated,
-            Mode::Replacement => ProxyMode::Replacement,
-        },
-    }
+    let mode = match args.mode {
+        Mode::Delegated => ProxyMode::Delegated,
+        Mode::Replacement => ProxyMode::Replacement,
+    };
+    PlannerConfig::new(args.node_name.clone(), mode)
 }
 
 async fn shutdown_signal() {

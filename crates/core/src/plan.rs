@@ -86,6 +86,13 @@ pub struct VirtualServerRow {
     pub scheduler: String,
     pub persistence_timeout: Option<u32>,
     pub real_servers: Vec<RealServerRow>,
+    /// `PreferSameNode` or `PreferSameZone` when endpoint hints narrowed the real servers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology: Option<String>,
+    /// The clients a load-balancer virtual server accepts (`loadBalancerSourceRanges` of its
+    /// family); absent when unrestricted, empty when it accepts none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_ranges: Option<Vec<String>>,
     /// Shown as a mark in the table; not part of the JSON contract.
     #[serde(skip)]
     pub only_local: bool,
@@ -181,13 +188,7 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
         if options.node.as_ref().is_some_and(|only| *only != name) {
             continue;
         }
-        let plan = plan_node(
-            &allocated,
-            &PlannerConfig {
-                node_name: name,
-                mode: options.mode,
-            },
-        );
+        let plan = plan_node(&allocated, &PlannerConfig::new(name, options.mode));
         problems.extend(plan.problems.iter().cloned());
         nodes.push(node_row(&plan));
     }
@@ -234,6 +235,11 @@ fn node_row(plan: &NodePlan) -> NodeRow {
                         weight: *weight,
                     })
                     .collect(),
+                topology: vs.topology.map(|t| t.as_str().to_string()),
+                source_ranges: vs
+                    .source_ranges
+                    .as_ref()
+                    .map(|ranges| ranges.iter().map(ToString::to_string).collect()),
                 only_local: vs.only_local,
             })
             .collect(),
@@ -328,7 +334,8 @@ fn or_none(table: &Table) -> String {
 }
 
 /// The node's rules as `ipvsadm -Ln` lists them, with the Service beside each virtual server
-/// and `[OnlyLocal]` on those that keep node traffic on the node.
+/// and marks: `[OnlyLocal]` on those that keep node traffic on the node, the topology mode
+/// that chose the real servers, and the clients a load balancer accepts.
 fn ipvsadm_listing(node: &NodeRow) -> String {
     let mut out = String::from(
         "Prot LocalAddress:Port Scheduler Flags\n  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n",
@@ -339,8 +346,22 @@ fn ipvsadm_listing(node: &NodeRow) -> String {
         if let Some(timeout) = vs.persistence_timeout {
             line.push_str(&format!(" persistent {timeout}"));
         }
-        let mark = if vs.only_local { " [OnlyLocal]" } else { "" };
-        out.push_str(&format!("{line:<48} # {} {}{mark}\n", vs.service, vs.kind));
+        let mut marks = String::new();
+        if vs.only_local {
+            marks.push_str(" [OnlyLocal]");
+        }
+        if let Some(topology) = &vs.topology {
+            marks.push_str(&format!(" [{topology}]"));
+        }
+        if let Some(ranges) = &vs.source_ranges {
+            let allowed = if ranges.is_empty() {
+                "none".to_string()
+            } else {
+                ranges.join(",")
+            };
+            marks.push_str(&format!(" [from {allowed}]"));
+        }
+        out.push_str(&format!("{line:<48} # {} {}{marks}\n", vs.service, vs.kind));
         for rs in &vs.real_servers {
             out.push_str(&format!(
                 "  -> {:<28} Masq    {:<6} 0          0\n",

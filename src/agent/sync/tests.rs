@@ -93,10 +93,7 @@ const WEB: [(&str, &str); 3] = [
 ];
 
 fn config() -> PlannerConfig {
-    PlannerConfig {
-        node_name: "node-a".into(),
-        mode: ProxyMode::Delegated,
-    }
+    PlannerConfig::new("node-a", ProxyMode::Delegated)
 }
 
 fn web_cluster_ip() -> VirtualServerKey {

@@ -25,8 +25,8 @@ mod topology;
 mod tracker;
 
 pub use rules::{
-    HealthCheckPlan, NodePlan, PlannedVirtualServer, PlannerConfig, ProxyMode, REAL_SERVER_WEIGHT,
-    VirtualServerKind,
+    HealthCheckPlan, NodePlan, NodePortAddresses, PlannedVirtualServer, PlannerConfig, ProxyMode,
+    REAL_SERVER_WEIGHT, TopologyMode, VirtualServerKind,
 };
 pub use table::{IpvsOp, IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
 pub use tracker::{Planner, plan_node};
