@@ -73,11 +73,15 @@ fn main() -> ExitCode {
         Command::Crd => print_stdout(&PortPolicy::crd_yaml()),
         Command::Operator(args) => {
             init_tracing(true);
-            run_async("operator", portpolicy::operator::controller::run(args))
+            run_async(
+                "operator",
+                portpolicy::operator::controller::run(args),
+                portpolicy::operator::Error::exit_code,
+            )
         }
         Command::Agent(args) => {
             init_tracing(false);
-            run_async("agent", portpolicy::agent::run(args))
+            run_async("agent", portpolicy::agent::run(args), |_| 1)
         }
         #[cfg(target_os = "linux")]
         Command::Debug(command) => command.run(),
@@ -141,7 +145,11 @@ fn init_tracing(json: bool) {
     }
 }
 
-fn run_async<E: std::fmt::Display>(what: &str, future: impl Future<Output = Result<(), E>>) -> ExitCode {
+fn run_async<E: std::fmt::Display>(
+    what: &str,
+    future: impl Future<Output = Result<(), E>>,
+    exit_code: impl Fn(&E) -> u8,
+) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -153,7 +161,7 @@ fn run_async<E: std::fmt::Display>(what: &str, future: impl Future<Output = Resu
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             tracing::error!(%error, "{what} stopped");
-            ExitCode::FAILURE
+            ExitCode::from(exit_code(&error))
         }
     }
 }

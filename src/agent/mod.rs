@@ -94,6 +94,16 @@ pub struct AgentArgs {
     pub print_table: bool,
 }
 
+impl AgentArgs {
+    /// What the nftables ruleset masquerades, from `--masquerade-all` and `--cluster-cidr`.
+    pub fn masquerade(&self) -> MasqueradeOptions {
+        MasqueradeOptions {
+            all: self.masquerade_all,
+            cluster_cidrs: self.cluster_cidrs.clone(),
+        }
+    }
+}
+
 /// `90`, `90s`, `500ms`, `5m`, `1h`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -188,10 +198,7 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
     }
 
     let config = planner_config(&args);
-    let masquerade = MasqueradeOptions {
-        all: args.masquerade_all,
-        cluster_cidrs: args.cluster_cidrs.clone(),
-    };
+    let masquerade = args.masquerade();
     let mut syncer = Syncer::new(dataplane, config, masquerade, metrics);
     let mut health_checks = HealthCheckServers::new(args.health_check_bind_address, health.clone());
 

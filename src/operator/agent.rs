@@ -112,13 +112,7 @@ fn pod_spec(agent: &AgentSpec, default_image: &str) -> PodSpec {
     let container = Container {
         name: "agent".into(),
         image: Some(image),
-        args: Some(vec![
-            "agent".into(),
-            "--mode".into(),
-            "delegated".into(),
-            "--metrics-addr".into(),
-            format!("0.0.0.0:{AGENT_HEALTH_PORT}"),
-        ]),
+        args: Some(agent_args(agent)),
         env: Some(vec![
             EnvVar {
                 name: "NODE_NAME".into(),
@@ -205,6 +199,27 @@ fn pod_spec(agent: &AgentSpec, default_image: &str) -> PodSpec {
         }]),
         ..Default::default()
     }
+}
+
+/// The agent's command line. `spec.agent.masquerade` becomes its masquerading flags, which its
+/// nftables ruleset follows.
+pub fn agent_args(agent: &AgentSpec) -> Vec<String> {
+    let mut args = vec![
+        "agent".to_string(),
+        "--mode".into(),
+        "delegated".into(),
+        "--metrics-addr".into(),
+        format!("0.0.0.0:{AGENT_HEALTH_PORT}"),
+    ];
+    if let Some(masquerade) = &agent.masquerade {
+        if masquerade.all {
+            args.push("--masquerade-all".into());
+        }
+        if !masquerade.cluster_cidrs.is_empty() {
+            args.push(format!("--cluster-cidr={}", masquerade.cluster_cidrs.join(",")));
+        }
+    }
+    args
 }
 
 /// `ready/desired` from a DaemonSet's status, and whether every desired pod is ready.
@@ -312,5 +327,82 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(agents_ready(&ds), ("2/3".to_string(), false));
+    }
+
+    /// What the agent does with the flags the DaemonSet gives it: parsed by the agent's own
+    /// flag parser, its nftables ruleset masquerades as the policy asked.
+    #[test]
+    fn masquerade_spec_reaches_the_agents_nftables_rules() {
+        use crate::agent::AgentArgs;
+        use crate::agent::nft::{Reach, ruleset};
+        use clap::Parser;
+        use portpolicy_core::ipvs::{IpvsTable, VirtualServerKey};
+        use portpolicy_core::ports::Protocol;
+
+        #[derive(Parser)]
+        struct Agent {
+            #[command(subcommand)]
+            command: Command,
+        }
+        #[derive(clap::Subcommand)]
+        enum Command {
+            Agent(AgentArgs),
+        }
+        let parse = |spec: serde_json::Value| {
+            let p = policy(json!({"agent": spec}));
+            let ds = desired_daemon_set(&p, "portpolicy-system", "img:1").unwrap();
+            let args = ds.spec.unwrap().template.spec.unwrap().containers[0]
+                .args
+                .clone()
+                .unwrap();
+            let mut argv = vec!["portpolicy".to_string(), "--node-name".into(), "n1".into()];
+            argv.splice(1..1, args);
+            let Command::Agent(agent) = Agent::try_parse_from(&argv)
+                .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+                .command;
+            agent.masquerade()
+        };
+        let cluster_ip = VirtualServerKey {
+            address: "10.96.0.10".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let marks_cluster_ip_traffic = |options| {
+            let rules = ruleset([(&cluster_ip, Reach::ClusterIp)], &IpvsTable::default(), &options);
+            rules
+                .lines()
+                .filter(|l| l.contains("@cluster-ips") && l.contains("meta mark set"))
+                .map(|l| l.trim().to_string())
+                .collect::<Vec<_>>()
+        };
+
+        // Without it: cluster-IP traffic is left alone (only node-local clients are masqueraded).
+        let none = parse(json!({}));
+        assert_eq!(none, Default::default());
+        assert!(marks_cluster_ip_traffic(none).is_empty());
+
+        let from_outside = parse(json!({"masquerade": {"clusterCidrs": ["10.244.0.0/16", "fd00:10::/64"]}}));
+        assert_eq!(
+            from_outside
+                .cluster_cidrs
+                .iter()
+                .map(|c| c.to_string())
+                .collect::<Vec<_>>(),
+            ["10.244.0.0/16", "fd00:10::/64"]
+        );
+        assert!(!from_outside.all);
+        assert_eq!(
+            marks_cluster_ip_traffic(from_outside),
+            [
+                "ip daddr . meta l4proto . th dport @cluster-ips ip saddr != @cluster-cidrs meta mark set meta mark | 0x00004000"
+            ]
+        );
+
+        let all = parse(json!({"masquerade": {"all": true}}));
+        assert!(all.all);
+        assert_eq!(
+            marks_cluster_ip_traffic(all),
+            ["ip daddr . meta l4proto . th dport @cluster-ips meta mark set meta mark | 0x00004000"]
+        );
     }
 }

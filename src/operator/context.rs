@@ -1,5 +1,6 @@
 //! What every reconcile shares: the client, the watch caches, the event recorder and metrics.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -8,7 +9,9 @@ use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::Store;
 
+use super::lease::Leadership;
 use super::metrics::Metrics;
+use super::{Error, Result};
 use portpolicy_core::crd::PortPolicy;
 use portpolicy_core::hostport::HostPortPod;
 use portpolicy_core::ports::PortRange;
@@ -23,15 +26,126 @@ pub struct Stores {
     pub daemon_sets: Store<DaemonSet>,
 }
 
-impl Stores {
-    /// Waits until every store has listed once, so a reconcile never mistakes a cache that is
-    /// still filling for Services that are gone (which would mark their ports released).
-    pub async fn wait_until_ready(&self) -> Result<(), kube::runtime::reflector::store::WriterDropped> {
-        self.policies.wait_until_ready().await?;
-        self.services.wait_until_ready().await?;
-        self.pods.wait_until_ready().await?;
-        self.namespaces.wait_until_ready().await?;
-        self.daemon_sets.wait_until_ready().await
+/// Whether each watch cache has completed its first list (and its watch still runs).
+///
+/// The reflector store's own `wait_until_ready` cannot serve here: its readiness sits behind a
+/// one-shot channel that remembers only the last waiter, so when the readiness probe, the
+/// controller and a reconcile all wait, only one of them wakes (the others wait for ever). This
+/// is a watch channel: any number of waiters, and `/readyz` reads it without waiting.
+#[derive(Clone)]
+pub struct CacheSync {
+    state: Arc<tokio::sync::watch::Sender<BTreeMap<&'static str, CacheState>>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheState {
+    Listing,
+    Listed,
+    /// Its watch stream was dropped: nothing keeps it up to date any more.
+    Dropped,
+}
+
+impl CacheSync {
+    pub fn new(caches: &[&'static str]) -> Self {
+        let state = caches.iter().map(|c| (*c, CacheState::Listing)).collect();
+        CacheSync {
+            state: Arc::new(tokio::sync::watch::Sender::new(state)),
+        }
+    }
+
+    /// For tests: caches filled by hand, all listed.
+    pub fn listed(caches: &[&'static str]) -> Self {
+        let sync = Self::new(caches);
+        for c in caches {
+            sync.mark(c, CacheState::Listed);
+        }
+        sync
+    }
+
+    pub fn mark(&self, cache: &'static str, state: CacheState) {
+        self.state.send_if_modified(|caches| {
+            let entry = caches.entry(cache).or_insert(CacheState::Listing);
+            // Once dropped, a cache stays dropped: a late event cannot revive it.
+            let changed = *entry != state && *entry != CacheState::Dropped;
+            if changed {
+                *entry = state;
+            }
+            changed
+        });
+    }
+
+    /// The caches not listed yet (or dropped), for `/readyz` to name; empty when all are.
+    pub fn not_synced(&self) -> Vec<(&'static str, CacheState)> {
+        self.state
+            .borrow()
+            .iter()
+            .filter(|(_, s)| **s != CacheState::Listed)
+            .map(|(c, s)| (*c, *s))
+            .collect()
+    }
+
+    /// Waits until every cache has listed, so a reconcile never mistakes a cache that is still
+    /// filling for Services that are gone (which would mark their ports released).
+    pub async fn wait(&self) -> Result<()> {
+        let mut rx = self.state.subscribe();
+        let caches = rx
+            .wait_for(|caches| caches.values().all(|s| *s != CacheState::Listing))
+            .await
+            .expect("the sender lives in self");
+        match caches.iter().find(|(_, s)| **s == CacheState::Dropped) {
+            Some((cache, _)) => Err(Error::CacheDropped(cache)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// PortPolicies that cannot be read as this operator's type, by name: kept out of the policy
+/// cache (so the rest is reconciled) and reported instead.
+#[derive(Clone, Default)]
+pub struct UnreadablePolicies {
+    state: Arc<tokio::sync::watch::Sender<BTreeMap<String, UnreadablePolicy>>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct UnreadablePolicy {
+    pub reference: k8s_openapi::api::core::v1::ObjectReference,
+    pub resource_version: Option<String>,
+    pub problem: portpolicy_core::problem::Problem,
+}
+
+impl UnreadablePolicies {
+    pub fn is_empty(&self) -> bool {
+        self.state.borrow().is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.state.borrow().len()
+    }
+
+    pub fn get(&self) -> BTreeMap<String, UnreadablePolicy> {
+        self.state.borrow().clone()
+    }
+
+    pub fn insert(&self, name: String, policy: UnreadablePolicy) {
+        self.state
+            .send_if_modified(|m| m.insert(name, policy.clone()).as_ref() != Some(&policy));
+    }
+
+    pub fn remove(&self, name: &str) {
+        self.state.send_if_modified(|m| m.remove(name).is_some());
+    }
+
+    /// Replaces the whole set (after a re-list).
+    pub fn replace(&self, all: BTreeMap<String, UnreadablePolicy>) {
+        self.state.send_if_modified(|m| {
+            let changed = *m != all;
+            *m = all;
+            changed
+        });
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<BTreeMap<String, UnreadablePolicy>> {
+        self.state.subscribe()
     }
 }
 
@@ -51,6 +165,10 @@ pub type Clock = Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>;
 pub struct Context {
     pub client: Client,
     pub stores: Stores,
+    pub caches: CacheSync,
+    pub unreadable: UnreadablePolicies,
+    /// Checked before every write; a reconcile is cancelled when it turns false.
+    pub leadership: Leadership,
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub settings: Settings,
@@ -59,9 +177,20 @@ pub struct Context {
 }
 
 impl Context {
+    /// Call before every write: only the leader writes.
+    pub fn ensure_leading(&self) -> Result<()> {
+        if self.leadership.is_leading() {
+            Ok(())
+        } else {
+            Err(Error::LostLeadership)
+        }
+    }
+
     pub fn new(
         client: Client,
         stores: Stores,
+        caches: CacheSync,
+        leadership: Leadership,
         metrics: Metrics,
         settings: Settings,
         instance: Option<String>,
@@ -76,10 +205,47 @@ impl Context {
         Context {
             client,
             stores,
+            caches,
+            unreadable: UnreadablePolicies::default(),
+            leadership,
             recorder,
             metrics,
             settings,
             clock: Arc::new(chrono::Utc::now),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn every_waiter_wakes_once_all_caches_listed_and_a_dropped_watch_is_an_error() {
+        let caches = CacheSync::new(&["services", "pods"]);
+        // Several waiters at once: the reflector store's readiness woke only one of them.
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let c = caches.clone();
+                tokio::spawn(async move { c.wait().await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        caches.mark("services", CacheState::Listed);
+        tokio::task::yield_now().await;
+        assert!(waiters.iter().all(|w| !w.is_finished()));
+        caches.mark("pods", CacheState::Listed);
+        for w in waiters {
+            tokio::time::timeout(std::time::Duration::from_secs(1), w)
+                .await
+                .expect("every waiter wakes")
+                .unwrap()
+                .unwrap();
+        }
+        caches.mark("pods", CacheState::Dropped);
+        // A dropped cache stays dropped even if a late event says listed.
+        caches.mark("pods", CacheState::Listed);
+        assert!(matches!(caches.wait().await, Err(Error::CacheDropped("pods"))));
+        assert_eq!(caches.not_synced(), [("pods", CacheState::Dropped)]);
     }
 }

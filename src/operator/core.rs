@@ -10,7 +10,7 @@ use kube::ResourceExt;
 
 use super::services::{self, ServiceIntent, ServiceKey};
 use super::status::{AgentFacts, NodePortFacts, PolicyFacts};
-use portpolicy_core::crd::{CompiledPolicy, ExternalTrafficRule, NodePortKind, PortPolicy};
+use portpolicy_core::crd::{CompiledPolicy, ExternalTrafficRule, NodePortKind, PinnedNodePort, PortPolicy};
 use portpolicy_core::governance::{Governance, Labels, PolicySet};
 use portpolicy_core::hostport::{
     ConflictInput, HostPortConflict, HostPortPod, detect_conflicts, placed_pods,
@@ -19,6 +19,60 @@ use portpolicy_core::nodeport::{AssignmentState, NodePortInput, NodePortPlan, pl
 use portpolicy_core::ports::PortRange;
 use portpolicy_core::service::{ExternalTraffic, ServiceFields, ServiceModel};
 use portpolicy_core::well_known::NAMESPACE_NAME_LABEL;
+
+/// How a policy's nodePort range splits up. Each port of the range is counted once, in the
+/// first of these that applies: used (a Service or a retained record holds it), reserved
+/// (`spec.nodePorts.reserved`), pinned (`spec.nodePorts.pinned` to a Service that does not hold
+/// it now), free. So `used + reserved + pinned + free == total`, and `free` is what the
+/// allocator can still hand out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodePortCounts {
+    pub total: usize,
+    pub used: usize,
+    pub reserved: usize,
+    pub pinned: usize,
+    pub free: usize,
+}
+
+impl NodePortCounts {
+    pub fn of(
+        range: PortRange,
+        reserved: &[PortRange],
+        pinned: &[PinnedNodePort],
+        held: impl IntoIterator<Item = u16>,
+    ) -> Self {
+        let in_range = |port: u16| range.contains(port).then(|| usize::from(port - range.low));
+        let mut taken = vec![false; range.len()];
+        let mut mark = |port: u16| match in_range(port).map(|i| std::mem::replace(&mut taken[i], true)) {
+            Some(false) => 1,
+            _ => 0,
+        };
+        let used = held.into_iter().map(&mut mark).sum();
+        let reserved = reserved
+            .iter()
+            .filter_map(|r| {
+                let low = r.low.max(range.low);
+                let high = r.high.min(range.high);
+                (low <= high).then_some(low..=high)
+            })
+            .flatten()
+            .map(&mut mark)
+            .sum();
+        let pinned = pinned
+            .iter()
+            .filter_map(|p| u16::try_from(p.node_port).ok())
+            .map(&mut mark)
+            .sum();
+        let total = range.len();
+        NodePortCounts {
+            total,
+            used,
+            reserved,
+            pinned,
+            free: total - used - reserved - pinned,
+        }
+    }
+}
 
 /// What the stores hold when a reconcile starts.
 #[derive(Clone, Copy)]
@@ -189,9 +243,16 @@ impl Computation {
                 ..Default::default()
             };
         }
+        let compiled = self.policy_set.get(&name);
         let node_ports = self.plan.policies.get(&name).map(|np| NodePortFacts {
             used: np.used,
             total: np.total,
+            counts: NodePortCounts::of(
+                np.range,
+                compiled.map(|c| c.reserved.as_slice()).unwrap_or_default(),
+                compiled.map(|c| c.pinned.as_slice()).unwrap_or_default(),
+                np.records.iter().filter_map(|r| u16::try_from(r.node_port).ok()),
+            ),
             records: np.records.clone(),
             problems: self
                 .plan
@@ -425,5 +486,52 @@ mod tests {
         let (health, in_annotation) = intent.health_check.expect("a health-check port");
         assert!((31000..=31099).contains(&health) && health != 31010, "{health}");
         assert!(!in_annotation);
+    }
+
+    #[test]
+    fn node_port_counts_add_up_and_free_excludes_reserved_and_pinned() {
+        let policies = [policy(
+            "a",
+            json!({"nodePorts": {"range": "31000-31099",
+                // 31000-31009 plus an overlapping 31005-31014 and a range reaching outside.
+                "reserved": ["31000-31009", "31005-31014", "31095-31200"],
+                "pinned": [{"namespace": "shop", "service": "web", "nodePort": 31050},
+                    {"namespace": "shop", "service": "gone", "nodePort": 31060},
+                    {"namespace": "shop", "service": "odd", "nodePort": 31003}]}}),
+        )];
+        // `web` holds its pinned port; a second Service holds a port the allocator gave it.
+        let services = [
+            service("web", json!({}), 31050, created_by_kubectl()),
+            service("api", json!({}), 30555, created_by_kubectl()),
+        ];
+        let comp = run(&policies, &services);
+        let facts = comp.facts(&policies[0], None);
+        let np = facts.node_ports.unwrap();
+        let c = np.counts;
+        assert_eq!(c.total, 100);
+        assert_eq!(c.used, 2, "{np:?}");
+        assert_eq!(c.used, np.used, "the metric and the status agree on used");
+        // 31000-31014 and 31095-31099; 31003 is reserved before it is pinned.
+        assert_eq!(c.reserved, 20);
+        // 31060 only: 31050 is used, 31003 reserved.
+        assert_eq!(c.pinned, 1);
+        assert_eq!(c.free, 100 - 2 - 20 - 1);
+        assert_eq!(c.used + c.reserved + c.pinned + c.free, c.total);
+    }
+
+    #[test]
+    fn node_port_counts_count_each_port_once() {
+        let range: PortRange = "100-109".parse().unwrap();
+        let c = NodePortCounts::of(range, &["105-120".parse().unwrap()], &[], [100, 100, 106, 5000]);
+        assert_eq!(
+            c,
+            NodePortCounts {
+                total: 10,
+                used: 2,
+                reserved: 4,
+                pinned: 0,
+                free: 4
+            }
+        );
     }
 }

@@ -1,9 +1,25 @@
-//! Prometheus metrics of the operator. Label values are bounded: error kinds are a fixed set and
+//! Prometheus metrics of the operator. Label values are bounded: error kinds and watched
+//! resources are fixed sets, initialised to zero so every series exists from the start (a
+//! rate() or an alert on a series that appears only with its first error sees nothing), and
 //! policy names are as many as the cluster has PortPolicies (removed when a policy is deleted).
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
+
+use super::Error;
+use super::core::NodePortCounts;
+
+/// The watches the operator runs, as the `resource` label of `watch_errors_total` names them.
+pub const WATCHED_RESOURCES: [&str; 6] = [
+    "portpolicies",
+    "services",
+    "pods",
+    "namespaces",
+    "daemonsets",
+    "nodes",
+];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -13,14 +29,22 @@ pub struct Metrics {
     pub duration: Histogram,
     pub node_ports_used: IntGaugeVec,
     pub node_ports_free: IntGaugeVec,
+    pub node_ports_reserved: IntGaugeVec,
+    pub node_ports_pinned: IntGaugeVec,
     pub conflicts: IntGaugeVec,
     pub watch_errors: IntCounterVec,
+    pub unreadable_policies: IntGauge,
+    pub leader: IntGauge,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
     }
+}
+
+fn gauge_per_policy(name: &str, help: &str) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), &["policy"]).expect("a valid metric definition")
 }
 
 impl Metrics {
@@ -36,42 +60,57 @@ impl Metrics {
             &["kind"],
         )
         .unwrap();
+        for kind in Error::METRIC_LABELS {
+            failures.with_label_values(&[kind]);
+        }
         let duration = Histogram::with_opts(
             HistogramOpts::new("reconcile_duration_seconds", "Time one reconciliation took")
                 .buckets(vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0]),
         )
         .unwrap();
-        let node_ports_used = IntGaugeVec::new(
-            Opts::new(
-                "node_ports_used",
-                "nodePorts a policy holds, released-but-retained included",
-            ),
-            &["policy"],
-        )
-        .unwrap();
-        let node_ports_free = IntGaugeVec::new(
-            Opts::new("node_ports_free", "nodePorts a policy can still hand out"),
-            &["policy"],
-        )
-        .unwrap();
-        let conflicts = IntGaugeVec::new(
-            Opts::new("host_port_conflicts", "hostPort conflicts a policy reports"),
-            &["policy"],
-        )
-        .unwrap();
+        let node_ports_used = gauge_per_policy(
+            "node_ports_used",
+            "nodePorts of a policy's range it holds, released-but-retained included",
+        );
+        let node_ports_free = gauge_per_policy(
+            "node_ports_free",
+            "nodePorts of a policy's range it can still hand out: neither used, reserved nor pinned",
+        );
+        let node_ports_reserved = gauge_per_policy(
+            "node_ports_reserved",
+            "nodePorts of a policy's range in spec.nodePorts.reserved and not used",
+        );
+        let node_ports_pinned = gauge_per_policy(
+            "node_ports_pinned",
+            "nodePorts of a policy's range pinned to a Service that does not hold them now",
+        );
+        let conflicts = gauge_per_policy("host_port_conflicts", "hostPort conflicts a policy reports");
         let watch_errors = IntCounterVec::new(
             Opts::new("watch_errors_total", "Errors of the watches, by watched kind"),
             &["resource"],
         )
         .unwrap();
+        for resource in WATCHED_RESOURCES {
+            watch_errors.with_label_values(&[resource]);
+        }
+        let unreadable_policies = IntGauge::new(
+            "unreadable_policies",
+            "PortPolicies that cannot be read (a field of the wrong type) and so are not reconciled",
+        )
+        .unwrap();
+        let leader = IntGauge::new("leader", "1 while this replica leads and may write, else 0").unwrap();
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(failures.clone()),
             Box::new(duration.clone()),
             Box::new(node_ports_used.clone()),
             Box::new(node_ports_free.clone()),
+            Box::new(node_ports_reserved.clone()),
+            Box::new(node_ports_pinned.clone()),
             Box::new(conflicts.clone()),
             Box::new(watch_errors.clone()),
+            Box::new(unreadable_policies.clone()),
+            Box::new(leader.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -82,23 +121,37 @@ impl Metrics {
             duration,
             node_ports_used,
             node_ports_free,
+            node_ports_reserved,
+            node_ports_pinned,
             conflicts,
             watch_errors,
+            unreadable_policies,
+            leader,
         }
     }
 
-    pub fn set_policy(&self, policy: &str, used: Option<(usize, usize)>, conflicts: usize) {
-        if let Some((used, total)) = used {
-            self.node_ports_used.with_label_values(&[policy]).set(used as i64);
-            self.node_ports_free
-                .with_label_values(&[policy])
-                .set(total.saturating_sub(used) as i64);
+    pub fn set_policy(&self, policy: &str, node_ports: Option<&NodePortCounts>, conflicts: usize) {
+        if let Some(c) = node_ports {
+            for (gauge, value) in [
+                (&self.node_ports_used, c.used),
+                (&self.node_ports_free, c.free),
+                (&self.node_ports_reserved, c.reserved),
+                (&self.node_ports_pinned, c.pinned),
+            ] {
+                gauge.with_label_values(&[policy]).set(value as i64);
+            }
         }
         self.conflicts.with_label_values(&[policy]).set(conflicts as i64);
     }
 
     pub fn forget_policy(&self, policy: &str) {
-        for g in [&self.node_ports_used, &self.node_ports_free, &self.conflicts] {
+        for g in [
+            &self.node_ports_used,
+            &self.node_ports_free,
+            &self.node_ports_reserved,
+            &self.node_ports_pinned,
+            &self.conflicts,
+        ] {
             let _ = g.remove_label_values(&[policy]);
         }
     }
@@ -118,15 +171,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_error_kind_and_watch_is_exported_before_anything_happened() {
+        let text = Metrics::new().render();
+        for kind in Error::METRIC_LABELS {
+            let line = format!(r#"portpolicy_operator_reconciliation_errors_total{{kind="{kind}"}} 0"#);
+            assert!(text.contains(&line), "missing {line} in\n{text}");
+        }
+        for resource in WATCHED_RESOURCES {
+            let line = format!(r#"portpolicy_operator_watch_errors_total{{resource="{resource}"}} 0"#);
+            assert!(text.contains(&line), "missing {line}");
+        }
+        for line in [
+            "portpolicy_operator_reconciliations_total 0",
+            "portpolicy_operator_leader 0",
+            "portpolicy_operator_unreadable_policies 0",
+            "portpolicy_operator_reconcile_duration_seconds_count 0",
+        ] {
+            assert!(text.contains(line), "missing {line}");
+        }
+    }
+
+    #[test]
     fn renders_counters_and_per_policy_gauges() {
         let m = Metrics::new();
         m.reconciles.inc();
         m.failures.with_label_values(&["kube"]).inc();
-        m.set_policy("edge", Some((3, 100)), 2);
+        let counts = NodePortCounts {
+            total: 100,
+            used: 3,
+            reserved: 10,
+            pinned: 2,
+            free: 85,
+        };
+        m.set_policy("edge", Some(&counts), 2);
         let text = m.render();
         assert!(text.contains("portpolicy_operator_reconciliations_total 1"));
         assert!(text.contains(r#"portpolicy_operator_reconciliation_errors_total{kind="kube"} 1"#));
-        assert!(text.contains(r#"portpolicy_operator_node_ports_free{policy="edge"} 97"#));
+        assert!(text.contains(r#"portpolicy_operator_node_ports_used{policy="edge"} 3"#));
+        assert!(text.contains(r#"portpolicy_operator_node_ports_free{policy="edge"} 85"#));
+        assert!(text.contains(r#"portpolicy_operator_node_ports_reserved{policy="edge"} 10"#));
+        assert!(text.contains(r#"portpolicy_operator_node_ports_pinned{policy="edge"} 2"#));
         m.forget_policy("edge");
         assert!(!m.render().contains(r#"policy="edge""#));
     }

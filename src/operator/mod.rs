@@ -19,7 +19,8 @@
 //! `kubectl get -o yaml | kubectl apply` round trips, which is acceptable: losing the records
 //! only loses stickiness for Services deleted within the retention time, never a live port.
 //!
-//! Only the leader of the `portpolicy-operator` Lease runs the controller, so two replicas never
+//! Every replica watches and keeps the caches (so a follower is Ready and takes over warm); only
+//! the leader of the `portpolicy-operator` Lease reconciles and writes, so two replicas never
 //! both allocate.
 
 pub mod agent;
@@ -36,8 +37,12 @@ pub mod status;
 /// Why a reconcile or the operator failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The API server answered, and refused (4xx other than a conflict).
     #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
+    Kube(#[source] kube::Error),
+    /// The API server could not be reached, did not answer, or failed (5xx).
+    #[error("API server unavailable: {0}")]
+    ApiServer(#[source] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("status write lost a race with another write; retrying")]
@@ -48,19 +53,75 @@ pub enum Error {
         #[source]
         source: serde_json::Error,
     },
+    /// This replica does not lead (any more): it must not write; the leader does the work. Out
+    /// of a reconcile, the reconcile was cancelled; out of the operator, it stopped leading and
+    /// exits, to be restarted as a follower.
+    #[error("this replica stopped leading; it writes nothing until it leads again")]
+    LostLeadership,
+    /// A watch ended, so its cache is no longer kept up to date (the operator is stopping).
+    #[error("the watch of {0} ended; its cache is no longer kept up to date")]
+    CacheDropped(&'static str),
+    #[error("cannot serve /metrics, /healthz and /readyz on {address}: {source}")]
+    MetricsServer {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Flags, environment or kubeconfig: retrying does not help.
     #[error("configuration: {0}")]
     Config(String),
 }
 
+impl From<kube::Error> for Error {
+    fn from(error: kube::Error) -> Self {
+        match &error {
+            kube::Error::Api(s) if s.code >= 500 => Error::ApiServer(error),
+            kube::Error::Api(_) => Error::Kube(error),
+            kube::Error::HyperError(_)
+            | kube::Error::Service(_)
+            | kube::Error::ReadEvents(_)
+            | kube::Error::HttpError(_) => Error::ApiServer(error),
+            _ => Error::Kube(error),
+        }
+    }
+}
+
 impl Error {
+    /// Every value [`Error::metric_label`] returns, so each series exists from the start.
+    pub const METRIC_LABELS: [&'static str; 8] = [
+        "kube",
+        "api_server",
+        "finalizer",
+        "conflict",
+        "serialize",
+        "lost_leadership",
+        "cache_dropped",
+        "config",
+    ];
+
     /// A bounded label value for the failures metric.
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
+            Error::ApiServer(_) => "api_server",
             Error::Finalizer(_) => "finalizer",
             Error::Conflict => "conflict",
             Error::Serialize { .. } => "serialize",
-            Error::Config(_) => "config",
+            Error::LostLeadership => "lost_leadership",
+            Error::CacheDropped(_) => "cache_dropped",
+            // Neither comes out of a reconcile; they stop the process.
+            Error::MetricsServer { .. } | Error::Config(_) => "config",
+        }
+    }
+
+    /// The process's exit status when this error stops the operator: 2 for what a restart
+    /// cannot fix (flags, environment, kubeconfig, a metrics address that cannot be bound), 3
+    /// for a leader that lost its Lease (restarted, it follows), 1 for the rest.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_) | Error::MetricsServer { .. } => 2,
+            Error::LostLeadership => 3,
+            _ => 1,
         }
     }
 }

@@ -34,13 +34,26 @@ pub const SPEC_HASH_ANNOTATION: &str = "portpolicy.io/spec-hash";
 /// Retention expiry and drift are caught at this period even without a watch event.
 const RESYNC: Duration = Duration::from_secs(300);
 
+/// Reconciles `policy` if this replica leads; a follower does nothing (the leader does it, and
+/// a replica that starts leading reconciles everything). Losing leadership cancels the
+/// reconcile at once, wherever it is.
 pub async fn reconcile(policy: Arc<PortPolicy>, ctx: Arc<Context>) -> Result<Action> {
+    if !ctx.leadership.is_leading() {
+        return Ok(Action::await_change());
+    }
+    let leadership = ctx.leadership.clone();
+    tokio::select! {
+        biased;
+        () = leadership.lost() => Err(Error::LostLeadership),
+        result = reconcile_leading(policy, ctx) => result,
+    }
+}
+
+async fn reconcile_leading(policy: Arc<PortPolicy>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconciles.inc();
     let _timer = ctx.metrics.duration.start_timer();
-    ctx.stores
-        .wait_until_ready()
-        .await
-        .map_err(|_| Error::Config("watch caches were dropped".into()))?;
+    ctx.caches.wait().await?;
+    ctx.ensure_leading()?;
     let api: Api<PortPolicy> = Api::all(ctx.client.clone());
     finalizer(&api, FINALIZER, policy, |event| async {
         match event {
@@ -52,6 +65,8 @@ pub async fn reconcile(policy: Arc<PortPolicy>, ctx: Arc<Context>) -> Result<Act
     .map_err(|e| match e {
         kube::runtime::finalizer::Error::ApplyFailed(e)
         | kube::runtime::finalizer::Error::CleanupFailed(e) => e,
+        kube::runtime::finalizer::Error::AddFinalizer(e)
+        | kube::runtime::finalizer::Error::RemoveFinalizer(e) => e.into(),
         other => Error::Finalizer(Box::new(other)),
     })
 }
@@ -61,10 +76,27 @@ pub fn error_policy(policy: Arc<PortPolicy>, error: &Error, ctx: Arc<Context>) -
         .failures
         .with_label_values(&[error.metric_label()])
         .inc();
-    tracing::warn!(policy = %policy.name_any(), %error, "reconcile failed");
+    let name = policy.name_any();
     match error {
-        Error::Conflict => Action::requeue(Duration::from_secs(1)),
-        _ => Action::requeue(Duration::from_secs(15)),
+        // The new leader reconciles it; this process is on its way out (it exits, status 3).
+        Error::LostLeadership => {
+            tracing::info!(policy = %name, "reconcile cancelled: this replica stopped leading");
+            Action::await_change()
+        }
+        // The operator is stopping.
+        Error::CacheDropped(_) => Action::await_change(),
+        Error::Conflict => {
+            tracing::debug!(policy = %name, %error, "retrying");
+            Action::requeue(Duration::from_secs(1))
+        }
+        Error::ApiServer(_) => {
+            tracing::warn!(policy = %name, %error, "reconcile failed; retrying");
+            Action::requeue(Duration::from_secs(5))
+        }
+        _ => {
+            tracing::warn!(policy = %name, %error, "reconcile failed; retrying");
+            Action::requeue(Duration::from_secs(15))
+        }
     }
 }
 
@@ -104,11 +136,13 @@ async fn apply(policy: &PortPolicy, ctx: &Context) -> Result<Action> {
     }
 
     let comp = computation(policy, ctx);
-    let desired_ds = desired_daemon_set(policy, ctx);
-    let facts = comp.facts(policy, agent_facts(policy, ctx));
+    // The DaemonSet first: its facts (and whether it could be created at all) go into the
+    // status. A failure to apply it is reported there and returned after the rest is done.
+    let daemon_set = sync_daemon_set(policy, desired_daemon_set(policy, ctx), ctx).await;
+    let facts = comp.facts(policy, agent_facts(policy, &daemon_set, ctx));
     ctx.metrics.set_policy(
         &name,
-        facts.node_ports.as_ref().map(|np| (np.used, np.total)),
+        facts.node_ports.as_ref().map(|np| &np.counts),
         facts.conflicts.len(),
     );
     write_status_and_events(policy, &facts, ctx).await?;
@@ -116,10 +150,14 @@ async fn apply(policy: &PortPolicy, ctx: &Context) -> Result<Action> {
     for (key, intent) in comp.intents(&name) {
         apply_service(&key, &intent, ctx).await?;
     }
-    for key in comp.releases() {
-        apply_service(&key, &ServiceIntent::new(&key.0, &key.1), ctx).await?;
+    // An unreadable policy may govern Services nobody else does: release nothing until it is
+    // fixed, as for an invalid one (the core already holds back for those).
+    if ctx.unreadable.is_empty() {
+        for key in comp.releases() {
+            apply_service(&key, &ServiceIntent::new(&key.0, &key.1), ctx).await?;
+        }
     }
-    sync_daemon_set(policy, desired_ds, ctx).await?;
+    daemon_set?;
     Ok(Action::requeue(RESYNC))
 }
 
@@ -160,6 +198,10 @@ async fn write_status_and_events(policy: &PortPolicy, facts: &PolicyFacts, ctx: 
         if !bad && !was_present {
             continue;
         }
+        // Nor does a new agent DaemonSet whose pods are still starting.
+        if !was_present && t.type_ == condition::AGENTS_READY && t.reason == "NotReady" {
+            continue;
+        }
         let event = KubeEvent {
             type_: if bad {
                 EventType::Warning
@@ -171,6 +213,7 @@ async fn write_status_and_events(policy: &PortPolicy, facts: &PolicyFacts, ctx: 
             action: format!("{}{}", t.type_, t.status),
             secondary: None,
         };
+        ctx.ensure_leading()?;
         if let Err(error) = ctx.recorder.publish(&event, &policy.object_ref(&())).await {
             // An event is a notification, not state: failing to send one must not fail the
             // reconcile (and so repeat the writes).
@@ -180,7 +223,7 @@ async fn write_status_and_events(policy: &PortPolicy, facts: &PolicyFacts, ctx: 
     Ok(())
 }
 
-fn truncate(text: &str, max: usize) -> String {
+pub(super) fn truncate(text: &str, max: usize) -> String {
     match text.char_indices().nth(max) {
         Some((i, _)) => format!("{}...", &text[..i]),
         None => text.to_string(),
@@ -202,6 +245,7 @@ async fn write_status(policy: &PortPolicy, status: &PortPolicyStatus, ctx: &Cont
         "status": status,
     });
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    ctx.ensure_leading()?;
     match api
         .patch_status(&policy.name_any(), &params, &Patch::Apply(&body))
         .await
@@ -223,6 +267,7 @@ async fn apply_service(key: &ServiceKey, intent: &ServiceIntent, ctx: &Context) 
     }
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &key.0);
     let params = PatchParams::apply(FIELD_MANAGER).force();
+    ctx.ensure_leading()?;
     match api
         .patch(&key.1, &params, &Patch::Apply(intent.apply_body()))
         .await
@@ -269,41 +314,69 @@ fn existing_daemon_set(policy: &PortPolicy, ctx: &Context) -> Option<Arc<DaemonS
         .filter(|ds| ds.labels().get(POLICY_LABEL) == Some(&policy.name_any()))
 }
 
-fn agent_facts(policy: &PortPolicy, ctx: &Context) -> Option<AgentFacts> {
+/// The agent facts of the status. `daemon_set` is what applying the DaemonSet gave: the
+/// DaemonSet as it now stands, or why it could not be applied. A DaemonSet that was just
+/// created is not missing, only not ready yet; only a failed apply reports it missing.
+fn agent_facts(
+    policy: &PortPolicy,
+    daemon_set: &Result<Option<DaemonSet>>,
+    ctx: &Context,
+) -> Option<AgentFacts> {
     policy.spec.agent.as_ref()?;
-    Some(match existing_daemon_set(policy, ctx) {
-        Some(ds) => {
-            let (summary, ready) = agent::agents_ready(&ds);
+    let name = agent::daemon_set_name(&policy.name_any());
+    Some(match daemon_set {
+        Ok(Some(ds)) => {
+            let (summary, ready) = agent::agents_ready(ds);
             AgentFacts {
                 summary,
                 ready,
-                missing: false,
+                missing: None,
             }
         }
-        None => AgentFacts {
+        Ok(None) => AgentFacts {
             summary: "0/0".into(),
             ready: false,
-            missing: true,
+            missing: Some(format!(
+                "DaemonSet {}/{name} does not exist",
+                ctx.settings.namespace
+            )),
+        },
+        Err(error) => AgentFacts {
+            summary: "0/0".into(),
+            ready: false,
+            missing: Some(format!(
+                "cannot apply DaemonSet {}/{name}: {}",
+                ctx.settings.namespace,
+                truncate(&error.to_string(), 300)
+            )),
         },
     })
 }
 
-async fn sync_daemon_set(policy: &PortPolicy, desired: Option<DaemonSet>, ctx: &Context) -> Result<()> {
+/// Brings the agent DaemonSet to `desired` (deletes an owned one when the policy has no agent
+/// any more); returns the DaemonSet as it stands afterwards.
+async fn sync_daemon_set(
+    policy: &PortPolicy,
+    desired: Option<DaemonSet>,
+    ctx: &Context,
+) -> Result<Option<DaemonSet>> {
     let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &ctx.settings.namespace);
     let existing = existing_daemon_set(policy, ctx);
     match desired {
         Some(ds) => {
             let hash = ds.annotations().get(SPEC_HASH_ANNOTATION);
-            if existing
+            if let Some(existing) = existing
                 .as_ref()
-                .is_some_and(|e| e.annotations().get(SPEC_HASH_ANNOTATION) == hash)
+                .filter(|e| e.annotations().get(SPEC_HASH_ANNOTATION) == hash)
             {
-                return Ok(());
+                return Ok(Some((**existing).clone()));
             }
             let name = ds.name_any();
             let params = PatchParams::apply(FIELD_MANAGER).force();
-            api.patch(&name, &params, &Patch::Apply(&ds)).await?;
+            ctx.ensure_leading()?;
+            let applied = api.patch(&name, &params, &Patch::Apply(&ds)).await?;
             tracing::info!(policy = %policy.name_any(), daemonset = %name, "applied the agent DaemonSet");
+            Ok(Some(applied))
         }
         None => {
             let owned = existing.filter(|ds| {
@@ -312,13 +385,14 @@ async fn sync_daemon_set(policy: &PortPolicy, desired: Option<DaemonSet>, ctx: &
                     .any(|o| Some(&o.uid) == policy.metadata.uid.as_ref() && o.controller == Some(true))
             });
             if let Some(ds) = owned {
+                ctx.ensure_leading()?;
                 match api.delete(&ds.name_any(), &DeleteParams::background()).await {
                     Ok(_) => {}
                     Err(kube::Error::Api(s)) if s.code == 404 => {}
                     Err(e) => return Err(e.into()),
                 }
             }
+            Ok(None)
         }
     }
-    Ok(())
 }

@@ -28,6 +28,8 @@ pub struct PolicyFacts {
 pub struct NodePortFacts {
     pub used: usize,
     pub total: usize,
+    /// How the range splits into used, reserved, pinned and free ports (for the metrics).
+    pub counts: super::core::NodePortCounts,
     pub records: Vec<AllocationRecord>,
     /// Why some governed Service port did not get a nodePort: (reason, message), reasons in
     /// PascalCase (`RangeExhausted`, `PinnedPortTaken`, ...).
@@ -39,8 +41,9 @@ pub struct AgentFacts {
     /// `ready/desired`.
     pub summary: String,
     pub ready: bool,
-    /// Set when the DaemonSet does not exist yet or could not be read.
-    pub missing: bool,
+    /// Why the DaemonSet is missing, when applying it failed (a DaemonSet just created is not
+    /// missing, only not ready yet).
+    pub missing: Option<String>,
 }
 
 /// Condition messages are bounded so a status with thousands of conflicts stays small; the full
@@ -155,11 +158,8 @@ pub fn build_status(
 
     if let Some(agents) = &facts.agents {
         status.agents_ready = Some(agents.summary.clone());
-        let (reason, message) = if agents.missing {
-            (
-                "DaemonSetMissing",
-                "the agent DaemonSet does not exist yet".to_string(),
-            )
+        let (reason, message) = if let Some(why) = &agents.missing {
+            ("DaemonSetMissing", why.clone())
         } else if agents.ready {
             ("AllReady", format!("{} agent pods ready", agents.summary))
         } else {
@@ -175,8 +175,8 @@ pub fn build_status(
                 last_transition_time: now.clone(),
             })
         };
-        c(agents.ready && !agents.missing);
-        if !agents.ready || agents.missing {
+        c(agents.ready && agents.missing.is_none());
+        if !agents.ready || agents.missing.is_some() {
             not_ready.push(("AgentsNotReady", message.clone()));
         }
     }

@@ -16,8 +16,9 @@ use kube::{Client, Resource};
 use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 
-use super::context::{Context, Settings, Stores};
-use super::metrics::Metrics;
+use super::context::{CacheSync, Context, Settings, Stores};
+use super::lease::Leadership;
+use super::metrics::{Metrics, WATCHED_RESOURCES};
 use super::reconcile::reconcile;
 use portpolicy_core::crd::PortPolicy;
 use portpolicy_core::hostport::HostPortPod;
@@ -69,6 +70,8 @@ fn context(cluster: Cluster) -> (Arc<Context>, Handle) {
     let mut ctx = Context::new(
         client,
         stores,
+        CacheSync::listed(&WATCHED_RESOURCES),
+        Leadership::new(true),
         Metrics::new(),
         settings,
         Some("operator-0".into()),
@@ -400,14 +403,7 @@ async fn agent_daemon_set_is_applied_with_an_owner_reference() {
     });
     let expected = p.clone();
     run(ctx, handle, &p, move |mut h| async move {
-        let (body, send) = expect(&mut h, "PATCH", STATUS_URI).await;
-        let agents = condition(&body["status"], "AgentsReady");
-        assert_eq!((&agents["status"], &agents["reason"]), (&json!("False"), &json!("DaemonSetMissing")));
-        reply_status(send, &expected, &body);
-        let (event, send) = expect(&mut h, "POST", "/apis/events.k8s.io/v1/namespaces/default/events?").await;
-        assert_eq!(event["reason"], "DaemonSetMissing");
-        reply(send, &event);
-
+        // The DaemonSet first, so the status describes it as it is.
         let (ds, send) = expect(
             &mut h,
             "PATCH",
@@ -425,9 +421,71 @@ async fn agent_daemon_set_is_applied_with_an_owner_reference() {
         assert_eq!(pod["serviceAccountName"], "portpolicy-agent");
         assert_eq!(pod["containers"][0]["image"], "portpolicy:test");
         reply(send, &ds);
+
+        // Just created, so not ready yet; but not missing, and no Warning event for a
+        // DaemonSet whose pods are only starting.
+        let (body, send) = expect(&mut h, "PATCH", STATUS_URI).await;
+        let agents = condition(&body["status"], "AgentsReady");
+        assert_eq!(
+            (&agents["status"], &agents["reason"]),
+            (&json!("False"), &json!("NotReady"))
+        );
+        assert_eq!(body["status"]["agentsReady"], "0/0");
+        reply_status(send, &expected, &body);
         h
     })
     .await;
+}
+
+#[tokio::test]
+async fn daemon_set_that_cannot_be_created_is_reported_missing_with_the_reason() {
+    let p = policy(json!({"agent": {"proxy": true}}), None);
+    let (ctx, mut handle) = context(Cluster {
+        policies: vec![p.clone()],
+        ..Default::default()
+    });
+    handle.allow(10);
+    let expected = p.clone();
+    let verify = tokio::spawn(async move {
+        let (_, send) = expect(
+            &mut handle,
+            "PATCH",
+            "/apis/apps/v1/namespaces/portpolicy-system/daemonsets/portpolicy-agent-edge?&force=true&fieldManager=portpolicy-operator",
+        )
+        .await;
+        let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 403,
+            "reason": "Forbidden", "message": "daemonsets.apps is forbidden: quota exceeded"});
+        send.send_response(
+            Response::builder()
+                .status(403)
+                .body(Body::from(serde_json::to_vec(&forbidden).unwrap()))
+                .unwrap(),
+        );
+        let (body, send) = expect(&mut handle, "PATCH", STATUS_URI).await;
+        let agents = condition(&body["status"], "AgentsReady");
+        assert_eq!(agents["reason"], "DaemonSetMissing");
+        let message = agents["message"].as_str().unwrap();
+        assert!(
+            message.contains("portpolicy-system/portpolicy-agent-edge") && message.contains("quota exceeded"),
+            "{message}"
+        );
+        reply_status(send, &expected, &body);
+        let (event, send) = expect(
+            &mut handle,
+            "POST",
+            "/apis/events.k8s.io/v1/namespaces/default/events?",
+        )
+        .await;
+        assert_eq!(
+            (event["type"].as_str(), event["reason"].as_str()),
+            (Some("Warning"), Some("DaemonSetMissing"))
+        );
+        reply(send, &event);
+        handle
+    });
+    let result = reconcile(Arc::new(p), ctx).await;
+    assert!(matches!(result, Err(super::Error::Kube(_))), "{result:?}");
+    verify.await.unwrap();
 }
 
 #[tokio::test]
@@ -592,6 +650,124 @@ async fn deleted_policy_hands_its_services_back_then_drops_its_finalizer() {
         let mut gone = serde_json::to_value(&expected).unwrap();
         gone["metadata"]["finalizers"] = json!([]);
         reply(send, &gone);
+        h
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn follower_reconciles_nothing_and_writes_nothing() {
+    let p = policy(range_spec(), None);
+    let (ctx, mut handle) = context(Cluster {
+        policies: vec![p.clone()],
+        services: vec![node_port_service("shop", "web", 30555)],
+        ..Default::default()
+    });
+    ctx.leadership.set(false);
+    handle.allow(10);
+    let result = reconcile(Arc::new(p), ctx.clone()).await;
+    assert!(result.is_ok(), "{result:?}");
+    drop(ctx);
+    assert!(handle.next_request().await.is_none(), "a follower sent a request");
+}
+
+#[tokio::test]
+async fn losing_leadership_cancels_a_reconcile_in_the_middle_and_nothing_more_is_sent() {
+    let p = policy(range_spec(), None);
+    let (ctx, mut handle) = context(Cluster {
+        policies: vec![p.clone()],
+        services: vec![node_port_service("shop", "web", 30555)],
+        ..Default::default()
+    });
+    handle.allow(10);
+    let leadership = ctx.leadership.clone();
+    let running = tokio::spawn(reconcile(Arc::new(p), ctx));
+    // The status write is sent and the API server does not answer (it froze, say).
+    let (_, send) = expect(&mut handle, "PATCH", STATUS_URI).await;
+    leadership.set(false);
+    let result = tokio::time::timeout(Duration::from_secs(1), running)
+        .await
+        .expect("the reconcile stops at once")
+        .unwrap();
+    assert!(matches!(result, Err(super::Error::LostLeadership)), "{result:?}");
+    drop(send);
+    // The Service write that would have followed never goes out.
+    assert!(handle.next_request().await.is_none());
+}
+
+#[test]
+fn unreadable_policy_names_object_and_field() {
+    let object: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "portpolicy.io/v1alpha1", "kind": "PortPolicy",
+        "metadata": {"name": "broken", "uid": "u-1", "resourceVersion": "7"},
+        "spec": {"nodePorts": {"range": "31000-31099",
+            "pinned": [{"namespace": "a", "service": "b", "nodePort": "high"}]}}}))
+    .unwrap();
+    let unreadable = super::controller::read_policy(&object).unwrap_err();
+    assert_eq!(unreadable.problem.object, "PortPolicy/broken");
+    assert_eq!(unreadable.problem.field, "spec.nodePorts.pinned[0].nodePort");
+    assert!(
+        unreadable.problem.message.contains("invalid type"),
+        "{}",
+        unreadable.problem
+    );
+    assert_eq!(unreadable.reference.name.as_deref(), Some("broken"));
+    assert_eq!(unreadable.reference.uid.as_deref(), Some("u-1"));
+    assert_eq!(unreadable.resource_version.as_deref(), Some("7"));
+
+    let fine: kube::api::DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "portpolicy.io/v1alpha1", "kind": "PortPolicy",
+        "metadata": {"name": "edge"}, "spec": {"nodePorts": {"range": "31000-31099"}}}))
+    .unwrap();
+    let policy = super::controller::read_policy(&fine).unwrap();
+    assert_eq!(policy.spec.node_ports.unwrap().range, "31000-31099");
+}
+
+#[test]
+fn api_server_failures_are_told_apart_from_refusals() {
+    let status = |code: u16| {
+        kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            ..Default::default()
+        }))
+    };
+    assert!(matches!(
+        super::Error::from(status(503)),
+        super::Error::ApiServer(_)
+    ));
+    assert!(matches!(super::Error::from(status(422)), super::Error::Kube(_)));
+    let timeout = kube::Error::Service("request timed out".into());
+    let error = super::Error::from(timeout);
+    assert_eq!(error.metric_label(), "api_server");
+    assert_eq!(error.exit_code(), 1);
+    assert_eq!(super::Error::Config("x".into()).exit_code(), 2);
+}
+
+#[tokio::test]
+async fn nothing_is_handed_back_while_some_policy_cannot_be_read() {
+    // `web` carries the operator's fields and no readable policy selects it: normally it would
+    // be handed back. The unreadable policy may be the one that governs it.
+    let p = policy(
+        json!({"serviceSelector": {"matchLabels": {"tier": "other"}}}),
+        None,
+    );
+    let (ctx, handle) = context(Cluster {
+        policies: vec![p.clone()],
+        services: vec![proxied_service("shop", "web")],
+        ..Default::default()
+    });
+    ctx.unreadable.insert(
+        "broken".into(),
+        super::context::UnreadablePolicy {
+            reference: Default::default(),
+            resource_version: Some("1".into()),
+            problem: portpolicy_core::problem::Problem::new("PortPolicy/broken", "spec", "bad"),
+        },
+    );
+    let expected = p.clone();
+    run(ctx, handle, &p, move |mut h| async move {
+        let (body, send) = expect(&mut h, "PATCH", STATUS_URI).await;
+        reply_status(send, &expected, &body);
         h
     })
     .await;

@@ -290,6 +290,21 @@ impl PortPolicy {
     }
 }
 
+/// `address/prefix`, as the agent's `--cluster-cidr` takes it.
+fn check_cidr(text: &str) -> Result<(), String> {
+    let (address, prefix) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not a CIDR like 10.244.0.0/16"))?;
+    let address: std::net::IpAddr = address
+        .parse()
+        .map_err(|_| format!("{text:?}: {address:?} is not an IP address"))?;
+    let max = if address.is_ipv4() { 32 } else { 128 };
+    match prefix.parse::<u8>() {
+        Ok(p) if p <= max => Ok(()),
+        _ => Err(format!("{text:?}: the prefix length must be 0-{max}")),
+    }
+}
+
 impl PortPolicySpec {
     pub fn compile(&self, name: &str) -> Result<CompiledPolicy, Vec<Problem>> {
         let object = format!("PortPolicy/{name}");
@@ -393,6 +408,13 @@ impl PortPolicySpec {
                     SCHEDULERS.join(", ")
                 ),
             );
+        }
+        // The agent gets these as `--cluster-cidr`; one it cannot parse would stop it on every
+        // node, so the policy is refused instead.
+        for (i, cidr) in agent.masquerade.iter().flat_map(|m| &m.cluster_cidrs).enumerate() {
+            if let Err(message) = check_cidr(cidr) {
+                problem(format!("spec.agent.masquerade.clusterCidrs[{i}]"), message);
+            }
         }
 
         if !problems.is_empty() {
@@ -553,6 +575,24 @@ mod tests {
             ]
         );
         assert!(problems.iter().all(|p| p.object == "PortPolicy/edge"));
+    }
+
+    #[test]
+    fn cluster_cidrs_must_be_cidrs() {
+        let p = policy(
+            json!({"agent": {"masquerade": {"clusterCidrs": ["10.244.0.0/16", "fd00::/64",
+            "10.0.0.0", "10.0.0.0/33", "pods/8"]}}}),
+        );
+        let problems = p.compile().unwrap_err();
+        let fields: Vec<_> = problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.agent.masquerade.clusterCidrs[2]",
+                "spec.agent.masquerade.clusterCidrs[3]",
+                "spec.agent.masquerade.clusterCidrs[4]"
+            ]
+        );
     }
 
     #[test]

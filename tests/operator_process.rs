@@ -1,0 +1,561 @@
+//! The real `portpolicy operator` binary as a process against a small fake API server on
+//! loopback: readiness, a follower's readiness, leadership handover on SIGTERM, stepping down
+//! when the API server freezes, and a PortPolicy that cannot be read. The fake answers lists
+//! from fixed objects, holds watches open without events, keeps one Lease with
+//! resourceVersions, and records every request. (The system e2e suite runs the operator against
+//! a fuller emulated API server; this one stays small and fast.)
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/portpolicy-system/leases";
+
+#[derive(Clone, Debug)]
+struct Recorded {
+    method: String,
+    path: String,
+    body: Value,
+    /// When it arrived (a frozen server records requests as they come and answers later).
+    at: Instant,
+}
+
+#[derive(Default)]
+struct ApiState {
+    policies: Vec<Value>,
+    lease: Option<Value>,
+    resource_version: u64,
+    requests: Vec<Recorded>,
+}
+
+#[derive(Clone)]
+struct FakeApi {
+    state: Arc<Mutex<ApiState>>,
+    frozen: Arc<tokio::sync::watch::Sender<bool>>,
+    address: SocketAddr,
+}
+
+impl FakeApi {
+    async fn start(policies: Vec<Value>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let api = FakeApi {
+            state: Arc::new(Mutex::new(ApiState {
+                policies,
+                resource_version: 100,
+                ..Default::default()
+            })),
+            frozen: Arc::new(tokio::sync::watch::Sender::new(false)),
+            address: listener.local_addr().unwrap(),
+        };
+        let app = Router::new().fallback(handle).with_state(api.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        api
+    }
+
+    /// Like a SIGSTOPped API server: requests are taken and left unanswered until `thaw`.
+    fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+
+    fn requests(&self) -> Vec<Recorded> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    fn holder(&self) -> Option<String> {
+        let state = self.state.lock().unwrap();
+        let holder = state.lease.as_ref()?["spec"]["holderIdentity"]
+            .as_str()?
+            .to_string();
+        (!holder.is_empty()).then_some(holder)
+    }
+
+    fn kubeconfig(&self, dir: &std::path::Path) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\n\
+             users:\n- name: fake\n  user: {{}}\n",
+            self.address
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response {
+    (
+        status,
+        [("content-type", "application/json")],
+        serde_json::to_vec(body).unwrap(),
+    )
+        .into_response()
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Response {
+    json_response(
+        StatusCode::from_u16(code).unwrap(),
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
+            "reason": reason, "message": message}),
+    )
+}
+
+fn list(api_version: &str, kind: &str, items: Vec<Value>) -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "100"}, "items": items}),
+    )
+}
+
+async fn handle(State(api): State<FakeApi>, method: Method, uri: Uri, body: Bytes) -> Response {
+    let path = uri.path().to_string();
+    let query = uri.query().unwrap_or_default().to_string();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    api.state.lock().unwrap().requests.push(Recorded {
+        method: method.to_string(),
+        path: path.clone(),
+        body: body.clone(),
+        at: Instant::now(),
+    });
+    let mut frozen = api.frozen.subscribe();
+    let _ = frozen.wait_for(|f| !*f).await;
+    let mut state = api.state.lock().unwrap();
+    if method == Method::GET && query.split('&').any(|q| q == "watch=true" || q == "watch=1") {
+        // An open watch with no events; the client keeps its cache as listed.
+        drop(state);
+        return Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>())
+            .into_response();
+    }
+    let lease_path = format!("{LEASES}/portpolicy-operator");
+    match (method.as_str(), path.as_str()) {
+        ("GET", "/apis/portpolicy.io/v1alpha1/portpolicies") => {
+            list("portpolicy.io/v1alpha1", "PortPolicyList", state.policies.clone())
+        }
+        ("GET", "/api/v1/services") => list("v1", "ServiceList", vec![]),
+        ("GET", "/api/v1/pods") => list("v1", "PodList", vec![]),
+        ("GET", "/api/v1/namespaces") => list("v1", "NamespaceList", vec![]),
+        ("GET", "/api/v1/nodes") => list("meta.k8s.io/v1", "PartialObjectMetadataList", vec![]),
+        ("GET", "/apis/apps/v1/namespaces/portpolicy-system/daemonsets") => {
+            list("apps/v1", "DaemonSetList", vec![])
+        }
+        ("GET", p) if p == lease_path => match &state.lease {
+            Some(lease) => json_response(StatusCode::OK, lease),
+            None => status(404, "NotFound", "leases \"portpolicy-operator\" not found"),
+        },
+        ("POST", LEASES) => {
+            if state.lease.is_some() {
+                return status(
+                    409,
+                    "AlreadyExists",
+                    "leases \"portpolicy-operator\" already exists",
+                );
+            }
+            state.resource_version += 1;
+            let mut lease = body;
+            lease["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
+            state.lease = Some(lease.clone());
+            json_response(StatusCode::CREATED, &lease)
+        }
+        ("PUT", p) if p == lease_path => {
+            let current = state
+                .lease
+                .as_ref()
+                .map(|l| l["metadata"]["resourceVersion"].clone());
+            if current.as_ref() != Some(&body["metadata"]["resourceVersion"]) {
+                return status(409, "Conflict", "the object has been modified");
+            }
+            state.resource_version += 1;
+            let mut lease = body;
+            lease["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
+            state.lease = Some(lease.clone());
+            json_response(StatusCode::OK, &lease)
+        }
+        ("POST", "/apis/events.k8s.io/v1/namespaces/default/events") => {
+            json_response(StatusCode::CREATED, &body)
+        }
+        ("PATCH", p) if p.starts_with("/apis/portpolicy.io/v1alpha1/portpolicies/") => {
+            let name = p.trim_start_matches("/apis/portpolicy.io/v1alpha1/portpolicies/");
+            let name = name.trim_end_matches("/status");
+            let found = state
+                .policies
+                .iter()
+                .find(|o| o["metadata"]["name"] == name)
+                .cloned();
+            match found {
+                Some(mut object) => {
+                    if p.ends_with("/status") {
+                        object["status"] = body["status"].clone();
+                    }
+                    json_response(StatusCode::OK, &object)
+                }
+                None => status(404, "NotFound", "not found"),
+            }
+        }
+        _ => status(
+            404,
+            "NotFound",
+            &format!("the fake API server has no {method} {path}"),
+        ),
+    }
+}
+
+/// One operator process; killed (and its log printed, if the test failed) when dropped.
+struct Operator {
+    child: Option<Child>,
+    metrics: SocketAddr,
+    log: PathBuf,
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A directory of its own for each operator (tests run in parallel in one process).
+fn scratch_dir(name: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("portpolicy-operator-{}-{n}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl Operator {
+    fn start(api: &FakeApi, identity: &str, extra: &[&str]) -> Self {
+        Self::start_at(api, identity, free_port(), extra)
+    }
+
+    fn start_at(api: &FakeApi, identity: &str, metrics: SocketAddr, extra: &[&str]) -> Self {
+        let dir = scratch_dir(identity);
+        let log = dir.join("operator.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_portpolicy"))
+            .arg("operator")
+            .args(["--identity", identity, "--metrics-address", &metrics.to_string()])
+            .args(["--namespace", "portpolicy-system", "--image", "portpolicy:test"])
+            .args(extra)
+            .env("KUBECONFIG", api.kubeconfig(&dir))
+            .env("RUST_LOG", "info")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("the operator binary starts");
+        Operator {
+            child: Some(child),
+            metrics,
+            log,
+        }
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let mut stream = tokio::net::TcpStream::connect(self.metrics).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        let code = response.split(' ').nth(1)?.parse().ok()?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+        Some((code, body))
+    }
+
+    /// Polls `/readyz` until it answers 200, for at most `limit`.
+    async fn wait_ready(&self, limit: Duration) -> Result<Duration, String> {
+        let start = Instant::now();
+        let mut last = None;
+        while start.elapsed() < limit {
+            match self.get("/readyz").await {
+                Some((200, _)) => return Ok(start.elapsed()),
+                other => last = other,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("not ready after {limit:?}; last answer {last:?}"))
+    }
+
+    async fn metric(&self, line_start: &str) -> Option<f64> {
+        let (_, text) = self.get("/metrics").await?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(line_start)?.trim().parse().ok())
+    }
+
+    async fn wait_metric(&self, line_start: &str, value: f64, limit: Duration) -> Result<Duration, String> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.metric(line_start).await == Some(value) {
+                return Ok(start.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(format!(
+            "{line_start} is {:?}, not {value}, after {limit:?}",
+            self.metric(line_start).await
+        ))
+    }
+
+    fn terminate(&mut self) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        // The shell's own `kill`: no procps needed.
+        let sent = Command::new("sh")
+            .args(["-c", &format!("kill -TERM {pid}")])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+
+    /// Waits for the process to exit, for at most `limit`.
+    async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- log of the operator at {} ---\n{}", self.metrics, self.log());
+        }
+    }
+}
+
+fn policy(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "portpolicy.io/v1alpha1", "kind": "PortPolicy",
+        "metadata": {"name": name, "uid": format!("uid-{name}"), "generation": 1, "resourceVersion": "50",
+            "finalizers": ["portpolicy.io/cleanup"]},
+        "spec": spec})
+}
+
+/// Short election periods, so the takeover and step-down tests take seconds.
+const FAST_ELECTION: [&str; 8] = [
+    "--leader-elect-lease-duration",
+    "3s",
+    "--leader-elect-renew-deadline",
+    "2s",
+    "--leader-elect-renew-period",
+    "500ms",
+    "--leader-elect-retry-period",
+    "250ms",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_becomes_ready_once_its_caches_listed() {
+    // With a policy there is a reconcile waiting on the caches beside the probe: both must wake.
+    let api = FakeApi::start(vec![policy(
+        "edge",
+        json!({"nodePorts": {"range": "31000-31099"}}),
+    )])
+    .await;
+    let operator = Operator::start(&api, "operator-a", &[]);
+    let took = operator.wait_ready(Duration::from_secs(20)).await.unwrap();
+    eprintln!("ready after {took:?}");
+    let (_, body) = operator.get("/readyz").await.unwrap();
+    assert!(body.starts_with("ok"), "{body}");
+    // Every error kind is exported from the start, with no error yet.
+    for kind in ["kube", "api_server", "conflict", "lost_leadership"] {
+        let line = format!("portpolicy_operator_reconciliation_errors_total{{kind=\"{kind}\"}}");
+        assert_eq!(operator.metric(&line).await, Some(0.0), "{line}");
+    }
+    assert_eq!(operator.get("/healthz").await.unwrap().0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follower_is_ready_and_takes_over_quickly_when_the_leader_is_stopped() {
+    let api = FakeApi::start(vec![]).await;
+    let mut first = Operator::start(&api, "operator-a", &[]);
+    first.wait_ready(Duration::from_secs(20)).await.unwrap();
+    first
+        .wait_metric("portpolicy_operator_leader", 1.0, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let second = Operator::start(&api, "operator-b", &[]);
+    // A follower is Ready: a Deployment with two replicas can roll.
+    second.wait_ready(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(second.metric("portpolicy_operator_leader").await, Some(0.0));
+    assert_eq!(api.holder().as_deref(), Some("operator-a"));
+    assert!(
+        second.log().contains("following") && second.log().contains("operator-a"),
+        "the follower says it follows and whom:\n{}",
+        second.log()
+    );
+
+    let stopped = Instant::now();
+    first.terminate();
+    let status = first
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("the leader exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    second
+        .wait_metric("portpolicy_operator_leader", 1.0, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let takeover = stopped.elapsed();
+    eprintln!("takeover {takeover:?} after SIGTERM");
+    assert!(takeover < Duration::from_secs(5), "took {takeover:?}");
+    assert_eq!(api.holder().as_deref(), Some("operator-b"));
+    assert!(
+        first.log().contains("released the leader Lease"),
+        "{}",
+        first.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_stops_when_the_api_server_freezes_and_restarted_writes_only_once_it_leads() {
+    let api = FakeApi::start(vec![policy(
+        "edge",
+        json!({"nodePorts": {"range": "31000-31099"}}),
+    )])
+    .await;
+    let mut operator = Operator::start(&api, "operator-a", &FAST_ELECTION);
+    operator.wait_ready(Duration::from_secs(20)).await.unwrap();
+    operator
+        .wait_metric("portpolicy_operator_leader", 1.0, Duration::from_secs(10))
+        .await
+        .unwrap();
+    // Let the first reconcile's status write land.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !api.requests().iter().any(|r| r.path.ends_with("/edge/status")) {
+        assert!(Instant::now() < deadline, "no status write");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    api.freeze();
+    let frozen = Instant::now();
+    // The renew deadline is 2 s: it stops before the 3 s lease could pass to another replica.
+    let status = operator
+        .wait_exit(Duration::from_secs(3))
+        .await
+        .expect("a leader that cannot renew stops before its lease runs out");
+    let stopped = frozen.elapsed();
+    eprintln!("stopped {stopped:?} after the freeze");
+    assert_eq!(status.code(), Some(3), "{}", operator.log());
+    assert!(operator.log().contains("stopped leading"), "{}", operator.log());
+
+    // Restarted (as the kubelet would) once the API server answers again: it follows until it
+    // holds the Lease and writes nothing before.
+    api.thaw();
+    let restarted = Instant::now();
+    let operator = Operator::start(&api, "operator-a", &FAST_ELECTION);
+    operator
+        .wait_metric("portpolicy_operator_leader", 1.0, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let after: Vec<_> = api
+        .requests()
+        .into_iter()
+        .filter(|r| r.at >= restarted && r.method != "GET")
+        .collect();
+    let first_lease_write = after
+        .iter()
+        .position(|r| r.path.starts_with(LEASES))
+        .expect("it wrote the Lease to lead");
+    let early: Vec<_> = after[..first_lease_write].iter().map(|r| &r.path).collect();
+    assert!(early.is_empty(), "wrote before it led: {early:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreadable_policy_is_reported_by_name_and_field_while_the_rest_reconciles() {
+    let api = FakeApi::start(vec![
+        policy(
+            "broken",
+            json!({"nodePorts": {"range": "31100-31199", "retentionSeconds": "a day"}}),
+        ),
+        policy("edge", json!({"nodePorts": {"range": "31000-31099"}})),
+    ])
+    .await;
+    let operator = Operator::start(&api, "operator-a", &[]);
+    operator.wait_ready(Duration::from_secs(20)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let (event, status) = loop {
+        let requests = api.requests();
+        let event = requests
+            .iter()
+            .find(|r| {
+                r.method == "POST" && r.path.ends_with("/events") && r.body["regarding"]["name"] == "broken"
+            })
+            .cloned();
+        let status = requests
+            .iter()
+            .find(|r| r.path.ends_with("/edge/status"))
+            .cloned();
+        if let (Some(e), Some(s)) = (&event, &status) {
+            break (e.clone(), s.clone());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "event {event:?}, status of edge {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(event.body["type"], "Warning");
+    assert_eq!(event.body["reason"], "Unreadable");
+    let note = event.body["note"].as_str().unwrap();
+    assert!(
+        note.contains("PortPolicy/broken") && note.contains("spec.nodePorts.retentionSeconds"),
+        "{note}"
+    );
+    assert_eq!(status.body["status"]["nodePortsUsed"], "0/100");
+    assert_eq!(
+        operator.metric("portpolicy_operator_unreadable_policies").await,
+        Some(1.0)
+    );
+    assert!(
+        !api.requests()
+            .iter()
+            .any(|r| r.path.contains("/broken") && r.method == "PATCH"),
+        "nothing is written to a policy that cannot be read"
+    );
+    // Short log lines: the problem, not the whole object.
+    let longest = operator.log().lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 1500, "a log line of {longest} characters");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_address_in_use_stops_the_operator() {
+    let api = FakeApi::start(vec![]).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap();
+    let mut operator = Operator::start_at(&api, "operator-a", address, &[]);
+    let status = operator
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("it exits");
+    assert_eq!(status.code(), Some(2), "{}", operator.log());
+    assert!(
+        operator.log().contains(&address.to_string()),
+        "{}",
+        operator.log()
+    );
+}
