@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use portpolicy_core::ipvs::table::ApplyRefusal;
-use portpolicy_core::ipvs::{IpvsOp, IpvsTable, RealServerKey, VirtualServerKey};
+use portpolicy_core::ipvs::{IpvsOp, IpvsTable, RealServerKey, StaleFlows, VirtualServerKey};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataplaneError {
@@ -19,6 +19,8 @@ pub enum DataplaneError {
     Nftables(String),
     #[error("kernel settings: {0}")]
     Sysctl(String),
+    #[error("clearing connection tracking entries: {0}")]
+    Conntrack(String),
 }
 
 /// What applying a batch of operations did: every operation was attempted, and the ones the
@@ -50,6 +52,8 @@ pub trait Dataplane: Send {
     fn reserve_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), DataplaneError>;
     /// Sets the sysctls IPVS proxying needs.
     fn ensure_sysctls(&mut self) -> Result<(), DataplaneError>;
+    /// Deletes the connection-tracking entries of these UDP flows; returns how many went.
+    fn clear_flows(&mut self, flows: &[StaleFlows]) -> Result<usize, DataplaneError>;
 }
 
 /// The state of the fake kernel; tests reach in through [`FakeDataplane::state`].
@@ -60,6 +64,10 @@ pub struct FakeKernel {
     pub ruleset: Option<String>,
     pub reserved_ports: BTreeSet<u16>,
     pub sysctls_set: bool,
+    /// Every batch of flows the agent asked to clear, in order.
+    pub cleared_flows: Vec<Vec<StaleFlows>>,
+    /// Make clearing flows fail while set.
+    pub fail_clearing_flows: bool,
     /// Every operation the agent sent, in order, whether or not it succeeded.
     pub ops_log: Vec<IpvsOp>,
     pub dumps: usize,
@@ -156,5 +164,14 @@ impl Dataplane for FakeDataplane {
     fn ensure_sysctls(&mut self) -> Result<(), DataplaneError> {
         self.state().sysctls_set = true;
         Ok(())
+    }
+
+    fn clear_flows(&mut self, flows: &[StaleFlows]) -> Result<usize, DataplaneError> {
+        let mut k = self.state();
+        if k.fail_clearing_flows {
+            return Err(DataplaneError::Conntrack("injected failure".into()));
+        }
+        k.cleared_flows.push(flows.to_vec());
+        Ok(flows.len())
     }
 }

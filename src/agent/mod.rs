@@ -33,7 +33,7 @@ use self::metrics::{AgentHealth, Metrics};
 use self::nft::{Cidr, MasqueradeOptions};
 use self::source::Event;
 use self::sync::Syncer;
-use portpolicy_core::ipvs::{PlannerConfig, ProxyMode};
+use portpolicy_core::ipvs::{NodePortAddresses, PlannerConfig, ProxyMode};
 
 /// The agent's port for `/metrics`, `/healthz` and `/readyz`: next to kube-proxy's 10256
 /// (healthz) and 10249 (metrics) without taking either, so both can run on one node.
@@ -92,6 +92,20 @@ pub struct AgentArgs {
     /// it) and exit, touching nothing.
     #[arg(long, requires = "snapshot")]
     pub print_table: bool,
+    /// Which of the Node's InternalIP and ExternalIP addresses accept node ports: CIDRs
+    /// (repeatable, or comma-separated), or `primary` for the node's first address of each
+    /// family. Every address when not given. As kube-proxy's `--nodeport-addresses`.
+    #[arg(
+        long = "nodeport-addresses",
+        env = "PORTPOLICY_NODEPORT_ADDRESSES",
+        value_delimiter = ','
+    )]
+    pub nodeport_addresses: Vec<String>,
+    /// Set `arp_ignore=1` and `arp_announce=2` on all interfaces, so the node never answers ARP
+    /// for the service addresses on the dummy interface (as kube-proxy's `--ipvs-strict-arp`;
+    /// MetalLB's L2 mode needs it).
+    #[arg(long = "ipvs-strict-arp", env = "PORTPOLICY_IPVS_STRICT_ARP")]
+    pub ipvs_strict_arp: bool,
 }
 
 impl AgentArgs {
@@ -141,6 +155,8 @@ pub enum AgentError {
     Snapshot(#[from] crate::snapshot_files::LoadError),
     #[error("the agent runs on Linux only")]
     Unsupported,
+    #[error("--{flag}: {message}")]
+    InvalidFlag { flag: &'static str, message: String },
 }
 
 /// Runs the agent on this node until SIGINT or SIGTERM. Rules stay in the kernel on exit, so a
@@ -148,16 +164,18 @@ pub enum AgentError {
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     #[cfg(target_os = "linux")]
     {
+        let config = planner_config(&args)?;
         if args.print_table {
             let loaded = crate::snapshot_files::load_paths(&args.snapshot)?;
-            let plan = portpolicy_core::ipvs::plan_node(&loaded.snapshot, &planner_config(&args));
+            let plan = portpolicy_core::ipvs::plan_node(&loaded.snapshot, &config);
             print!(
                 "{}",
                 portpolicy_netlink::ipvs::format_like_ipvsadm(None, &plan.table())
             );
             return Ok(());
         }
-        let dataplane = linux::LinuxDataplane::open(&args.interface, &args.sysctl_root)?;
+        let dataplane =
+            linux::LinuxDataplane::open(&args.interface, &args.sysctl_root, args.ipvs_strict_arp)?;
         run_with(args, dataplane).await
     }
     #[cfg(not(target_os = "linux"))]
@@ -197,7 +215,7 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
         ));
     }
 
-    let config = planner_config(&args);
+    let config = planner_config(&args)?;
     let masquerade = args.masquerade();
     let mut syncer = Syncer::new(dataplane, config, masquerade, metrics);
     let mut health_checks = HealthCheckServers::new(args.health_check_bind_address, health.clone());
@@ -251,6 +269,9 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
         dirty = false;
         let outcome = tokio::task::block_in_place(|| syncer.sync());
         health.record(outcome.succeeded(), Instant::now());
+        for warning in &outcome.warnings {
+            tracing::warn!(%warning, "sync");
+        }
         for (port, e) in health_checks.update(&outcome.health_checks) {
             tracing::warn!(port, error = %e, "cannot listen on health-check node port; retrying");
             retry_at.get_or_insert(tokio::time::Instant::now() + backoff);
@@ -271,12 +292,18 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
     }
 }
 
-fn planner_config(args: &AgentArgs) -> PlannerConfig {
+fn planner_config(args: &AgentArgs) -> Result<PlannerConfig, AgentError> {
     let mode = match args.mode {
         Mode::Delegated => ProxyMode::Delegated,
         Mode::Replacement => ProxyMode::Replacement,
     };
-    PlannerConfig::new(args.node_name.clone(), mode)
+    let mut config = PlannerConfig::new(args.node_name.clone(), mode);
+    config.node_port_addresses =
+        NodePortAddresses::parse(&args.nodeport_addresses).map_err(|message| AgentError::InvalidFlag {
+            flag: "nodeport-addresses",
+            message,
+        })?;
+    Ok(config)
 }
 
 async fn shutdown_signal() {
@@ -351,6 +378,8 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
             metrics_addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), metrics_port),
             health_check_bind_address: Ipv4Addr::LOCALHOST.into(),
             print_table: false,
+            nodeport_addresses: vec![],
+            ipvs_strict_arp: false,
             sysctl_root: "/proc/sys".into(),
         };
         let fake = FakeDataplane::new(FakeKernel::default());
@@ -385,6 +414,41 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
         });
         agent.abort();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_bad_nodeport_addresses_flag_is_refused_before_anything_is_touched() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        let parse = |value: &str| {
+            Cli::try_parse_from(["agent", "--node-name", "node-a", "--nodeport-addresses", value])
+                .unwrap()
+                .agent
+        };
+        let args = parse("primary,10.0.0.0/8");
+        assert_eq!(args.nodeport_addresses, ["primary", "10.0.0.0/8"]);
+        let error = run(args).await.unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "--nodeport-addresses: \"primary\" must be the only value when given"
+        );
+        let error = run(parse("10.0.0.0")).await.unwrap_err().to_string();
+        assert!(
+            error.starts_with("--nodeport-addresses: \"10.0.0.0\" is not a CIDR"),
+            "{error}"
+        );
+        let config = planner_config(&parse("192.168.0.0/16,fd00::/8")).unwrap();
+        assert_eq!(
+            config.node_port_addresses,
+            NodePortAddresses::Cidrs(vec![
+                "192.168.0.0/16".parse().unwrap(),
+                "fd00::/8".parse().unwrap()
+            ])
+        );
     }
 
     #[test]

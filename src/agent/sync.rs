@@ -23,7 +23,8 @@ use super::nft::{self, MasqueradeOptions, Reach};
 use portpolicy_core::governance::{Labels, PolicySet};
 use portpolicy_core::ipvs::diff::{Ownership, diff, diff_keys};
 use portpolicy_core::ipvs::{
-    HealthCheckPlan, NodePlan, Planner, PlannerConfig, ProxyMode, VirtualServerKind,
+    HealthCheckPlan, NodePlan, Planner, PlannerConfig, ProxyMode, StaleFlows, VirtualServerKind,
+    stale_udp_flows,
 };
 use portpolicy_core::ipvs::{IpvsTable, VirtualServerKey};
 use portpolicy_core::ports::{PortRange, Protocol};
@@ -58,6 +59,8 @@ pub struct SyncOutcome {
     pub failed_operations: usize,
     /// Everything that went wrong, for the log; empty when the sync fully succeeded.
     pub errors: Vec<String>,
+    /// What went wrong without making the sync fail (it is retried on the next sync anyway).
+    pub warnings: Vec<String>,
     /// The health-check listeners this node should run.
     pub health_checks: Vec<HealthCheckPlan>,
 }
@@ -89,7 +92,13 @@ pub struct Syncer<D: Dataplane> {
     sysctls_done: bool,
     last_ruleset: Option<String>,
     last_reserved: Option<BTreeSet<u16>>,
+    /// UDP flows whose conntrack entries still have to be cleared.
+    stale_flows: BTreeSet<StaleFlows>,
 }
+
+/// Stale flows kept for retrying while clearing them fails; beyond this the excess is given up
+/// (the kernel expires those entries on its own, in minutes rather than at once).
+const MAX_PENDING_STALE_FLOWS: usize = 4096;
 
 impl<D: Dataplane> Syncer<D> {
     pub fn new(dataplane: D, config: PlannerConfig, masquerade: MasqueradeOptions, metrics: Metrics) -> Self {
@@ -108,6 +117,7 @@ impl<D: Dataplane> Syncer<D> {
             sysctls_done: false,
             last_ruleset: None,
             last_reserved: None,
+            stale_flows: BTreeSet::new(),
         }
     }
 
@@ -222,8 +232,21 @@ impl<D: Dataplane> Syncer<D> {
             self.retry.clear();
         }
 
+        // What the UDP virtual servers held before, to tell which flows the batch made stale.
+        let udp_before: IpvsTable = ops
+            .iter()
+            .map(|op| *op.service())
+            .filter(|key| key.protocol == Protocol::Udp)
+            .filter_map(|key| self.kernel.get(&key).map(|svc| (key, svc.clone())))
+            .collect();
         let report = self.dataplane.apply(&ops);
         let failed: BTreeSet<usize> = report.failures.iter().map(|(i, _)| *i).collect();
+        let applied = ops
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !failed.contains(i))
+            .map(|(_, op)| op);
+        self.stale_flows.extend(stale_udp_flows(&udp_before, applied));
         for (i, op) in ops.iter().enumerate() {
             self.metrics.ipvs_operations.with_label_values(&[op.kind()]).inc();
             if failed.contains(&i) {
@@ -292,6 +315,7 @@ impl<D: Dataplane> Syncer<D> {
             }),
             desired,
             &self.masquerade,
+            &nft::source_restrictions(&plan),
         );
         if full || self.last_ruleset.as_ref() != Some(&ruleset) {
             match self.dataplane.apply_ruleset(&ruleset) {
@@ -311,7 +335,31 @@ impl<D: Dataplane> Syncer<D> {
                 }
             }
         }
+        self.clear_stale_flows(&mut outcome);
         self.finish(outcome, started, &plan)
+    }
+
+    /// Deletes the conntrack entries of UDP flows whose real server went (after the real server
+    /// itself, so no new entry can point at it). A failure is retried on the next sync; it does
+    /// not fail this one, since IPVS itself is as planned.
+    fn clear_stale_flows(&mut self, outcome: &mut SyncOutcome) {
+        if self.stale_flows.is_empty() {
+            return;
+        }
+        let flows: Vec<StaleFlows> = self.stale_flows.iter().copied().collect();
+        match self.dataplane.clear_flows(&flows) {
+            Ok(deleted) => {
+                self.metrics.conntrack_entries_deleted.inc_by(deleted as u64);
+                self.stale_flows.clear();
+            }
+            Err(e) => {
+                self.metrics.conntrack_errors.inc();
+                outcome.warnings.push(e.to_string());
+                while self.stale_flows.len() > MAX_PENDING_STALE_FLOWS {
+                    self.stale_flows.pop_first();
+                }
+            }
+        }
     }
 
     fn finish(&mut self, mut outcome: SyncOutcome, started: Instant, plan: &NodePlan) -> SyncOutcome {

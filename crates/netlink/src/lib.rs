@@ -8,11 +8,13 @@
 //! The only crate of portpolicy with `unsafe` code (one `setsockopt`), and Linux-only.
 #![cfg(target_os = "linux")]
 
+pub mod conntrack;
 pub mod ipvs;
 pub mod link;
 pub mod message;
 pub mod socket;
 
+pub use conntrack::ConntrackHandle;
 pub use ipvs::{ApplyOutcome, IpvsHandle, IpvsInfo};
 pub use link::DummyLink;
 

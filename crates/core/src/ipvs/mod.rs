@@ -20,6 +20,7 @@ pub mod diff;
 mod model;
 mod rules;
 mod service_rules;
+pub mod stale_flows;
 pub mod table;
 mod topology;
 mod tracker;
@@ -28,6 +29,7 @@ pub use rules::{
     HealthCheckPlan, NodePlan, NodePortAddresses, PlannedVirtualServer, PlannerConfig, ProxyMode,
     REAL_SERVER_WEIGHT, TopologyMode, VirtualServerKind,
 };
+pub use stale_flows::{StaleFlows, stale_udp_flows};
 pub use table::{IpvsOp, IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
 pub use tracker::{Planner, plan_node};
 
