@@ -10,6 +10,7 @@
 
 pub mod dataplane;
 pub mod health_check;
+pub mod http;
 #[cfg(target_os = "linux")]
 pub mod linux;
 pub mod metrics;
@@ -197,7 +198,7 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
         })?;
     let app = metrics::router(metrics.clone(), health.clone());
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = http::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");
         }
     });
