@@ -10,11 +10,11 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use portpolicy::agent::dataplane::{FakeDataplane, FakeKernel};
+use portpolicy::agent::fake::{FakeDataplane, FakeKernel};
 use portpolicy::agent::metrics::Metrics;
 use portpolicy::agent::nft::MasqueradeOptions;
 use portpolicy::agent::sync::{Change, Syncer};
-use portpolicy_core::ipvs::{PlannerConfig, ProxyMode};
+use portpolicy_core::ipvs::{ProxyConfig, ProxyMode};
 use portpolicy_core::snapshot::Snapshot;
 
 const SERVICES: usize = 10_000;
@@ -73,7 +73,7 @@ fn programmed() -> Syncer<FakeDataplane> {
         endpoint_slices: (0..SERVICES).map(|i| slice(i, 0)).collect(),
         ..Default::default()
     };
-    let config = PlannerConfig::new("node-0", ProxyMode::Replacement);
+    let config = ProxyConfig::new("node-0", ProxyMode::Replacement);
     let mut syncer = Syncer::new(
         FakeDataplane::new(FakeKernel::default()),
         config,

@@ -1,14 +1,13 @@
 //! hostPort conflict detection at cluster scale: 50,000 Pods on 5,000 nodes, and what a stored
 //! Pod costs in memory compared with a full k8s-openapi Pod.
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::sync::atomic::Ordering;
 
 use criterion::Criterion;
 use k8s_openapi::api::core::v1::Pod;
 use portpolicy_core::crd::PortPolicy;
-use portpolicy_core::governance::{Labels, PolicySet};
+use portpolicy_core::governance::{Labels, NamespaceLabels, PolicySet};
 use portpolicy_core::hostport::{
     ConflictInput, HostPortPod, detect_conflicts, placed_pods, predict_workloads,
 };
@@ -160,14 +159,13 @@ fn policies() -> PolicySet {
     ])
 }
 
-fn namespace_labels() -> BTreeMap<String, Labels> {
-    let mut labels = BTreeMap::new();
+fn namespace_labels() -> NamespaceLabels {
+    let mut labels = NamespaceLabels::default();
     let mut add = |name: String, tier: &str| {
-        let l = Labels::from([
-            ("kubernetes.io/metadata.name".to_string(), name.clone()),
-            ("tier".to_string(), tier.to_string()),
-        ]);
-        labels.insert(name, l);
+        labels.insert(
+            &name,
+            Some(&Labels::from([("tier".to_string(), tier.to_string())])),
+        );
     };
     add("kube-system".into(), "system");
     add("monitoring".into(), "system");

@@ -20,15 +20,15 @@ use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use portpolicy_core::ipvs::diff::{Ownership, diff, diff_keys};
-use portpolicy_core::ipvs::{Planner, PlannerConfig, ProxyMode, plan_node};
+use portpolicy_core::ipvs::{ProxyConfig, ProxyMode, RuleTracker, node_rules};
 use portpolicy_core::snapshot::Snapshot;
 use portpolicy_core::well_known::SERVICE_NAME_LABEL;
 use serde_json::json;
 
 const ENDPOINTS_PER_SERVICE: usize = 10;
 
-fn config() -> PlannerConfig {
-    PlannerConfig::new("node-0", ProxyMode::Replacement)
+fn config() -> ProxyConfig {
+    ProxyConfig::new("node-0", ProxyMode::Replacement)
 }
 
 fn service(i: usize) -> Service {
@@ -99,7 +99,7 @@ fn per_cluster_size<T>(c: &mut Criterion, name: &str, routine: impl Fn(&Snapshot
 }
 
 fn plan_from_scratch(c: &mut Criterion) {
-    per_cluster_size(c, "plan_node", |snap| plan_node(snap, &config()));
+    per_cluster_size(c, "plan_node", |snap| node_rules(snap, &config()));
 }
 
 /// The snapshot with the node in zone-0 and every endpoint hinted for one of three zones.
@@ -119,7 +119,7 @@ fn zone_hinted(mut snap: Snapshot) -> Snapshot {
 fn plan_with_zone_hints(c: &mut Criterion) {
     const SERVICES: usize = 10_000;
     let snap = zone_hinted(snapshot(SERVICES));
-    let plan = plan_node(&snap, &config());
+    let plan = node_rules(&snap, &config());
     assert!(
         plan.virtual_servers.iter().all(|vs| vs.topology.is_some()),
         "hints are used"
@@ -128,7 +128,7 @@ fn plan_with_zone_hints(c: &mut Criterion) {
     group.sample_size(10);
     group.throughput(Throughput::Elements(SERVICES as u64));
     group.bench_function(BenchmarkId::from_parameter(SERVICES), |b| {
-        b.iter(|| black_box(plan_node(&snap, &config())))
+        b.iter(|| black_box(node_rules(&snap, &config())))
     });
     group.finish();
 }
@@ -153,10 +153,10 @@ fn read_snapshot(c: &mut Criterion) {
 fn one_endpoint_change(c: &mut Criterion) {
     const SERVICES: usize = 10_000;
     let snap = snapshot(SERVICES);
-    let mut planner = Planner::new(config());
-    planner.load_snapshot(&snap);
-    planner.take_dirty();
-    let mut kernel = planner.desired().clone();
+    let mut tracker = RuleTracker::new(config());
+    tracker.load_snapshot(&snap);
+    tracker.take_dirty();
+    let mut kernel = tracker.desired().clone();
     let ownership = Ownership::everything();
     let changed = 4_321;
     let generations = [slice(changed, 1), slice(changed, 0)];
@@ -165,10 +165,10 @@ fn one_endpoint_change(c: &mut Criterion) {
     let mut step = 0usize;
     group.bench_function(BenchmarkId::from_parameter(SERVICES), |b| {
         b.iter(|| {
-            planner.upsert_slice(&generations[step % 2]);
+            tracker.upsert_slice(&generations[step % 2]);
             step += 1;
-            let dirty = planner.take_dirty();
-            let ops = diff_keys(&kernel, planner.desired(), &dirty, &ownership);
+            let dirty = tracker.take_dirty();
+            let ops = diff_keys(&kernel, tracker.desired(), &dirty, &ownership);
             for op in &ops {
                 op.apply_to(&mut kernel)
                     .expect("the kernel model accepts the diff");
@@ -180,7 +180,7 @@ fn one_endpoint_change(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("full_diff_unchanged");
     group.sample_size(20);
-    let desired = planner.desired().clone();
+    let desired = tracker.desired().clone();
     group.bench_function(BenchmarkId::from_parameter(SERVICES), |b| {
         b.iter_batched_ref(
             || (),

@@ -8,8 +8,8 @@ use chrono::DateTime;
 use criterion::{Criterion, criterion_group, criterion_main};
 use k8s_openapi::api::core::v1::Service;
 use portpolicy_core::crd::{AllocationRecord, PortPolicy};
-use portpolicy_core::governance::{Labels, PolicySet};
-use portpolicy_core::nodeport::{NodePortInput, PortBitmap, plan_node_ports};
+use portpolicy_core::governance::{Labels, NamespaceLabels, PolicySet};
+use portpolicy_core::nodeport::{NodePortInput, PortBitmap, allocate_node_ports};
 use portpolicy_core::ports::PortRange;
 use portpolicy_core::service::ServiceModel;
 use serde_json::json;
@@ -20,7 +20,7 @@ const SERVICES: usize = 10_000;
 struct Cluster {
     policies: PolicySet,
     services: Vec<Service>,
-    namespaces: BTreeMap<String, Labels>,
+    namespaces: NamespaceLabels,
     records: BTreeMap<String, Vec<AllocationRecord>>,
 }
 
@@ -125,9 +125,9 @@ fn cluster() -> Cluster {
 }
 
 /// Reading the Services is part of the work: the operator and `plan` start from the objects.
-fn plan(cluster: &Cluster) -> portpolicy_core::nodeport::NodePortPlan {
+fn plan(cluster: &Cluster) -> portpolicy_core::nodeport::NodePortAllocation {
     let services: Vec<ServiceModel<'_>> = cluster.services.iter().map(ServiceModel::read).collect();
-    plan_node_ports(&NodePortInput {
+    allocate_node_ports(&NodePortInput {
         cluster_range: PortRange::DEFAULT_NODE_PORTS,
         policies: &cluster.policies,
         records: &cluster.records,

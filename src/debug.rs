@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use clap::Subcommand;
 
+use portpolicy_core::ipvs::listing::format_table;
 use portpolicy_core::ipvs::{IpvsOp, RealServerKey, StaleFlows, VirtualServerKey};
 use portpolicy_core::ports::Protocol;
 use portpolicy_netlink::conntrack::FlowFilter;
-use portpolicy_netlink::ipvs::format_like_ipvsadm;
 use portpolicy_netlink::{ConntrackHandle, DummyLink, IpvsHandle, NetlinkError};
 
 #[derive(Subcommand, Debug)]
@@ -200,7 +200,7 @@ fn ipvs_dump() -> Result<(), String> {
     let mut handle = IpvsHandle::open().map_err(|e| e.to_string())?;
     let info = handle.info().map_err(|e| e.to_string())?;
     let table = handle.dump().map_err(|e| e.to_string())?;
-    print!("{}", format_like_ipvsadm(Some(&info), &table));
+    print!("{info}\n{}", format_table(&table));
     Ok(())
 }
 
@@ -239,7 +239,7 @@ fn dummy_sync(name: &str, addresses: Vec<IpAddr>) -> Result<(), String> {
 }
 
 /// Parses the line format of `debug ipvs-apply`; `#` starts a comment.
-pub fn parse_ops(text: &str) -> Result<Vec<IpvsOp>, String> {
+pub(crate) fn parse_ops(text: &str) -> Result<Vec<IpvsOp>, String> {
     let mut ops = Vec::new();
     for (number, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("").trim();
@@ -335,7 +335,7 @@ fn parse_socket(word: Option<&&str>) -> Result<SocketAddr, String> {
 
 /// The benchmark's table, in the order it is programmed: each service, then its real servers.
 /// Virtual IPs count up from 10.96.0.0, real servers from 10.128.0.0, so up to millions fit.
-pub fn bench_ops(services: u32, reals_per_service: u32) -> Vec<IpvsOp> {
+pub(crate) fn bench_ops(services: u32, reals_per_service: u32) -> Vec<IpvsOp> {
     let mut ops = Vec::with_capacity((services * (reals_per_service + 1)) as usize);
     for s in 0..services {
         let key = bench_service(s);
@@ -371,7 +371,7 @@ fn bench_real(index: u32) -> RealServerKey {
 }
 
 /// The same operations as an `ipvsadm -R` restore file (adds only).
-pub fn ipvsadm_rules(ops: &[IpvsOp]) -> String {
+pub(crate) fn ipvsadm_rules(ops: &[IpvsOp]) -> String {
     let flag = |key: &VirtualServerKey| match key.protocol {
         Protocol::Tcp => "-t",
         Protocol::Udp => "-u",

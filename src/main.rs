@@ -1,9 +1,9 @@
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use chrono::{DateTime, Utc};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use portpolicy::snapshot_files::load_paths;
 use portpolicy_core::crd::PortPolicy;
 use portpolicy_core::ipvs::ProxyMode;
@@ -36,17 +36,30 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct PlanArgs {
-    /// Snapshot files or directories (YAML as `kubectl get -o yaml` prints it, a List, or several documents).
-    #[arg(short = 'f', long = "filename", required = true)]
+    /// Snapshot files or directories (YAML or JSON as `kubectl get -o yaml|json` prints it, a
+    /// List, or several documents), or `-` for standard input. Without any, the cluster of the
+    /// kubeconfig's current context is listed, read-only.
+    #[arg(short = 'f', long = "filename")]
     files: Vec<PathBuf>,
+    /// The kubeconfig to read the cluster with (default: `KUBECONFIG`, then `~/.kube/config`,
+    /// then the in-cluster service account).
+    #[arg(long, conflicts_with = "files")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, conflicts_with = "files")]
+    context: Option<String>,
     #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
     output: Output,
     /// Show IPVS rules for this node only.
     #[arg(long)]
     node: Option<String>,
-    /// Plan only Services labeled `service.kubernetes.io/service-proxy-name: portpolicy`, as the
-    /// agent does next to kube-proxy; the default shows the view of a cluster without kube-proxy.
-    #[arg(long)]
+    /// Which Services get IPVS rules: `replacement` (the default) shows a cluster without
+    /// kube-proxy; `delegated` only Services labeled
+    /// `service.kubernetes.io/service-proxy-name: portpolicy`, as the agent next to kube-proxy.
+    #[arg(long, value_parser = portpolicy::flags::proxy_mode(), default_value = "replacement")]
+    mode: ProxyMode,
+    /// The earlier spelling of `--mode delegated`.
+    #[arg(long, hide = true, conflicts_with = "mode")]
     delegated: bool,
     /// The cluster's --service-node-port-range.
     #[arg(long, default_value = "30000-32767", value_parser = parse_range)]
@@ -66,13 +79,34 @@ fn parse_range(text: &str) -> Result<PortRange, String> {
     text.parse()
 }
 
+/// The name kubectl gives a plugin's executable: `kubectl portpolicy` runs `kubectl-portpolicy`.
+const KUBECTL_PLUGIN: &str = "kubectl-portpolicy";
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut command = Cli::command();
+    // Installed as a kubectl plugin (a copy or symlink named kubectl-portpolicy), usage and
+    // errors name the command the user typed.
+    let invoked = std::env::args_os().next().map(PathBuf::from);
+    if invoked
+        .as_deref()
+        .and_then(|p| p.file_stem())
+        .is_some_and(|stem| stem == KUBECTL_PLUGIN)
+    {
+        command = command.bin_name("kubectl portpolicy");
+    }
+    let cli = match Cli::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     match cli.command {
-        Command::Plan(args) => plan(args),
+        Command::Plan(args) => {
+            // The client logs every failed request; plan reports each failure itself.
+            init_tracing(false, "warn,kube_client::client::builder=off");
+            plan(args)
+        }
         Command::Crd => print_stdout(&PortPolicy::crd_yaml()),
         Command::Operator(args) => {
-            init_tracing(true);
+            init_tracing(true, "info");
             run_async(
                 "operator",
                 portpolicy::operator::controller::run(args),
@@ -80,7 +114,7 @@ fn main() -> ExitCode {
             )
         }
         Command::Agent(args) => {
-            init_tracing(false);
+            init_tracing(false, "info");
             run_async("agent", portpolicy::agent::run(args), |_| 1)
         }
         #[cfg(target_os = "linux")]
@@ -89,19 +123,40 @@ fn main() -> ExitCode {
 }
 
 fn plan(args: PlanArgs) -> ExitCode {
-    let loaded = match load_paths(&args.files) {
-        Ok(loaded) => loaded,
-        Err(e) => {
-            eprintln!("portpolicy plan: {e}");
-            return ExitCode::FAILURE;
+    let loaded = if args.files.is_empty() {
+        let target = portpolicy::live::Target {
+            kubeconfig: args.kubeconfig.clone(),
+            context: args.context.clone(),
+        };
+        let read = async {
+            let (config, name) = portpolicy::live::config(&target).await?;
+            eprintln!("portpolicy plan: listing the cluster at {name} (read-only)");
+            portpolicy::live::load_cluster(config).await
+        };
+        let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                eprintln!("portpolicy plan: cannot start the async runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match runtime.block_on(read) {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                eprintln!("portpolicy plan: {e}");
+                eprintln!("(give snapshot files with -f, or a cluster with --kubeconfig and --context)");
+                return ExitCode::FAILURE;
+            }
         }
+    } else {
+        load_paths(&args.files)
     };
     let options = PlanOptions {
         node_port_range: args.service_node_port_range,
         mode: if args.delegated {
             ProxyMode::Delegated
         } else {
-            ProxyMode::Replacement
+            args.mode
         },
         node: args.node,
         now: args.now.unwrap_or_else(Utc::now),
@@ -109,12 +164,16 @@ fn plan(args: PlanArgs) -> ExitCode {
     let mut report = build_plan(&loaded.snapshot, &options);
     report.problems.extend(loaded.problems);
     report.problems.sort();
+    report.problems.dedup();
     let text = match args.output {
         Output::Table => report.to_table(),
         Output::Json => report.to_json(),
     };
     let printed = print_stdout(&text);
     if loaded.snapshot.object_count() == 0 {
+        for problem in &loaded.unreadable {
+            eprintln!("portpolicy plan: {problem}");
+        }
         eprintln!("portpolicy plan: no Kubernetes objects could be read; nothing was planned");
         return ExitCode::FAILURE;
     }
@@ -134,10 +193,15 @@ fn print_stdout(text: &str) -> ExitCode {
     }
 }
 
-fn init_tracing(json: bool) {
+/// Logs go to standard error (standard output is `plan`'s and `crd`'s), coloured only on a
+/// terminal; `RUST_LOG` overrides the level.
+fn init_tracing(json: bool, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().init();
     } else {

@@ -19,7 +19,7 @@ fn root() -> PathBuf {
 }
 
 fn demo_plan(mode: ProxyMode, node: Option<&str>) -> PlanReport {
-    let loaded = load_paths(&[root().join("examples/demo-cluster")]).unwrap();
+    let loaded = load_paths(&[root().join("examples/demo-cluster")]);
     assert_eq!(loaded.problems, []);
     build_plan(
         &loaded.snapshot,

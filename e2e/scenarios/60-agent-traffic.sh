@@ -99,7 +99,7 @@ answers() {
     while [ $i -lt "$n" ]; do "$@"; echo; i=$((i + 1)); done | sed '/^$/d' | sort -u | tr '\n' ' '
 }
 start_agent() {
-    portpolicy agent --node-name node-a --snapshot "$SNAP" --metrics-addr "$METRICS" \
+    portpolicy agent --node-name node-a --snapshot "$SNAP" --metrics-address "$METRICS" \
         --resync-period 5s --snapshot-poll 200ms > /tmp/agent.log 2>&1 &
     AGENT=$!
     i=0

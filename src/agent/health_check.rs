@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::task::JoinHandle;
 
 use super::metrics::AgentHealth;
-use portpolicy_core::ipvs::HealthCheckPlan;
+use portpolicy_core::ipvs::HealthCheckRule;
 
 /// What one listener answers for; the count changes live as endpoints come and go.
 #[derive(Debug)]
@@ -84,7 +84,7 @@ impl Drop for Listener {
 }
 
 /// The set of running listeners, reconciled with the plan on every sync.
-pub struct HealthCheckServers {
+pub(super) struct HealthCheckServers {
     bind: IpAddr,
     health: AgentHealth,
     listeners: BTreeMap<u16, Listener>,
@@ -92,7 +92,7 @@ pub struct HealthCheckServers {
 
 impl HealthCheckServers {
     /// Listeners bind `bind` (`0.0.0.0` on a node, loopback in tests).
-    pub fn new(bind: IpAddr, health: AgentHealth) -> Self {
+    pub(super) fn new(bind: IpAddr, health: AgentHealth) -> Self {
         HealthCheckServers {
             bind,
             health,
@@ -100,32 +100,33 @@ impl HealthCheckServers {
         }
     }
 
-    pub fn ports(&self) -> Vec<u16> {
+    #[cfg(test)]
+    fn ports(&self) -> Vec<u16> {
         self.listeners.keys().copied().collect()
     }
 
     /// Starts, updates and stops listeners to match the plan. Must run inside a tokio runtime.
     /// Returns the ports that could not be bound (they are retried on the next call).
-    pub fn update(&mut self, plans: &[HealthCheckPlan]) -> Vec<(u16, std::io::Error)> {
-        let wanted: BTreeMap<u16, &HealthCheckPlan> = plans.iter().map(|p| (p.node_port, p)).collect();
+    pub(super) fn update(&mut self, rules: &[HealthCheckRule]) -> Vec<(u16, std::io::Error)> {
+        let wanted: BTreeMap<u16, &HealthCheckRule> = rules.iter().map(|p| (p.node_port, p)).collect();
         self.listeners.retain(|port, l| {
             wanted
                 .get(port)
                 .is_some_and(|p| p.namespace == l.target.namespace && p.name == l.target.name)
         });
         let mut failures = Vec::new();
-        for (port, plan) in wanted {
+        for (port, rule) in wanted {
             if let Some(listener) = self.listeners.get(&port) {
                 listener
                     .target
                     .local_endpoints
-                    .store(plan.local_endpoints, Ordering::Relaxed);
+                    .store(rule.local_endpoints, Ordering::Relaxed);
                 continue;
             }
             let target = Arc::new(Target {
-                namespace: plan.namespace.clone(),
-                name: plan.name.clone(),
-                local_endpoints: AtomicUsize::new(plan.local_endpoints),
+                namespace: rule.namespace.clone(),
+                name: rule.name.clone(),
+                local_endpoints: AtomicUsize::new(rule.local_endpoints),
                 health: self.health.clone(),
             });
             match bind(SocketAddr::new(self.bind, port)) {
@@ -136,7 +137,7 @@ impl HealthCheckServers {
                             tracing::warn!(port, error = %e, "health-check listener stopped");
                         }
                     });
-                    tracing::info!(port, service = %format!("{}/{}", plan.namespace, plan.name), "health-check node port listening");
+                    tracing::info!(port, service = %format!("{}/{}", rule.namespace, rule.name), "health-check node port listening");
                     self.listeners.insert(port, Listener { target, task });
                 }
                 Err(e) => failures.push((port, e)),
@@ -160,8 +161,8 @@ mod tests {
     use super::*;
     use crate::agent::test_support::{free_port, http_get};
 
-    fn plan(port: u16, local_endpoints: usize) -> HealthCheckPlan {
-        HealthCheckPlan {
+    fn rule(port: u16, local_endpoints: usize) -> HealthCheckRule {
+        HealthCheckRule {
             namespace: "shop".into(),
             name: "web".into(),
             node_port: port,
@@ -187,7 +188,7 @@ mod tests {
         health.record(true, Instant::now());
         let mut servers = HealthCheckServers::new(Ipv4Addr::LOCALHOST.into(), health.clone());
         let port = free_port();
-        assert!(servers.update(&[plan(port, 2)]).is_empty());
+        assert!(servers.update(&[rule(port, 2)]).is_empty());
 
         let ok = get(port, "/healthz").await.unwrap();
         assert!(
@@ -202,14 +203,14 @@ mod tests {
         ));
 
         // The last local endpoint went away: same listener, new answer, any path.
-        assert!(servers.update(&[plan(port, 0)]).is_empty());
+        assert!(servers.update(&[rule(port, 0)]).is_empty());
         let gone = get(port, "/anything").await.unwrap();
         assert!(gone.contains(" 503 "), "{gone}");
         assert_eq!(header(&gone, "x-load-balancing-endpoint-weight"), Some("0"));
         assert!(gone.ends_with(r#""localEndpoints":0,"serviceProxyHealthy":true}"#));
 
         // Local endpoints but an unhealthy agent: 503 too.
-        assert!(servers.update(&[plan(port, 1)]).is_empty());
+        assert!(servers.update(&[rule(port, 1)]).is_empty());
         health.record(false, Instant::now());
         let sick = get(port, "/").await.unwrap();
         assert!(sick.contains(" 503 "), "{sick}");
@@ -229,11 +230,11 @@ mod tests {
         let blocker = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         let port = blocker.local_addr().unwrap().port();
         let mut servers = HealthCheckServers::new(Ipv4Addr::LOCALHOST.into(), health);
-        let failures = servers.update(&[plan(port, 1)]);
+        let failures = servers.update(&[rule(port, 1)]);
         assert_eq!(failures.len(), 1);
         assert!(servers.ports().is_empty());
         drop(blocker);
-        assert!(servers.update(&[plan(port, 1)]).is_empty());
+        assert!(servers.update(&[rule(port, 1)]).is_empty());
         assert_eq!(servers.ports(), [port]);
         assert!(get(port, "/").await.unwrap().contains(" 200 "));
     }

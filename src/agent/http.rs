@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 
 /// Serves `app` on `listener` over HTTP/1, one task per connection, until the task is dropped.
 /// Returns only when accepting fails.
-pub async fn serve(listener: TcpListener, app: Router) -> std::io::Result<()> {
+pub(super) async fn serve(listener: TcpListener, app: Router) -> std::io::Result<()> {
     loop {
         let (stream, _) = listener.accept().await?;
         let service = TowerToHyperService::new(app.clone());

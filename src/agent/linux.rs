@@ -7,12 +7,13 @@ use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
 use super::dataplane::{ApplyReport, Dataplane, DataplaneError};
+use super::nft::NftError;
 use super::sysctl::{Sysctls, wanted_sysctls};
 use portpolicy_core::ipvs::{IpvsOp, IpvsTable, StaleFlows};
 use portpolicy_netlink::conntrack::FlowFilter;
-use portpolicy_netlink::{ConntrackHandle, DummyLink, IpvsHandle};
+use portpolicy_netlink::{ConntrackHandle, DummyLink, IpvsHandle, NetlinkError};
 
-pub struct LinuxDataplane {
+pub(super) struct LinuxDataplane {
     ipvs: IpvsHandle,
     link: DummyLink,
     interface: String,
@@ -27,15 +28,15 @@ pub struct LinuxDataplane {
 impl LinuxDataplane {
     /// Opens the IPVS family and finds (or creates) the dummy interface. `strict_arp` adds
     /// kube-proxy's `--ipvs-strict-arp` settings to the sysctls.
-    pub fn open(
+    pub(super) fn open(
         interface: &str,
         sysctl_root: &std::path::Path,
         strict_arp: bool,
     ) -> Result<Self, DataplaneError> {
-        let ipvs = IpvsHandle::open().map_err(|e| DataplaneError::Dump(e.to_string()))?;
-        let link = DummyLink::ensure(interface).map_err(|e| DataplaneError::Addresses {
+        let ipvs = IpvsHandle::open().map_err(DataplaneError::OpenIpvs)?;
+        let link = DummyLink::ensure(interface).map_err(|source| DataplaneError::Addresses {
             interface: interface.to_string(),
-            message: e.to_string(),
+            source,
         })?;
         Ok(LinuxDataplane {
             ipvs,
@@ -48,17 +49,17 @@ impl LinuxDataplane {
         })
     }
 
-    fn address_error(&self, e: impl ToString) -> DataplaneError {
+    fn address_error(&self, source: NetlinkError) -> DataplaneError {
         DataplaneError::Addresses {
             interface: self.interface.clone(),
-            message: e.to_string(),
+            source,
         }
     }
 }
 
 impl Dataplane for LinuxDataplane {
     fn dump(&mut self) -> Result<IpvsTable, DataplaneError> {
-        self.ipvs.dump().map_err(|e| DataplaneError::Dump(e.to_string()))
+        self.ipvs.dump().map_err(DataplaneError::Dump)
     }
 
     fn apply(&mut self, ops: &[IpvsOp]) -> ApplyReport {
@@ -75,7 +76,7 @@ impl Dataplane for LinuxDataplane {
                 .position(|o| *o == op)
                 .map_or(from, |i| from + i);
             from = index + 1;
-            failures.push((index, err.to_string()));
+            failures.push((index, err));
         }
         ApplyReport { failures }
     }
@@ -98,31 +99,24 @@ impl Dataplane for LinuxDataplane {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| DataplaneError::Nftables(format!("cannot run nft: {e}")))?;
+            .map_err(NftError::Spawn)?;
         if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(ruleset.as_bytes())
-                .map_err(|e| DataplaneError::Nftables(format!("writing to nft: {e}")))?;
+            stdin.write_all(ruleset.as_bytes()).map_err(NftError::Write)?;
         }
-        let output = child
-            .wait_with_output()
-            .map_err(|e| DataplaneError::Nftables(format!("waiting for nft: {e}")))?;
+        let output = child.wait_with_output().map_err(NftError::Wait)?;
         if output.status.success() {
             Ok(())
         } else {
-            Err(DataplaneError::Nftables(format!(
-                "nft -f - exited with {}: {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            )))
+            Err(NftError::Refused {
+                status: output.status,
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            }
+            .into())
         }
     }
 
     fn reserve_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), DataplaneError> {
-        self.reserved_by_us = self
-            .sysctls
-            .reserve_ports(ports, &self.reserved_by_us)
-            .map_err(|e| DataplaneError::Sysctl(e.to_string()))?;
+        self.reserved_by_us = self.sysctls.reserve_ports(ports, &self.reserved_by_us)?;
         Ok(())
     }
 
@@ -132,23 +126,26 @@ impl Dataplane for LinuxDataplane {
             match self.sysctls.ensure(name, value) {
                 Ok(true) => tracing::info!(sysctl = name, value, "set"),
                 Ok(false) => {}
-                Err(e) => errors.push(e.to_string()),
+                Err(e) => errors.push(e),
             }
         }
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(DataplaneError::Sysctl(errors.join("; ")))
+            Err(DataplaneError::Sysctl(errors))
         }
     }
 
     fn clear_flows(&mut self, flows: &[StaleFlows]) -> Result<usize, DataplaneError> {
-        let error = |e: portpolicy_netlink::NetlinkError| DataplaneError::Conntrack(e.to_string());
         let handle = match &mut self.conntrack {
             Some(handle) => handle,
-            None => self.conntrack.insert(ConntrackHandle::open().map_err(error)?),
+            None => self
+                .conntrack
+                .insert(ConntrackHandle::open().map_err(DataplaneError::Conntrack)?),
         };
-        let result = handle.delete_matching(&FlowFilter::new(flows)).map_err(error);
+        let result = handle
+            .delete_matching(&FlowFilter::new(flows))
+            .map_err(DataplaneError::Conntrack);
         if result.is_err() {
             // A socket in an unknown state (a half-read dump) is not reused.
             self.conntrack = None;

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub full_syncs: IntCounter,
     pub conntrack_entries_deleted: IntCounter,
     pub conntrack_errors: IntCounter,
+    pub snapshot_refusals: IntCounter,
+    pub snapshot_refused: IntGauge,
 }
 
 impl Metrics {
@@ -89,6 +91,16 @@ impl Metrics {
             "Attempts to clear stale UDP flows that failed (they are retried on the next sync).",
         )
         .expect("valid counter");
+        let snapshot_refusals = IntCounter::new(
+            "portpolicy_agent_snapshot_refusals_total",
+            "Snapshot reads refused because the snapshot could not be read whole.",
+        )
+        .expect("valid counter");
+        let snapshot_refused = IntGauge::new(
+            "portpolicy_agent_snapshot_refused",
+            "1 while the snapshot on disk is refused and the last good one is programmed.",
+        )
+        .expect("valid gauge");
         for c in [
             Box::new(sync_duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(conntrack_entries_deleted.clone()),
@@ -100,6 +112,8 @@ impl Metrics {
             Box::new(sync_errors.clone()),
             Box::new(last_successful_sync.clone()),
             Box::new(full_syncs.clone()),
+            Box::new(snapshot_refusals.clone()),
+            Box::new(snapshot_refused.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -115,10 +129,12 @@ impl Metrics {
             full_syncs,
             conntrack_entries_deleted,
             conntrack_errors,
+            snapshot_refusals,
+            snapshot_refused,
         }
     }
 
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
         let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
@@ -134,20 +150,22 @@ impl Default for Metrics {
 /// Whether the agent is doing its job: it has synced, recently, and the last sync worked.
 /// Shared by `/healthz`, `/readyz` and the health-check node ports (`serviceProxyHealthy`).
 #[derive(Clone, Debug)]
-pub struct AgentHealth {
+pub(crate) struct AgentHealth {
     inner: Arc<Mutex<HealthState>>,
     stale_after: Duration,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct HealthState {
     last_success: Option<Instant>,
     last_failed: bool,
+    /// Why the cluster source is not being followed (a snapshot that cannot be read whole).
+    source_refused: Option<String>,
 }
 
 impl AgentHealth {
     /// Healthy while the last successful sync is younger than two resync periods.
-    pub fn new(resync_period: Duration) -> Self {
+    pub(crate) fn new(resync_period: Duration) -> Self {
         AgentHealth {
             inner: Arc::default(),
             stale_after: resync_period * 2,
@@ -158,7 +176,7 @@ impl AgentHealth {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn record(&self, succeeded: bool, at: Instant) {
+    pub(crate) fn record(&self, succeeded: bool, at: Instant) {
         let mut s = self.lock();
         s.last_failed = !succeeded;
         if succeeded {
@@ -166,25 +184,42 @@ impl AgentHealth {
         }
     }
 
-    pub fn healthy_at(&self, now: Instant) -> bool {
-        let s = *self.lock();
+    /// The source's latest state was refused (`Some(why)`), or accepted again (`None`).
+    pub(crate) fn set_source_refused(&self, why: Option<String>) {
+        self.lock().source_refused = why;
+    }
+
+    pub(crate) fn healthy_at(&self, now: Instant) -> bool {
+        let s = self.lock();
         !s.last_failed
             && s.last_success
                 .is_some_and(|t| now.saturating_duration_since(t) <= self.stale_after)
     }
 
-    pub fn healthy(&self) -> bool {
+    pub(crate) fn healthy(&self) -> bool {
         self.healthy_at(Instant::now())
     }
 
-    /// Ready once the kernel has been brought in line with the plan at least once.
-    pub fn ready(&self) -> bool {
-        self.lock().last_success.is_some()
+    /// Ready once the kernel has been brought in line with the plan at least once, and while
+    /// the plan follows the cluster source: `Err(why)` otherwise.
+    pub(crate) fn readiness(&self) -> Result<(), String> {
+        let s = self.lock();
+        if let Some(why) = &s.source_refused {
+            return Err(if s.last_success.is_some() {
+                format!("{why}; still programming the last good snapshot\n")
+            } else {
+                format!("{why}; nothing programmed yet\n")
+            });
+        }
+        if s.last_success.is_none() {
+            return Err("no successful sync yet\n".into());
+        }
+        Ok(())
     }
 }
 
-/// The router for `--metrics-addr`.
-pub fn router(metrics: Metrics, health: AgentHealth) -> Router {
+/// The router for `--metrics-address`.
+pub(crate) fn router(metrics: Metrics, health: AgentHealth) -> Router {
     let ready = health.clone();
     Router::new()
         .route(
@@ -204,8 +239,13 @@ pub fn router(metrics: Metrics, health: AgentHealth) -> Router {
         .route(
             "/readyz",
             get(move || {
-                let ok = ready.ready();
-                async move { status(ok, "no successful sync yet") }
+                let readiness = ready.readiness();
+                async move {
+                    match readiness {
+                        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+                        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
+                    }
+                }
             }),
         )
 }
@@ -227,13 +267,13 @@ mod tests {
         let health = AgentHealth::new(Duration::from_secs(60));
         let t0 = Instant::now();
         assert!(!health.healthy_at(t0));
-        assert!(!health.ready());
+        assert!(health.readiness().is_err());
         health.record(true, t0);
         assert!(health.healthy_at(t0 + Duration::from_secs(119)));
         assert!(!health.healthy_at(t0 + Duration::from_secs(121)));
         health.record(false, t0 + Duration::from_secs(1));
         assert!(!health.healthy_at(t0 + Duration::from_secs(2)));
-        assert!(health.ready());
+        assert!(health.readiness().is_ok());
     }
 
     #[test]

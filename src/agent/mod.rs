@@ -3,19 +3,21 @@
 //!
 //! The pieces: a [`source`] (snapshot file or API watches) feeds cluster changes to the
 //! [`sync::Syncer`], which keeps the incremental planner and talks to the kernel only through
-//! the [`dataplane::Dataplane`] trait ([`linux`] for real, a fake in tests). Around it: the
+//! the [`dataplane::Dataplane`] trait ([`linux`] for real, an in-memory fake in tests). Around it: the
 //! masquerading ruleset ([`nft`]), sysctls and reserved node ports ([`sysctl`]), health-check
 //! node ports ([`health_check`]) and the agent's own `/metrics`, `/healthz`, `/readyz`
 //! ([`metrics`]).
 
 pub mod dataplane;
-pub mod health_check;
-pub mod http;
+#[cfg(any(test, feature = "test-util"))]
+pub mod fake;
+mod health_check;
+mod http;
 #[cfg(target_os = "linux")]
-pub mod linux;
+mod linux;
 pub mod metrics;
 pub mod nft;
-pub mod source;
+mod source;
 pub mod sync;
 pub mod sysctl;
 #[cfg(test)]
@@ -25,7 +27,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use tokio::sync::mpsc;
 
 use self::dataplane::Dataplane;
@@ -34,22 +36,15 @@ use self::metrics::{AgentHealth, Metrics};
 use self::nft::{Cidr, MasqueradeOptions};
 use self::source::Event;
 use self::sync::Syncer;
-use portpolicy_core::ipvs::{NodePortAddresses, PlannerConfig, ProxyMode};
+use crate::flags;
+use portpolicy_core::ipvs::listing::format_table;
+use portpolicy_core::ipvs::{NodePortAddresses, ProxyConfig, ProxyMode};
 
 /// The agent's port for `/metrics`, `/healthz` and `/readyz`: next to kube-proxy's 10256
 /// (healthz) and 10249 (metrics) without taking either, so both can run on one node.
-pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:10265";
+pub(crate) const DEFAULT_METRICS_ADDRESS: &str = "0.0.0.0:10265";
 /// Linux allows 15 bytes in an interface name.
-pub const DEFAULT_INTERFACE: &str = "portpolicy-ipvs";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Mode {
-    /// kube-proxy runs too: proxy only Services labeled
-    /// `service.kubernetes.io/service-proxy-name: portpolicy`.
-    Delegated,
-    /// No kube-proxy: proxy every Service kube-proxy would, and own the whole IPVS table.
-    Replacement,
-}
+pub(crate) const DEFAULT_INTERFACE: &str = "portpolicy-ipvs";
 
 /// `portpolicy agent` flags; each has an environment variable for DaemonSet manifests.
 #[derive(Args, Debug, Clone)]
@@ -70,8 +65,11 @@ pub struct AgentArgs {
     /// deletes drained real servers), like `60s`, `5m` or `500ms`.
     #[arg(long, env = "PORTPOLICY_RESYNC_PERIOD", default_value = "60s", value_parser = parse_duration)]
     pub resync_period: Duration,
-    #[arg(long, env = "PORTPOLICY_MODE", value_enum, default_value_t = Mode::Delegated)]
-    pub mode: Mode,
+    /// `delegated`: kube-proxy runs too, proxy only Services labeled
+    /// `service.kubernetes.io/service-proxy-name: portpolicy`. `replacement`: no kube-proxy,
+    /// proxy every Service kube-proxy would and own the whole IPVS table.
+    #[arg(long, env = "PORTPOLICY_MODE", value_parser = flags::proxy_mode(), default_value = "delegated")]
+    pub mode: ProxyMode,
     /// Run from snapshot files or directories (`kubectl get -o yaml` output) instead of the API
     /// server; they are re-read whenever they change.
     #[arg(long, env = "PORTPOLICY_SNAPSHOT", value_delimiter = ',')]
@@ -80,15 +78,20 @@ pub struct AgentArgs {
     #[arg(long, default_value = "500ms", value_parser = parse_duration)]
     pub snapshot_poll: Duration,
     /// Address for `/metrics`, `/healthz` and `/readyz`.
-    #[arg(long, env = "PORTPOLICY_METRICS_ADDR", default_value = DEFAULT_METRICS_ADDR)]
-    pub metrics_addr: SocketAddr,
+    #[arg(
+        long,
+        alias = "metrics-addr",
+        env = "PORTPOLICY_METRICS_ADDR",
+        default_value = DEFAULT_METRICS_ADDRESS
+    )]
+    pub metrics_address: SocketAddr,
     /// Where the kernel's settings are written: `/proc/sys`, or the host's bind-mounted there
     /// when the container's own `/proc/sys` is read-only.
     #[arg(long, env = "PORTPOLICY_SYSCTL_ROOT", default_value = "/proc/sys")]
     pub sysctl_root: std::path::PathBuf,
     /// Address the health-check node ports listen on.
-    #[arg(long, default_value = "0.0.0.0")]
-    pub health_check_bind_address: IpAddr,
+    #[arg(long, alias = "health-check-bind-address", default_value = "0.0.0.0")]
+    pub health_check_address: IpAddr,
     /// With `--snapshot`: print the IPVS table planned for this node (as `ipvsadm -Ln` lists
     /// it) and exit, touching nothing.
     #[arg(long, requires = "snapshot")]
@@ -120,7 +123,7 @@ impl AgentArgs {
 }
 
 /// `90`, `90s`, `500ms`, `5m`, `1h`.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
@@ -152,8 +155,8 @@ pub enum AgentError {
     },
     #[error("connecting to the API server: {0}")]
     Kube(#[from] kube::Error),
-    #[error("reading the snapshot: {0}")]
-    Snapshot(#[from] crate::snapshot_files::LoadError),
+    #[error("{0}")]
+    SnapshotRefused(String),
     #[error("the agent runs on Linux only")]
     Unsupported,
     #[error("--{flag}: {message}")]
@@ -163,18 +166,22 @@ pub enum AgentError {
 /// Runs the agent on this node until SIGINT or SIGTERM. Rules stay in the kernel on exit, so a
 /// restart drops no connection.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    // A bad flag is refused before anything is read or touched.
+    let config = proxy_config(&args)?;
+    if args.print_table {
+        let loaded = crate::snapshot_files::load_paths(&args.snapshot);
+        for problem in &loaded.problems {
+            tracing::warn!(%problem, "snapshot");
+        }
+        if let Some(why) = source::refusal(&loaded) {
+            return Err(AgentError::SnapshotRefused(why));
+        }
+        let rules = portpolicy_core::ipvs::node_rules(&loaded.snapshot, &config);
+        print!("{}", format_table(&rules.table()));
+        return Ok(());
+    }
     #[cfg(target_os = "linux")]
     {
-        let config = planner_config(&args)?;
-        if args.print_table {
-            let loaded = crate::snapshot_files::load_paths(&args.snapshot)?;
-            let plan = portpolicy_core::ipvs::plan_node(&loaded.snapshot, &config);
-            print!(
-                "{}",
-                portpolicy_netlink::ipvs::format_like_ipvsadm(None, &plan.table())
-            );
-            return Ok(());
-        }
         let dataplane =
             linux::LinuxDataplane::open(&args.interface, &args.sysctl_root, args.ipvs_strict_arp)?;
         run_with(args, dataplane).await
@@ -187,13 +194,16 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
 }
 
 /// The agent's loop over any dataplane.
-pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> Result<(), AgentError> {
+pub(crate) async fn run_with<D: Dataplane + 'static>(
+    args: AgentArgs,
+    dataplane: D,
+) -> Result<(), AgentError> {
     let metrics = Metrics::new();
     let health = AgentHealth::new(args.resync_period);
-    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+    let listener = tokio::net::TcpListener::bind(args.metrics_address)
         .await
         .map_err(|source| AgentError::Listen {
-            address: args.metrics_addr,
+            address: args.metrics_address,
             source,
         })?;
     let app = metrics::router(metrics.clone(), health.clone());
@@ -202,7 +212,7 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
             tracing::error!(error = %e, "metrics server stopped");
         }
     });
-    tracing::info!(address = %args.metrics_addr, "serving /metrics, /healthz and /readyz");
+    tracing::info!(address = %args.metrics_address, "serving /metrics, /healthz and /readyz");
 
     let (tx, mut rx) = mpsc::channel::<Event>(4096);
     if args.snapshot.is_empty() {
@@ -216,10 +226,10 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
         ));
     }
 
-    let config = planner_config(&args)?;
+    let config = proxy_config(&args)?;
     let masquerade = args.masquerade();
-    let mut syncer = Syncer::new(dataplane, config, masquerade, metrics);
-    let mut health_checks = HealthCheckServers::new(args.health_check_bind_address, health.clone());
+    let mut syncer = Syncer::new(dataplane, config, masquerade, metrics.clone());
+    let mut health_checks = HealthCheckServers::new(args.health_check_address, health.clone());
 
     let mut ready = false;
     let mut dirty = false;
@@ -246,7 +256,16 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
                     while let Some(event) = next {
                         match event {
                             Event::Ready => ready = true,
+                            Event::Refused(why) => {
+                                metrics.snapshot_refusals.inc();
+                                metrics.snapshot_refused.set(1);
+                                health.set_source_refused(Some(why));
+                            }
                             Event::Change(change) => {
+                                if matches!(change, sync::Change::Snapshot(_)) {
+                                    metrics.snapshot_refused.set(0);
+                                    health.set_source_refused(None);
+                                }
                                 syncer.observe(change);
                                 dirty = true;
                             }
@@ -293,12 +312,8 @@ pub async fn run_with<D: Dataplane + 'static>(args: AgentArgs, dataplane: D) -> 
     }
 }
 
-fn planner_config(args: &AgentArgs) -> Result<PlannerConfig, AgentError> {
-    let mode = match args.mode {
-        Mode::Delegated => ProxyMode::Delegated,
-        Mode::Replacement => ProxyMode::Replacement,
-    };
-    let mut config = PlannerConfig::new(args.node_name.clone(), mode);
+fn proxy_config(args: &AgentArgs) -> Result<ProxyConfig, AgentError> {
+    let mut config = ProxyConfig::new(args.node_name.clone(), args.mode);
     config.node_port_addresses =
         NodePortAddresses::parse(&args.nodeport_addresses).map_err(|message| AgentError::InvalidFlag {
             flag: "nodeport-addresses",
@@ -333,7 +348,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-    use crate::agent::dataplane::{FakeDataplane, FakeKernel};
+    use crate::agent::fake::{FakeDataplane, FakeKernel};
     use crate::agent::test_support::{free_port, http_get};
 
     /// The whole response, or nothing while the server is not up yet.
@@ -373,11 +388,11 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
             masquerade_all: false,
             cluster_cidrs: vec![],
             resync_period: Duration::from_secs(60),
-            mode: Mode::Delegated,
+            mode: ProxyMode::Delegated,
             snapshot: vec![dir.clone()],
             snapshot_poll: Duration::from_millis(20),
-            metrics_addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), metrics_port),
-            health_check_bind_address: Ipv4Addr::LOCALHOST.into(),
+            metrics_address: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), metrics_port),
+            health_check_address: Ipv4Addr::LOCALHOST.into(),
             print_table: false,
             nodeport_addresses: vec![],
             ipvs_strict_arp: false,
@@ -442,7 +457,7 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
             error.starts_with("--nodeport-addresses: \"10.0.0.0\" is not a CIDR"),
             "{error}"
         );
-        let config = planner_config(&parse("192.168.0.0/16,fd00::/8")).unwrap();
+        let config = proxy_config(&parse("192.168.0.0/16,fd00::/8")).unwrap();
         assert_eq!(
             config.node_port_addresses,
             NodePortAddresses::Cidrs(vec![
@@ -450,6 +465,129 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
                 "fd00::/8".parse().unwrap()
             ])
         );
+    }
+
+    /// The same cluster as `kubectl get -o yaml` prints it: one List, `kind: List` after the items.
+    fn kubectl_list(endpoint: &str) -> String {
+        let items: String = SNAPSHOT
+            .replace("ENDPOINT", endpoint)
+            .split("---")
+            .filter(|doc| !doc.trim().is_empty())
+            .map(|doc| {
+                let lines: Vec<&str> = doc.trim().lines().collect();
+                format!("- {}\n", lines.join("\n  "))
+            })
+            .collect();
+        format!("apiVersion: v1\nitems:\n{items}kind: List\nmetadata:\n  resourceVersion: \"\"\n")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_that_cannot_be_read_whole_is_refused_and_the_last_good_one_kept() {
+        let dir = std::env::temp_dir().join(format!("portpolicy-agent-refuse-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("cluster.yaml");
+        let good = kubectl_list("10.0.1.2");
+        // Cut off after the first item: valid YAML, but without the `kind: List` that ends it.
+        let second_item = good.match_indices("\n- ").nth(1).unwrap().0;
+        let cut_at_an_item = &good[..second_item + 1];
+        std::fs::write(&file, cut_at_an_item).unwrap();
+        let metrics_port = free_port();
+        let args = AgentArgs {
+            node_name: "node-a".into(),
+            interface: DEFAULT_INTERFACE.into(),
+            masquerade_all: false,
+            cluster_cidrs: vec![],
+            resync_period: Duration::from_secs(60),
+            // Replacement mode owns the whole table: an empty cluster would withdraw everything.
+            mode: ProxyMode::Replacement,
+            snapshot: vec![file.clone()],
+            snapshot_poll: Duration::from_millis(20),
+            metrics_address: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), metrics_port),
+            health_check_address: Ipv4Addr::LOCALHOST.into(),
+            print_table: false,
+            nodeport_addresses: vec![],
+            ipvs_strict_arp: false,
+            sysctl_root: "/proc/sys".into(),
+        };
+        let fake = FakeDataplane::new(FakeKernel::default());
+        let agent = tokio::spawn(run_with(args, fake.clone()));
+        let wait = |what: &dyn Fn() -> bool, why: &str| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !what() {
+                assert!(Instant::now() < deadline, "timed out waiting for {why}");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        let metric = |name: &str| {
+            get(metrics_port, "/metrics")
+                .lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
+                .unwrap_or_default()
+        };
+        tokio::task::block_in_place(|| {
+            // Refused from the start: nothing is programmed and the agent is not ready.
+            wait(
+                &|| get(metrics_port, "/readyz").contains("nothing programmed yet"),
+                "the first refusal",
+            );
+            let readyz = get(metrics_port, "/readyz");
+            assert!(readyz.contains(" 503 "), "{readyz}");
+            assert!(readyz.contains("cannot be read whole"), "{readyz}");
+            assert!(readyz.contains("no kind: List"), "{readyz}");
+            assert_eq!(metric("portpolicy_agent_snapshot_refused"), "1");
+            assert!(fake.state().ops_log.is_empty(), "{:?}", fake.state().ops_log);
+
+            std::fs::write(&file, &good).unwrap();
+            wait(
+                &|| get(metrics_port, "/readyz").contains(" 200 "),
+                "the good snapshot",
+            );
+            let programmed = fake.state().table.clone();
+            assert!(!programmed.is_empty());
+            assert_eq!(metric("portpolicy_agent_snapshot_refused"), "0");
+
+            // Cut mid-object, then emptied (as `>` does before writing): each refused, the
+            // kernel table untouched, readiness says why.
+            for (what, text) in [("half the file", &good[..good.len() / 2]), ("an empty file", "")] {
+                let refusals: u64 = metric("portpolicy_agent_snapshot_refusals_total")
+                    .parse()
+                    .unwrap();
+                std::fs::write(&file, text).unwrap();
+                wait(
+                    &|| {
+                        metric("portpolicy_agent_snapshot_refusals_total")
+                            .parse::<u64>()
+                            .unwrap()
+                            > refusals
+                    },
+                    what,
+                );
+                let readyz = get(metrics_port, "/readyz");
+                assert!(readyz.contains(" 503 "), "{what}: {readyz}");
+                assert!(
+                    readyz.contains("still programming the last good snapshot"),
+                    "{what}: {readyz}"
+                );
+                assert_eq!(metric("portpolicy_agent_snapshot_refused"), "1", "{what}");
+                std::thread::sleep(Duration::from_millis(100));
+                assert_eq!(
+                    fake.state().table,
+                    programmed,
+                    "{what}: the last good plan stays programmed"
+                );
+            }
+
+            std::fs::write(&file, kubectl_list("10.0.1.9")).unwrap();
+            wait(&|| get(metrics_port, "/readyz").contains(" 200 "), "recovery");
+            assert_eq!(metric("portpolicy_agent_snapshot_refused"), "0");
+            assert_ne!(
+                fake.state().table,
+                programmed,
+                "the new snapshot is followed again"
+            );
+        });
+        agent.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

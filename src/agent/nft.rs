@@ -30,17 +30,33 @@ use std::fmt::Write;
 use std::net::IpAddr;
 
 pub use portpolicy_core::cidr::Cidr;
-use portpolicy_core::ipvs::{IpvsTable, NodePlan, VirtualServerKey};
+use portpolicy_core::ipvs::{IpvsTable, NodeRules, VirtualServerKey};
 use portpolicy_core::ports::Protocol;
 
 /// The table name, in both the `ip` and `ip6` families. The agent owns it whole.
-pub const TABLE_NAME: &str = "portpolicy";
+pub(crate) const TABLE_NAME: &str = "portpolicy";
 /// The packet mark bit meaning "masquerade me" (the bit kube-proxy uses for the same purpose).
-pub const MASQUERADE_MARK: u32 = 0x4000;
+pub(crate) const MASQUERADE_MARK: u32 = 0x4000;
+
+/// Why `nft -f -` did not apply a ruleset.
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    #[error("cannot run nft: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("writing to nft: {0}")]
+    Write(#[source] std::io::Error),
+    #[error("waiting for nft: {0}")]
+    Wait(#[source] std::io::Error),
+    #[error("nft -f - exited with {status}: {stderr}")]
+    Refused {
+        status: std::process::ExitStatus,
+        stderr: String,
+    },
+}
 
 /// How a virtual server is reached, which decides whether its traffic is masqueraded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Reach {
+pub(crate) enum Reach {
     /// A cluster IP.
     ClusterIp,
     /// A node port, external IP or load-balancer IP; `local` when the service's external
@@ -108,7 +124,7 @@ pub struct SourceRestriction {
 /// The plan's load-balancer source ranges as restrictions. A range holding one of the node's
 /// addresses also lets the node itself in: its packets to a VIP it holds carry the VIP as
 /// source (kube-proxy's `allowFromNode`).
-pub fn source_restrictions(plan: &NodePlan) -> Vec<SourceRestriction> {
+pub fn source_restrictions(plan: &NodeRules) -> Vec<SourceRestriction> {
     plan.virtual_servers
         .iter()
         .filter_map(|vs| {
@@ -128,7 +144,7 @@ pub fn source_restrictions(plan: &NodePlan) -> Vec<SourceRestriction> {
 
 /// The whole batch for `nft -f -`: both tables deleted and recreated in one transaction, so the
 /// kernel never runs with half a ruleset and rules the agent no longer wants disappear.
-pub fn ruleset<'a>(
+pub(crate) fn ruleset<'a>(
     virtual_servers: impl IntoIterator<Item = (&'a VirtualServerKey, Reach)>,
     table: &IpvsTable,
     options: &MasqueradeOptions,
@@ -539,7 +555,7 @@ table ip6 portpolicy {
 
     #[test]
     fn a_node_inside_a_source_range_may_reach_the_load_balancer_from_itself() {
-        use portpolicy_core::ipvs::{PlannerConfig, ProxyMode, plan_node};
+        use portpolicy_core::ipvs::{ProxyConfig, ProxyMode, node_rules};
         use portpolicy_core::snapshot::parse_str;
         let snapshot = |ranges: &str| {
             let text = format!(
@@ -561,9 +577,9 @@ status: {{loadBalancer: {{ingress: [{{ip: 198.51.100.50}}]}}}}
             );
             parse_str("lb.yaml", &text).snapshot
         };
-        let config = PlannerConfig::new("node-a", ProxyMode::Replacement);
+        let config = ProxyConfig::new("node-a", ProxyMode::Replacement);
         let lb = key("198.51.100.50", 80, Protocol::Tcp);
-        let plan = plan_node(&snapshot("[192.168.0.0/16, 203.0.113.0/24]"), &config);
+        let plan = node_rules(&snapshot("[192.168.0.0/16, 203.0.113.0/24]"), &config);
         assert_eq!(
             source_restrictions(&plan),
             [SourceRestriction {
@@ -573,7 +589,7 @@ status: {{loadBalancer: {{ingress: [{{ip: 198.51.100.50}}]}}}}
                     .to_vec(),
             }]
         );
-        let plan = plan_node(&snapshot("[203.0.113.0/24]"), &config);
+        let plan = node_rules(&snapshot("[203.0.113.0/24]"), &config);
         assert_eq!(
             source_restrictions(&plan),
             [SourceRestriction {
@@ -581,7 +597,7 @@ status: {{loadBalancer: {{ingress: [{{ip: 198.51.100.50}}]}}}}
                 allowed: vec!["203.0.113.0/24".parse().unwrap()],
             }]
         );
-        assert_eq!(source_restrictions(&plan_node(&snapshot("[]"), &config)), []);
+        assert_eq!(source_restrictions(&node_rules(&snapshot("[]"), &config)), []);
     }
 
     #[test]

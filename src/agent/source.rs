@@ -20,14 +20,17 @@ use tokio::sync::mpsc;
 use super::sync::Change;
 use crate::snapshot_files::load_paths;
 use portpolicy_core::crd::PortPolicy;
-use portpolicy_core::governance::{Labels, PolicySet};
-use portpolicy_core::well_known::NAMESPACE_NAME_LABEL;
+use portpolicy_core::governance::{NamespaceLabels, PolicySet};
+use portpolicy_core::snapshot::Loaded;
 
 #[derive(Debug)]
-pub enum Event {
+pub(super) enum Event {
     Change(Change),
     /// Everything the source knows at start has been sent.
     Ready,
+    /// The source's current state cannot be used (a snapshot that cannot be read whole); the
+    /// agent keeps what it has. Cleared by the next [`Change::Snapshot`].
+    Refused(String),
 }
 
 /// Files under `paths` with their modification time and size: the snapshot changed when this
@@ -59,9 +62,29 @@ fn fingerprint(paths: &[PathBuf]) -> Vec<(PathBuf, Option<SystemTime>, u64)> {
     out
 }
 
+/// Why a loaded snapshot cannot stand for the cluster, if it cannot: some text in it could not
+/// be read (a file cut off mid-write, invalid YAML, an unreadable entry), or it holds nothing.
+/// Programming it would withdraw every rule for what it lacks, so it is refused whole.
+pub(super) fn refusal(loaded: &Loaded) -> Option<String> {
+    if let Some(first) = loaded.unreadable.first() {
+        let more = loaded.unreadable.len() - 1;
+        let more = if more > 0 {
+            format!(" (and {more} more)")
+        } else {
+            String::new()
+        };
+        return Some(format!("the snapshot cannot be read whole: {first}{more}"));
+    }
+    if loaded.snapshot.object_count() == 0 {
+        return Some("the snapshot holds no objects".to_string());
+    }
+    None
+}
+
 /// Loads the snapshot now and again whenever a file's mtime or size changes. A snapshot that
-/// cannot be read is logged and skipped: the last good one stays in force.
-pub async fn snapshot_source(paths: Vec<PathBuf>, poll: Duration, tx: mpsc::Sender<Event>) {
+/// cannot be read whole is refused ([`refusal`]): the last good one stays in force, and the
+/// loop is told, for `/readyz` and the metrics.
+pub(super) async fn snapshot_source(paths: Vec<PathBuf>, poll: Duration, tx: mpsc::Sender<Event>) {
     let mut last = None;
     let mut ready_sent = false;
     let mut ticker = tokio::time::interval(poll);
@@ -74,22 +97,27 @@ pub async fn snapshot_source(paths: Vec<PathBuf>, poll: Duration, tx: mpsc::Send
         }
         let read = paths.clone();
         let loaded = match tokio::task::spawn_blocking(move || load_paths(&read)).await {
-            Ok(Ok(loaded)) => loaded,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "cannot load the snapshot; keeping the last one");
-                last = Some(now);
-                continue;
-            }
+            Ok(loaded) => loaded,
             Err(e) => {
                 tracing::error!(error = %e, "snapshot loader panicked");
                 continue;
             }
         };
+        last = Some(now);
+        if let Some(why) = refusal(&loaded) {
+            for problem in &loaded.unreadable {
+                tracing::error!(%problem, "snapshot");
+            }
+            tracing::error!(reason = %why, "snapshot refused; keeping the last good one");
+            if tx.send(Event::Refused(why)).await.is_err() {
+                return;
+            }
+            continue;
+        }
         for problem in &loaded.problems {
             tracing::warn!(%problem, "snapshot");
         }
         tracing::info!(objects = loaded.snapshot.object_count(), "snapshot loaded");
-        last = Some(now);
         if tx
             .send(Event::Change(Change::Snapshot(Box::new(loaded.snapshot))))
             .await
@@ -109,7 +137,7 @@ pub async fn snapshot_source(paths: Vec<PathBuf>, poll: Duration, tx: mpsc::Send
 /// Watches Services, EndpointSlices, this Node, PortPolicies and Namespaces (labels only).
 /// Each watch retries with backoff on errors; an object that does not parse is logged and
 /// skipped, never stopping its watch.
-pub async fn kube_source(client: Client, node_name: String, tx: mpsc::Sender<Event>) {
+pub(super) async fn kube_source(client: Client, node_name: String, tx: mpsc::Sender<Event>) {
     let (ready_tx, mut ready_rx) = mpsc::channel::<&'static str>(8);
     let services = tokio::spawn(watch_objects::<Service>(
         client.clone(),
@@ -260,8 +288,8 @@ async fn watch_policies(client: Client, tx: mpsc::Sender<Event>, ready: mpsc::Se
     let mut stream = std::pin::pin!(futures::stream::select(policies, namespaces));
     let mut policy_objects: BTreeMap<String, PortPolicy> = BTreeMap::new();
     let mut policy_listing: Option<BTreeMap<String, PortPolicy>> = None;
-    let mut labels: BTreeMap<String, Labels> = BTreeMap::new();
-    let mut labels_listing: Option<BTreeMap<String, Labels>> = None;
+    let mut labels = NamespaceLabels::default();
+    let mut labels_listing: Option<NamespaceLabels> = None;
     let (mut policies_listed, mut namespaces_listed, mut announced) = (false, false, false);
     while let Some(event) = stream.next().await {
         match event {
@@ -304,13 +332,12 @@ async fn watch_policies(client: Client, tx: mpsc::Sender<Event>, ready: mpsc::Se
             },
             Ok(PolicyEvent::Namespace(event)) => match event {
                 WatchEvent::Init => {
-                    labels_listing = Some(BTreeMap::new());
+                    labels_listing = Some(NamespaceLabels::default());
                     continue;
                 }
                 WatchEvent::InitApply(ns) => {
                     if let Some(listing) = labels_listing.as_mut() {
-                        let (name, l) = namespace_labels(ns);
-                        listing.insert(name, l);
+                        listing.insert(&ns.metadata.name.unwrap_or_default(), ns.metadata.labels.as_ref());
                     }
                     continue;
                 }
@@ -319,15 +346,11 @@ async fn watch_policies(client: Client, tx: mpsc::Sender<Event>, ready: mpsc::Se
                     namespaces_listed = true;
                 }
                 WatchEvent::Apply(ns) => {
-                    let (name, l) = namespace_labels(ns);
-                    if labels.get(&name) == Some(&l) {
+                    if !labels.insert(&ns.metadata.name.unwrap_or_default(), ns.metadata.labels.as_ref()) {
                         continue;
                     }
-                    labels.insert(name, l);
                 }
-                WatchEvent::Delete(ns) => {
-                    labels.remove(&ns.metadata.name.unwrap_or_default());
-                }
+                WatchEvent::Delete(ns) => labels.remove(&ns.metadata.name.unwrap_or_default()),
             },
         }
         if !(policies_listed && namespaces_listed) {
@@ -356,13 +379,6 @@ fn parse_policy(object: DynamicObject) -> Option<(String, PortPolicy)> {
             None
         }
     }
-}
-
-fn namespace_labels(ns: PartialObjectMeta<Namespace>) -> (String, Labels) {
-    let name = ns.metadata.name.unwrap_or_default();
-    let mut labels = ns.metadata.labels.unwrap_or_default();
-    labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.clone());
-    (name, labels)
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! The sync engine: keeps the planner fed, and makes the kernel match its plan by applying only
+//! The sync engine: keeps the rule tracker fed, and makes the kernel match its plan by applying only
 //! the difference.
 //!
 //! - Incremental sync: the planner's dirty keys (plus keys whose last operation failed) are
@@ -10,25 +10,26 @@
 //!   an agent restart drops no connection.
 //! - A failure leaves everything already programmed in place and schedules a full sync.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::time::Instant;
 
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::dataplane::Dataplane;
+use super::dataplane::{Dataplane, DataplaneError};
 use super::metrics::Metrics;
 use super::nft::{self, MasqueradeOptions, Reach};
-use portpolicy_core::governance::{Labels, PolicySet};
+use portpolicy_core::governance::{NamespaceLabels, PolicySet};
 use portpolicy_core::ipvs::diff::{Ownership, diff, diff_keys};
 use portpolicy_core::ipvs::{
-    HealthCheckPlan, NodePlan, Planner, PlannerConfig, ProxyMode, StaleFlows, VirtualServerKind,
+    HealthCheckRule, NodeRules, ProxyConfig, ProxyMode, RuleTracker, StaleFlows, VirtualServerKind,
     stale_udp_flows,
 };
-use portpolicy_core::ipvs::{IpvsTable, VirtualServerKey};
+use portpolicy_core::ipvs::{IpvsOp, IpvsTable, VirtualServerKey};
 use portpolicy_core::ports::{PortRange, Protocol};
 use portpolicy_core::snapshot::Snapshot;
+use portpolicy_netlink::NetlinkError;
 
 /// One change in the cluster, as a watch or a snapshot reload reports it.
 #[derive(Clone, Debug)]
@@ -47,22 +48,32 @@ pub enum Change {
     Node(Box<Node>),
     Policies {
         policies: PolicySet,
-        namespace_labels: BTreeMap<String, Labels>,
+        namespace_labels: NamespaceLabels,
     },
 }
 
+/// One thing that went wrong in a sync.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error(transparent)]
+    Dataplane(#[from] DataplaneError),
+    /// The kernel refused one IPVS operation (the error names it).
+    #[error(transparent)]
+    Refused(NetlinkError),
+}
+
 /// What one sync did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct SyncOutcome {
     pub full: bool,
     pub operations: usize,
     pub failed_operations: usize,
     /// Everything that went wrong, for the log; empty when the sync fully succeeded.
-    pub errors: Vec<String>,
+    pub errors: Vec<SyncError>,
     /// What went wrong without making the sync fail (it is retried on the next sync anyway).
-    pub warnings: Vec<String>,
+    pub warnings: Vec<SyncError>,
     /// The health-check listeners this node should run.
-    pub health_checks: Vec<HealthCheckPlan>,
+    pub health_checks: Vec<HealthCheckRule>,
 }
 
 impl SyncOutcome {
@@ -73,7 +84,7 @@ impl SyncOutcome {
 
 pub struct Syncer<D: Dataplane> {
     dataplane: D,
-    planner: Planner,
+    tracker: RuleTracker,
     masquerade: MasqueradeOptions,
     metrics: Metrics,
     /// What the kernel holds as far as the agent knows: the last dump plus what was applied.
@@ -101,10 +112,10 @@ pub struct Syncer<D: Dataplane> {
 const MAX_PENDING_STALE_FLOWS: usize = 4096;
 
 impl<D: Dataplane> Syncer<D> {
-    pub fn new(dataplane: D, config: PlannerConfig, masquerade: MasqueradeOptions, metrics: Metrics) -> Self {
+    pub fn new(dataplane: D, config: ProxyConfig, masquerade: MasqueradeOptions, metrics: Metrics) -> Self {
         Syncer {
             dataplane,
-            planner: Planner::new(config),
+            tracker: RuleTracker::new(config),
             masquerade,
             metrics,
             kernel: IpvsTable::new(),
@@ -121,26 +132,20 @@ impl<D: Dataplane> Syncer<D> {
         }
     }
 
-    pub fn dataplane(&mut self) -> &mut D {
-        &mut self.dataplane
-    }
-
-    pub fn planner(&self) -> &Planner {
-        &self.planner
-    }
-
     /// The next sync compares against a fresh dump of the kernel.
     pub fn request_full(&mut self) {
         self.needs_full = true;
     }
 
     /// Whether the next sync will be a full one (a failure is waiting to be retried).
-    pub fn needs_full(&self) -> bool {
+    #[cfg(test)]
+    fn needs_full(&self) -> bool {
         self.needs_full
     }
 
     /// Real servers the plan dropped but that still drain; the next full sync deletes them.
-    pub fn draining(&self) -> &BTreeSet<VirtualServerKey> {
+    #[cfg(test)]
+    fn draining(&self) -> &BTreeSet<VirtualServerKey> {
         &self.draining
     }
 
@@ -149,24 +154,24 @@ impl<D: Dataplane> Syncer<D> {
         match change {
             Change::Snapshot(snapshot) => {
                 self.policy_ranges = agent_ranges(&PolicySet::compile(&snapshot.policies));
-                self.planner.load_snapshot(&snapshot);
+                self.tracker.load_snapshot(&snapshot);
             }
-            Change::Service(s) => self.planner.upsert_service(&*s),
-            Change::ServiceDeleted { namespace, name } => self.planner.remove_service(&namespace, &name),
-            Change::Slice(s) => self.planner.upsert_slice(&s),
-            Change::SliceDeleted { namespace, name } => self.planner.remove_slice(&namespace, &name),
-            Change::Node(n) => self.planner.set_node(&n),
+            Change::Service(s) => self.tracker.upsert_service(&*s),
+            Change::ServiceDeleted { namespace, name } => self.tracker.remove_service(&namespace, &name),
+            Change::Slice(s) => self.tracker.upsert_slice(&s),
+            Change::SliceDeleted { namespace, name } => self.tracker.remove_slice(&namespace, &name),
+            Change::Node(n) => self.tracker.set_node(&n),
             Change::Policies {
                 policies,
                 namespace_labels,
             } => {
                 self.policy_ranges = agent_ranges(&policies);
-                self.planner.set_policies(policies, namespace_labels);
+                self.tracker.set_policies(policies, namespace_labels);
             }
         }
     }
 
-    /// Brings the kernel in line with the plan: a full sync when one is due, else incremental.
+    /// Brings the kernel in line with the rules: a full sync when one is due, else incremental.
     pub fn sync(&mut self) -> SyncOutcome {
         let started = Instant::now();
         let full = std::mem::take(&mut self.needs_full);
@@ -180,58 +185,90 @@ impl<D: Dataplane> Syncer<D> {
         if !self.sysctls_done {
             match self.dataplane.ensure_sysctls() {
                 Ok(()) => self.sysctls_done = true,
-                Err(e) => outcome.errors.push(e.to_string()),
+                Err(e) => outcome.errors.push(e.into()),
             }
         }
-        let plan = self.planner.node_plan();
+        let rules = self.tracker.node_rules();
         self.node_ports_seen.extend(
-            plan.virtual_servers
+            rules
+                .virtual_servers
                 .iter()
                 .filter(|vs| vs.kind == VirtualServerKind::NodePort)
                 .map(|vs| vs.key.port),
         );
-        let dirty = self.planner.take_dirty();
-
-        if full {
-            match (self.dataplane.dump(), self.dataplane.addresses()) {
-                (Ok(table), Ok(bound)) => {
-                    self.kernel = table;
-                    self.bound = bound;
-                }
-                (Err(e), _) | (_, Err(e)) => {
-                    // Without the kernel's state nothing can be compared safely: change nothing.
-                    outcome.errors.push(e.to_string());
-                    self.retry.extend(dirty);
-                    return self.finish(outcome, started, &plan);
-                }
-            }
+        let dirty = self.tracker.take_dirty();
+        if full && let Err(e) = self.read_kernel() {
+            // Without the kernel's state nothing can be compared safely: change nothing.
+            outcome.errors.push(e.into());
+            self.retry.extend(dirty);
+            return self.finish(outcome, started, &rules);
         }
 
         // Bind new addresses first: a virtual server on an address the agent does not hold is
         // not its to program, and a cluster IP must be local before traffic to it is accepted.
-        let mut holding: BTreeSet<IpAddr> = self.bound.union(&plan.vips).copied().collect();
-        if holding != self.bound {
-            match self.dataplane.sync_addresses(&holding) {
-                Ok(()) => self.bound = holding.clone(),
-                Err(e) => {
-                    outcome.errors.push(e.to_string());
-                    holding = self.bound.clone();
-                }
-            }
+        let wanted: BTreeSet<IpAddr> = self.bound.union(&rules.vips).copied().collect();
+        self.bind(wanted, &mut outcome);
+        let ops = self.operations(full, dirty, &rules);
+        self.apply(&ops, &mut outcome);
+        self.track_draining(&ops, full);
+
+        // Unbind what the rules no longer want, except addresses whose deletions failed (they
+        // must stay owned until the retry deletes their virtual servers).
+        let mut keep: BTreeSet<IpAddr> = rules.vips.clone();
+        keep.extend(
+            self.retry
+                .iter()
+                .map(|k| k.address)
+                .filter(|a| self.bound.contains(a)),
+        );
+        self.bind(keep, &mut outcome);
+        self.sync_ruleset(&rules, full, &mut outcome);
+        self.sync_reserved_ports(&rules, full, &mut outcome);
+        self.clear_stale_flows(&mut outcome);
+        self.finish(outcome, started, &rules)
+    }
+
+    /// Replaces the model of the kernel with a dump of it.
+    fn read_kernel(&mut self) -> Result<(), DataplaneError> {
+        let table = self.dataplane.dump()?;
+        self.bound = self.dataplane.addresses()?;
+        self.kernel = table;
+        Ok(())
+    }
+
+    /// Makes the dummy interface hold `addresses`; on failure what it held stays recorded.
+    fn bind(&mut self, addresses: BTreeSet<IpAddr>, outcome: &mut SyncOutcome) {
+        if addresses == self.bound {
+            return;
         }
-        let ownership = self.ownership(&plan, &holding);
-        let desired = self.planner.desired();
-        let ops = if full {
-            diff(&self.kernel, desired, &ownership)
-        } else {
-            let keys: BTreeSet<VirtualServerKey> =
-                dirty.into_iter().chain(std::mem::take(&mut self.retry)).collect();
-            diff_keys(&self.drain_view(&keys), desired, &keys, &ownership)
-        };
+        match self.dataplane.sync_addresses(&addresses) {
+            Ok(()) => self.bound = addresses,
+            Err(e) => outcome.errors.push(e.into()),
+        }
+    }
+
+    /// What to send the kernel: the whole owned table compared on a full sync, else only the
+    /// dirty keys and those to retry.
+    fn operations(
+        &mut self,
+        full: bool,
+        dirty: BTreeSet<VirtualServerKey>,
+        rules: &NodeRules,
+    ) -> Vec<IpvsOp> {
+        let ownership = self.ownership(rules, &self.bound);
+        let desired = self.tracker.desired();
         if full {
             self.retry.clear();
+            return diff(&self.kernel, desired, &ownership);
         }
+        let keys: BTreeSet<VirtualServerKey> =
+            dirty.into_iter().chain(std::mem::take(&mut self.retry)).collect();
+        diff_keys(&self.drain_view(&keys), desired, &keys, &ownership)
+    }
 
+    /// Applies the operations, keeping the model of the kernel in step with what it accepted
+    /// and scheduling a retry (and a full sync) for what it refused.
+    fn apply(&mut self, ops: &[IpvsOp], outcome: &mut SyncOutcome) {
         // What the UDP virtual servers held before, to tell which flows the batch made stale.
         let udp_before: IpvsTable = ops
             .iter()
@@ -239,7 +276,7 @@ impl<D: Dataplane> Syncer<D> {
             .filter(|key| key.protocol == Protocol::Udp)
             .filter_map(|key| self.kernel.get(&key).map(|svc| (key, svc.clone())))
             .collect();
-        let report = self.dataplane.apply(&ops);
+        let report = self.dataplane.apply(ops);
         let failed: BTreeSet<usize> = report.failures.iter().map(|(i, _)| *i).collect();
         let applied = ops
             .iter()
@@ -265,11 +302,19 @@ impl<D: Dataplane> Syncer<D> {
         if !report.succeeded() {
             // The model may be wrong where the kernel disagreed: compare against a dump next.
             self.needs_full = true;
-            outcome
-                .errors
-                .extend(report.failures.into_iter().map(|(_, message)| message));
+            outcome.errors.extend(
+                report
+                    .failures
+                    .into_iter()
+                    .map(|(_, error)| SyncError::Refused(error)),
+            );
         }
-        for op in &ops {
+    }
+
+    /// Remembers the virtual servers that still hold real servers the rules dropped.
+    fn track_draining(&mut self, ops: &[IpvsOp], full: bool) {
+        let desired = self.tracker.desired();
+        for op in ops {
             let key = op.service();
             let drains = match (self.kernel.get(key), desired.get(key)) {
                 (Some(have), Some(want)) => have
@@ -287,25 +332,12 @@ impl<D: Dataplane> Syncer<D> {
         if full {
             self.draining.retain(|k| self.kernel.contains_key(k));
         }
+    }
 
-        // Unbind what the plan no longer wants, except addresses whose deletions failed (they
-        // must stay owned until the retry deletes their virtual servers).
-        let mut keep: BTreeSet<IpAddr> = plan.vips.clone();
-        keep.extend(
-            self.retry
-                .iter()
-                .map(|k| k.address)
-                .filter(|a| self.bound.contains(a)),
-        );
-        if keep != self.bound {
-            match self.dataplane.sync_addresses(&keep) {
-                Ok(()) => self.bound = keep,
-                Err(e) => outcome.errors.push(e.to_string()),
-            }
-        }
-
+    /// Applies the masquerading ruleset when it changed (always on a full sync).
+    fn sync_ruleset(&mut self, rules: &NodeRules, full: bool, outcome: &mut SyncOutcome) {
         let ruleset = nft::ruleset(
-            plan.virtual_servers.iter().map(|vs| {
+            rules.virtual_servers.iter().map(|vs| {
                 let reach = if vs.kind.is_external() {
                     Reach::External { local: vs.only_local }
                 } else {
@@ -313,30 +345,34 @@ impl<D: Dataplane> Syncer<D> {
                 };
                 (&vs.key, reach)
             }),
-            desired,
+            self.tracker.desired(),
             &self.masquerade,
-            &nft::source_restrictions(&plan),
+            &nft::source_restrictions(rules),
         );
-        if full || self.last_ruleset.as_ref() != Some(&ruleset) {
-            match self.dataplane.apply_ruleset(&ruleset) {
-                Ok(()) => self.last_ruleset = Some(ruleset),
-                Err(e) => {
-                    self.last_ruleset = None;
-                    outcome.errors.push(e.to_string());
-                }
+        if !full && self.last_ruleset.as_ref() == Some(&ruleset) {
+            return;
+        }
+        match self.dataplane.apply_ruleset(&ruleset) {
+            Ok(()) => self.last_ruleset = Some(ruleset),
+            Err(e) => {
+                self.last_ruleset = None;
+                outcome.errors.push(e.into());
             }
         }
-        if full || self.last_reserved.as_ref() != Some(&plan.reserved_node_ports) {
-            match self.dataplane.reserve_ports(&plan.reserved_node_ports) {
-                Ok(()) => self.last_reserved = Some(plan.reserved_node_ports.clone()),
-                Err(e) => {
-                    self.last_reserved = None;
-                    outcome.errors.push(e.to_string());
-                }
+    }
+
+    /// Reserves the node ports when they changed (always on a full sync).
+    fn sync_reserved_ports(&mut self, rules: &NodeRules, full: bool, outcome: &mut SyncOutcome) {
+        if !full && self.last_reserved.as_ref() == Some(&rules.reserved_node_ports) {
+            return;
+        }
+        match self.dataplane.reserve_ports(&rules.reserved_node_ports) {
+            Ok(()) => self.last_reserved = Some(rules.reserved_node_ports.clone()),
+            Err(e) => {
+                self.last_reserved = None;
+                outcome.errors.push(e.into());
             }
         }
-        self.clear_stale_flows(&mut outcome);
-        self.finish(outcome, started, &plan)
     }
 
     /// Deletes the conntrack entries of UDP flows whose real server went (after the real server
@@ -354,7 +390,7 @@ impl<D: Dataplane> Syncer<D> {
             }
             Err(e) => {
                 self.metrics.conntrack_errors.inc();
-                outcome.warnings.push(e.to_string());
+                outcome.warnings.push(e.into());
                 while self.stale_flows.len() > MAX_PENDING_STALE_FLOWS {
                     self.stale_flows.pop_first();
                 }
@@ -362,7 +398,7 @@ impl<D: Dataplane> Syncer<D> {
         }
     }
 
-    fn finish(&mut self, mut outcome: SyncOutcome, started: Instant, plan: &NodePlan) -> SyncOutcome {
+    fn finish(&mut self, mut outcome: SyncOutcome, started: Instant, rules: &NodeRules) -> SyncOutcome {
         if !outcome.succeeded() {
             self.needs_full = true;
             self.metrics.sync_errors.inc();
@@ -373,9 +409,10 @@ impl<D: Dataplane> Syncer<D> {
         }
         self.metrics
             .virtual_servers
-            .set(plan.virtual_servers.len() as i64);
+            .set(rules.virtual_servers.len() as i64);
         self.metrics.real_servers.set(
-            plan.virtual_servers
+            rules
+                .virtual_servers
                 .iter()
                 .map(|vs| vs.real_servers.len() as i64)
                 .sum(),
@@ -383,7 +420,7 @@ impl<D: Dataplane> Syncer<D> {
         self.metrics
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
-        outcome.health_checks = plan.health_checks.clone();
+        outcome.health_checks = rules.health_checks.clone();
         outcome
     }
 
@@ -405,8 +442,8 @@ impl<D: Dataplane> Syncer<D> {
             .collect()
     }
 
-    fn ownership(&self, plan: &NodePlan, bound: &BTreeSet<IpAddr>) -> Ownership {
-        match self.planner.config().mode {
+    fn ownership(&self, rules: &NodeRules, bound: &BTreeSet<IpAddr>) -> Ownership {
+        match self.tracker.config().mode {
             ProxyMode::Replacement => Ownership::everything(),
             ProxyMode::Delegated => {
                 let seen = self
@@ -416,7 +453,7 @@ impl<D: Dataplane> Syncer<D> {
                 Ownership::nothing()
                     .with_bound_addresses(bound.iter().copied())
                     .with_node_ports(
-                        plan.node_addresses.iter().copied(),
+                        rules.node_addresses.iter().copied(),
                         self.policy_ranges.iter().copied().chain(seen),
                     )
             }

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 /// The settings IPVS proxying needs, as kube-proxy sets them.
-pub const IPVS_SYSCTLS: [(&str, &str); 4] = [
+pub(crate) const IPVS_SYSCTLS: [(&str, &str); 4] = [
     ("net/ipv4/ip_forward", "1"),
     // Lets netfilter (masquerading) see connections IPVS forwards.
     ("net/ipv4/vs/conntrack", "1"),
@@ -21,13 +21,13 @@ pub const IPVS_SYSCTLS: [(&str, &str); 4] = [
 /// the interface asked (so the VIPs on the dummy interface are never announced from the node's
 /// real interfaces), and announce with the best local address for the target. What MetalLB's
 /// L2 mode and kube-vip ask of IPVS nodes.
-pub const STRICT_ARP_SYSCTLS: [(&str, &str); 2] = [
+pub(crate) const STRICT_ARP_SYSCTLS: [(&str, &str); 2] = [
     ("net/ipv4/conf/all/arp_ignore", "1"),
     ("net/ipv4/conf/all/arp_announce", "2"),
 ];
 
 /// Every sysctl the agent sets, with its value.
-pub fn wanted_sysctls(strict_arp: bool) -> Vec<(&'static str, &'static str)> {
+pub(crate) fn wanted_sysctls(strict_arp: bool) -> Vec<(&'static str, &'static str)> {
     let mut wanted = IPVS_SYSCTLS.to_vec();
     if strict_arp {
         wanted.extend(STRICT_ARP_SYSCTLS);
@@ -35,7 +35,7 @@ pub fn wanted_sysctls(strict_arp: bool) -> Vec<(&'static str, &'static str)> {
     wanted
 }
 
-pub const RESERVED_PORTS: &str = "net/ipv4/ip_local_reserved_ports";
+pub(crate) const RESERVED_PORTS: &str = "net/ipv4/ip_local_reserved_ports";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SysctlError {
@@ -58,7 +58,7 @@ pub enum SysctlError {
 
 /// `/proc/sys`, or a directory standing in for it in tests.
 #[derive(Clone, Debug)]
-pub struct Sysctls {
+pub(crate) struct Sysctls {
     root: PathBuf,
 }
 
@@ -69,7 +69,7 @@ impl Default for Sysctls {
 }
 
 impl Sysctls {
-    pub fn at(root: impl Into<PathBuf>) -> Self {
+    pub(crate) fn at(root: impl Into<PathBuf>) -> Self {
         Sysctls { root: root.into() }
     }
 
@@ -77,7 +77,7 @@ impl Sysctls {
         self.root.join(name)
     }
 
-    pub fn read(&self, name: &str) -> Result<String, SysctlError> {
+    pub(crate) fn read(&self, name: &str) -> Result<String, SysctlError> {
         let path = self.path(name);
         std::fs::read_to_string(&path)
             .map(|s| s.trim().to_string())
@@ -85,7 +85,7 @@ impl Sysctls {
     }
 
     /// Writes only when the value differs, so a steady state writes nothing.
-    pub fn ensure(&self, name: &str, value: &str) -> Result<bool, SysctlError> {
+    pub(crate) fn ensure(&self, name: &str, value: &str) -> Result<bool, SysctlError> {
         if self.read(name).ok().as_deref() == Some(value) {
             return Ok(false);
         }
@@ -100,7 +100,7 @@ impl Sysctls {
 
     /// Reserves `wanted` in `ip_local_reserved_ports`, releasing only ports in `added_by_us`
     /// that are no longer wanted. Returns the ports the agent now holds on its own account.
-    pub fn reserve_ports(
+    pub(crate) fn reserve_ports(
         &self,
         wanted: &BTreeSet<u16>,
         added_by_us: &BTreeSet<u16>,
@@ -121,7 +121,7 @@ impl Sysctls {
 /// Pure merge: everything that was there stays, except ports the agent added earlier and no
 /// longer wants; wanted ports are added. The second result is what the agent added (wanted
 /// ports that were not already reserved by someone else, plus those it already held).
-pub fn merge_reserved_ports(
+pub(crate) fn merge_reserved_ports(
     existing: &BTreeSet<u16>,
     wanted: &BTreeSet<u16>,
     added_by_us: &BTreeSet<u16>,
@@ -138,7 +138,7 @@ pub fn merge_reserved_ports(
 }
 
 /// Parses the kernel's `1000,2000-2005` format (also accepts blanks and an empty list).
-pub fn parse_port_list(text: &str) -> Option<BTreeSet<u16>> {
+pub(crate) fn parse_port_list(text: &str) -> Option<BTreeSet<u16>> {
     let mut ports = BTreeSet::new();
     for item in text.split([',', ' ', '\t', '\n']).filter(|s| !s.is_empty()) {
         match item.split_once('-') {
@@ -158,7 +158,7 @@ pub fn parse_port_list(text: &str) -> Option<BTreeSet<u16>> {
 }
 
 /// Writes ports back in the kernel's compact format, runs as `low-high`.
-pub fn format_port_list(ports: &BTreeSet<u16>) -> String {
+pub(crate) fn format_port_list(ports: &BTreeSet<u16>) -> String {
     let mut runs: Vec<(u16, u16)> = Vec::new();
     for &p in ports {
         match runs.last_mut() {

@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 /// A port nothing listens on right now.
-pub fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .unwrap()
         .local_addr()
@@ -14,7 +14,7 @@ pub fn free_port() -> u16 {
 }
 
 /// One bounded HTTP/1.0 GET on loopback; the raw response.
-pub fn http_get(port: u16, path: &str) -> std::io::Result<String> {
+pub(super) fn http_get(port: u16, path: &str) -> std::io::Result<String> {
     let timeout = Some(Duration::from_secs(5));
     let mut stream = TcpStream::connect_timeout(
         &SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port),

@@ -24,20 +24,22 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource as _;
 
 use portpolicy_core::crd::{AgentSpec, PortPolicy};
+use portpolicy_core::hash::fnv1a_32;
+use portpolicy_core::ipvs::ProxyMode;
 
 /// Port of the agent's `/healthz` and `/readyz`; the agent binds it on the host network.
-pub const AGENT_HEALTH_PORT: i32 = 10265;
-pub const AGENT_SERVICE_ACCOUNT: &str = "portpolicy-agent";
+pub(crate) const AGENT_HEALTH_PORT: i32 = 10265;
+pub(crate) const AGENT_SERVICE_ACCOUNT: &str = "portpolicy-agent";
 /// Where the host's `/proc/sys/net` is mounted writable in the agent container.
-pub const SYSCTL_MOUNT: &str = "/host/proc/sys/net";
+pub(crate) const SYSCTL_MOUNT: &str = "/host/proc/sys/net";
 /// Label every agent object carries, with the policy's name as value.
-pub const POLICY_LABEL: &str = "portpolicy.io/policy";
+pub(crate) const POLICY_LABEL: &str = "portpolicy.io/policy";
 const APP_LABEL: &str = "app.kubernetes.io/name";
 const AGENT_APP: &str = "portpolicy-agent";
 
 /// Name of a policy's agent DaemonSet. DaemonSet names are DNS subdomains (253 chars) and the
 /// policy name is one too, so long names are cut and kept unique with a hash of the full name.
-pub fn daemon_set_name(policy: &str) -> String {
+pub(crate) fn daemon_set_name(policy: &str) -> String {
     const PREFIX: &str = "portpolicy-agent-";
     // Pod names add a 5-character suffix and must stay within 63 characters for the hostname.
     const MAX: usize = 63 - 6;
@@ -45,20 +47,14 @@ pub fn daemon_set_name(policy: &str) -> String {
     if name.len() <= MAX {
         return name;
     }
-    let hash = fnv1a(policy.as_bytes());
+    let hash = fnv1a_32(policy.as_bytes());
     let keep = MAX - PREFIX.len() - 9;
     let cut: String = policy.chars().take(keep).collect();
     format!("{PREFIX}{}-{hash:08x}", cut.trim_end_matches(['-', '.']))
 }
 
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5_u32, |h, b| {
-        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
-    })
-}
-
 /// The ownerReference that ties an object to its policy and lets the garbage collector delete it.
-pub fn owner_reference(policy: &PortPolicy) -> Option<OwnerReference> {
+pub(crate) fn owner_reference(policy: &PortPolicy) -> Option<OwnerReference> {
     let mut owner = policy.controller_owner_ref(&())?;
     owner.block_owner_deletion = Some(true);
     Some(owner)
@@ -66,7 +62,11 @@ pub fn owner_reference(policy: &PortPolicy) -> Option<OwnerReference> {
 
 /// The DaemonSet for `policy`'s agent, or `None` when the policy has no `spec.agent` (or no uid
 /// yet, so it cannot own anything).
-pub fn desired_daemon_set(policy: &PortPolicy, namespace: &str, default_image: &str) -> Option<DaemonSet> {
+pub(crate) fn desired_daemon_set(
+    policy: &PortPolicy,
+    namespace: &str,
+    default_image: &str,
+) -> Option<DaemonSet> {
     let agent = policy.spec.agent.as_ref()?;
     let owner = owner_reference(policy)?;
     let policy_name = policy.name();
@@ -203,12 +203,12 @@ fn pod_spec(agent: &AgentSpec, default_image: &str) -> PodSpec {
 
 /// The agent's command line. `spec.agent.masquerade` becomes its masquerading flags, which its
 /// nftables ruleset follows.
-pub fn agent_args(agent: &AgentSpec) -> Vec<String> {
+pub(crate) fn agent_args(agent: &AgentSpec) -> Vec<String> {
     let mut args = vec![
         "agent".to_string(),
         "--mode".into(),
-        "delegated".into(),
-        "--metrics-addr".into(),
+        ProxyMode::Delegated.as_str().into(),
+        "--metrics-address".into(),
         format!("0.0.0.0:{AGENT_HEALTH_PORT}"),
     ];
     if let Some(masquerade) = &agent.masquerade {
@@ -223,7 +223,7 @@ pub fn agent_args(agent: &AgentSpec) -> Vec<String> {
 }
 
 /// `ready/desired` from a DaemonSet's status, and whether every desired pod is ready.
-pub fn agents_ready(daemon_set: &DaemonSet) -> (String, bool) {
+pub(crate) fn agents_ready(daemon_set: &DaemonSet) -> (String, bool) {
     let status = daemon_set.status.as_ref();
     let desired = status.map_or(0, |s| s.desired_number_scheduled);
     let ready = status.map_or(0, |s| s.number_ready);
@@ -316,6 +316,8 @@ mod tests {
         assert!(a.len() <= 57 && b.len() <= 57, "{a} {b}");
         assert_ne!(a, b);
         assert_eq!(daemon_set_name("edge"), "portpolicy-agent-edge");
+        // Pinned: a different hash would rename the DaemonSets of long-named policies.
+        assert!(a.ends_with("-0a0bb1d9"), "{a}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use portpolicy_core::ports::PortRange;
 
 /// The reflector stores a reconcile reads. Reconciles never list from the API server.
 #[derive(Clone)]
-pub struct Stores {
+pub(super) struct Stores {
     pub policies: Store<PortPolicy>,
     pub services: Store<Service>,
     pub pods: Store<HostPortPod>,
@@ -102,7 +102,7 @@ impl CacheSync {
 /// PortPolicies that cannot be read as this operator's type, by name: kept out of the policy
 /// cache (so the rest is reconciled) and reported instead.
 #[derive(Clone, Default)]
-pub struct UnreadablePolicies {
+pub(super) struct UnreadablePolicies {
     state: Arc<tokio::sync::watch::Sender<BTreeMap<String, UnreadablePolicy>>>,
 }
 
@@ -114,29 +114,29 @@ pub struct UnreadablePolicy {
 }
 
 impl UnreadablePolicies {
-    pub fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.state.borrow().is_empty()
     }
 
-    pub fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         self.state.borrow().len()
     }
 
-    pub fn get(&self) -> BTreeMap<String, UnreadablePolicy> {
+    pub(super) fn get(&self) -> BTreeMap<String, UnreadablePolicy> {
         self.state.borrow().clone()
     }
 
-    pub fn insert(&self, name: String, policy: UnreadablePolicy) {
+    pub(super) fn insert(&self, name: String, policy: UnreadablePolicy) {
         self.state
             .send_if_modified(|m| m.insert(name, policy.clone()).as_ref() != Some(&policy));
     }
 
-    pub fn remove(&self, name: &str) {
+    pub(super) fn remove(&self, name: &str) {
         self.state.send_if_modified(|m| m.remove(name).is_some());
     }
 
     /// Replaces the whole set (after a re-list).
-    pub fn replace(&self, all: BTreeMap<String, UnreadablePolicy>) {
+    pub(super) fn replace(&self, all: BTreeMap<String, UnreadablePolicy>) {
         self.state.send_if_modified(|m| {
             let changed = *m != all;
             *m = all;
@@ -144,14 +144,14 @@ impl UnreadablePolicies {
         });
     }
 
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<BTreeMap<String, UnreadablePolicy>> {
+    pub(super) fn subscribe(&self) -> tokio::sync::watch::Receiver<BTreeMap<String, UnreadablePolicy>> {
         self.state.subscribe()
     }
 }
 
 /// Settings that come from flags and the environment.
 #[derive(Clone, Debug)]
-pub struct Settings {
+pub(super) struct Settings {
     /// Where the agent DaemonSets live: the operator's own namespace.
     pub namespace: String,
     /// The agent image when a policy names none: the operator's own image.
@@ -160,9 +160,9 @@ pub struct Settings {
     pub cluster_range: PortRange,
 }
 
-pub type Clock = Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>;
+pub(super) type Clock = Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>;
 
-pub struct Context {
+pub(super) struct Context {
     pub client: Client,
     pub stores: Stores,
     pub caches: CacheSync,
@@ -178,7 +178,7 @@ pub struct Context {
 
 impl Context {
     /// Call before every write: only the leader writes.
-    pub fn ensure_leading(&self) -> Result<()> {
+    pub(super) fn ensure_leading(&self) -> Result<()> {
         if self.leadership.is_leading() {
             Ok(())
         } else {
@@ -186,7 +186,7 @@ impl Context {
         }
     }
 
-    pub fn new(
+    pub(super) fn new(
         client: Client,
         stores: Stores,
         caches: CacheSync,

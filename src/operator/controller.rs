@@ -39,7 +39,6 @@ use portpolicy_core::hostport::HostPortPod;
 use portpolicy_core::ports::PortRange;
 use portpolicy_core::problem::{Problem, object_ref};
 use portpolicy_core::service::ServiceModel;
-use portpolicy_core::well_known::NAMESPACE_NAME_LABEL;
 
 /// How long running reconciles may take to finish after SIGTERM before they are dropped; well
 /// inside the default 30 s termination grace period, leaving time to release the Lease.
@@ -62,7 +61,12 @@ pub struct OperatorArgs {
     )]
     pub image: String,
     /// The cluster's --service-node-port-range.
-    #[arg(long, env = "PORTPOLICY_NODE_PORT_RANGE", default_value = "30000-32767")]
+    #[arg(
+        long = "service-node-port-range",
+        alias = "node-port-range",
+        env = "PORTPOLICY_NODE_PORT_RANGE",
+        default_value = "30000-32767"
+    )]
     pub node_port_range: PortRange,
     /// This replica's name in the leader Lease.
     #[arg(long, env = "POD_NAME")]
@@ -183,8 +187,8 @@ pub fn read_policy(object: &DynamicObject) -> std::result::Result<PortPolicy, Bo
     };
     let value = serde_json::to_value(object).map_err(|e| unreadable(String::new(), e.to_string()))?;
     serde_path_to_error::deserialize::<_, PortPolicy>(value).map_err(|e| {
-        let field = e.path().to_string();
-        let field = if field == "." { String::new() } else { field };
+        // Spelled as `plan` spells it, a missing field included (`spec`, not the root).
+        let field = portpolicy_core::snapshot::error_field(&e);
         unreadable(field, e.into_inner().to_string())
     })
 }
@@ -302,12 +306,11 @@ fn all_policies(store: &Store<PortPolicy>) -> Vec<ObjectRef<PortPolicy>> {
 }
 
 fn namespace_labels(namespaces: &Store<Namespace>, ns: &str) -> portpolicy_core::governance::Labels {
-    let mut labels = namespaces
-        .get(&ObjectRef::new(ns))
-        .map(|n| n.labels().clone())
-        .unwrap_or_default();
-    labels.insert(NAMESPACE_NAME_LABEL.into(), ns.into());
-    labels
+    let namespace = namespaces.get(&ObjectRef::new(ns));
+    portpolicy_core::governance::namespace_labels(
+        ns,
+        namespace.as_ref().and_then(|n| n.metadata.labels.as_ref()),
+    )
 }
 
 /// Policies a Service change concerns: those selecting it, those holding a record for it (it

@@ -8,17 +8,17 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::ResourceExt;
 
-use super::services::{self, ServiceIntent, ServiceKey};
+use super::services::{self, ServiceKey};
 use super::status::{AgentFacts, NodePortFacts, PolicyFacts};
 use portpolicy_core::crd::{CompiledPolicy, ExternalTrafficRule, NodePortKind, PinnedNodePort, PortPolicy};
-use portpolicy_core::governance::{Governance, Labels, PolicySet};
+use portpolicy_core::governance::{Governance, NamespaceLabels, PolicySet};
 use portpolicy_core::hostport::{
     ConflictInput, HostPortConflict, HostPortPod, detect_conflicts, placed_pods,
 };
-use portpolicy_core::nodeport::{AssignmentState, NodePortInput, NodePortPlan, plan_node_ports};
+use portpolicy_core::intent::{HealthCheckNodePort, ServiceIntent, ServicePortNodePort};
+use portpolicy_core::nodeport::{AssignmentState, NodePortAllocation, NodePortInput, allocate_node_ports};
 use portpolicy_core::ports::PortRange;
-use portpolicy_core::service::{ExternalTraffic, ServiceFields, ServiceModel};
-use portpolicy_core::well_known::NAMESPACE_NAME_LABEL;
+use portpolicy_core::service::{ExternalTraffic, HealthCheckField, ServiceFields, ServiceModel};
 
 /// How a policy's nodePort range splits up. Each port of the range is counted once, in the
 /// first of these that applies: used (a Service or a retained record holds it), reserved
@@ -88,11 +88,11 @@ pub struct Inputs<'a> {
 /// The core's answer for the whole cluster; each policy's reconcile acts on its own part.
 pub struct Computation {
     pub policy_set: PolicySet,
-    pub namespace_labels: BTreeMap<String, Labels>,
+    pub namespace_labels: NamespaceLabels,
     /// The Services, each with whether it is `externalTrafficPolicy: Local` once the operator's
     /// writes land (as the allocator saw it).
     services: Vec<(Arc<Service>, bool)>,
-    pub plan: NodePortPlan,
+    pub allocation: NodePortAllocation,
     pub conflicts: Vec<HostPortConflict>,
     /// Per policy, the other policies selecting some of the same Services.
     pub overlaps: BTreeMap<String, BTreeSet<String>>,
@@ -110,24 +110,24 @@ pub fn compute(inputs: &Inputs<'_>) -> Computation {
         .services
         .iter()
         .map(|svc| {
-            let model = ServiceModel::read(&**svc);
-            let ns_labels = namespace_labels.get(model.namespace);
-            match policy_set.governing_service(ns_labels, model.labels) {
+            let fields = ServiceFields::from(&**svc);
+            let ns_labels = Some(&*namespace_labels.of(fields.namespace()));
+            match policy_set.governing_service(ns_labels, fields.labels) {
                 Governance::By(policy) => desired_model(svc, policy),
                 Governance::Ambiguous(..) => {
                     let selecting: Vec<&str> = policy_set
                         .policies()
                         .iter()
-                        .filter(|p| p.selects_service(ns_labels, model.labels))
+                        .filter(|p| p.selects_service(ns_labels, fields.labels))
                         .map(|p| p.name.as_str())
                         .collect();
                     for p in &selecting {
                         let others = selecting.iter().filter(|o| *o != p).map(|o| o.to_string());
                         overlaps.entry(p.to_string()).or_default().extend(others);
                     }
-                    model
+                    ServiceModel::read(fields)
                 }
-                _ => model,
+                _ => ServiceModel::read(fields),
             }
         })
         .collect();
@@ -139,7 +139,7 @@ pub fn compute(inputs: &Inputs<'_>) -> Computation {
         .filter_map(|p| Some((p.name_any(), p.status.as_ref()?.allocations.clone())))
         .filter(|(_, r)| !r.is_empty())
         .collect();
-    let plan = plan_node_ports(&NodePortInput {
+    let allocation = allocate_node_ports(&NodePortInput {
         cluster_range: inputs.cluster_range,
         policies: &policy_set,
         records: &records,
@@ -166,7 +166,7 @@ pub fn compute(inputs: &Inputs<'_>) -> Computation {
         policy_set,
         namespace_labels,
         services,
-        plan,
+        allocation,
         conflicts,
         overlaps,
     }
@@ -200,33 +200,23 @@ fn desired_model<'a>(svc: &'a Service, policy: &CompiledPolicy) -> ServiceModel<
     model
 }
 
-/// Labels of every namespace, with the `kubernetes.io/metadata.name` label the API server always
-/// sets (also for namespaces the store has not seen yet).
+/// Labels of every namespace in the store, and of those the store has not seen yet but objects
+/// live in (listed once, so lookups need not derive them again).
 fn namespace_labels(
     namespaces: &[Arc<Namespace>],
     services: &[Arc<Service>],
     pods: &[Arc<HostPortPod>],
-) -> BTreeMap<String, Labels> {
-    let mut labels: BTreeMap<String, Labels> = namespaces
-        .iter()
-        .map(|ns| {
-            let name = ns.name_any();
-            let mut l = ns.labels().clone();
-            l.insert(NAMESPACE_NAME_LABEL.into(), name.clone());
-            (name, l)
-        })
-        .collect();
+) -> NamespaceLabels {
+    let mut labels = NamespaceLabels::default();
+    for ns in namespaces {
+        labels.insert(&ns.name_any(), ns.metadata.labels.as_ref());
+    }
     let referenced = services
         .iter()
         .filter_map(|s| s.metadata.namespace.as_deref())
         .chain(pods.iter().filter_map(|p| p.metadata.namespace.as_deref()));
     for ns in referenced {
-        if !labels.contains_key(ns) {
-            labels.insert(
-                ns.into(),
-                Labels::from([(NAMESPACE_NAME_LABEL.into(), ns.into())]),
-            );
-        }
+        labels.ensure(ns);
     }
     labels
 }
@@ -243,8 +233,15 @@ impl Computation {
                 ..Default::default()
             };
         }
+        // Status records that did not parse were skipped when the policy was read (the core's
+        // tolerant status reader); say so, or they would vanish from the status unexplained.
+        let unreadable = policy
+            .status
+            .iter()
+            .flat_map(|s| s.unreadable_record_problems(&name))
+            .map(|p| ("UnreadableRecord".to_string(), p.to_string()));
         let compiled = self.policy_set.get(&name);
-        let node_ports = self.plan.policies.get(&name).map(|np| NodePortFacts {
+        let node_ports = self.allocation.policies.get(&name).map(|np| NodePortFacts {
             used: np.used,
             total: np.total,
             counts: NodePortCounts::of(
@@ -254,10 +251,12 @@ impl Computation {
                 np.records.iter().filter_map(|r| u16::try_from(r.node_port).ok()),
             ),
             records: np.records.clone(),
-            problems: self
-                .plan
-                .problems_of(&name)
-                .map(|p| (p.reason.as_str().to_string(), p.problem.to_string()))
+            problems: unreadable
+                .chain(
+                    self.allocation
+                        .problems_of(&name)
+                        .map(|p| (p.reason.as_str().to_string(), p.problem.to_string())),
+                )
                 .collect(),
         });
         PolicyFacts {
@@ -281,58 +280,81 @@ impl Computation {
         let Some(compiled) = self.policy_set.get(policy) else {
             return BTreeMap::new();
         };
-        let mut intents = BTreeMap::new();
-        // Whether each governed Service is Local in its spec (else only through the legacy
-        // annotation), which decides where its healthCheckNodePort is written.
-        let mut spec_local = BTreeMap::new();
+        // Each governed Service's intent, with its model (where its ports are) and whether it is
+        // Local in its spec (else only through the legacy annotation, which decides where its
+        // healthCheckNodePort is written).
+        let mut governed = BTreeMap::new();
         for (svc, local) in &self.services {
-            let model = ServiceModel::read(&**svc);
+            let fields = ServiceFields::from(&**svc);
             let governance = self
                 .policy_set
-                .governing_service(self.namespace_labels.get(model.namespace), model.labels);
+                .governing_service(Some(&self.namespace_labels.of(fields.namespace())), fields.labels);
             if governance.policy().is_none_or(|p| p.name != policy) {
                 continue;
             }
+            let model = ServiceModel::read(fields);
             let key = services::key_of(&model);
             let mut intent = ServiceIntent::new(&key.0, &key.1);
+            intent.policy = Some(policy.to_string());
             // `local` is the desired view's: Local under a Local rule means the rule wants it (or
             // the owner chose it, and applying the same value changes nothing).
             intent.external_traffic_local = compiled.external_traffic != ExternalTrafficRule::Any
                 && model.type_.has_node_ports()
                 && *local;
             intent.proxy_label = compiled.agent_proxies;
-            spec_local.insert(key.clone(), *local);
-            intents.insert(key, intent);
+            governed.insert(key, (intent, model, *local));
         }
-        for a in &self.plan.assignments {
+        for a in &self.allocation.assignments {
             if a.policy.as_deref() != Some(policy) || a.state == AssignmentState::InUse {
                 continue;
             }
             let key = (a.namespace.clone(), a.service.clone());
-            let Some(intent) = intents.get_mut(&key) else {
+            let Some((intent, model, local)) = governed.get_mut(&key) else {
                 continue;
             };
             match a.kind {
-                NodePortKind::Service => intent.node_ports.push((a.port, a.protocol, a.node_port)),
+                NodePortKind::Service => {
+                    let spec_port = (model.ports.iter())
+                        .find(|p| p.name == a.port_name && p.port == a.port && p.protocol == a.protocol);
+                    if let Some(spec_port) = spec_port {
+                        intent.ports.push(ServicePortNodePort {
+                            index: spec_port.index,
+                            name: a.port_name.clone(),
+                            port: a.port,
+                            protocol: a.protocol,
+                            node_port: a.node_port,
+                        });
+                    }
+                }
                 NodePortKind::HealthCheck => {
-                    let in_spec = spec_local.get(&key).copied().unwrap_or(false);
-                    intent.health_check = Some((a.node_port, !in_spec));
+                    let field = if *local {
+                        HealthCheckField::Spec
+                    } else {
+                        HealthCheckField::Annotation
+                    };
+                    intent.health_check_node_port = Some(HealthCheckNodePort {
+                        node_port: a.node_port,
+                        field,
+                    });
                 }
             }
         }
         // Ports with the same number and different protocols share one nodePort and are listed
         // once per protocol, as the API server keys `spec.ports` by (port, protocol).
-        for intent in intents.values_mut() {
-            intent.node_ports.sort();
-            intent.node_ports.dedup();
-        }
-        intents
+        governed
+            .into_iter()
+            .map(|(key, (mut intent, ..))| {
+                intent.ports.sort_by_key(|p| (p.port, p.protocol, p.node_port));
+                intent.ports.dedup_by_key(|p| (p.port, p.protocol));
+                (key, intent)
+            })
+            .collect()
     }
 
     /// Services the operator holds fields on that no policy governs any more: they get an empty
     /// apply, which hands those fields back. Nothing is released while some policy is invalid,
     /// because its selectors cannot be evaluated and it may still mean to govern them.
-    pub fn releases(&self) -> Vec<ServiceKey> {
+    pub(crate) fn releases(&self) -> Vec<ServiceKey> {
         if !self.policy_set.invalid().is_empty() {
             return Vec::new();
         }
@@ -340,7 +362,7 @@ impl Computation {
             .filter(|model| {
                 matches!(
                     self.policy_set
-                        .governing_service(self.namespace_labels.get(model.namespace), model.labels),
+                        .governing_service(Some(&self.namespace_labels.of(model.namespace)), model.labels),
                     Governance::Ungoverned
                 )
             })
@@ -349,11 +371,11 @@ impl Computation {
     }
 
     /// Services `policy` governs that the operator holds fields on: what a deleted policy lets go.
-    pub fn held_by(&self, policy: &str) -> Vec<ServiceKey> {
+    pub(crate) fn held_by(&self, policy: &str) -> Vec<ServiceKey> {
         self.managed_services()
             .filter(|model| {
                 self.policy_set.get(policy).is_some_and(|p| {
-                    p.selects_service(self.namespace_labels.get(model.namespace), model.labels)
+                    p.selects_service(Some(&self.namespace_labels.of(model.namespace)), model.labels)
                 })
             })
             .map(|model| services::key_of(&model))
@@ -405,6 +427,15 @@ mod tests {
         })
     }
 
+    /// (port, protocol, nodePort) of each port an intent sets.
+    fn node_ports(intent: &ServiceIntent) -> Vec<(u16, Protocol, u16)> {
+        intent
+            .ports
+            .iter()
+            .map(|p| (p.port, p.protocol, p.node_port))
+            .collect()
+    }
+
     fn created_by_kubectl() -> Value {
         json!([{"manager": "kubectl-create", "operation": "Update", "apiVersion": "v1", "fieldsType": "FieldsV1",
             "fieldsV1": {"f:spec": {"f:ports": {"k:{\"port\":80,\"protocol\":\"TCP\"}": {"f:port": {}}}}}}])
@@ -434,6 +465,38 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_allocation_record_is_skipped_reported_and_the_rest_kept() {
+        let policy: Arc<PortPolicy> = Arc::new(
+            serde_json::from_value(
+                json!({"apiVersion": "portpolicy.io/v1alpha1", "kind": "PortPolicy",
+                "metadata": {"name": "a"}, "spec": {"nodePorts": {"range": "31000-31099"}},
+                "status": {"allocations": [
+                    {"namespace": "shop", "service": "web", "kind": "Service", "nodePort": "31005"},
+                    {"namespace": "shop", "service": "gone", "kind": "Service", "nodePort": 31006,
+                        "releasedAt": "2026-11-26T11:00:00Z"}]}}),
+            )
+            .unwrap(),
+        );
+        let comp = run(std::slice::from_ref(&policy), &[]);
+        let facts = comp.facts(&policy, None);
+        let np = facts.node_ports.unwrap();
+        assert_eq!(np.problems[0].0, "UnreadableRecord", "{:?}", np.problems);
+        assert!(
+            np.problems[0].1.contains("status.allocations[0].nodePort"),
+            "{:?}",
+            np.problems
+        );
+        // The readable record is still honoured: the released port stays retained.
+        assert!(
+            np.records
+                .iter()
+                .any(|r| r.service == "gone" && r.node_port == 31006),
+            "{:?}",
+            np.records
+        );
+    }
+
+    #[test]
     fn user_set_node_port_outside_the_range_is_kept_and_reported() {
         let owned = json!([{"manager": "kubectl", "operation": "Apply", "apiVersion": "v1",
             "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:ports": {
@@ -442,7 +505,7 @@ mod tests {
         let services = [service("web", json!({}), 30555, owned)];
         let comp = run(&policies, &services);
         let intent = &comp.intents("a")[&("shop".to_string(), "web".to_string())];
-        assert_eq!(intent.node_ports, [(80, Protocol::Tcp, 30555)]);
+        assert_eq!(node_ports(intent), [(80, Protocol::Tcp, 30555)]);
         let facts = comp.facts(&policies[0], None);
         let problems = &facts.node_ports.unwrap().problems;
         assert_eq!(problems[0].0, "OutsidePolicyRange", "{problems:?}");
@@ -451,7 +514,7 @@ mod tests {
         let services = [service("web", json!({}), 30555, created_by_kubectl())];
         let comp = run(&policies, &services);
         let intent = &comp.intents("a")[&("shop".to_string(), "web".to_string())];
-        assert!((31000..=31099).contains(&intent.node_ports[0].2), "{intent:?}");
+        assert!((31000..=31099).contains(&intent.ports[0].node_port), "{intent:?}");
     }
 
     #[test]
@@ -482,8 +545,9 @@ mod tests {
         let comp = run(&policies, &[Arc::new(lb)]);
         let intent = &comp.intents("a")[&("shop".to_string(), "lb".to_string())];
         assert!(intent.external_traffic_local);
-        assert_eq!(intent.node_ports, [(80, Protocol::Tcp, 31010)]);
-        let (health, in_annotation) = intent.health_check.expect("a health-check port");
+        assert_eq!(node_ports(intent), [(80, Protocol::Tcp, 31010)]);
+        let health = intent.health_check_node_port.expect("a health-check port");
+        let (health, in_annotation) = (health.node_port, health.field == HealthCheckField::Annotation);
         assert!((31000..=31099).contains(&health) && health != 31010, "{health}");
         assert!(!in_annotation);
     }

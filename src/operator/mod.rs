@@ -3,7 +3,7 @@
 //! A kube-runtime `Controller` over PortPolicies, fed by watches on Services, Pods (pruned to
 //! [`portpolicy_core::hostport::HostPortPod`]), Nodes, Namespaces and the agent DaemonSets it owns. Each
 //! reconcile reads the reflector stores, runs the same functions `portpolicy plan` runs
-//! (`plan_node_ports`, `detect_conflicts`), and writes only the difference:
+//! (`allocate_node_ports`, `detect_conflicts`), and writes only the difference:
 //!
 //! - nodePorts, healthCheckNodePorts, `externalTrafficPolicy` and the proxy-name label on
 //!   governed Services, by server-side apply with the field manager `portpolicy-operator`;
@@ -23,15 +23,15 @@
 //! the leader of the `portpolicy-operator` Lease reconciles and writes, so two replicas never
 //! both allocate.
 
-pub mod agent;
-pub mod context;
+pub(crate) mod agent;
+mod context;
 pub mod controller;
 pub mod core;
 pub mod lease;
 pub mod metrics;
-pub mod reconcile;
+mod reconcile;
 pub mod server;
-pub mod services;
+mod services;
 pub mod status;
 
 /// Why a reconcile or the operator failed.

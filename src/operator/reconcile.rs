@@ -22,22 +22,24 @@ use serde_json::json;
 use super::agent::{self, POLICY_LABEL};
 use super::context::Context;
 use super::core::{Computation, Inputs, compute};
-use super::services::{FIELD_MANAGER, ServiceIntent, ServiceKey};
+use super::services::{self, FIELD_MANAGER, ServiceKey};
 use super::status::{self, AgentFacts, PolicyFacts};
 use super::{Error, Result};
 use portpolicy_core::crd::{PortPolicy, PortPolicyStatus, condition};
+use portpolicy_core::hash::fnv1a_64;
+use portpolicy_core::intent::ServiceIntent;
 
-pub const FINALIZER: &str = "portpolicy.io/cleanup";
+pub(super) const FINALIZER: &str = "portpolicy.io/cleanup";
 /// Annotation on the agent DaemonSet with a hash of what the operator applied, so an unchanged
 /// DaemonSet is not applied again on every reconcile.
-pub const SPEC_HASH_ANNOTATION: &str = "portpolicy.io/spec-hash";
+pub(super) const SPEC_HASH_ANNOTATION: &str = "portpolicy.io/spec-hash";
 /// Retention expiry and drift are caught at this period even without a watch event.
 const RESYNC: Duration = Duration::from_secs(300);
 
 /// Reconciles `policy` if this replica leads; a follower does nothing (the leader does it, and
 /// a replica that starts leading reconciles everything). Losing leadership cancels the
 /// reconcile at once, wherever it is.
-pub async fn reconcile(policy: Arc<PortPolicy>, ctx: Arc<Context>) -> Result<Action> {
+pub(super) async fn reconcile(policy: Arc<PortPolicy>, ctx: Arc<Context>) -> Result<Action> {
     if !ctx.leadership.is_leading() {
         return Ok(Action::await_change());
     }
@@ -71,7 +73,7 @@ async fn reconcile_leading(policy: Arc<PortPolicy>, ctx: Arc<Context>) -> Result
     })
 }
 
-pub fn error_policy(policy: Arc<PortPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
+pub(super) fn error_policy(policy: Arc<PortPolicy>, error: &Error, ctx: Arc<Context>) -> Action {
     ctx.metrics
         .failures
         .with_label_values(&[error.metric_label()])
@@ -262,7 +264,7 @@ async fn apply_service(key: &ServiceKey, intent: &ServiceIntent, ctx: &Context) 
         .services
         .get(&ObjectRef::<Service>::new(&key.1).within(&key.0));
     let Some(live) = live else { return Ok(()) };
-    if intent.satisfied_by(&live) {
+    if services::satisfied_by(intent, &live) {
         return Ok(());
     }
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &key.0);
@@ -291,9 +293,7 @@ async fn apply_service(key: &ServiceKey, intent: &ServiceIntent, ctx: &Context) 
 fn desired_daemon_set(policy: &PortPolicy, ctx: &Context) -> Option<DaemonSet> {
     let mut ds = agent::desired_daemon_set(policy, &ctx.settings.namespace, &ctx.settings.default_image)?;
     let text = serde_json::to_string(&ds).ok()?;
-    let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = fnv1a_64(text.as_bytes());
     ds.metadata
         .annotations
         .get_or_insert_default()

@@ -1,5 +1,5 @@
-//! What the operator writes on Services, as server-side-apply bodies, and how it tells whether a
-//! Service already says it.
+//! How the operator writes [`ServiceIntent`]s on Services, and how it tells whether a Service
+//! already says what an intent asks.
 //!
 //! Every apply uses the field manager [`FIELD_MANAGER`] and names only the fields the operator
 //! owns: the nodePorts of the ports it manages (with `port` and `protocol`, the keys of the
@@ -8,118 +8,58 @@
 //! nodePorts the API server then keeps the value the Service has (it copies allocated nodePorts
 //! forward on update), so releasing ownership never releases a port.
 
-use std::collections::BTreeMap;
-
 use k8s_openapi::api::core::v1::Service;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use portpolicy_core::crd::ExternalTrafficRule;
+use portpolicy_core::intent::{HealthCheckNodePort, ServiceIntent};
 use portpolicy_core::ports::Protocol;
-use portpolicy_core::service::{ServiceModel, ServiceType};
+use portpolicy_core::service::{HealthCheckField, ServiceModel, ServiceType};
 use portpolicy_core::well_known::{
     HEALTH_CHECK_NODE_PORT_ANNOTATION, LAST_APPLIED_ANNOTATION, SERVICE_PROXY_NAME, SERVICE_PROXY_NAME_LABEL,
 };
 
-pub const FIELD_MANAGER: &str = "portpolicy-operator";
+pub(super) const FIELD_MANAGER: &str = "portpolicy-operator";
 
-/// Everything one policy wants on one Service.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ServiceIntent {
-    pub namespace: String,
-    pub name: String,
-    /// (port, protocol, nodePort) of every Service port whose nodePort the operator manages.
-    pub node_ports: Vec<(u16, Protocol, u16)>,
-    /// The healthCheckNodePort and whether it goes in the legacy annotation.
-    pub health_check: Option<(u16, bool)>,
-    pub external_traffic_local: bool,
-    pub proxy_label: bool,
-}
-
-impl ServiceIntent {
-    pub fn new(namespace: &str, name: &str) -> Self {
-        ServiceIntent {
-            namespace: namespace.into(),
-            name: name.into(),
-            ..Default::default()
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.node_ports.is_empty()
-            && self.health_check.is_none()
-            && !self.external_traffic_local
-            && !self.proxy_label
-    }
-
-    /// The server-side-apply body. An empty intent gives an apply that owns nothing, which is how
-    /// the operator lets go of a Service.
-    pub fn apply_body(&self) -> Value {
-        let mut metadata = json!({"name": self.name, "namespace": self.namespace});
-        if self.proxy_label {
-            metadata["labels"] = json!({SERVICE_PROXY_NAME_LABEL: SERVICE_PROXY_NAME});
-        }
-        if let Some((port, true)) = self.health_check {
-            metadata["annotations"] = json!({HEALTH_CHECK_NODE_PORT_ANNOTATION: port.to_string()});
-        }
-        let mut body = json!({"apiVersion": "v1", "kind": "Service", "metadata": metadata});
-        let mut spec = serde_json::Map::new();
-        if !self.node_ports.is_empty() {
-            let ports: Vec<Value> = self
-                .node_ports
-                .iter()
-                .map(|(port, protocol, node_port)| {
-                    json!({"port": port, "protocol": protocol.as_str(), "nodePort": node_port})
-                })
-                .collect();
-            spec.insert("ports".into(), Value::Array(ports));
-        }
-        if let Some((port, false)) = self.health_check {
-            spec.insert("healthCheckNodePort".into(), json!(port));
-        }
-        if self.external_traffic_local {
-            spec.insert("externalTrafficPolicy".into(), json!("Local"));
-        }
-        if !spec.is_empty() {
-            body["spec"] = Value::Object(spec);
-        }
-        body
-    }
-
-    /// Whether the live Service already carries everything this intent asks for.
-    pub fn satisfied_by(&self, service: &Service) -> bool {
-        let spec = service.spec.as_ref();
-        let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
-        let node_ports_ok = self.node_ports.iter().all(|(port, protocol, node_port)| {
-            ports.iter().any(|p| {
-                p.port == i32::from(*port)
-                    && Protocol::from_k8s(p.protocol.as_deref()).ok() == Some(*protocol)
-                    && p.node_port == Some(i32::from(*node_port))
-            })
-        });
-        let health_ok = match self.health_check {
-            None => true,
-            Some((port, false)) => spec.and_then(|s| s.health_check_node_port) == Some(i32::from(port)),
-            Some((port, true)) => {
-                annotation(service, HEALTH_CHECK_NODE_PORT_ANNOTATION) == Some(port.to_string().as_str())
-            }
-        };
-        let traffic_ok = !self.external_traffic_local
-            || spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
-        let label_ok =
-            !self.proxy_label || label(service, SERVICE_PROXY_NAME_LABEL) == Some(SERVICE_PROXY_NAME);
-        // A field the operator still owns but no longer wants is given back by the next apply.
-        let owned = owned_fields(service);
-        let owned_label = owned
-            .and_then(|f| f.pointer("/f:metadata/f:labels"))
-            .and_then(|labels| labels.get(format!("f:{SERVICE_PROXY_NAME_LABEL}")))
-            .is_some();
-        let owned_traffic = owned
-            .and_then(|f| f.pointer("/f:spec/f:externalTrafficPolicy"))
-            .is_some();
-        let nothing_stale =
-            (self.proxy_label || !owned_label) && (self.external_traffic_local || !owned_traffic);
-        node_ports_ok && health_ok && traffic_ok && label_ok && nothing_stale
-    }
+/// Whether the live Service already carries everything `intent` asks for, and nothing the
+/// operator owns but no longer wants.
+pub(super) fn satisfied_by(intent: &ServiceIntent, service: &Service) -> bool {
+    let spec = service.spec.as_ref();
+    let ports = spec.and_then(|s| s.ports.as_deref()).unwrap_or_default();
+    let node_ports_ok = intent.ports.iter().all(|want| {
+        ports.iter().any(|p| {
+            p.port == i32::from(want.port)
+                && Protocol::from_k8s(p.protocol.as_deref()).ok() == Some(want.protocol)
+                && p.node_port == Some(i32::from(want.node_port))
+        })
+    });
+    let health_ok = match intent.health_check_node_port {
+        None => true,
+        Some(HealthCheckNodePort {
+            node_port,
+            field: HealthCheckField::Spec,
+        }) => spec.and_then(|s| s.health_check_node_port) == Some(i32::from(node_port)),
+        Some(HealthCheckNodePort {
+            node_port,
+            field: HealthCheckField::Annotation,
+        }) => annotation(service, HEALTH_CHECK_NODE_PORT_ANNOTATION) == Some(node_port.to_string().as_str()),
+    };
+    let traffic_ok = !intent.external_traffic_local
+        || spec.and_then(|s| s.external_traffic_policy.as_deref()) == Some("Local");
+    let label_ok =
+        !intent.proxy_label || label(service, SERVICE_PROXY_NAME_LABEL) == Some(SERVICE_PROXY_NAME);
+    // A field the operator still owns but no longer wants is given back by the next apply.
+    let owned = owned_fields(service);
+    let owned_label = owned
+        .and_then(|f| f.pointer("/f:metadata/f:labels"))
+        .and_then(|labels| labels.get(format!("f:{SERVICE_PROXY_NAME_LABEL}")))
+        .is_some();
+    let owned_traffic = owned
+        .and_then(|f| f.pointer("/f:spec/f:externalTrafficPolicy"))
+        .is_some();
+    let nothing_stale =
+        (intent.proxy_label || !owned_label) && (intent.external_traffic_local || !owned_traffic);
+    node_ports_ok && health_ok && traffic_ok && label_ok && nothing_stale
 }
 
 fn label<'a>(service: &'a Service, key: &str) -> Option<&'a str> {
@@ -153,7 +93,7 @@ fn owned_fields(service: &Service) -> Option<&Value> {
 /// Nobody owns a nodePort the API server picked at random: ownership is recorded for the fields
 /// a request sets, and allocation happens later, in the registry. So an owned nodePort is one a
 /// user (or a tool, or this operator) asked for; an unowned one is the API server's random pick.
-pub fn node_port_owned(service: &Service, port: u16, protocol: Protocol) -> Option<bool> {
+pub(super) fn node_port_owned(service: &Service, port: u16, protocol: Protocol) -> Option<bool> {
     let entries = service
         .metadata
         .managed_fields
@@ -179,7 +119,7 @@ pub fn node_port_owned(service: &Service, port: u16, protocol: Protocol) -> Opti
 }
 
 /// Like [`node_port_owned`], for `spec.healthCheckNodePort`.
-pub fn health_check_node_port_owned(service: &Service) -> Option<bool> {
+pub(super) fn health_check_node_port_owned(service: &Service) -> Option<bool> {
     let entries = service
         .metadata
         .managed_fields
@@ -194,7 +134,7 @@ pub fn health_check_node_port_owned(service: &Service) -> Option<bool> {
 }
 
 /// Whether the operator holds any field of this Service (an entry of ours in managedFields).
-pub fn managed_by_operator(service: &Service) -> bool {
+pub(super) fn managed_by_operator(service: &Service) -> bool {
     service
         .metadata
         .managed_fields
@@ -211,7 +151,7 @@ pub fn managed_by_operator(service: &Service) -> bool {
 /// manager through server-side apply is explicit, and so is one in kubectl's last-applied
 /// configuration; `Local` is always explicit (nothing defaults to it). Anything else counts as
 /// the default, which DefaultLocal replaces.
-pub fn external_traffic_policy_set_by_user(service: &Service) -> bool {
+pub(super) fn external_traffic_policy_set_by_user(service: &Service) -> bool {
     let Some(value) = service
         .spec
         .as_ref()
@@ -238,7 +178,7 @@ pub fn external_traffic_policy_set_by_user(service: &Service) -> bool {
 }
 
 /// Whether `rule` makes the operator set `externalTrafficPolicy: Local` on this Service.
-pub fn wants_local_traffic(rule: ExternalTrafficRule, service: &Service) -> bool {
+pub(super) fn wants_local_traffic(rule: ExternalTrafficRule, service: &Service) -> bool {
     let service_type = ServiceType::parse(service.spec.as_ref().and_then(|s| s.type_.as_deref()));
     if !service_type.has_node_ports() {
         return false;
@@ -251,45 +191,20 @@ pub fn wants_local_traffic(rule: ExternalTrafficRule, service: &Service) -> bool
 }
 
 /// Service identity, `namespace/name`.
-pub type ServiceKey = (String, String);
+pub(super) type ServiceKey = (String, String);
 
-pub fn key_of(service: &ServiceModel<'_>) -> ServiceKey {
+pub(super) fn key_of(service: &ServiceModel<'_>) -> ServiceKey {
     (service.namespace.to_string(), service.name.to_string())
 }
-
-/// Intents by Service, for iteration in a stable order.
-pub type Intents = BTreeMap<ServiceKey, ServiceIntent>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use portpolicy_core::intent::ServicePortNodePort;
+    use serde_json::json;
 
     fn service(v: Value) -> Service {
         serde_json::from_value(v).unwrap()
-    }
-
-    #[test]
-    fn apply_body_names_only_owned_fields() {
-        let intent = ServiceIntent {
-            node_ports: vec![(80, Protocol::Tcp, 31000), (53, Protocol::Udp, 31001)],
-            health_check: Some((31002, false)),
-            external_traffic_local: true,
-            proxy_label: true,
-            ..ServiceIntent::new("a", "web")
-        };
-        assert_eq!(
-            intent.apply_body(),
-            json!({"apiVersion": "v1", "kind": "Service",
-                "metadata": {"name": "web", "namespace": "a",
-                    "labels": {"service.kubernetes.io/service-proxy-name": "portpolicy"}},
-                "spec": {"ports": [{"port": 80, "protocol": "TCP", "nodePort": 31000},
-                                   {"port": 53, "protocol": "UDP", "nodePort": 31001}],
-                         "healthCheckNodePort": 31002, "externalTrafficPolicy": "Local"}})
-        );
-        assert_eq!(
-            ServiceIntent::new("a", "web").apply_body(),
-            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "a"}})
-        );
     }
 
     #[test]
@@ -297,17 +212,23 @@ mod tests {
         let live = service(json!({"metadata": {"name": "web", "namespace": "a"},
             "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 31000}]}}));
         let mut intent = ServiceIntent {
-            node_ports: vec![(80, Protocol::Tcp, 31000)],
+            ports: vec![ServicePortNodePort {
+                index: 0,
+                name: String::new(),
+                port: 80,
+                protocol: Protocol::Tcp,
+                node_port: 31000,
+            }],
             ..ServiceIntent::new("a", "web")
         };
-        assert!(intent.satisfied_by(&live));
-        intent.node_ports[0].2 = 31001;
-        assert!(!intent.satisfied_by(&live));
+        assert!(satisfied_by(&intent, &live));
+        intent.ports[0].node_port = 31001;
+        assert!(!satisfied_by(&intent, &live));
         let intent = ServiceIntent {
             proxy_label: true,
             ..ServiceIntent::new("a", "web")
         };
-        assert!(!intent.satisfied_by(&live));
+        assert!(!satisfied_by(&intent, &live));
 
         let labelled = service(json!({"metadata": {"name": "web", "namespace": "a",
             "labels": {"service.kubernetes.io/service-proxy-name": "portpolicy"},
@@ -315,10 +236,10 @@ mod tests {
                 "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:labels": {
                     "f:service.kubernetes.io/service-proxy-name": {}}}}}]},
             "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 31000}]}}));
-        assert!(intent.satisfied_by(&labelled));
+        assert!(satisfied_by(&intent, &labelled));
         let unlabelled = ServiceIntent::new("a", "web");
         assert!(
-            !unlabelled.satisfied_by(&labelled),
+            !satisfied_by(&unlabelled, &labelled),
             "a label the operator owns but no longer wants"
         );
     }

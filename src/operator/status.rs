@@ -63,18 +63,12 @@ pub fn build_status(
         allocations: previous.map(|s| s.allocations.clone()).unwrap_or_default(),
         ..Default::default()
     };
-    let mut conditions = Vec::new();
-    let mut cond = |type_: &str, ok: bool, reason: &str, message: String| {
-        conditions.push(Condition {
-            type_: type_.into(),
-            status: if ok { "True" } else { "False" }.into(),
-            reason: reason.into(),
-            message,
-            observed_generation: facts.generation,
-            last_transition_time: now.clone(),
-        })
+    let mut conditions = Conditions {
+        generation: facts.generation,
+        now,
+        list: Vec::new(),
+        not_ready: Vec::new(),
     };
-
     if !facts.spec_problems.is_empty() {
         let message = facts
             .spec_problems
@@ -82,82 +76,119 @@ pub fn build_status(
             .map(|p| p.to_string())
             .collect::<Vec<_>>()
             .join("; ");
-        cond(condition::SPEC_VALID, false, "InvalidSpec", message.clone());
-        cond(condition::READY, false, "InvalidSpec", message);
-        status.conditions = keep_transition_times(conditions, old_conditions);
+        conditions.push(condition::SPEC_VALID, false, "InvalidSpec", message.clone());
+        conditions.push(condition::READY, false, "InvalidSpec", message);
+        status.conditions = keep_transition_times(conditions.list, old_conditions);
         status.node_ports_used = previous.and_then(|s| s.node_ports_used.clone());
         status.agents_ready = previous.and_then(|s| s.agents_ready.clone());
         return status;
     }
+    conditions.spec_valid(&facts.overlapping);
+    if let Some(node_ports) = &facts.node_ports {
+        status.node_ports_used = Some(format!("{}/{}", node_ports.used, node_ports.total));
+        status.allocations = node_ports.records.clone();
+        conditions.node_ports_allocated(node_ports);
+    }
+    status.conflict_count = i32::try_from(facts.conflicts.len()).unwrap_or(i32::MAX);
+    status.conflicts = facts.conflicts.clone();
+    conditions.host_port_conflict(&facts.conflicts);
+    if let Some(agents) = &facts.agents {
+        status.agents_ready = Some(agents.summary.clone());
+        conditions.agents_ready(agents);
+    }
+    status.conditions = keep_transition_times(conditions.ready_first(), old_conditions);
+    status
+}
 
-    let mut not_ready: Vec<(&str, String)> = Vec::new();
-    if facts.overlapping.is_empty() {
-        cond(condition::SPEC_VALID, true, "Valid", "spec is valid".into());
-    } else {
+/// The conditions of one status as they are decided, and what keeps the policy from Ready.
+struct Conditions<'a> {
+    generation: Option<i64>,
+    now: &'a Time,
+    list: Vec<Condition>,
+    /// (Ready's reason, message) of each condition that makes the policy not Ready, in order.
+    not_ready: Vec<(&'static str, String)>,
+}
+
+impl Conditions<'_> {
+    fn condition(&self, type_: &str, status: bool, reason: &str, message: String) -> Condition {
+        Condition {
+            type_: type_.into(),
+            status: if status { "True" } else { "False" }.into(),
+            reason: reason.into(),
+            message,
+            observed_generation: self.generation,
+            last_transition_time: self.now.clone(),
+        }
+    }
+
+    fn push(&mut self, type_: &str, status: bool, reason: &str, message: String) {
+        let condition = self.condition(type_, status, reason, message);
+        self.list.push(condition);
+    }
+
+    fn spec_valid(&mut self, overlapping: &[String]) {
+        if overlapping.is_empty() {
+            self.push(condition::SPEC_VALID, true, "Valid", "spec is valid".into());
+            return;
+        }
         let message = format!(
             "selects the same Services as {}; those Services are left alone until one policy stops selecting them",
-            facts
-                .overlapping
+            overlapping
                 .iter()
                 .map(|p| format!("PortPolicy/{p}"))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
-        cond(
+        self.push(
             condition::SPEC_VALID,
             false,
             "OverlappingPolicies",
             message.clone(),
         );
-        not_ready.push(("OverlappingPolicies", message));
+        self.not_ready.push(("OverlappingPolicies", message));
     }
 
-    if let Some(np) = &facts.node_ports {
-        status.node_ports_used = Some(format!("{}/{}", np.used, np.total));
-        status.allocations = np.records.clone();
-        match np.problems.first() {
-            None => cond(
+    fn node_ports_allocated(&mut self, node_ports: &NodePortFacts) {
+        match node_ports.problems.first() {
+            None => self.push(
                 condition::NODE_PORTS_ALLOCATED,
                 true,
                 "Allocated",
-                format!("{} of {} nodePorts in use", np.used, np.total),
+                format!("{} of {} nodePorts in use", node_ports.used, node_ports.total),
             ),
             Some((reason, _)) => {
-                let message = bounded(np.problems.iter().map(|(_, m)| m.clone()), np.problems.len());
-                cond(condition::NODE_PORTS_ALLOCATED, false, reason, message.clone());
-                not_ready.push(("NodePortsNotAllocated", message));
+                let message = bounded(
+                    node_ports.problems.iter().map(|(_, m)| m.clone()),
+                    node_ports.problems.len(),
+                );
+                self.push(condition::NODE_PORTS_ALLOCATED, false, reason, message.clone());
+                self.not_ready.push(("NodePortsNotAllocated", message));
             }
         }
     }
 
-    status.conflict_count = i32::try_from(facts.conflicts.len()).unwrap_or(i32::MAX);
-    status.conflicts = facts.conflicts.clone();
-    if facts.conflicts.is_empty() {
-        cond(
+    /// HostPortConflict is a "bad when True" condition, like the kubelet's DiskPressure.
+    fn host_port_conflict(&mut self, conflicts: &[HostPortConflictRecord]) {
+        if conflicts.is_empty() {
+            self.push(
+                condition::HOST_PORT_CONFLICT,
+                false,
+                "NoConflicts",
+                "no hostPort conflicts".into(),
+            );
+            return;
+        }
+        let message = bounded(conflicts.iter().map(conflict_message), conflicts.len());
+        self.push(
             condition::HOST_PORT_CONFLICT,
-            false,
-            "NoConflicts",
-            "no hostPort conflicts".into(),
+            true,
+            "ConflictsFound",
+            message.clone(),
         );
-    } else {
-        let message = bounded(
-            facts.conflicts.iter().map(conflict_message),
-            facts.conflicts.len(),
-        );
-        // HostPortConflict is a "bad when True" condition, like the kubelet's DiskPressure.
-        conditions.push(Condition {
-            type_: condition::HOST_PORT_CONFLICT.into(),
-            status: "True".into(),
-            reason: "ConflictsFound".into(),
-            message: message.clone(),
-            observed_generation: facts.generation,
-            last_transition_time: now.clone(),
-        });
-        not_ready.push(("HostPortConflict", message));
+        self.not_ready.push(("HostPortConflict", message));
     }
 
-    if let Some(agents) = &facts.agents {
-        status.agents_ready = Some(agents.summary.clone());
+    fn agents_ready(&mut self, agents: &AgentFacts) {
         let (reason, message) = if let Some(why) = &agents.missing {
             ("DaemonSetMissing", why.clone())
         } else if agents.ready {
@@ -165,43 +196,23 @@ pub fn build_status(
         } else {
             ("NotReady", format!("{} agent pods ready", agents.summary))
         };
-        let mut c = |ok| {
-            conditions.push(Condition {
-                type_: condition::AGENTS_READY.into(),
-                status: if ok { "True" } else { "False" }.into(),
-                reason: reason.into(),
-                message: message.clone(),
-                observed_generation: facts.generation,
-                last_transition_time: now.clone(),
-            })
-        };
-        c(agents.ready && agents.missing.is_none());
-        if !agents.ready || agents.missing.is_some() {
-            not_ready.push(("AgentsNotReady", message.clone()));
+        let ready = agents.ready && agents.missing.is_none();
+        self.push(condition::AGENTS_READY, ready, reason, message.clone());
+        if !ready {
+            self.not_ready.push(("AgentsNotReady", message));
         }
     }
 
-    let ready = match not_ready.first() {
-        None => Condition {
-            type_: condition::READY.into(),
-            status: "True".into(),
-            reason: "Ready".into(),
-            message: "policy is in effect".into(),
-            observed_generation: facts.generation,
-            last_transition_time: now.clone(),
-        },
-        Some((reason, message)) => Condition {
-            type_: condition::READY.into(),
-            status: "False".into(),
-            reason: (*reason).into(),
-            message: message.clone(),
-            observed_generation: facts.generation,
-            last_transition_time: now.clone(),
-        },
-    };
-    conditions.insert(0, ready);
-    status.conditions = keep_transition_times(conditions, old_conditions);
-    status
+    /// Every condition, Ready first: True unless another condition keeps it from being.
+    fn ready_first(mut self) -> Vec<Condition> {
+        let (reason, message) = match self.not_ready.first() {
+            None => ("Ready", "policy is in effect".to_string()),
+            Some((reason, message)) => (*reason, message.clone()),
+        };
+        let ready = self.condition(condition::READY, self.not_ready.is_empty(), reason, message);
+        self.list.insert(0, ready);
+        self.list
+    }
 }
 
 fn conflict_message(c: &HostPortConflictRecord) -> String {
@@ -239,14 +250,14 @@ fn keep_transition_times(mut conditions: Vec<Condition>, old: &[Condition]) -> V
 
 /// A condition whose `status` changed (or that is new), for events.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transition {
+pub(crate) struct Transition {
     pub type_: String,
     pub status: String,
     pub reason: String,
     pub message: String,
 }
 
-pub fn transitions(old: Option<&PortPolicyStatus>, new: &PortPolicyStatus) -> Vec<Transition> {
+pub(crate) fn transitions(old: Option<&PortPolicyStatus>, new: &PortPolicyStatus) -> Vec<Transition> {
     let old = old.map(|s| s.conditions.as_slice()).unwrap_or_default();
     new.conditions
         .iter()
@@ -261,7 +272,7 @@ pub fn transitions(old: Option<&PortPolicyStatus>, new: &PortPolicyStatus) -> Ve
 }
 
 /// Whether `new` must be written: anything but condition timestamps differs.
-pub fn needs_write(old: Option<&PortPolicyStatus>, new: &PortPolicyStatus) -> bool {
+pub(crate) fn needs_write(old: Option<&PortPolicyStatus>, new: &PortPolicyStatus) -> bool {
     let Some(old) = old else { return true };
     let strip = |s: &PortPolicyStatus| {
         let mut s = s.clone();

@@ -1,8 +1,11 @@
 //! The PortPolicy custom resource: `portpolicy.io/v1alpha1`, cluster-scoped.
 //!
 //! The schema carries the validation a user needs at `kubectl apply` time (CEL rules for what
-//! plain OpenAPI cannot say); [`PortPolicySpec::validate`] repeats it in Rust so that an object
+//! plain OpenAPI cannot say); [`PortPolicySpec::compile`] repeats it in Rust so that an object
 //! that slipped past an older CRD, or a snapshot file, is still judged the same way.
+// KubeSchema re-declares each spec struct in a private module to build its schema, and the
+// lint then calls the public originals unreachable.
+#![allow(unreachable_pub)]
 
 use std::collections::BTreeMap;
 
@@ -89,7 +92,7 @@ pub struct NodePortsSpec {
     pub enforce: bool,
 }
 
-pub const DEFAULT_RETENTION_SECONDS: i64 = 24 * 60 * 60;
+pub(crate) const DEFAULT_RETENTION_SECONDS: i64 = 24 * 60 * 60;
 
 fn default_retention_seconds() -> i64 {
     DEFAULT_RETENTION_SECONDS
@@ -164,7 +167,7 @@ pub struct AgentSpec {
     pub masquerade: Option<MasqueradeSpec>,
 }
 
-pub const DEFAULT_SCHEDULER: &str = "rr";
+pub(crate) const DEFAULT_SCHEDULER: &str = "rr";
 
 fn default_scheduler() -> String {
     DEFAULT_SCHEDULER.to_string()
@@ -184,7 +187,8 @@ pub struct MasqueradeSpec {
 }
 
 /// Observed state, written by the operator.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
+// Read tolerantly (see the `Deserialize` impl), so not derived.
+#[derive(Serialize, Clone, Debug, Default, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PortPolicyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -205,6 +209,104 @@ pub struct PortPolicyStatus {
     pub allocations: Vec<AllocationRecord>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conflicts: Vec<HostPortConflictRecord>,
+    /// Records that did not parse and were skipped; never written back.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub unreadable_records: Vec<UnreadableRecord>,
+}
+
+/// A status record that did not parse: where it is and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnreadableRecord {
+    /// The record's field path, like `status.allocations[3].nodePort`.
+    pub field: String,
+    pub message: String,
+}
+
+impl PortPolicyStatus {
+    /// A problem for each skipped record, naming the policy and the record's field.
+    pub fn unreadable_record_problems(&self, policy: &str) -> Vec<Problem> {
+        self.unreadable_records
+            .iter()
+            .map(|r| {
+                Problem::new(
+                    format!("PortPolicy/{policy}"),
+                    &r.field,
+                    format!(
+                        "{}; this record is skipped, the policy and its other records are kept",
+                        r.message
+                    ),
+                )
+            })
+            .collect()
+    }
+}
+
+// One record of `allocations` or `conflicts` that does not parse is skipped (kept in
+// `unreadable_records` for the reader to report) instead of failing the whole policy: a
+// hand-edited or older status loses that record, not every allocation. `plan`, the agent and
+// the operator all read policies through this.
+impl<'de> Deserialize<'de> for PortPolicyStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// The status as written; the records stay untyped until each is read on its own.
+        #[derive(Deserialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Wire {
+            #[serde(default)]
+            observed_generation: Option<i64>,
+            #[serde(default)]
+            conditions: Option<Vec<Condition>>,
+            #[serde(default)]
+            node_ports_used: Option<String>,
+            #[serde(default)]
+            conflict_count: Option<i32>,
+            #[serde(default)]
+            agents_ready: Option<String>,
+            #[serde(default)]
+            allocations: Option<Vec<serde_json::Value>>,
+            #[serde(default)]
+            conflicts: Option<Vec<serde_json::Value>>,
+        }
+        fn records<T: serde::de::DeserializeOwned>(
+            list: &str,
+            values: Option<Vec<serde_json::Value>>,
+            unreadable: &mut Vec<UnreadableRecord>,
+        ) -> Vec<T> {
+            let mut out = Vec::new();
+            for (i, value) in values.unwrap_or_default().into_iter().enumerate() {
+                match serde_path_to_error::deserialize::<_, T>(value) {
+                    Ok(record) => out.push(record),
+                    Err(e) => {
+                        let inner = crate::snapshot::error_field(&e);
+                        let field = if inner.is_empty() {
+                            format!("status.{list}[{i}]")
+                        } else {
+                            format!("status.{list}[{i}].{inner}")
+                        };
+                        unreadable.push(UnreadableRecord {
+                            field,
+                            message: e.into_inner().to_string(),
+                        });
+                    }
+                }
+            }
+            out
+        }
+        let wire = Wire::deserialize(deserializer)?;
+        let mut unreadable_records = Vec::new();
+        let allocations = records("allocations", wire.allocations, &mut unreadable_records);
+        let conflicts = records("conflicts", wire.conflicts, &mut unreadable_records);
+        Ok(PortPolicyStatus {
+            observed_generation: wire.observed_generation,
+            conditions: wire.conditions.unwrap_or_default(),
+            node_ports_used: wire.node_ports_used,
+            conflict_count: wire.conflict_count.unwrap_or_default(),
+            agents_ready: wire.agents_ready,
+            allocations,
+            conflicts,
+            unreadable_records,
+        })
+    }
 }
 
 /// Whether a nodePort serves a Service port or its load balancer's health checks.
@@ -457,7 +559,7 @@ impl CompiledPolicy {
         self.namespace_selector.matches(namespace_labels)
     }
 
-    pub fn host_port_allowed(&self, port: u16) -> bool {
+    pub(crate) fn host_port_allowed(&self, port: u16) -> bool {
         self.host_ports_allowed
             .as_ref()
             .is_none_or(|ranges| ranges.iter().any(|r| r.contains(port)))

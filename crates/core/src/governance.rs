@@ -3,12 +3,73 @@
 //! Every consumer (allocator, conflict detector, planner, operator) asks this one index, so a
 //! Service is never governed by one policy in one place and another elsewhere.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use crate::crd::{CompiledPolicy, PortPolicy};
 use crate::problem::Problem;
+use crate::well_known::NAMESPACE_NAME_LABEL;
 
 pub type Labels = BTreeMap<String, String>;
+
+/// What selectors see on a namespace: its own labels and `kubernetes.io/metadata.name`, which
+/// the API server sets on every namespace.
+pub fn namespace_labels(name: &str, own: Option<&Labels>) -> Labels {
+    let mut labels = own.cloned().unwrap_or_default();
+    labels.insert(NAMESPACE_NAME_LABEL.to_string(), name.to_string());
+    labels
+}
+
+/// The labels of a cluster's namespaces, by name, each as [`namespace_labels`] derives it.
+/// Snapshots, the operator's caches and the agent's watches all build one of these.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceLabels {
+    by_name: BTreeMap<String, Labels>,
+}
+
+impl NamespaceLabels {
+    /// Records a namespace and its own labels; returns whether what selectors see changed.
+    pub fn insert(&mut self, name: &str, own: Option<&Labels>) -> bool {
+        let labels = namespace_labels(name, own);
+        if self.by_name.get(name) == Some(&labels) {
+            return false;
+        }
+        self.by_name.insert(name.to_string(), labels);
+        true
+    }
+
+    /// Records a namespace known only by name (an object lives in it), unless it is known.
+    pub fn ensure(&mut self, name: &str) {
+        if !self.by_name.contains_key(name) {
+            self.insert(name, None);
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        self.by_name.remove(name);
+    }
+
+    /// The labels of a namespace. One that was never recorded still has its name label, as
+    /// every namespace does: a `kubernetes.io/metadata.name` selector works on a partial
+    /// snapshot, and before a namespace watch has caught up.
+    pub fn of(&self, namespace: &str) -> Cow<'_, Labels> {
+        match self.by_name.get(namespace) {
+            Some(labels) => Cow::Borrowed(labels),
+            None => Cow::Owned(namespace_labels(namespace, None)),
+        }
+    }
+}
+
+impl<N: AsRef<str>> FromIterator<(N, Labels)> for NamespaceLabels {
+    /// Namespaces with their own labels.
+    fn from_iter<I: IntoIterator<Item = (N, Labels)>>(namespaces: I) -> Self {
+        let mut labels = NamespaceLabels::default();
+        for (name, own) in namespaces {
+            labels.insert(name.as_ref(), Some(&own));
+        }
+        labels
+    }
+}
 
 /// The valid policies of a cluster, sorted by name, and the problems of the invalid ones.
 #[derive(Clone, Debug, Default)]
@@ -92,7 +153,7 @@ impl PolicySet {
     }
 
     /// Policies whose hostPort rules apply to Pods in a namespace.
-    pub fn for_namespace<'s>(
+    pub(crate) fn for_namespace<'s>(
         &'s self,
         namespace_labels: Option<&'s Labels>,
     ) -> impl Iterator<Item = &'s CompiledPolicy> + 's {
@@ -154,5 +215,25 @@ mod tests {
         assert_eq!(set.for_namespace(Some(&edge)).count(), 2);
         assert_eq!(set.get("b-web").unwrap().name, "b-web");
         assert!(set.get("broken").is_none());
+    }
+
+    #[test]
+    fn every_namespace_carries_its_name_label() {
+        let mut namespaces: NamespaceLabels = [("shop", labels(&[("team", "edge")]))].into_iter().collect();
+        assert_eq!(
+            *namespaces.of("shop"),
+            labels(&[("team", "edge"), (NAMESPACE_NAME_LABEL, "shop")])
+        );
+        assert_eq!(
+            *namespaces.of("unlisted"),
+            labels(&[(NAMESPACE_NAME_LABEL, "unlisted")])
+        );
+        assert!(!namespaces.insert("shop", Some(&labels(&[("team", "edge")]))));
+        assert!(namespaces.insert("shop", None));
+        namespaces.ensure("shop");
+        assert_eq!(*namespaces.of("shop"), labels(&[(NAMESPACE_NAME_LABEL, "shop")]));
+        // A user cannot override the label the API server sets.
+        namespaces.insert("web", Some(&labels(&[(NAMESPACE_NAME_LABEL, "other")])));
+        assert_eq!(namespaces.of("web")[NAMESPACE_NAME_LABEL], "web");
     }
 }

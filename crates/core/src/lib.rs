@@ -11,7 +11,9 @@
 pub mod cidr;
 pub mod crd;
 pub mod governance;
+pub mod hash;
 pub mod hostport;
+pub mod intent;
 pub mod ipvs;
 pub mod nodeport;
 pub mod plan;

@@ -3,7 +3,7 @@
 //! The JSON shape is a stable contract (top-level keys `nodePorts`, `hostPortConflicts`,
 //! `nodes`, `problems`); the table output reads like `kubectl get` and, per node, `ipvsadm -Ln`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -11,13 +11,13 @@ use serde::Serialize;
 use crate::crd::{AllocationRecord, NodePortKind};
 use crate::governance::PolicySet;
 use crate::hostport;
-use crate::ipvs::{NodePlan, PlannerConfig, ProxyMode, plan_node};
-use crate::nodeport::{NodePortInput, plan_node_ports};
+use crate::ipvs::{NodeRules, ProxyConfig, ProxyMode, listing, node_rules};
+use crate::nodeport::{NodePortInput, allocate_node_ports};
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
 use crate::service::ServiceModel;
 use crate::snapshot::Snapshot;
-use crate::table::Table;
+use crate::table::{Table, escape_controls};
 
 /// What to plan, beyond the snapshot itself.
 #[derive(Clone, Debug)]
@@ -132,7 +132,7 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
         })
         .collect();
     let services: Vec<ServiceModel<'_>> = snapshot.services.iter().map(ServiceModel::read).collect();
-    let allocation = plan_node_ports(&NodePortInput {
+    let allocation = allocate_node_ports(&NodePortInput {
         cluster_range: options.node_port_range,
         policies: &policies,
         records: &records,
@@ -174,12 +174,15 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
     // IPVS is planned for the cluster as it will be once the operator has written the
     // allocations: a Service waiting for its nodePort already gets its node-port rules.
     let mut allocated = snapshot.clone();
+    let by_name: HashMap<(&str, &str), usize> = snapshot
+        .services
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| Some(((s.metadata.namespace.as_deref()?, s.metadata.name.as_deref()?), i)))
+        .collect();
     for change in allocation.service_changes() {
-        if let Some(service) = allocated.services.iter_mut().find(|s| {
-            s.metadata.namespace.as_deref() == Some(change.namespace.as_str())
-                && s.metadata.name.as_deref() == Some(change.name.as_str())
-        }) {
-            change.apply_to(service);
+        if let Some(&i) = by_name.get(&(change.namespace.as_str(), change.name.as_str())) {
+            change.apply_to(&mut allocated.services[i]);
         }
     }
     let mut nodes = Vec::new();
@@ -188,10 +191,12 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
         if options.node.as_ref().is_some_and(|only| *only != name) {
             continue;
         }
-        let plan = plan_node(&allocated, &PlannerConfig::new(name, options.mode));
-        problems.extend(plan.problems.iter().cloned());
-        nodes.push(node_row(&plan));
+        let rules = node_rules(&allocated, &ProxyConfig::new(name, options.mode));
+        problems.extend(rules.problems.iter().cloned());
+        nodes.push(node_row(&rules));
     }
+    // By name, not by where the snapshot listed them: the same cluster prints the same plan.
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
     if let Some(only) = &options.node
         && nodes.is_empty()
     {
@@ -212,10 +217,10 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
     }
 }
 
-fn node_row(plan: &NodePlan) -> NodeRow {
+fn node_row(rules: &NodeRules) -> NodeRow {
     NodeRow {
-        name: plan.node.clone(),
-        virtual_servers: plan
+        name: rules.node.clone(),
+        virtual_servers: rules
             .virtual_servers
             .iter()
             .map(|vs| VirtualServerRow {
@@ -243,7 +248,7 @@ fn node_row(plan: &NodePlan) -> NodeRow {
                 only_local: vs.only_local,
             })
             .collect(),
-        health_checks: plan
+        health_checks: rules
             .health_checks
             .iter()
             .map(|hc| HealthCheckRow {
@@ -256,11 +261,6 @@ fn node_row(plan: &NodePlan) -> NodeRow {
 }
 
 impl PlanReport {
-    /// Whether anything could be planned at all (the CLI exits non-zero otherwise).
-    pub fn planned_anything(&self) -> bool {
-        !(self.node_ports.is_empty() && self.host_port_conflicts.is_empty() && self.nodes.is_empty())
-    }
-
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("plan reports serialize") + "\n"
     }
@@ -313,7 +313,10 @@ impl PlanReport {
         section("HOST PORT CONFLICTS", or_none(&conflicts));
 
         for node in &self.nodes {
-            section(&format!("IPVS ON NODE {}", node.name), ipvsadm_listing(node));
+            section(
+                &format!("IPVS ON NODE {}", escape_controls(&node.name)),
+                ipvsadm_listing(node),
+            );
         }
 
         let mut problems = Table::new(&["object", "field", "message"]);
@@ -336,16 +339,17 @@ fn or_none(table: &Table) -> String {
 /// The node's rules as `ipvsadm -Ln` lists them, with the Service beside each virtual server
 /// and marks: `[OnlyLocal]` on those that keep node traffic on the node, the topology mode
 /// that chose the real servers, and the clients a load balancer accepts.
+/// The planned table has no connections yet, and the lines drop `ipvsadm`'s trailing blanks.
 fn ipvsadm_listing(node: &NodeRow) -> String {
-    let mut out = String::from(
-        "Prot LocalAddress:Port Scheduler Flags\n  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n",
-    );
+    let mut out = String::from(listing::HEADER);
     for vs in &node.virtual_servers {
-        let address = join_host_port(&vs.address, vs.port);
-        let mut line = format!("{:<4} {} {}", vs.protocol.as_str(), address, vs.scheduler);
-        if let Some(timeout) = vs.persistence_timeout {
-            line.push_str(&format!(" persistent {timeout}"));
-        }
+        let line = listing::virtual_server_line(
+            vs.protocol,
+            &vs.address,
+            vs.port,
+            &vs.scheduler,
+            vs.persistence_timeout,
+        );
         let mut marks = String::new();
         if vs.only_local {
             marks.push_str(" [OnlyLocal]");
@@ -361,28 +365,24 @@ fn ipvsadm_listing(node: &NodeRow) -> String {
             };
             marks.push_str(&format!(" [from {allowed}]"));
         }
-        out.push_str(&format!("{line:<48} # {} {}{marks}\n", vs.service, vs.kind));
+        out.push_str(&format!(
+            "{line:<48} # {} {}{marks}\n",
+            escape_controls(&vs.service),
+            vs.kind
+        ));
         for rs in &vs.real_servers {
-            out.push_str(&format!(
-                "  -> {:<28} Masq    {:<6} 0          0\n",
-                join_host_port(&rs.address, rs.port),
-                rs.weight
-            ));
+            let line = listing::real_server_line(&rs.address, rs.port, rs.weight, 0, 0);
+            out.push_str(line.trim_end());
+            out.push('\n');
         }
     }
     for hc in &node.health_checks {
         out.push_str(&format!(
             "health check node port {} for {}: {} local endpoint(s)\n",
-            hc.node_port, hc.service, hc.local_endpoints
+            hc.node_port,
+            escape_controls(&hc.service),
+            hc.local_endpoints
         ));
     }
     out
-}
-
-fn join_host_port(address: &str, port: u16) -> String {
-    if address.contains(':') {
-        format!("[{address}]:{port}")
-    } else {
-        format!("{address}:{port}")
-    }
 }

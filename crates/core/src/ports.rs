@@ -91,7 +91,7 @@ impl PortRange {
         self.low <= other.high && other.low <= self.high
     }
 
-    pub fn contains_range(&self, other: &PortRange) -> bool {
+    pub(crate) fn contains_range(&self, other: &PortRange) -> bool {
         self.low <= other.low && other.high <= self.high
     }
 
@@ -134,7 +134,7 @@ impl fmt::Display for PortRange {
 }
 
 /// Converts an API port number (`i32` in k8s-openapi) to a port, naming what is wrong otherwise.
-pub fn port_from_i32(value: i32) -> Result<u16, String> {
+pub(crate) fn port_from_i32(value: i32) -> Result<u16, String> {
     u16::try_from(value)
         .ok()
         .filter(|p| *p != 0)

@@ -41,16 +41,3 @@ pub fn object_ref(kind: &str, namespace: Option<&str>, name: &str) -> String {
         _ => format!("{kind}/{name}"),
     }
 }
-
-/// `Kind/namespace/name` of any Kubernetes object.
-pub fn object_ref_of<K>(object: &K) -> String
-where
-    K: kube::Resource<DynamicType = ()>,
-{
-    let meta = object.meta();
-    object_ref(
-        &K::kind(&()),
-        meta.namespace.as_deref(),
-        meta.name.as_deref().unwrap_or("<unnamed>"),
-    )
-}

@@ -27,9 +27,9 @@ use crate::well_known::{
 };
 
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when missing (the API server's default, 3 h).
-pub const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10800;
+pub(crate) const DEFAULT_AFFINITY_TIMEOUT_SECONDS: u32 = 10800;
 /// The longest ClientIP affinity the API server accepts (1 day).
-pub const MAX_AFFINITY_TIMEOUT_SECONDS: u32 = 86400;
+pub(crate) const MAX_AFFINITY_TIMEOUT_SECONDS: u32 = 86400;
 
 /// The fields of a Service that portpolicy reads, borrowed from whatever holds them.
 #[derive(Clone, Copy, Debug, Default)]
@@ -99,7 +99,12 @@ impl<'a> From<&'a Service> for ServiceFields<'a> {
     }
 }
 
-impl ServiceFields<'_> {
+impl<'a> ServiceFields<'a> {
+    /// The namespace: `default` when missing or empty, as `kubectl apply` would place it.
+    pub fn namespace(&self) -> &'a str {
+        self.namespace.filter(|ns| !ns.is_empty()).unwrap_or("default")
+    }
+
     fn annotation(&self, key: &str) -> Option<&str> {
         self.annotations?.get(key).map(String::as_str)
     }
@@ -155,7 +160,7 @@ pub enum ExternalTraffic {
 }
 
 impl ExternalTraffic {
-    pub fn is_local(self) -> bool {
+    pub(crate) fn is_local(self) -> bool {
         self != ExternalTraffic::Cluster
     }
 }
@@ -255,7 +260,7 @@ pub enum IssueKind {
 impl IssueKind {
     /// Whether the issue makes the Service one the allocator must leave untouched: the API
     /// server would refuse it, and its nodePorts are what the allocator decides about.
-    pub fn blocks_allocation(self) -> bool {
+    pub(crate) fn blocks_allocation(self) -> bool {
         matches!(
             self,
             IssueKind::Invalid | IssueKind::Port | IssueKind::NodePort | IssueKind::HealthCheckNodePort
@@ -264,7 +269,7 @@ impl IssueKind {
 
     /// What proxying the Service gives up because of the issue, as the end of its message;
     /// `None` when proxying loses nothing.
-    pub fn proxy_consequence(self) -> Option<&'static str> {
+    pub(crate) fn proxy_consequence(self) -> Option<&'static str> {
         match self {
             IssueKind::Invalid => None,
             IssueKind::Port => Some("port not proxied"),
@@ -333,7 +338,7 @@ impl<'a> ServiceModel<'a> {
         let fields = fields.into();
         let type_ = ServiceType::parse(fields.type_);
         let mut model = ServiceModel {
-            namespace: fields.namespace.filter(|ns| !ns.is_empty()).unwrap_or("default"),
+            namespace: fields.namespace(),
             name: fields.name.unwrap_or_default(),
             created: fields.creation_timestamp,
             labels: fields.labels,
@@ -388,12 +393,12 @@ impl<'a> ServiceModel<'a> {
     }
 
     /// The proxy this Service is handed to (`service.kubernetes.io/service-proxy-name`).
-    pub fn proxy_name(&self) -> Option<&'a str> {
+    pub(crate) fn proxy_name(&self) -> Option<&'a str> {
         self.labels?.get(SERVICE_PROXY_NAME_LABEL).map(String::as_str)
     }
 
     /// Every nodePort the Service holds, with the field that holds it.
-    pub fn held_node_ports(&self) -> impl Iterator<Item = (u16, String)> + '_ {
+    pub(crate) fn held_node_ports(&self) -> impl Iterator<Item = (u16, String)> + '_ {
         let ports = self.ports.iter().filter_map(|p| {
             p.node_port
                 .map(|np| (np, format!("spec.ports[{}].nodePort", p.index)))
@@ -543,14 +548,15 @@ impl<'a> ServiceModel<'a> {
 
     /// Cluster, external and load-balancer IPs.
     fn read_addresses(&mut self, fields: &ServiceFields<'a>) {
-        let cluster_ip_texts: Vec<&str> = if fields.cluster_ips.is_empty() {
-            fields.cluster_ip.into_iter().collect()
-        } else {
-            fields.cluster_ips.iter().map(String::as_str).collect()
-        };
+        // `spec.clusterIPs`, or `spec.clusterIP` without them.
+        let listed = fields.cluster_ips.iter().map(String::as_str);
+        let single = fields.cluster_ip.filter(|_| fields.cluster_ips.is_empty());
+        let primary = fields
+            .cluster_ip
+            .or(fields.cluster_ips.first().map(String::as_str));
         // The primary cluster IP decides, as kube-proxy's ShouldSkipService reads it.
-        self.headless = fields.cluster_ip.or(cluster_ip_texts.first().copied()) == Some("None");
-        for (i, text) in cluster_ip_texts.iter().enumerate() {
+        self.headless = primary == Some("None");
+        for (i, text) in listed.chain(single).enumerate() {
             match parse_ip(text) {
                 Some(ip) => self.cluster_ips.push(ip),
                 None if text.is_empty() || self.headless => {}

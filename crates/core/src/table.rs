@@ -1,5 +1,27 @@
 //! Column-aligned text tables in the style of `kubectl get`.
 
+use std::borrow::Cow;
+
+/// `text` with control characters (and the bidirectional overrides that reorder a terminal
+/// line) written as escapes (`\n`, `\u{1b}`), so a name in a snapshot cannot break a table's
+/// lines or send codes to the terminal. Cheap when there is nothing to escape.
+pub fn escape_controls(text: &str) -> Cow<'_, str> {
+    let unsafe_char =
+        |c: char| c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}');
+    if !text.chars().any(unsafe_char) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if unsafe_char(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
 /// A table with upper-case headers and columns padded to their widest cell, three spaces apart.
 #[derive(Debug, Default)]
 pub struct Table {
@@ -15,8 +37,16 @@ impl Table {
         }
     }
 
+    /// Adds a row; control characters in cells are escaped ([`escape_controls`]).
     pub fn row(&mut self, cells: Vec<String>) {
         debug_assert_eq!(cells.len(), self.headers.len());
+        let cells = cells
+            .into_iter()
+            .map(|c| match escape_controls(&c) {
+                Cow::Borrowed(_) => c,
+                Cow::Owned(escaped) => escaped,
+            })
+            .collect();
         self.rows.push(cells);
     }
 
@@ -61,5 +91,13 @@ mod tests {
             t.render(),
             "NAME         PORT\nstorefront   80\ndb           5432\n"
         );
+    }
+
+    #[test]
+    fn control_characters_in_cells_are_escaped() {
+        let mut t = Table::new(&["name"]);
+        t.row(vec!["web\n\u{1b}[31mred\u{202E}x".into()]);
+        assert_eq!(t.render(), "NAME\nweb\\n\\u{1b}[31mred\\u{202e}x\n");
+        assert_eq!(escape_controls("plain-name"), Cow::Borrowed("plain-name"));
     }
 }

@@ -2,7 +2,7 @@
 //! once (upstream: k8s.io/api/core/v1 well_known_labels.go and annotation_key_constants.go).
 
 /// The label the API server puts on every Namespace, with the namespace's name as value.
-pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+pub(crate) const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// The label that hands a Service to an alternative proxy; kube-proxy skips Services carrying it.
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -14,9 +14,9 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// The pre-1.7 spelling of `externalTrafficPolicy: Local`, with the value
 /// [`EXTERNAL_TRAFFIC_ONLY_LOCAL`].
-pub const EXTERNAL_TRAFFIC_ANNOTATION: &str = "service.beta.kubernetes.io/external-traffic";
+pub(crate) const EXTERNAL_TRAFFIC_ANNOTATION: &str = "service.beta.kubernetes.io/external-traffic";
 /// The value of [`EXTERNAL_TRAFFIC_ANNOTATION`] that means Local.
-pub const EXTERNAL_TRAFFIC_ONLY_LOCAL: &str = "OnlyLocal";
+pub(crate) const EXTERNAL_TRAFFIC_ONLY_LOCAL: &str = "OnlyLocal";
 /// The pre-1.7 spelling of `spec.healthCheckNodePort`, for Services that are Local only through
 /// [`EXTERNAL_TRAFFIC_ANNOTATION`].
 pub const HEALTH_CHECK_NODE_PORT_ANNOTATION: &str = "service.beta.kubernetes.io/healthcheck-nodeport";

@@ -492,49 +492,6 @@ pub fn decode_info_message(message: &[u8]) -> Result<IpvsInfo, NetlinkError> {
     }
 }
 
-/// Prints a table the way `ipvsadm -Ln` does, so operators can compare the two directly.
-pub fn format_like_ipvsadm(info: Option<&IpvsInfo>, table: &IpvsTable) -> String {
-    use fmt::Write;
-    let mut out = String::new();
-    if let Some(info) = info {
-        let _ = writeln!(out, "{info}");
-    }
-    out.push_str("Prot LocalAddress:Port Scheduler Flags\n");
-    out.push_str("  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn\n");
-    for (key, service) in table {
-        let _ = write!(
-            out,
-            "{:<4} {} {}",
-            key.protocol.as_str(),
-            socket_text(key.address, key.port),
-            service.scheduler
-        );
-        if let Some(timeout) = service.persistence_timeout {
-            let _ = write!(out, " persistent {timeout}");
-        }
-        out.push('\n');
-        for (real, state) in &service.real_servers {
-            let _ = writeln!(
-                out,
-                "  -> {:<28} {:<7} {:<6} {:<10} {:<10}",
-                socket_text(real.address, real.port),
-                "Masq",
-                state.weight,
-                state.active_connections,
-                state.inactive_connections
-            );
-        }
-    }
-    out
-}
-
-fn socket_text(address: IpAddr, port: u16) -> String {
-    match address {
-        IpAddr::V4(a) => format!("{a}:{port}"),
-        IpAddr::V6(a) => format!("[{a}]:{port}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -809,30 +766,5 @@ mod tests {
         );
         let info = decode_info_message(&message[NLMSG_HDRLEN..]).unwrap();
         assert_eq!(info.to_string(), "IP Virtual Server version 1.2.1 (size=4096)");
-    }
-
-    #[test]
-    fn table_prints_like_ipvsadm_ln() {
-        let mut table = IpvsTable::new();
-        let mut service = IpvsService {
-            scheduler: "rr".into(),
-            persistence_timeout: Some(300),
-            ..Default::default()
-        };
-        service.real_servers.insert(
-            RealServerKey {
-                address: "10.0.1.2".parse().unwrap(),
-                port: 8080,
-            },
-            RealServerState::with_weight(1),
-        );
-        table.insert(tcp("10.96.0.10", 80), service);
-        let text = format_like_ipvsadm(None, &table);
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[2], "TCP  10.96.0.10:80 rr persistent 300");
-        assert_eq!(
-            lines[3],
-            "  -> 10.0.1.2:8080                Masq    1      0          0         "
-        );
     }
 }

@@ -5,18 +5,33 @@
 //! requests per `sendmsg`, see [`socket`]) simple. Nothing here decides what the table should
 //! be; the planner does that and hands over [`portpolicy_core::ipvs::IpvsOp`]s.
 //!
-//! The only crate of portpolicy with `unsafe` code (one `setsockopt`), and Linux-only.
-#![cfg(target_os = "linux")]
+//! The only crate of portpolicy with `unsafe` code (one `setsockopt`). Talking to the kernel is
+//! Linux-only; the error type is not, so the agent's dataplane and its in-memory test double
+//! report kernel refusals as the same typed [`NetlinkError`] everywhere.
 
+#[cfg(target_os = "linux")]
 pub mod conntrack;
+#[cfg(target_os = "linux")]
 pub mod ipvs;
+#[cfg(target_os = "linux")]
 pub mod link;
+#[cfg(target_os = "linux")]
 pub mod message;
+#[cfg(target_os = "linux")]
 pub mod socket;
 
+#[cfg(target_os = "linux")]
 pub use conntrack::ConntrackHandle;
+#[cfg(target_os = "linux")]
 pub use ipvs::{ApplyOutcome, IpvsHandle, IpvsInfo};
+#[cfg(target_os = "linux")]
 pub use link::DummyLink;
+
+/// The errnos the kernel's IPVS refuses requests with, for code that must speak like it (the
+/// agent's in-memory dataplane).
+pub mod errno {
+    pub use libc::{EEXIST, EIO, ENOENT};
+}
 
 /// What can go wrong talking to the kernel.
 #[derive(Debug, thiserror::Error)]
@@ -44,7 +59,7 @@ impl NetlinkError {
         NetlinkError::Kernel {
             rule: rule.to_string(),
             errno,
-            name: message::errno_name(errno),
+            name: errno_name(errno),
         }
     }
 
@@ -55,5 +70,32 @@ impl NetlinkError {
             NetlinkError::Io(err) => err.raw_os_error(),
             _ => None,
         }
+    }
+}
+
+/// The symbolic name of the errnos netlink requests return, for messages and for matching.
+pub fn errno_name(errno: i32) -> &'static str {
+    match errno {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::ESRCH => "ESRCH",
+        libc::EINTR => "EINTR",
+        libc::EIO => "EIO",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENOMEM => "ENOMEM",
+        libc::EACCES => "EACCES",
+        libc::EBUSY => "EBUSY",
+        libc::EEXIST => "EEXIST",
+        libc::ENODEV => "ENODEV",
+        libc::EINVAL => "EINVAL",
+        libc::ENOSPC => "ENOSPC",
+        libc::ERANGE => "ERANGE",
+        libc::EOPNOTSUPP => "EOPNOTSUPP",
+        libc::EAFNOSUPPORT => "EAFNOSUPPORT",
+        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
+        libc::ENOBUFS => "ENOBUFS",
+        libc::EPROTONOSUPPORT => "EPROTONOSUPPORT",
+        libc::EMSGSIZE => "EMSGSIZE",
+        _ => "EUNKNOWN",
     }
 }

@@ -275,33 +275,6 @@ fn fixed<const N: usize>(payload: &[u8]) -> Result<[u8; N], NetlinkError> {
         .ok_or_else(|| NetlinkError::Protocol(format!("attribute of {} bytes, expected {N}", payload.len())))
 }
 
-/// The symbolic name of the errnos netlink requests return, for messages and for matching.
-pub fn errno_name(errno: i32) -> &'static str {
-    match errno {
-        libc::EPERM => "EPERM",
-        libc::ENOENT => "ENOENT",
-        libc::ESRCH => "ESRCH",
-        libc::EINTR => "EINTR",
-        libc::EIO => "EIO",
-        libc::EAGAIN => "EAGAIN",
-        libc::ENOMEM => "ENOMEM",
-        libc::EACCES => "EACCES",
-        libc::EBUSY => "EBUSY",
-        libc::EEXIST => "EEXIST",
-        libc::ENODEV => "ENODEV",
-        libc::EINVAL => "EINVAL",
-        libc::ENOSPC => "ENOSPC",
-        libc::ERANGE => "ERANGE",
-        libc::EOPNOTSUPP => "EOPNOTSUPP",
-        libc::EAFNOSUPPORT => "EAFNOSUPPORT",
-        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
-        libc::ENOBUFS => "ENOBUFS",
-        libc::EPROTONOSUPPORT => "EPROTONOSUPPORT",
-        libc::EMSGSIZE => "EMSGSIZE",
-        _ => "EUNKNOWN",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -374,7 +347,7 @@ mod tests {
         let ack = parse_ack(&payload).unwrap();
         assert_eq!(ack.errno, libc::EEXIST);
         assert_eq!(ack.request.sequence, 42);
-        assert_eq!(errno_name(ack.errno), "EEXIST");
+        assert_eq!(crate::errno_name(ack.errno), "EEXIST");
         assert!(parse_ack(&payload[..10]).is_err());
     }
 }

@@ -4,8 +4,9 @@ use std::net::IpAddr;
 use pretty_assertions::assert_eq;
 
 use super::*;
-use crate::agent::dataplane::{FakeDataplane, FakeKernel};
-use portpolicy_core::ipvs::plan_node;
+use crate::agent::dataplane::DataplaneError;
+use crate::agent::fake::{FakeDataplane, FakeKernel};
+use portpolicy_core::ipvs::node_rules;
 use portpolicy_core::ipvs::{IpvsOp, StaleFlows};
 use portpolicy_core::snapshot::parse_str;
 
@@ -92,8 +93,8 @@ const WEB: [(&str, &str); 3] = [
     ("10.0.2.2", "node-b"),
 ];
 
-fn config() -> PlannerConfig {
-    PlannerConfig::new("node-a", ProxyMode::Delegated)
+fn config() -> ProxyConfig {
+    ProxyConfig::new("node-a", ProxyMode::Delegated)
 }
 
 fn web_cluster_ip() -> VirtualServerKey {
@@ -149,7 +150,7 @@ fn first_sync_programs_the_plan_and_the_node() {
     let outcome = s.sync();
     assert!(outcome.succeeded(), "{:?}", outcome.errors);
     assert!(outcome.full);
-    let want = plan_node(&cluster(&WEB), &config());
+    let want = node_rules(&cluster(&WEB), &config());
     let k = fake.state();
     assert_eq!(k.table, want.table());
     // Cluster IP and node port for web, cluster IP for dns; never the kube-proxy Service.
@@ -166,7 +167,7 @@ fn first_sync_programs_the_plan_and_the_node() {
 #[test]
 fn start_up_converges_on_a_programmed_kernel_without_touching_anything() {
     // The kernel already holds exactly the plan (a previous agent run) and a foreign entry.
-    let want = plan_node(&cluster(&WEB), &config());
+    let want = node_rules(&cluster(&WEB), &config());
     let mut table = want.table();
     let (foreign_key, foreign) = foreign_entry();
     table.insert(foreign_key, foreign.clone());
@@ -191,7 +192,7 @@ fn start_up_converges_on_a_programmed_kernel_without_touching_anything() {
 
 #[test]
 fn start_up_repairs_only_what_differs() {
-    let want = plan_node(&cluster(&WEB), &config());
+    let want = node_rules(&cluster(&WEB), &config());
     let mut table = want.table();
     // One endpoint missing, one stale endpoint without connections.
     let svc = table.get_mut(&web_cluster_ip()).unwrap();
@@ -248,7 +249,7 @@ fn one_endpoint_change_is_one_or_two_operations_without_a_dump() {
     );
     assert_eq!(ops_counted(&metrics) - counted_before, 2);
     assert_eq!(fake.state().dumps, dumps);
-    assert_eq!(fake.state().table, plan_node(&cluster(&more), &config()).table());
+    assert_eq!(fake.state().table, node_rules(&cluster(&more), &config()).table());
 }
 
 #[test]
@@ -272,7 +273,7 @@ fn drift_made_by_others_is_repaired_by_the_full_sync() {
     let outcome = s.sync();
     assert!(outcome.full && outcome.succeeded());
     assert_eq!(outcome.operations, 2);
-    assert_eq!(fake.state().table, plan_node(&cluster(&WEB), &config()).table());
+    assert_eq!(fake.state().table, node_rules(&cluster(&WEB), &config()).table());
 }
 
 #[test]
@@ -335,7 +336,7 @@ fn tcp_real_servers_drain_before_deletion_and_udp_ones_go_at_once() {
     fake.state().set_connections(&web_cluster_ip(), &leaving, 0);
     s.request_full();
     assert!(s.sync().succeeded());
-    assert_eq!(fake.state().table, plan_node(&snapshot, &config()).table());
+    assert_eq!(fake.state().table, node_rules(&snapshot, &config()).table());
     assert!(s.draining().is_empty());
 }
 
@@ -396,6 +397,16 @@ fn refused_operations_are_counted_retried_and_lose_nothing() {
     let outcome = s.sync();
     assert!(!outcome.succeeded());
     assert_eq!((outcome.operations, outcome.failed_operations), (2, 1));
+    // The kernel's answer is kept as it came, errno and all.
+    assert!(
+        matches!(
+            &outcome.errors[..],
+            [SyncError::Refused(NetlinkError::Kernel { errno, name: "EIO", .. })]
+                if *errno == portpolicy_netlink::errno::EIO
+        ),
+        "{:?}",
+        outcome.errors
+    );
     assert_eq!(metrics.sync_errors.get(), 1);
     assert_eq!(
         metrics
@@ -416,7 +427,7 @@ fn refused_operations_are_counted_retried_and_lose_nothing() {
     let outcome = s.sync();
     assert!(outcome.full && outcome.succeeded(), "{:?}", outcome.errors);
     assert_eq!(outcome.operations, 1);
-    assert_eq!(fake.state().table, plan_node(&cluster(&more), &config()).table());
+    assert_eq!(fake.state().table, node_rules(&cluster(&more), &config()).table());
     assert_eq!(metrics.sync_errors.get(), 1);
 }
 
@@ -428,6 +439,14 @@ fn a_failed_dump_changes_nothing_and_is_retried() {
     });
     let outcome = s.sync();
     assert!(!outcome.succeeded());
+    assert!(
+        matches!(
+            &outcome.errors[..],
+            [SyncError::Dataplane(DataplaneError::Dump(NetlinkError::Io(_)))]
+        ),
+        "{:?}",
+        outcome.errors
+    );
     assert_eq!(fake.state().ops_log, vec![]);
     assert_eq!(fake.state().ruleset_writes, 0);
     assert_eq!(metrics.sync_errors.get(), 1);
@@ -463,7 +482,7 @@ fn a_deleted_service_is_removed_and_its_address_unbound() {
 fn after_a_restart_the_agent_still_deletes_node_ports_in_its_policy_ranges() {
     // A node port programmed by a previous run, for a Service deleted while the agent was down.
     let stale = vs("192.168.1.10", 30999, Protocol::Tcp);
-    let want = plan_node(&cluster(&WEB), &config());
+    let want = node_rules(&cluster(&WEB), &config());
     let mut table = want.table();
     table.insert(stale, foreign_entry().1);
     // kube-proxy's node port, outside the policy's range.

@@ -21,7 +21,7 @@ impl HostPortBinding {
     /// Binds every address of the node: `0.0.0.0`, or `::`. Upstream's scheduler only knows
     /// `0.0.0.0`; treating `::` alike is deliberate, since a socket on `::` takes the port on
     /// every IPv6 address (and, dual-stack, every IPv4 one) just the same.
-    pub fn binds_all_addresses(&self) -> bool {
+    pub(crate) fn binds_all_addresses(&self) -> bool {
         self.host_ip.is_unspecified()
     }
 

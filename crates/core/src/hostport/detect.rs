@@ -1,14 +1,13 @@
 //! hostPort conflicts per node: Pods that want the same port, hostPorts that collide with the
 //! cluster's node ports, and hostPorts a policy does not allow.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
 use std::net::IpAddr;
 
 use crate::crd::{CompiledPolicy, HostPortConflictRecord};
-use crate::governance::{Labels, PolicySet};
+use crate::governance::{NamespaceLabels, PolicySet};
 use crate::ports::{PortRange, Protocol};
-use crate::well_known::NAMESPACE_NAME_LABEL;
 
 use super::binding::HostPortBinding;
 use super::placement::PlacedPod;
@@ -60,7 +59,7 @@ pub struct HostPortConflict {
 }
 
 impl HostPortConflict {
-    pub fn binding(&self) -> HostPortBinding {
+    pub(crate) fn binding(&self) -> HostPortBinding {
         HostPortBinding {
             protocol: self.protocol,
             host_ip: self.host_ip,
@@ -129,7 +128,7 @@ pub struct ConflictInput<'a> {
     pub policies: &'a PolicySet,
     /// Labels of each namespace; a namespace missing here still has its
     /// `kubernetes.io/metadata.name` label.
-    pub namespace_labels: &'a BTreeMap<String, Labels>,
+    pub namespace_labels: &'a NamespaceLabels,
 }
 
 /// A binding of one Pod, flattened so all bindings sort by where they could clash.
@@ -298,20 +297,13 @@ impl<'a> NamespacePolicies<'a> {
 
 fn governing<'p>(
     policies: &'p PolicySet,
-    namespace_labels: &BTreeMap<String, Labels>,
+    namespace_labels: &NamespaceLabels,
     namespace: &str,
 ) -> Vec<&'p CompiledPolicy> {
-    let implicit;
-    let labels = match namespace_labels.get(namespace) {
-        Some(labels) => labels,
-        None => {
-            implicit = Labels::from([(NAMESPACE_NAME_LABEL.to_string(), namespace.to_string())]);
-            &implicit
-        }
-    };
+    let labels = namespace_labels.of(namespace);
     // `for_namespace` ties its items to the labels' lifetime; look the names back up instead.
     let names: Vec<&str> = policies
-        .for_namespace(Some(labels))
+        .for_namespace(Some(&labels))
         .map(|p| p.name.as_str())
         .collect();
     names.into_iter().filter_map(|name| policies.get(name)).collect()

@@ -28,7 +28,7 @@ pub(crate) struct NodeFacts<'a> {
 
 impl<'a> NodeFacts<'a> {
     /// `None` for a node without a name, which no Pod can be bound to.
-    pub fn of(node: &'a Node) -> Option<Self> {
+    pub(super) fn of(node: &'a Node) -> Option<Self> {
         let spec = node.spec.as_ref();
         Some(NodeFacts {
             name: node.metadata.name.as_deref().filter(|n| !n.is_empty())?,
@@ -82,7 +82,7 @@ enum LabelOp {
 impl PlacementRules {
     /// Parses the placement fields of `spec`, reporting invalid ones against `object` at
     /// `field_prefix` (like `spec.template.spec`).
-    pub fn compile(
+    pub(super) fn compile(
         spec: &PodSpec,
         placer: Placer,
         object: &str,
@@ -147,7 +147,7 @@ impl PlacementRules {
     }
 
     /// Whether a Pod from this template may run on `node` (ports aside).
-    pub fn admits(&self, node: &NodeFacts) -> bool {
+    pub(crate) fn admits(&self, node: &NodeFacts) -> bool {
         let label = |key: &str| node.labels.and_then(|l| l.get(key));
         let name_fits = self.node_name.as_deref().is_none_or(|n| n == node.name);
         let selector_fits = self

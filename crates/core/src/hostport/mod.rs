@@ -31,7 +31,7 @@ pub use pod::{DeclaredPort, HostPortPod, HostPortPodSpec, PodPhase, PortedContai
 
 /// What hostPort checking found in a snapshot.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct HostPortReport {
+pub(crate) struct HostPortReport {
     /// Real Pods holding host ports, then predicted workload Pods.
     pub pods: Vec<PlacedPod>,
     pub conflicts: Vec<HostPortConflict>,
@@ -41,7 +41,7 @@ pub struct HostPortReport {
 
 /// Runs hostPort checking over a snapshot: its Pods as they are, its workload manifests as
 /// predicted Pods.
-pub fn check_snapshot(
+pub(crate) fn check_snapshot(
     snapshot: &Snapshot,
     policies: &PolicySet,
     node_port_range: PortRange,

@@ -1,13 +1,11 @@
 //! Conflict detection, rule by rule, and the whole flow over snapshots in real object shapes.
 
-use std::collections::BTreeMap;
-
 use pretty_assertions::assert_eq;
 use serde_json::{Value, json};
 
 use super::*;
 use crate::crd::PortPolicy;
-use crate::governance::Labels;
+use crate::governance::{Labels, NamespaceLabels};
 use crate::ports::Protocol;
 
 /// `"TCP 0.0.0.0:80"` or `"UDP [::]:53"`.
@@ -48,11 +46,7 @@ fn policies(specs: &[(&str, Value)]) -> PolicySet {
     set
 }
 
-fn detect(
-    pods: &[PlacedPod],
-    set: &PolicySet,
-    namespaces: &BTreeMap<String, Labels>,
-) -> Vec<HostPortConflict> {
+fn detect(pods: &[PlacedPod], set: &PolicySet, namespaces: &NamespaceLabels) -> Vec<HostPortConflict> {
     detect_conflicts(&ConflictInput {
         pods,
         node_port_range: PortRange::DEFAULT_NODE_PORTS,
@@ -175,7 +169,7 @@ fn pod_conflict_rules() {
     ];
     let none = PolicySet::default();
     for (name, pods, want) in cases {
-        let got = detect(&pods, &none, &BTreeMap::new());
+        let got = detect(&pods, &none, &NamespaceLabels::default());
         let want: Vec<_> = want
             .into_iter()
             .map(|(node, b, pods)| ("PodConflict", node.to_string(), b.to_string(), pods.to_string()))
@@ -203,7 +197,7 @@ fn node_port_range_is_reported_unless_the_governing_policy_allows_it() {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
     };
-    let namespaces = BTreeMap::from([
+    let namespaces = NamespaceLabels::from_iter([
         ("relaxed".to_string(), labels(&[("range", "ok")])),
         ("both".to_string(), labels(&[("range", "ok"), ("team", "strict")])),
     ]);
@@ -277,7 +271,7 @@ fn ports_outside_allowed_are_reported_to_the_policies_that_deny_them() {
         placed("monitoring/debug@n2", &["TCP 0.0.0.0:8080"]),
         placed("web/front@n2", &["TCP 0.0.0.0:443", "TCP 0.0.0.0:8443"]),
     ];
-    let got = detect(&pods, &set, &BTreeMap::new());
+    let got = detect(&pods, &set, &NamespaceLabels::default());
     let found: Vec<_> = got
         .iter()
         .map(|c| {
@@ -337,7 +331,7 @@ fn pod_conflicts_concern_every_policy_governing_a_pod_involved() {
         placed("b/y@n1", &["TCP 0.0.0.0:80"]),
         placed("a/x@n1", &["TCP 0.0.0.0:80"]),
     ];
-    let got = detect(&pods, &set, &BTreeMap::new());
+    let got = detect(&pods, &set, &NamespaceLabels::default());
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].policies, ["a-team", "b-team"]);
     let record = got[0].to_record();
@@ -361,7 +355,7 @@ fn output_is_sorted_and_independent_of_input_order() {
         placed("a/p4@n1", &["UDP 10.0.0.9:53", "TCP 10.0.0.1:8080"]),
         placed("a/p5@n10", &["SCTP [fd00::1]:9999"]),
     ];
-    let first = detect(&pods, &set, &BTreeMap::new());
+    let first = detect(&pods, &set, &NamespaceLabels::default());
     let keys: Vec<_> = first
         .iter()
         .map(|c| (c.node.as_str(), c.host_port, c.protocol, c.reason))
@@ -381,9 +375,9 @@ fn output_is_sorted_and_independent_of_input_order() {
         ]
     );
     pods.reverse();
-    assert_eq!(detect(&pods, &set, &BTreeMap::new()), first);
+    assert_eq!(detect(&pods, &set, &NamespaceLabels::default()), first);
     pods.swap(0, 3);
-    assert_eq!(detect(&pods, &set, &BTreeMap::new()), first);
+    assert_eq!(detect(&pods, &set, &NamespaceLabels::default()), first);
 }
 
 fn pod(name: &str, node: Option<&str>, phase: &str, spec: Value) -> Value {

@@ -31,14 +31,13 @@ use super::table::{IpvsOp, IpvsService, IpvsTable, VirtualServerKey};
 /// Service is gone. So ownership is decided from what the agent controls on the node rather than
 /// from the current plan:
 ///
-/// 1. An address listed as foreign ([`Ownership::with_foreign`]) is never owned. This wins.
-/// 2. In replacement mode ([`Ownership::everything`]) every other virtual server is owned: no
-///    other proxy runs, and stale ones from a previous kube-proxy should go.
-/// 3. A virtual server on an address bound on the agent's own dummy interface is owned. Pass the
+/// 1. In replacement mode ([`Ownership::everything`]) every virtual server is owned: no other
+///    proxy runs, and stale ones from a previous kube-proxy should go.
+/// 2. A virtual server on an address bound on the agent's own dummy interface is owned. Pass the
 ///    addresses currently bound (read from the kernel before stale ones are unbound), not the
 ///    plan's VIPs: a deleted Service's cluster IP is still bound, so its virtual servers are
 ///    still found and deleted; the agent unbinds the address after applying the diff.
-/// 4. A virtual server on one of this node's addresses is owned when its port is in one of the
+/// 3. A virtual server on one of this node's addresses is owned when its port is in one of the
 ///    agent's node-port ranges (in delegated mode, the ranges of policies that hand Services to
 ///    the agent; kube-proxy's node ports live outside them).
 ///
@@ -47,7 +46,6 @@ use super::table::{IpvsOp, IpvsService, IpvsTable, VirtualServerKey};
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Ownership {
     everything: bool,
-    foreign: BTreeSet<IpAddr>,
     bound: BTreeSet<IpAddr>,
     node_addresses: BTreeSet<IpAddr>,
     node_port_ranges: Vec<PortRange>,
@@ -59,7 +57,7 @@ impl Ownership {
         Ownership::default()
     }
 
-    /// Owns every virtual server except on foreign addresses (replacement mode).
+    /// Owns every virtual server (replacement mode).
     pub fn everything() -> Self {
         Ownership {
             everything: true,
@@ -84,16 +82,7 @@ impl Ownership {
         self
     }
 
-    /// Addresses whose virtual servers belong to someone else, whatever else says otherwise.
-    pub fn with_foreign(mut self, addresses: impl IntoIterator<Item = IpAddr>) -> Self {
-        self.foreign.extend(addresses);
-        self
-    }
-
     pub fn owns(&self, key: &VirtualServerKey) -> bool {
-        if self.foreign.contains(&key.address) {
-            return false;
-        }
         self.everything
             || self.bound.contains(&key.address)
             || (self.node_addresses.contains(&key.address)

@@ -12,11 +12,12 @@
 //! once, `topology` picks the endpoints of a Service port, `service_rules` plans one Service,
 //! `claims` decides which Service wins a virtual server two of them plan, and `tracker` keeps
 //! every Service's result and the slices indexed by Service, so a slice change re-plans one
-//! Service and touches only its virtual servers. [`plan_node`] runs the same planner once over a
+//! Service and touches only its virtual servers. [`node_rules`] runs the same planner once over a
 //! snapshot.
 
 mod claims;
 pub mod diff;
+pub mod listing;
 mod model;
 mod rules;
 mod service_rules;
@@ -26,12 +27,12 @@ mod topology;
 mod tracker;
 
 pub use rules::{
-    HealthCheckPlan, NodePlan, NodePortAddresses, PlannedVirtualServer, PlannerConfig, ProxyMode,
-    REAL_SERVER_WEIGHT, TopologyMode, VirtualServerKind,
+    HealthCheckRule, NodePortAddresses, NodeRules, ProxyConfig, ProxyMode, TopologyMode, VirtualServerKind,
+    VirtualServerRule,
 };
 pub use stale_flows::{StaleFlows, stale_udp_flows};
 pub use table::{IpvsOp, IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
-pub use tracker::{Planner, plan_node};
+pub use tracker::{RuleTracker, node_rules};
 
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,9 @@
 //! What one node must program: the IPVS planner's output, and the settings it plans for.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::net::IpAddr;
+use std::str::FromStr;
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -14,10 +16,12 @@ use crate::well_known::SERVICE_PROXY_NAME;
 use super::table::{IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
 
 /// Every real server gets the same weight, as kube-proxy programs them.
-pub const REAL_SERVER_WEIGHT: u32 = 1;
+pub(crate) const REAL_SERVER_WEIGHT: u32 = 1;
 
-/// Which Services the agent proxies.
+/// Which Services the agent proxies. Spelled `delegated` and `replacement` everywhere: the
+/// agent's and `plan`'s `--mode`, and the agent DaemonSet the operator writes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ProxyMode {
     /// The cluster runs no kube-proxy: proxy every Service kube-proxy would (not headless, not
     /// ExternalName, not handed to another proxy by
@@ -30,6 +34,15 @@ pub enum ProxyMode {
 }
 
 impl ProxyMode {
+    pub const ALL: [ProxyMode; 2] = [ProxyMode::Delegated, ProxyMode::Replacement];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProxyMode::Delegated => "delegated",
+            ProxyMode::Replacement => "replacement",
+        }
+    }
+
     /// Whether the agent in this mode proxies a Service at all. A Service without a name is
     /// not proxied: the API server would have refused it, so kube-proxy never sees one.
     pub fn proxies(self, service: &ServiceModel<'_>) -> bool {
@@ -42,18 +55,35 @@ impl ProxyMode {
     }
 }
 
+impl fmt::Display for ProxyMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for ProxyMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        ProxyMode::ALL
+            .into_iter()
+            .find(|mode| mode.as_str() == text)
+            .ok_or_else(|| format!("{text:?} is not a proxy mode: must be delegated or replacement"))
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct PlannerConfig {
+pub struct ProxyConfig {
     /// The node this plan is for (`metadata.name` of the Node, `nodeName` of its endpoints).
     pub node_name: String,
     pub mode: ProxyMode,
     pub node_port_addresses: NodePortAddresses,
 }
 
-impl PlannerConfig {
+impl ProxyConfig {
     /// Node ports on every node address.
     pub fn new(node_name: impl Into<String>, mode: ProxyMode) -> Self {
-        PlannerConfig {
+        ProxyConfig {
             node_name: node_name.into(),
             mode,
             node_port_addresses: NodePortAddresses::All,
@@ -156,7 +186,7 @@ impl TopologyMode {
 
 /// One virtual server the node must program, and why.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct PlannedVirtualServer {
+pub struct VirtualServerRule {
     /// `namespace/name` of the Service.
     pub service: Arc<str>,
     /// The Service port's name; empty for a single unnamed port.
@@ -186,9 +216,9 @@ pub struct PlannedVirtualServer {
     pub source_ranges: Option<Arc<[Cidr]>>,
 }
 
-impl PlannedVirtualServer {
+impl VirtualServerRule {
     /// The kernel's view of this virtual server.
-    pub fn to_ipvs_service(&self) -> IpvsService {
+    pub(crate) fn to_ipvs_service(&self) -> IpvsService {
         IpvsService {
             scheduler: self.scheduler.clone(),
             persistence_timeout: self.persistence_timeout,
@@ -206,7 +236,7 @@ impl PlannedVirtualServer {
 
 /// A health-check node port this node serves (one HTTP listener, see the health module).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct HealthCheckPlan {
+pub struct HealthCheckRule {
     pub namespace: String,
     pub name: String,
     pub node_port: u16,
@@ -216,7 +246,7 @@ pub struct HealthCheckPlan {
 
 /// Everything one node must program.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct NodePlan {
+pub struct NodeRules {
     pub node: String,
     /// This node's InternalIP and ExternalIP addresses.
     pub node_addresses: BTreeSet<IpAddr>,
@@ -224,9 +254,9 @@ pub struct NodePlan {
     pub node_port_addresses: BTreeSet<IpAddr>,
     /// Sorted by Service (namespace, then name), kind and key. A virtual server claimed by two
     /// Services appears once, for the first; the other gets a problem.
-    pub virtual_servers: Vec<PlannedVirtualServer>,
+    pub virtual_servers: Vec<VirtualServerRule>,
     /// Sorted by namespace and name.
-    pub health_checks: Vec<HealthCheckPlan>,
+    pub health_checks: Vec<HealthCheckRule>,
     /// Addresses to bind on the agent's dummy interface: cluster, external and load-balancer IPs.
     pub vips: BTreeSet<IpAddr>,
     /// Node ports (and health-check node ports) to keep out of `ip_local_reserved_ports`' reach
@@ -236,7 +266,7 @@ pub struct NodePlan {
     pub problems: Vec<Problem>,
 }
 
-impl NodePlan {
+impl NodeRules {
     /// The IPVS table this plan wants.
     pub fn table(&self) -> IpvsTable {
         self.virtual_servers

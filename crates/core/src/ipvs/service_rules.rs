@@ -9,22 +9,22 @@ use crate::cidr::Cidr;
 use crate::problem::Problem;
 
 use super::model::{ServiceInfo, SliceModel};
-use super::rules::{HealthCheckPlan, PlannedVirtualServer, VirtualServerKind};
+use super::rules::{HealthCheckRule, VirtualServerKind, VirtualServerRule};
 use super::table::VirtualServerKey;
 use super::topology::{Chosen, candidates_for_port, choose_endpoints};
 
 /// The planned result for one Service.
 #[derive(Clone, Debug, Default)]
-pub(super) struct ServicePlan {
+pub(super) struct ServiceRules {
     /// Sorted by kind and key, no two with the same key.
-    pub(super) virtual_servers: Vec<PlannedVirtualServer>,
-    pub(super) health_check: Option<HealthCheckPlan>,
+    pub(super) virtual_servers: Vec<VirtualServerRule>,
+    pub(super) health_check: Option<HealthCheckRule>,
     pub(super) node_ports: Vec<u16>,
     pub(super) problems: Vec<Problem>,
 }
 
-impl ServicePlan {
-    pub(super) fn get(&self, key: &VirtualServerKey) -> Option<&PlannedVirtualServer> {
+impl ServiceRules {
+    pub(super) fn get(&self, key: &VirtualServerKey) -> Option<&VirtualServerRule> {
         self.virtual_servers.iter().find(|vs| vs.key == *key)
     }
 
@@ -43,17 +43,17 @@ pub(super) struct NodeContext<'a> {
 }
 
 /// What one Service needs on this node.
-pub(super) fn plan_service(
+pub(super) fn rules_for_service(
     service: &ServiceInfo,
     slices: &[SliceModel],
     node: NodeContext<'_>,
     scheduler: &Arc<str>,
-) -> ServicePlan {
+) -> ServiceRules {
     let node_addresses = node.node_port_addresses;
     let vips_per_port =
         service.cluster_ips.len() + service.external_ips.len() + service.load_balancer_ips.len();
     let node_port_count = service.ports.iter().filter(|p| p.node_port.is_some()).count();
-    let mut plan = ServicePlan {
+    let mut rules = ServiceRules {
         virtual_servers: Vec::with_capacity(
             service.ports.len() * vips_per_port + node_port_count * node_addresses.len(),
         ),
@@ -61,9 +61,9 @@ pub(super) fn plan_service(
         ..Default::default()
     };
     let service_name = service.id.qualified();
-    let source_ranges = source_ranges_by_family(service, &mut plan.problems);
+    let source_ranges = source_ranges_by_family(service, &mut rules.problems);
     for port in &service.ports {
-        plan.node_ports.extend(port.node_port);
+        rules.node_ports.extend(port.node_port);
         let candidates = candidates_for_port(port, slices, node.zone);
         // [ipv4][local_only], computed when first needed.
         let mut chosen: [[Option<Chosen>; 2]; 2] = Default::default();
@@ -88,8 +88,8 @@ pub(super) fn plan_service(
                     .map(|ip| (VirtualServerKind::LoadBalancer, key(ip, port.port))),
             );
         for (kind, vs_key) in vips {
-            if let Some(earlier) = plan.virtual_servers.iter().find(|vs| vs.key == vs_key) {
-                plan.problems.push(Problem::new(
+            if let Some(earlier) = rules.virtual_servers.iter().find(|vs| vs.key == vs_key) {
+                rules.problems.push(Problem::new(
                     service.id.object(),
                     kind_field(kind, &port.name),
                     format!(
@@ -116,7 +116,7 @@ pub(super) fn plan_service(
                 VirtualServerKind::LoadBalancer => source_ranges[usize::from(ipv4)].clone(),
                 _ => None,
             };
-            plan.virtual_servers.push(PlannedVirtualServer {
+            rules.virtual_servers.push(VirtualServerRule {
                 service: service_name.clone(),
                 port_name: port.name.clone(),
                 kind,
@@ -131,10 +131,10 @@ pub(super) fn plan_service(
             });
         }
     }
-    plan.virtual_servers.sort_by_key(|vs| (vs.kind, vs.key));
+    rules.virtual_servers.sort_by_key(|vs| (vs.kind, vs.key));
 
     if let Some(node_port) = service.health_check_node_port {
-        plan.node_ports.push(node_port);
+        rules.node_ports.push(node_port);
         let local_ready: BTreeSet<IpAddr> = slices
             .iter()
             .filter(|s| s.ipv4.is_some() && !s.ports.is_empty())
@@ -142,14 +142,14 @@ pub(super) fn plan_service(
             .filter(|e| e.local && e.ready && !e.terminating)
             .map(|e| e.address)
             .collect();
-        plan.health_check = Some(HealthCheckPlan {
+        rules.health_check = Some(HealthCheckRule {
             namespace: service.id.namespace().to_string(),
             name: service.id.name().to_string(),
             node_port,
             local_endpoints: local_ready.len(),
         });
     }
-    plan
+    rules
 }
 
 /// The Service's source ranges split by address family, `[IPv6, IPv4]`, each shared by the

@@ -60,7 +60,7 @@ impl RealServerState {
         }
     }
 
-    pub fn has_connections(&self) -> bool {
+    pub(crate) fn has_connections(&self) -> bool {
         self.active_connections > 0 || self.inactive_connections > 0
     }
 }
@@ -77,7 +77,7 @@ pub struct IpvsService {
 
 impl IpvsService {
     /// Whether the settings the kernel stores per service (not the real servers) are equal.
-    pub fn same_settings(&self, other: &IpvsService) -> bool {
+    pub(crate) fn same_settings(&self, other: &IpvsService) -> bool {
         self.scheduler == other.scheduler && self.persistence_timeout == other.persistence_timeout
     }
 }

@@ -5,7 +5,7 @@ use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::*;
-use crate::governance::PolicySet;
+use crate::governance::{NamespaceLabels, PolicySet};
 use crate::ipvs::diff::{Ownership, diff_keys};
 use crate::ipvs::table::test_keys::vs_key;
 use crate::ports::Protocol;
@@ -25,8 +25,8 @@ fn object<K: serde::de::DeserializeOwned>(value: Value) -> K {
     serde_json::from_value(value).expect("test object has a valid shape")
 }
 
-fn config(mode: ProxyMode) -> PlannerConfig {
-    PlannerConfig::new(NODE, mode)
+fn config(mode: ProxyMode) -> ProxyConfig {
+    ProxyConfig::new(NODE, mode)
 }
 
 fn node(addresses: &[(&str, &str)]) -> Node {
@@ -87,12 +87,12 @@ fn ip(text: &str) -> IpAddr {
 }
 
 /// Real servers of the plan's virtual server of `kind` on `address`, as "ip:port" strings.
-fn reals(plan: &NodePlan, kind: VirtualServerKind, address: &str) -> Vec<String> {
-    let vs = plan
+fn reals(rules: &NodeRules, kind: VirtualServerKind, address: &str) -> Vec<String> {
+    let vs = rules
         .virtual_servers
         .iter()
         .find(|vs| vs.kind == kind && vs.key.address == ip(address))
-        .unwrap_or_else(|| panic!("no {kind:?} virtual server on {address} in {plan:#?}"));
+        .unwrap_or_else(|| panic!("no {kind:?} virtual server on {address} in {rules:#?}"));
     vs.real_servers.iter().map(|(r, _)| r.to_string()).collect()
 }
 
@@ -281,16 +281,16 @@ fn endpoint_selection_rules() {
             http_ports(),
             case.endpoints,
         )];
-        let plan = plan_node(&snapshot(vec![svc], slices), &config(ProxyMode::Replacement));
+        let rules = node_rules(&snapshot(vec![svc], slices), &config(ProxyMode::Replacement));
         assert_eq!(
-            reals(&plan, VirtualServerKind::ClusterIP, "10.96.0.10"),
+            reals(&rules, VirtualServerKind::ClusterIP, "10.96.0.10"),
             case.cluster_ip,
             "{}: cluster IP",
             case.name
         );
         for address in ["192.168.0.10", "203.0.113.10"] {
             assert_eq!(
-                reals(&plan, VirtualServerKind::NodePort, address),
+                reals(&rules, VirtualServerKind::NodePort, address),
                 case.node_port,
                 "{}: node port on {address}",
                 case.name
@@ -305,8 +305,8 @@ fn traffic_policies_set_only_local_and_masquerading() {
         json!({"externalTrafficPolicy": "Local", "externalIPs": ["198.51.100.7"]}),
         json!({}),
     );
-    let plan = plan_node(&snapshot(vec![svc], vec![]), &config(ProxyMode::Replacement));
-    let flags: Vec<_> = plan
+    let rules = node_rules(&snapshot(vec![svc], vec![]), &config(ProxyMode::Replacement));
+    let flags: Vec<_> = rules
         .virtual_servers
         .iter()
         .map(|vs| {
@@ -329,9 +329,10 @@ fn traffic_policies_set_only_local_and_masquerading() {
         ]
     );
     let cluster = web_service(json!({"externalIPs": ["198.51.100.7"]}), json!({}));
-    let plan = plan_node(&snapshot(vec![cluster], vec![]), &config(ProxyMode::Replacement));
+    let rules = node_rules(&snapshot(vec![cluster], vec![]), &config(ProxyMode::Replacement));
     assert!(
-        plan.virtual_servers
+        rules
+            .virtual_servers
             .iter()
             .all(|vs| !vs.only_local && vs.masquerade_external)
     );
@@ -373,32 +374,33 @@ fn dual_stack_keeps_families_apart() {
             json!([endpoint("web.example.com", NODE, json!({}))]),
         ),
     ];
-    let plan = plan_node(&snapshot(vec![svc], slices), &config(ProxyMode::Replacement));
+    let rules = node_rules(&snapshot(vec![svc], slices), &config(ProxyMode::Replacement));
     assert_eq!(
-        reals(&plan, VirtualServerKind::ClusterIP, "10.96.0.10"),
+        reals(&rules, VirtualServerKind::ClusterIP, "10.96.0.10"),
         ["10.1.0.1:8080"]
     );
     assert_eq!(
-        reals(&plan, VirtualServerKind::ClusterIP, "fd00:96::10"),
+        reals(&rules, VirtualServerKind::ClusterIP, "fd00:96::10"),
         ["[fd00:1::1]:8080"]
     );
     assert_eq!(
-        reals(&plan, VirtualServerKind::NodePort, "192.168.0.10"),
+        reals(&rules, VirtualServerKind::NodePort, "192.168.0.10"),
         ["10.1.0.1:8080"]
     );
     assert_eq!(
-        reals(&plan, VirtualServerKind::NodePort, "fd00::10"),
+        reals(&rules, VirtualServerKind::NodePort, "fd00::10"),
         ["[fd00:1::1]:8080"]
     );
     // The IPv6 address in the IPv4 slice is reported, not used.
     assert!(
-        plan.problems
+        rules
+            .problems
             .iter()
             .any(|p| p.object == "EndpointSlice/shop/web-v4" && p.field == "endpoints[1].addresses[0]"),
         "{:?}",
-        plan.problems
+        rules.problems
     );
-    assert_eq!(plan.vips, BTreeSet::from([ip("10.96.0.10"), ip("fd00:96::10")]));
+    assert_eq!(rules.vips, BTreeSet::from([ip("10.96.0.10"), ip("fd00:96::10")]));
 }
 
 #[test]
@@ -456,9 +458,9 @@ fn ports_match_by_name_and_protocol_and_duplicates_count_once() {
             json!([endpoint("10.1.0.4", "node-b", json!({}))]),
         ),
     ];
-    let plan = plan_node(&snapshot(vec![svc], slices), &config(ProxyMode::Replacement));
+    let rules = node_rules(&snapshot(vec![svc], slices), &config(ProxyMode::Replacement));
     let by_protocol = |protocol| {
-        let vs = plan
+        let vs = rules
             .virtual_servers
             .iter()
             .find(|vs| vs.key == vs_key("10.96.0.53", 53, protocol))
@@ -471,7 +473,7 @@ fn ports_match_by_name_and_protocol_and_duplicates_count_once() {
     let want = ["10.1.0.1:5353", "10.1.0.2:5353", "10.1.0.3:1053"];
     assert_eq!(by_protocol(Protocol::Udp), want);
     assert_eq!(by_protocol(Protocol::Tcp), want);
-    assert_eq!(plan.virtual_servers.len(), 2);
+    assert_eq!(rules.virtual_servers.len(), 2);
 }
 
 #[test]
@@ -511,14 +513,14 @@ fn unnamed_port_matches_unnamed_slice_port_and_local_listing_wins() {
             json!([endpoint("10.1.0.9", NODE, json!({}))]),
         ),
     ];
-    let plan = plan_node(&snapshot(vec![svc], slices), &config(ProxyMode::Replacement));
+    let rules = node_rules(&snapshot(vec![svc], slices), &config(ProxyMode::Replacement));
     assert_eq!(
-        reals(&plan, VirtualServerKind::ClusterIP, "10.96.0.11"),
+        reals(&rules, VirtualServerKind::ClusterIP, "10.96.0.11"),
         ["10.1.0.1:8080"]
     );
     // Listed elsewhere first and on this node later: kube-proxy counts it local.
     assert_eq!(
-        reals(&plan, VirtualServerKind::NodePort, "192.168.0.10"),
+        reals(&rules, VirtualServerKind::NodePort, "192.168.0.10"),
         ["10.1.0.1:8080"]
     );
 }
@@ -601,7 +603,7 @@ fn which_services_are_proxied() {
             "{name} in delegated mode"
         );
         let planned = |mode| {
-            !plan_node(&snapshot(vec![svc.clone()], vec![]), &config(mode))
+            !node_rules(&snapshot(vec![svc.clone()], vec![]), &config(mode))
                 .virtual_servers
                 .is_empty()
         };
@@ -632,9 +634,9 @@ fn which_services_are_proxied() {
         json!([{"port": 5432}]),
         json!([{"addresses": ["192.168.50.5"]}]),
     )];
-    let plan = plan_node(&snapshot(vec![manual], slices), &config(ProxyMode::Replacement));
+    let rules = node_rules(&snapshot(vec![manual], slices), &config(ProxyMode::Replacement));
     assert_eq!(
-        reals(&plan, VirtualServerKind::ClusterIP, "10.96.1.6"),
+        reals(&rules, VirtualServerKind::ClusterIP, "10.96.1.6"),
         ["192.168.50.5:5432"]
     );
 }
@@ -654,8 +656,8 @@ fn node_addresses_external_and_load_balancer_ips() {
             {"ip": "2001:db8::20", "ipMode": "VIP"},
         ]}}),
     );
-    let plan = plan_node(&snapshot(vec![svc], vec![]), &config(ProxyMode::Replacement));
-    let planned: Vec<_> = plan
+    let rules = node_rules(&snapshot(vec![svc], vec![]), &config(ProxyMode::Replacement));
+    let planned: Vec<_> = rules
         .virtual_servers
         .iter()
         .map(|vs| (vs.kind, vs.key.to_string()))
@@ -674,19 +676,19 @@ fn node_addresses_external_and_load_balancer_ips() {
         ]
     );
     assert_eq!(
-        plan.vips,
+        rules.vips,
         ["10.96.0.20", "198.51.100.7", "198.51.100.20", "2001:db8::20"]
             .map(ip)
             .into()
     );
-    assert_eq!(plan.reserved_node_ports, BTreeSet::from([30443]));
+    assert_eq!(rules.reserved_node_ports, BTreeSet::from([30443]));
     assert_eq!(
-        plan.node_addresses.len(),
+        rules.node_addresses.len(),
         3,
         "Hostname is not an address to serve on"
     );
     assert_eq!(
-        plan.problems,
+        rules.problems,
         [Problem::new(
             "Service/shop/lb",
             "spec.externalIPs[1]",
@@ -708,7 +710,7 @@ fn source_ranges_restrict_only_load_balancer_virtual_servers() {
             json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.20"}, {"ip": "2001:db8::20"}]}}),
         )
     };
-    let ranges_by_kind = |plan: &NodePlan| -> Vec<(VirtualServerKind, String, Option<Vec<String>>)> {
+    let ranges_by_kind = |plan: &NodeRules| -> Vec<(VirtualServerKind, String, Option<Vec<String>>)> {
         plan.virtual_servers
             .iter()
             .filter(|vs| vs.kind != VirtualServerKind::NodePort)
@@ -727,7 +729,7 @@ fn source_ranges_restrict_only_load_balancer_virtual_servers() {
     // Blanks trimmed, host bits cleared, each family's ranges on its own addresses; node ports,
     // external IPs and the cluster IP are never restricted.
     let svc = lb(json!([" 203.0.113.0/24", "192.0.2.7/16 ", "2001:db8:1::/48"]));
-    let plan = plan_node(&snapshot(vec![svc], vec![]), &config(ProxyMode::Replacement));
+    let plan = node_rules(&snapshot(vec![svc], vec![]), &config(ProxyMode::Replacement));
     assert_eq!(
         ranges_by_kind(&plan),
         [
@@ -754,7 +756,7 @@ fn source_ranges_restrict_only_load_balancer_virtual_servers() {
     assert_eq!(plan.problems, []);
 
     // No field: unrestricted everywhere.
-    let plan = plan_node(
+    let plan = node_rules(
         &snapshot(vec![lb(json!([]))], vec![]),
         &config(ProxyMode::Replacement),
     );
@@ -762,7 +764,7 @@ fn source_ranges_restrict_only_load_balancer_virtual_servers() {
 
     // Only IPv6 ranges, and one that does not parse: IPv4 load-balancer traffic is refused,
     // not let in from anywhere, and both are reported.
-    let plan = plan_node(
+    let plan = node_rules(
         &snapshot(vec![lb(json!(["2001:db8:1::/48", "10.0.0.0/40"]))], vec![]),
         &config(ProxyMode::Replacement),
     );
@@ -790,7 +792,7 @@ fn source_ranges_restrict_only_load_balancer_virtual_servers() {
     // Source ranges on a Service that is no LoadBalancer (validation refuses them) restrict
     // nothing; proxying loses nothing by it, so the planner has nothing to report.
     let svc = web_service(json!({"loadBalancerSourceRanges": ["10.0.0.0/8"]}), json!({}));
-    let plan = plan_node(&snapshot(vec![svc], vec![]), &config(ProxyMode::Replacement));
+    let plan = node_rules(&snapshot(vec![svc], vec![]), &config(ProxyMode::Replacement));
     assert!(plan.virtual_servers.iter().all(|vs| vs.source_ranges.is_none()));
     assert_eq!(plan.problems, []);
 }
@@ -813,7 +815,7 @@ fn node_port_addresses_pick_which_node_addresses_serve_node_ports() {
     let node_ports = |addresses: NodePortAddresses| -> Vec<String> {
         let mut config = config(ProxyMode::Replacement);
         config.node_port_addresses = addresses;
-        let plan = plan_node(&snap, &config);
+        let plan = node_rules(&snap, &config);
         assert_eq!(plan.node_addresses.len(), 4, "every address stays known");
         plan.virtual_servers
             .iter()
@@ -840,7 +842,7 @@ fn node_port_addresses_pick_which_node_addresses_serve_node_ports() {
     let mut config = config(ProxyMode::Replacement);
     config.node_port_addresses = parse(&["10.0.0.0/8"]).unwrap();
     assert_eq!(
-        plan_node(&snap, &config).problems,
+        node_rules(&snap, &config).problems,
         [Problem::new(
             "Node/node-a",
             "status.addresses",
@@ -859,14 +861,15 @@ fn unknown_node_plans_no_node_ports_but_reserves_them() {
     let svc = web_service(json!({}), json!({}));
     let mut snap = snapshot(vec![svc], vec![]);
     snap.nodes.clear();
-    let plan = plan_node(&snap, &config(ProxyMode::Replacement));
+    let rules = node_rules(&snap, &config(ProxyMode::Replacement));
     assert!(
-        plan.virtual_servers
+        rules
+            .virtual_servers
             .iter()
             .all(|vs| vs.kind == VirtualServerKind::ClusterIP)
     );
-    assert_eq!(plan.reserved_node_ports, BTreeSet::from([30080]));
-    assert_eq!(plan.problems[0].object, "Node/node-a");
+    assert_eq!(rules.reserved_node_ports, BTreeSet::from([30080]));
+    assert_eq!(rules.problems[0].object, "Node/node-a");
 }
 
 #[test]
@@ -881,15 +884,15 @@ fn session_affinity_sets_persistence() {
         ),
     ];
     for (spec, want) in cases {
-        let plan = plan_node(
+        let rules = node_rules(
             &snapshot(vec![web_service(spec.clone(), json!({}))], vec![]),
             &config(ProxyMode::Replacement),
         );
-        assert!(!plan.virtual_servers.is_empty());
-        for vs in &plan.virtual_servers {
+        assert!(!rules.virtual_servers.is_empty());
+        for vs in &rules.virtual_servers {
             assert_eq!(vs.persistence_timeout, want, "{spec}");
         }
-        assert!(plan.table().values().all(|s| s.persistence_timeout == want));
+        assert!(rules.table().values().all(|s| s.persistence_timeout == want));
     }
 }
 
@@ -938,8 +941,8 @@ fn scheduler_comes_from_the_governing_policy() {
             json!({"serviceSelector": {"matchLabels": {"tier": "web"}}, "agent": {"scheduler": "sh"}}),
         ),
     ];
-    let plan = plan_node(&snap, &config(ProxyMode::Replacement));
-    let schedulers: Vec<_> = plan
+    let rules = node_rules(&snap, &config(ProxyMode::Replacement));
+    let schedulers: Vec<_> = rules
         .virtual_servers
         .iter()
         .map(|vs| (&*vs.service, &*vs.scheduler))
@@ -949,19 +952,26 @@ fn scheduler_comes_from_the_governing_policy() {
         [("edge/a", "lc"), ("edge/c", "rr"), ("other/b", "rr")]
     );
     assert!(
-        plan.problems
+        rules
+            .problems
             .iter()
             .any(|p| p.object == "Service/edge/c" && p.message.contains("edge and web"))
     );
 
     // The incremental planner picks up a policy change and marks exactly the affected keys.
-    let mut planner = Planner::new(config(ProxyMode::Replacement));
-    planner.load_snapshot(&snap);
-    planner.take_dirty();
+    let mut tracker = RuleTracker::new(config(ProxyMode::Replacement));
+    tracker.load_snapshot(&snap);
+    tracker.take_dirty();
     let set = PolicySet::compile(&[policy("all", json!({"agent": {"scheduler": "wlc"}}))]);
-    planner.set_policies(set, snap.namespace_labels());
-    assert_eq!(planner.take_dirty().len(), 3);
-    assert!(planner.desired().values().all(|s| &*s.scheduler == "wlc"));
+    tracker.set_policies(set, snap.namespace_labels());
+    assert_eq!(tracker.take_dirty().len(), 3);
+    assert!(tracker.desired().values().all(|s| &*s.scheduler == "wlc"));
+
+    // Policies from a watch that has not seen the namespaces yet: every namespace still carries
+    // its name label, so the edge policy governs edge/a as it does in the snapshot.
+    let set = PolicySet::compile(&snap.policies);
+    tracker.set_policies(set, NamespaceLabels::default());
+    assert_eq!(&*tracker.node_rules().virtual_servers[0].scheduler, "lc");
 }
 
 #[test]
@@ -1019,20 +1029,20 @@ fn health_checks_count_distinct_local_ready_ips() {
         json!({"type": "LoadBalancer", "clusterIP": "10.96.0.22", "ports": [{"port": 80, "nodePort": 30091}]}),
         json!({}),
     );
-    let plan = plan_node(
+    let rules = node_rules(
         &snapshot(vec![svc, cluster, legacy], slices),
         &config(ProxyMode::Replacement),
     );
     assert_eq!(
-        plan.health_checks,
+        rules.health_checks,
         [
-            HealthCheckPlan {
+            HealthCheckRule {
                 namespace: "shop".into(),
                 name: "lb".into(),
                 node_port: 32000,
                 local_endpoints: 2
             },
-            HealthCheckPlan {
+            HealthCheckRule {
                 namespace: "shop".into(),
                 name: "legacy".into(),
                 node_port: 32002,
@@ -1041,7 +1051,7 @@ fn health_checks_count_distinct_local_ready_ips() {
         ]
     );
     assert_eq!(
-        plan.reserved_node_ports,
+        rules.reserved_node_ports,
         BTreeSet::from([30080, 30090, 30091, 30443, 32000, 32002])
     );
 }
@@ -1070,13 +1080,13 @@ fn services_are_read_as_the_api_server_reads_them() {
         json!({}),
     );
     nameless.metadata.name = None;
-    let plan = plan_node(
+    let rules = node_rules(
         &snapshot(vec![unallocated, defaulted, nameless], vec![]),
         &config(ProxyMode::Replacement),
     );
-    assert_eq!(plan.problems, []);
-    assert_eq!(plan.health_checks, []);
-    let services: BTreeSet<&str> = plan.virtual_servers.iter().map(|vs| &*vs.service).collect();
+    assert_eq!(rules.problems, []);
+    assert_eq!(rules.health_checks, []);
+    let services: BTreeSet<&str> = rules.virtual_servers.iter().map(|vs| &*vs.service).collect();
     assert_eq!(services, BTreeSet::from(["default/web", "shop/lb"]));
 
     // A healthCheckNodePort that is one of the Service's nodePorts is not served twice.
@@ -1088,10 +1098,10 @@ fn services_are_read_as_the_api_server_reads_them() {
             "healthCheckNodePort": 30080, "ports": [{"port": 80, "nodePort": 30080}]}),
         json!({}),
     );
-    let plan = plan_node(&snapshot(vec![clash], vec![]), &config(ProxyMode::Replacement));
-    assert_eq!(plan.health_checks, []);
+    let rules = node_rules(&snapshot(vec![clash], vec![]), &config(ProxyMode::Replacement));
+    assert_eq!(rules.health_checks, []);
     assert_eq!(
-        plan.problems,
+        rules.problems,
         [Problem::new(
             "Service/shop/lb",
             "spec.healthCheckNodePort",
@@ -1133,33 +1143,34 @@ fn two_services_on_one_virtual_server_first_wins() {
         vec![shared("b", "x", "10.96.3.1"), shared("a", "y", "10.96.3.2")],
         slices,
     );
-    let plan = plan_node(&snap, &config(ProxyMode::Replacement));
+    let rules = node_rules(&snap, &config(ProxyMode::Replacement));
     assert_eq!(
-        reals(&plan, VirtualServerKind::ExternalIP, "198.51.100.7"),
+        reals(&rules, VirtualServerKind::ExternalIP, "198.51.100.7"),
         ["10.1.0.2:9090"]
     );
     assert_eq!(
-        plan.virtual_servers
+        rules
+            .virtual_servers
             .iter()
             .filter(|vs| vs.kind == VirtualServerKind::ExternalIP)
             .count(),
         1
     );
-    assert_eq!(plan.problems.len(), 1);
-    assert_eq!(plan.problems[0].object, "Service/b/x");
-    assert!(plan.problems[0].message.contains("Service/a/y"));
+    assert_eq!(rules.problems.len(), 1);
+    assert_eq!(rules.problems[0].object, "Service/b/x");
+    assert!(rules.problems[0].message.contains("Service/a/y"));
 
     // When the winner goes, the other Service takes the virtual server over.
-    let mut planner = Planner::new(config(ProxyMode::Replacement));
-    planner.load_snapshot(&snap);
-    planner.take_dirty();
-    planner.remove_service("a", "y");
+    let mut tracker = RuleTracker::new(config(ProxyMode::Replacement));
+    tracker.load_snapshot(&snap);
+    tracker.take_dirty();
+    tracker.remove_service("a", "y");
     let key = vs_key("198.51.100.7", 80, Protocol::Tcp);
     assert_eq!(
-        planner.take_dirty(),
+        tracker.take_dirty(),
         BTreeSet::from([vs_key("10.96.3.2", 80, Protocol::Tcp), key])
     );
-    let reals: Vec<_> = planner.desired()[&key]
+    let reals: Vec<_> = tracker.desired()[&key]
         .real_servers
         .keys()
         .map(|r| r.to_string())
@@ -1190,15 +1201,15 @@ fn one_slice_change_dirties_only_its_service() {
         ));
     }
     let snap = snapshot(services, slices);
-    let mut planner = Planner::new(config(ProxyMode::Replacement));
-    planner.load_snapshot(&snap);
-    assert_eq!(planner.take_dirty().len(), 5);
+    let mut tracker = RuleTracker::new(config(ProxyMode::Replacement));
+    tracker.load_snapshot(&snap);
+    assert_eq!(tracker.take_dirty().len(), 5);
     // Reloading the same snapshot changes nothing.
-    planner.load_snapshot(&snap);
-    assert!(planner.take_dirty().is_empty());
+    tracker.load_snapshot(&snap);
+    assert!(tracker.take_dirty().is_empty());
 
-    let kernel = planner.desired().clone();
-    planner.upsert_slice(&slice(
+    let kernel = tracker.desired().clone();
+    tracker.upsert_slice(&slice(
         "shop",
         "s2-1",
         "s2",
@@ -1209,25 +1220,25 @@ fn one_slice_change_dirties_only_its_service() {
             endpoint("10.1.4.22", NODE, json!({}))
         ]),
     ));
-    let dirty = planner.take_dirty();
+    let dirty = tracker.take_dirty();
     assert_eq!(dirty, BTreeSet::from([vs_key("10.96.4.2", 80, Protocol::Tcp)]));
-    let ops = diff_keys(&kernel, planner.desired(), &dirty, &Ownership::everything());
+    let ops = diff_keys(&kernel, tracker.desired(), &dirty, &Ownership::everything());
     assert_eq!(ops.len(), 1, "{ops:?}");
     // An upsert that changes nothing dirties nothing.
-    planner.upsert_slice(&snap.endpoint_slices[0]);
-    assert!(planner.take_dirty().is_empty());
+    tracker.upsert_slice(&snap.endpoint_slices[0]);
+    assert!(tracker.take_dirty().is_empty());
 }
 
 #[test]
 fn node_address_change_replans_node_ports() {
-    let mut planner = Planner::new(config(ProxyMode::Replacement));
-    planner.load_snapshot(&snapshot(vec![web_service(json!({}), json!({}))], vec![]));
-    planner.take_dirty();
-    planner.set_node(&node(&[
+    let mut tracker = RuleTracker::new(config(ProxyMode::Replacement));
+    tracker.load_snapshot(&snapshot(vec![web_service(json!({}), json!({}))], vec![]));
+    tracker.take_dirty();
+    tracker.set_node(&node(&[
         ("InternalIP", "192.168.0.10"),
         ("InternalIP", "192.168.0.11"),
     ]));
-    let dirty: Vec<String> = planner.take_dirty().iter().map(|k| k.to_string()).collect();
+    let dirty: Vec<String> = tracker.take_dirty().iter().map(|k| k.to_string()).collect();
     assert_eq!(
         dirty,
         [
@@ -1239,8 +1250,8 @@ fn node_address_change_replans_node_ports() {
     // Another node's object is not this node's.
     let mut other = default_node();
     other.metadata.name = Some("node-b".into());
-    planner.set_node(&other);
-    assert!(planner.take_dirty().is_empty());
+    tracker.set_node(&other);
+    assert!(tracker.take_dirty().is_empty());
 }
 
 #[test]
@@ -1275,32 +1286,32 @@ fn later_copies_in_a_snapshot_win_as_applying_them_in_order_would() {
         vec![web("10.96.0.9"), api.clone(), web("10.96.0.10")],
         vec![first.clone(), moved.clone()],
     );
-    let plan = plan_node(&snap, &config(ProxyMode::Replacement));
+    let rules = node_rules(&snap, &config(ProxyMode::Replacement));
 
     assert_eq!(
-        reals(&plan, VirtualServerKind::ClusterIP, "10.96.0.10"),
+        reals(&rules, VirtualServerKind::ClusterIP, "10.96.0.10"),
         Vec::<String>::new()
     );
     assert_eq!(
-        reals(&plan, VirtualServerKind::ClusterIP, "10.96.0.20"),
+        reals(&rules, VirtualServerKind::ClusterIP, "10.96.0.20"),
         ["10.1.0.2:8080"]
     );
     assert!(
-        !plan
+        !rules
             .virtual_servers
             .iter()
             .any(|vs| vs.key.address == ip("10.96.0.9")),
         "the earlier copy of the Service is replaced"
     );
 
-    let mut applied = Planner::new(config(ProxyMode::Replacement));
+    let mut applied = RuleTracker::new(config(ProxyMode::Replacement));
     applied.set_node(&default_node());
     for service in &snap.services {
         applied.upsert_service(service);
     }
     applied.upsert_slice(&first);
     applied.upsert_slice(&moved);
-    assert_eq!(applied.node_plan(), plan);
+    assert_eq!(applied.node_rules(), rules);
 }
 
 mod topology;
@@ -1466,7 +1477,7 @@ mod incremental {
             events in prop::collection::vec((event(), prop::bool::weighted(0.2)), 1..30),
         ) {
             let mode = ProxyMode::Replacement;
-            let mut planner = Planner::new(config(mode));
+            let mut tracker = RuleTracker::new(config(mode));
             let mut services: BTreeMap<usize, Service> = BTreeMap::new();
             let mut slices: BTreeMap<usize, EndpointSlice> = BTreeMap::new();
             let mut current_node: Option<Node> = None;
@@ -1479,10 +1490,10 @@ mod incremental {
                 let mut scratch;
                 let target = if missed && !matches!(event, Event::Reload) {
                     stale = true;
-                    scratch = planner.clone();
+                    scratch = tracker.clone();
                     &mut scratch
                 } else {
-                    &mut planner
+                    &mut tracker
                 };
                 match event {
                     Event::UpsertService { index, variant } => {
@@ -1526,13 +1537,13 @@ mod incremental {
                         });
                     }
                 }
-                let dirty = planner.take_dirty();
-                for op in diff_keys(&kernel, planner.desired(), &dirty, &Ownership::everything()) {
+                let dirty = tracker.take_dirty();
+                for op in diff_keys(&kernel, tracker.desired(), &dirty, &Ownership::everything()) {
                     prop_assert!(op.apply_to(&mut kernel).is_ok(), "{op}");
                     let drains = matches!(op, IpvsOp::UpdateRealServer { weight: 0, .. });
                     prop_assert!(!drains, "nothing has connections to drain: {}", op);
                 }
-                prop_assert_eq!(&kernel, planner.desired());
+                prop_assert_eq!(&kernel, tracker.desired());
             }
             let snap = Snapshot {
                 nodes: current_node.into_iter().collect(),
@@ -1541,16 +1552,16 @@ mod incremental {
                 ..Default::default()
             };
             if stale {
-                planner.load_snapshot(&snap);
-                let dirty = planner.take_dirty();
-                for op in diff_keys(&kernel, planner.desired(), &dirty, &Ownership::everything()) {
+                tracker.load_snapshot(&snap);
+                let dirty = tracker.take_dirty();
+                for op in diff_keys(&kernel, tracker.desired(), &dirty, &Ownership::everything()) {
                     prop_assert!(op.apply_to(&mut kernel).is_ok(), "{op}");
                 }
-                prop_assert_eq!(&kernel, planner.desired());
+                prop_assert_eq!(&kernel, tracker.desired());
             }
-            let fresh = plan_node(&snap, &config(mode));
-            prop_assert_eq!(&planner.node_plan(), &fresh);
-            prop_assert_eq!(planner.desired(), &fresh.table());
+            let fresh = node_rules(&snap, &config(mode));
+            prop_assert_eq!(&tracker.node_rules(), &fresh);
+            prop_assert_eq!(tracker.desired(), &fresh.table());
         }
     }
 }

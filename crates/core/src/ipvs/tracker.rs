@@ -1,5 +1,5 @@
-//! The incremental planner: Services, EndpointSlices, the Node and the PortPolicies in, the
-//! desired IPVS table and the keys that changed out.
+//! The rule tracker, the incremental planner: Services, EndpointSlices, the Node and the
+//! PortPolicies in, the desired IPVS table and the keys that changed out.
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use crate::crd::DEFAULT_SCHEDULER;
-use crate::governance::{Governance, Labels, PolicySet};
+use crate::governance::{Governance, NamespaceLabels, PolicySet};
 use crate::problem::{Problem, object_ref};
 use crate::service::{ServiceFields, ServiceModel, parse_ip};
 use crate::snapshot::Snapshot;
@@ -18,34 +18,34 @@ use crate::well_known::ZONE_LABEL;
 
 use super::claims::Claims;
 use super::model::{ServiceId, ServiceInfo, SliceModel};
-use super::rules::{NodePlan, PlannedVirtualServer, PlannerConfig, VirtualServerKind};
-use super::service_rules::{NodeContext, ServicePlan, kind_field, plan_service};
+use super::rules::{NodeRules, ProxyConfig, VirtualServerKind, VirtualServerRule};
+use super::service_rules::{NodeContext, ServiceRules, kind_field, rules_for_service};
 use super::table::{IpvsTable, VirtualServerKey};
 
 /// Plans one node from a snapshot, with the same code the agent runs incrementally.
-pub fn plan_node(snapshot: &Snapshot, config: &PlannerConfig) -> NodePlan {
-    let mut planner = Planner::new(config.clone());
-    planner.load_snapshot(snapshot);
-    planner.node_plan()
+pub fn node_rules(snapshot: &Snapshot, config: &ProxyConfig) -> NodeRules {
+    let mut tracker = RuleTracker::new(config.clone());
+    tracker.load_snapshot(snapshot);
+    tracker.node_rules()
 }
 
-/// A proxied Service and its current plan.
+/// A proxied Service and its current rules.
 #[derive(Clone, Debug)]
 struct ProxiedService {
     model: ServiceInfo,
-    plan: ServicePlan,
+    rules: ServiceRules,
 }
 
 /// The incremental planner the agent runs: feed it watch events, read the desired table and the
 /// keys that changed.
 ///
-/// [`Planner::load_snapshot`] builds every index in bulk from sorted runs; the watch-event methods
-/// re-plan one Service at a time. Both decide each Service with [`plan_service`] and each virtual
+/// [`RuleTracker::load_snapshot`] builds every index in bulk from sorted runs; the watch-event methods
+/// re-plan one Service at a time. Both decide each Service with `rules_for_service` and each virtual
 /// server by the same rule (the first claimant by namespace/name wins), and a property test holds
 /// them equal.
 #[derive(Clone, Debug)]
-pub struct Planner {
-    config: PlannerConfig,
+pub struct RuleTracker {
+    config: ProxyConfig,
     /// This node's InternalIP and ExternalIP addresses, sorted, without duplicates.
     node_addresses: Vec<IpAddr>,
     /// Those of them that get node-port virtual servers (`config.node_port_addresses`), sorted.
@@ -54,8 +54,8 @@ pub struct Planner {
     zone: Option<String>,
     node_problems: Vec<Problem>,
     policies: PolicySet,
-    namespace_labels: BTreeMap<String, Labels>,
-    /// Proxied Services only, each with its plan.
+    namespace_labels: NamespaceLabels,
+    /// Proxied Services only, each with its rules.
     services: BTreeMap<ServiceId, ProxiedService>,
     /// EndpointSlices by the Service they belong to (whether or not it exists or is proxied),
     /// each Service's in slice-name order: the order kube-proxy's cache de-duplicates in.
@@ -70,17 +70,17 @@ pub struct Planner {
     dirty: BTreeSet<VirtualServerKey>,
 }
 
-impl Planner {
-    pub fn new(config: PlannerConfig) -> Self {
+impl RuleTracker {
+    pub fn new(config: ProxyConfig) -> Self {
         let node_problems = vec![missing_node_problem(&config.node_name)];
-        Planner {
+        RuleTracker {
             config,
             node_addresses: Vec::new(),
             node_port_addresses: Vec::new(),
             zone: None,
             node_problems,
             policies: PolicySet::default(),
-            namespace_labels: BTreeMap::new(),
+            namespace_labels: NamespaceLabels::default(),
             services: BTreeMap::new(),
             slices: BTreeMap::new(),
             slice_owners: HashMap::new(),
@@ -91,7 +91,7 @@ impl Planner {
         }
     }
 
-    pub fn config(&self) -> &PlannerConfig {
+    pub fn config(&self) -> &ProxyConfig {
         &self.config
     }
 
@@ -136,8 +136,8 @@ impl Planner {
                 let own = slices
                     .next_if(|(owner, _)| **owner == model.id)
                     .map_or(&[][..], |(_, slices)| slices.as_slice());
-                let plan = self.plan(&model, own);
-                (model.id.clone(), ProxiedService { model, plan })
+                let rules = self.rules_for(&model, own);
+                (model.id.clone(), ProxiedService { model, rules })
             })
             .collect();
 
@@ -147,7 +147,7 @@ impl Planner {
             .enumerate()
             .flat_map(|(s, (_, service))| {
                 service
-                    .plan
+                    .rules
                     .virtual_servers
                     .iter()
                     .enumerate()
@@ -167,7 +167,10 @@ impl Planner {
                     group.iter().map(|&(_, s, _)| services[s].0.clone()).collect(),
                 ));
             }
-            desired.push((key, services[winner].1.plan.virtual_servers[vs].to_ipvs_service()));
+            desired.push((
+                key,
+                services[winner].1.rules.virtual_servers[vs].to_ipvs_service(),
+            ));
         }
         let previous = std::mem::replace(&mut self.desired, desired.into_iter().collect());
         self.claims = Claims {
@@ -247,7 +250,7 @@ impl Planner {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &affected {
-            self.replan(id);
+            self.recompute(id);
         }
     }
 
@@ -302,15 +305,15 @@ impl Planner {
     }
 
     /// Policies decide each Service's scheduler; every Service is re-planned.
-    pub fn set_policies(&mut self, policies: PolicySet, namespace_labels: BTreeMap<String, Labels>) {
+    pub fn set_policies(&mut self, policies: PolicySet, namespace_labels: NamespaceLabels) {
         self.set_policy_set(policies, namespace_labels);
         let ids: Vec<ServiceId> = self.services.keys().cloned().collect();
         for id in &ids {
-            self.replan(id);
+            self.recompute(id);
         }
     }
 
-    fn set_policy_set(&mut self, policies: PolicySet, namespace_labels: BTreeMap<String, Labels>) {
+    fn set_policy_set(&mut self, policies: PolicySet, namespace_labels: NamespaceLabels) {
         let mut schedulers: Vec<Arc<str>> = vec![Arc::from(DEFAULT_SCHEDULER)];
         for policy in policies.policies() {
             if !schedulers.iter().any(|s| **s == *policy.scheduler) {
@@ -342,13 +345,13 @@ impl Planner {
             .iter()
             .chain(after.iter().filter(|a| before.as_ref() != Some(*a)))
         {
-            self.replan(id);
+            self.recompute(id);
         }
     }
 
     pub fn remove_slice(&mut self, namespace: &str, name: &str) {
         if let Some(id) = self.unindex_slice(namespace, name) {
-            self.replan(&id);
+            self.recompute(&id);
         }
     }
 
@@ -363,9 +366,9 @@ impl Planner {
         std::mem::take(&mut self.dirty)
     }
 
-    /// The full plan for this node, assembled from the per-Service results.
-    pub fn node_plan(&self) -> NodePlan {
-        let mut plan = NodePlan {
+    /// Everything this node must program, assembled from the per-Service results.
+    pub fn node_rules(&self) -> NodeRules {
+        let mut node = NodeRules {
             node: self.config.node_name.clone(),
             node_addresses: self.node_addresses.iter().copied().collect(),
             node_port_addresses: self.node_port_addresses.iter().copied().collect(),
@@ -373,25 +376,25 @@ impl Planner {
             ..Default::default()
         };
         if self.zone.is_none() {
-            plan.problems.extend(self.missing_zone_problem());
+            node.problems.extend(self.missing_zone_problem());
         }
         for slice in self.slices.values().flatten() {
-            plan.problems.extend(slice.problems.iter().cloned());
+            node.problems.extend(slice.problems.iter().cloned());
         }
         // Collected, then sorted once: inserting into the sets one by one costs a search each.
         let mut vips = Vec::new();
         let mut reserved_node_ports = Vec::new();
-        for (id, ProxiedService { plan: result, .. }) in &self.services {
-            plan.problems.extend(result.problems.iter().cloned());
+        for (id, ProxiedService { rules: result, .. }) in &self.services {
+            node.problems.extend(result.problems.iter().cloned());
             reserved_node_ports.extend_from_slice(&result.node_ports);
-            plan.health_checks.extend(result.health_check.clone());
+            node.health_checks.extend(result.health_check.clone());
             for vs in &result.virtual_servers {
                 let winner = self
                     .claims
                     .contested_winner(&vs.key)
                     .filter(|winner| *winner != id);
                 if let Some(winner) = winner {
-                    plan.problems.push(Problem::new(
+                    node.problems.push(Problem::new(
                         id.object(),
                         kind_field(vs.kind, &vs.port_name),
                         format!(
@@ -406,16 +409,16 @@ impl Planner {
                 if vs.kind != VirtualServerKind::NodePort {
                     vips.push(vs.key.address);
                 }
-                plan.virtual_servers.push(vs.clone());
+                node.virtual_servers.push(vs.clone());
             }
         }
         vips.sort_unstable();
-        plan.vips = vips.into_iter().collect();
+        node.vips = vips.into_iter().collect();
         reserved_node_ports.sort_unstable();
-        plan.reserved_node_ports = reserved_node_ports.into_iter().collect();
-        plan.problems.sort();
-        plan.problems.dedup();
-        plan
+        node.reserved_node_ports = reserved_node_ports.into_iter().collect();
+        node.problems.sort();
+        node.problems.dedup();
+        node
     }
 
     /// On a node without a zone label, zone hints are never used: say so when a Service asks
@@ -490,21 +493,21 @@ impl Planner {
     }
 
     /// Plans one Service with its slices (in slice-name order) and its governing policy.
-    fn plan(&self, service: &ServiceInfo, slices: &[SliceModel]) -> ServicePlan {
+    fn rules_for(&self, service: &ServiceInfo, slices: &[SliceModel]) -> ServiceRules {
         let mut problems = Vec::new();
         let scheduler = self.scheduler_for(service, &mut problems);
         let node = NodeContext {
             node_port_addresses: &self.node_port_addresses,
             zone: self.zone.as_deref(),
         };
-        let mut plan = plan_service(service, slices, node, &scheduler);
-        plan.problems.extend(problems);
-        plan
+        let mut rules = rules_for_service(service, slices, node, &scheduler);
+        rules.problems.extend(problems);
+        rules
     }
 
     fn scheduler_for(&self, service: &ServiceInfo, problems: &mut Vec<Problem>) -> Arc<str> {
         let governance = self.policies.governing_service(
-            self.namespace_labels.get(service.id.namespace()),
+            Some(&self.namespace_labels.of(service.id.namespace())),
             service.labels.as_ref(),
         );
         match governance {
@@ -531,38 +534,38 @@ impl Planner {
 
     /// Plans a Service anew from its model, or forgets it (`None`).
     fn set_service(&mut self, id: &ServiceId, model: Option<ServiceInfo>) {
-        let old = self.services.remove(id).map(|service| service.plan);
+        let old = self.services.remove(id).map(|service| service.rules);
         if let Some(model) = model {
             let slices = self.slices_of(id);
-            let plan = self.plan(&model, slices);
-            self.services.insert(id.clone(), ProxiedService { model, plan });
+            let rules = self.rules_for(&model, slices);
+            self.services.insert(id.clone(), ProxiedService { model, rules });
         }
         self.update_claims(id, old);
     }
 
-    /// Re-plans one Service after its slices, the node or the policies changed.
-    fn replan(&mut self, id: &ServiceId) {
+    /// Plans one Service again after its slices, the node or the policies changed.
+    fn recompute(&mut self, id: &ServiceId) {
         let Some(service) = self.services.get(id) else {
             return;
         };
         let slices = self.slices_of(id);
-        let plan = self.plan(&service.model, slices);
+        let rules = self.rules_for(&service.model, slices);
         let old = self
             .services
             .get_mut(id)
-            .map(|service| std::mem::replace(&mut service.plan, plan));
+            .map(|service| std::mem::replace(&mut service.rules, rules));
         self.update_claims(id, old);
     }
 
     /// Updates the claims, the desired table and the dirty keys for exactly the virtual servers
     /// a Service planned before (`old`) and plans now.
-    fn update_claims(&mut self, id: &ServiceId, old: Option<ServicePlan>) {
-        let old_keys: Vec<VirtualServerKey> = old.iter().flat_map(ServicePlan::keys).collect();
+    fn update_claims(&mut self, id: &ServiceId, old: Option<ServiceRules>) {
+        let old_keys: Vec<VirtualServerKey> = old.iter().flat_map(ServiceRules::keys).collect();
         let new_keys: Vec<VirtualServerKey> = self
             .services
             .get(id)
             .into_iter()
-            .flat_map(|service| service.plan.keys())
+            .flat_map(|service| service.rules.keys())
             .collect();
         for key in &old_keys {
             if !new_keys.contains(key) {
@@ -583,8 +586,8 @@ impl Planner {
             .claims
             .winner(key)
             .and_then(|winner| self.services.get(winner))
-            .and_then(|service| service.plan.get(key))
-            .map(PlannedVirtualServer::to_ipvs_service);
+            .and_then(|service| service.rules.get(key))
+            .map(VirtualServerRule::to_ipvs_service);
         match wanted {
             Some(service) => {
                 if self.desired.get(key) != Some(&service) {

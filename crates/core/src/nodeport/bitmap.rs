@@ -63,7 +63,7 @@ impl PortBitmap {
     }
 
     /// Number of used ports inside `within` (clipped to the bitmap's range).
-    pub fn count_in(&self, within: PortRange) -> usize {
+    pub(crate) fn count_in(&self, within: PortRange) -> usize {
         let Some((from, to)) = self.clip(within) else {
             return 0;
         };

@@ -11,28 +11,26 @@
 //! gets it back, and the choice is deterministic (a stable hash of the identity picks where the
 //! search starts) instead of random, so `plan`, the operator and a re-run agree.
 //!
-//! [`plan_node_ports`] is pure: the clock arrives as `now`, the durable memory as the policies'
+//! [`allocate_node_ports`] is pure: the clock arrives as `now`, the durable memory as the policies'
 //! `status.allocations`, and the result says what to write without writing it.
 
+mod allocator;
 mod bitmap;
-mod plan;
 
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::Service;
-
 use crate::crd::{AllocationRecord, NodePortKind};
-use crate::governance::{Labels, PolicySet};
+use crate::governance::{NamespaceLabels, PolicySet};
+use crate::intent::ServiceIntent;
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
-use crate::service::{HealthCheckField, ServiceModel};
-use crate::well_known::HEALTH_CHECK_NODE_PORT_ANNOTATION;
+use crate::service::ServiceModel;
 
+pub use allocator::allocate_node_ports;
 pub use bitmap::PortBitmap;
-pub use plan::plan_node_ports;
 
 /// Everything the allocator decides from.
 #[derive(Clone, Copy, Debug)]
@@ -44,27 +42,26 @@ pub struct NodePortInput<'a> {
     pub records: &'a BTreeMap<String, Vec<AllocationRecord>>,
     /// Every Service in the cluster, governed or not.
     pub services: &'a [ServiceModel<'a>],
-    /// Labels by namespace name (`Snapshot::namespace_labels()`).
-    pub namespace_labels: &'a BTreeMap<String, Labels>,
+    pub namespace_labels: &'a NamespaceLabels,
     pub now: chrono::DateTime<chrono::Utc>,
 }
 
 /// What the allocator decided.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct NodePortPlan {
+pub struct NodePortAllocation {
     /// Every nodePort a Service holds or is to hold, sorted by
     /// (namespace, service, kind, port name, protocol).
     pub assignments: Vec<NodePortAssignment>,
     pub problems: Vec<NodePortProblem>,
     /// Per valid policy with a nodePort range: what its status should say.
     pub policies: BTreeMap<String, PolicyNodePorts>,
-    changes: Vec<ServiceNodePortChange>,
+    changes: Vec<ServiceIntent>,
 }
 
-impl NodePortPlan {
+impl NodePortAllocation {
     /// The Services whose nodePorts (or healthCheckNodePort) must be written, sorted by
-    /// (namespace, name). Writing them is the operator's job.
-    pub fn service_changes(&self) -> &[ServiceNodePortChange] {
+    /// (namespace, name), each with only what changes. Writing them is the operator's job.
+    pub fn service_changes(&self) -> &[ServiceIntent] {
         &self.changes
     }
 
@@ -191,57 +188,4 @@ impl PolicyNodePorts {
     pub fn used_display(&self) -> String {
         format!("{}/{}", self.used, self.total)
     }
-}
-
-/// The nodePorts one Service needs written.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServiceNodePortChange {
-    pub namespace: String,
-    pub name: String,
-    pub policy: String,
-    /// Only the ports whose nodePort changes.
-    pub ports: Vec<ServicePortNodePort>,
-    pub health_check_node_port: Option<HealthCheckNodePort>,
-}
-
-impl ServiceNodePortChange {
-    /// Writes the change into a Service, as the operator's patch will: what `plan` shows the
-    /// cluster as once the operator has acted. Ports the Service no longer has are left alone.
-    pub fn apply_to(&self, service: &mut Service) {
-        let Some(spec) = service.spec.as_mut() else { return };
-        for port in &self.ports {
-            if let Some(target) = spec.ports.as_mut().and_then(|ports| ports.get_mut(port.index)) {
-                target.node_port = Some(i32::from(port.node_port));
-            }
-        }
-        if let Some(hc) = self.health_check_node_port {
-            match hc.field {
-                HealthCheckField::Spec => spec.health_check_node_port = Some(i32::from(hc.node_port)),
-                HealthCheckField::Annotation => {
-                    service
-                        .metadata
-                        .annotations
-                        .get_or_insert_default()
-                        .insert(HEALTH_CHECK_NODE_PORT_ANNOTATION.into(), hc.node_port.to_string());
-                }
-            }
-        }
-    }
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ServicePortNodePort {
-    /// Index in `spec.ports`.
-    pub index: usize,
-    pub name: String,
-    pub port: u16,
-    pub protocol: Protocol,
-    pub node_port: u16,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HealthCheckNodePort {
-    pub node_port: u16,
-    /// Where to write it: the spec field, or the legacy annotation for OnlyLocal Services.
-    pub field: HealthCheckField,
 }

@@ -8,6 +8,9 @@ use serde_json::{Value, json};
 
 use super::*;
 use crate::crd::PortPolicy;
+use crate::governance::{Labels, NamespaceLabels};
+use crate::intent::{HealthCheckNodePort, ServiceIntent, ServicePortNodePort};
+use crate::service::HealthCheckField;
 use crate::service::ServiceModel;
 use crate::well_known::{
     EXTERNAL_TRAFFIC_ANNOTATION, EXTERNAL_TRAFFIC_ONLY_LOCAL, HEALTH_CHECK_NODE_PORT_ANNOTATION,
@@ -66,7 +69,7 @@ struct World {
     policies: Vec<PortPolicy>,
     services: Vec<Service>,
     records: BTreeMap<String, Vec<crate::crd::AllocationRecord>>,
-    namespaces: BTreeMap<String, Labels>,
+    namespaces: NamespaceLabels,
     now: DateTime<Utc>,
     cluster: PortRange,
 }
@@ -83,7 +86,7 @@ impl World {
             policies,
             services,
             records: BTreeMap::new(),
-            namespaces: BTreeMap::from([
+            namespaces: NamespaceLabels::from_iter([
                 (EDGE_NS.to_string(), labels(&[("team", "edge")])),
                 ("core".to_string(), labels(&[("team", "core")])),
                 ("both".to_string(), labels(&[("team", "edge"), ("shared", "yes")])),
@@ -94,10 +97,10 @@ impl World {
         }
     }
 
-    fn plan(&self) -> NodePortPlan {
+    fn plan(&self) -> NodePortAllocation {
         let set = PolicySet::compile(&self.policies);
         let services: Vec<ServiceModel<'_>> = self.services.iter().map(ServiceModel::read).collect();
-        plan_node_ports(&NodePortInput {
+        allocate_node_ports(&NodePortInput {
             cluster_range: self.cluster,
             policies: &set,
             records: &self.records,
@@ -108,7 +111,7 @@ impl World {
     }
 
     /// What the operator does with a plan: write the Services and the policies' records.
-    fn apply(&mut self, plan: &NodePortPlan) {
+    fn apply(&mut self, plan: &NodePortAllocation) {
         for change in plan.service_changes() {
             let service = self
                 .services
@@ -135,7 +138,7 @@ impl World {
 }
 
 fn assignment<'p>(
-    plan: &'p NodePortPlan,
+    plan: &'p NodePortAllocation,
     namespace: &str,
     service: &str,
     kind: NodePortKind,
@@ -147,7 +150,7 @@ fn assignment<'p>(
 }
 
 fn port(
-    plan: &NodePortPlan,
+    plan: &NodePortAllocation,
     namespace: &str,
     service: &str,
     port_name: &str,
@@ -155,11 +158,11 @@ fn port(
     assignment(plan, namespace, service, NodePortKind::Service, port_name).map(|a| (a.node_port, a.state))
 }
 
-fn health(plan: &NodePortPlan, namespace: &str, service: &str) -> Option<(u16, AssignmentState)> {
+fn health(plan: &NodePortAllocation, namespace: &str, service: &str) -> Option<(u16, AssignmentState)> {
     assignment(plan, namespace, service, NodePortKind::HealthCheck, "").map(|a| (a.node_port, a.state))
 }
 
-fn reasons(plan: &NodePortPlan) -> Vec<(NodePortProblemReason, String, String)> {
+fn reasons(plan: &NodePortAllocation) -> Vec<(NodePortProblemReason, String, String)> {
     plan.problems
         .iter()
         .map(|p| (p.reason, p.problem.object.clone(), p.problem.field.clone()))
@@ -183,10 +186,10 @@ fn governed_service_gets_a_port_from_the_upper_band_of_its_policy_range() {
     assert!((31016..=31099).contains(&np), "{np}");
     assert_eq!(
         plan.service_changes(),
-        [ServiceNodePortChange {
+        [ServiceIntent {
             namespace: EDGE_NS.into(),
             name: "web".into(),
-            policy: "edge".into(),
+            policy: Some("edge".into()),
             ports: vec![ServicePortNodePort {
                 index: 0,
                 name: "http".into(),
@@ -195,6 +198,8 @@ fn governed_service_gets_a_port_from_the_upper_band_of_its_policy_range() {
                 node_port: np,
             }],
             health_check_node_port: None,
+            external_traffic_local: false,
+            proxy_label: false,
         }]
     );
     let status = &plan.policies["edge"];

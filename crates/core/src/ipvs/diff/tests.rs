@@ -228,8 +228,7 @@ fn ownership_rules() {
     let range = "31000-31099".parse::<PortRange>().unwrap();
     let ownership = Ownership::nothing()
         .with_bound_addresses([ip("10.96.0.1"), ip("198.51.100.7")])
-        .with_node_ports([ip("192.168.0.10")], [range])
-        .with_foreign([ip("198.51.100.7")]);
+        .with_node_ports([ip("192.168.0.10")], [range]);
     let cases = [
         (
             key("10.96.0.1", 80, Protocol::Tcp),
@@ -245,11 +244,6 @@ fn ownership_rules() {
             key("10.96.0.2", 80, Protocol::Tcp),
             false,
             "cluster IP bound by someone else",
-        ),
-        (
-            key("198.51.100.7", 80, Protocol::Tcp),
-            false,
-            "foreign beats bound",
         ),
         (
             key("192.168.0.10", 31000, Protocol::Tcp),
@@ -275,9 +269,8 @@ fn ownership_rules() {
     for (k, owned, why) in cases {
         assert_eq!(ownership.owns(&k), owned, "{why}: {k}");
     }
-    let everything = Ownership::everything().with_foreign([ip("172.16.0.1")]);
+    let everything = Ownership::everything();
     assert!(everything.owns(&key("10.0.0.1", 1, Protocol::Tcp)));
-    assert!(!everything.owns(&key("172.16.0.1", 80, Protocol::Tcp)));
     assert!(!Ownership::nothing().owns(&key("10.0.0.1", 1, Protocol::Tcp)));
 }
 
@@ -368,19 +361,16 @@ fn ownership_strategy() -> impl Strategy<Value = Ownership> {
             0..3,
         )
     };
-    (any::<bool>(), addresses(), addresses(), any::<bool>()).prop_map(
-        |(everything, bound, foreign, node_ports)| {
-            let base = if everything {
-                Ownership::everything()
-            } else {
-                Ownership::nothing()
-            };
-            let ranges = node_ports.then(|| "30000-32767".parse::<PortRange>().unwrap());
-            base.with_bound_addresses(bound)
-                .with_foreign(foreign)
-                .with_node_ports([ip("192.168.0.10")], ranges)
-        },
-    )
+    (any::<bool>(), addresses(), any::<bool>()).prop_map(|(everything, bound, node_ports)| {
+        let base = if everything {
+            Ownership::everything()
+        } else {
+            Ownership::nothing()
+        };
+        let ranges = node_ports.then(|| "30000-32767".parse::<PortRange>().unwrap());
+        base.with_bound_addresses(bound)
+            .with_node_ports([ip("192.168.0.10")], ranges)
+    })
 }
 
 fn without_counters(service: &IpvsService) -> IpvsService {

@@ -34,7 +34,7 @@ fn hinted(ip: &str, node: &str, ready: bool, zones: Option<&[&str]>, nodes: Opti
     json!({"addresses": [ip], "nodeName": node, "conditions": conditions, "hints": hints})
 }
 
-fn plan_with(node: Node, service: Service, endpoints: Value) -> NodePlan {
+fn plan_with(node: Node, service: Service, endpoints: Value) -> NodeRules {
     let slice = slice("shop", "web-1", "web", "IPv4", http_ports(), endpoints);
     let snap = Snapshot {
         nodes: vec![node],
@@ -42,17 +42,17 @@ fn plan_with(node: Node, service: Service, endpoints: Value) -> NodePlan {
         endpoint_slices: vec![slice],
         ..Default::default()
     };
-    plan_node(&snap, &config(ProxyMode::Replacement))
+    node_rules(&snap, &config(ProxyMode::Replacement))
 }
 
-fn vs_of(plan: &NodePlan, kind: VirtualServerKind) -> &PlannedVirtualServer {
+fn vs_of(plan: &NodeRules, kind: VirtualServerKind) -> &VirtualServerRule {
     plan.virtual_servers
         .iter()
         .find(|vs| vs.kind == kind && vs.key.address.is_ipv4())
         .unwrap_or_else(|| panic!("no {kind:?} virtual server in {plan:#?}"))
 }
 
-fn addresses(vs: &PlannedVirtualServer) -> Vec<String> {
+fn addresses(vs: &VirtualServerRule) -> Vec<String> {
     vs.real_servers
         .iter()
         .map(|(r, _)| r.address.to_string())
@@ -377,7 +377,7 @@ fn address_families_choose_their_topology_apart() {
         endpoint_slices: vec![v4, v6],
         ..Default::default()
     };
-    let plan = plan_node(&snap, &config(ProxyMode::Replacement));
+    let plan = node_rules(&snap, &config(ProxyMode::Replacement));
     let cluster: Vec<(String, Vec<String>, Option<TopologyMode>)> = plan
         .virtual_servers
         .iter()
@@ -430,7 +430,7 @@ fn a_zone_label_change_replans_only_services_with_zone_hints() {
         http_ports(),
         json!([hinted("10.0.0.9", "node-b", true, NO_HINTS, None)]),
     );
-    let mut planner = Planner::new(config(ProxyMode::Replacement));
+    let mut planner = RuleTracker::new(config(ProxyMode::Replacement));
     planner.load_snapshot(&Snapshot {
         nodes: vec![zoned_node(Some("zone-a"))],
         services: vec![zoned, plain],
@@ -439,7 +439,7 @@ fn a_zone_label_change_replans_only_services_with_zone_hints() {
     });
     planner.take_dirty();
     let cluster_ip = vs_key("10.96.0.10", 80, Protocol::Tcp);
-    let reals_of = |planner: &Planner| -> Vec<String> {
+    let reals_of = |planner: &RuleTracker| -> Vec<String> {
         planner.desired()[&cluster_ip]
             .real_servers
             .keys()
@@ -460,11 +460,11 @@ fn a_zone_label_change_replans_only_services_with_zone_hints() {
     // The label goes: hints are no longer used, and the plan says why.
     planner.set_node(&zoned_node(None));
     assert_eq!(reals_of(&planner), ["10.0.0.1", "10.0.0.2"]);
-    assert!(planner.node_plan().problems.is_empty());
+    assert!(planner.node_rules().problems.is_empty());
     let asking = web_service(json!({"trafficDistribution": "PreferClose"}), json!({}));
     planner.upsert_service(&asking);
     assert_eq!(
-        planner.node_plan().problems,
+        planner.node_rules().problems,
         [Problem::new(
             "Node/node-a",
             "metadata.labels[topology.kubernetes.io/zone]",

@@ -1,4 +1,4 @@
-//! Planning: seed what is held, then give every governed Service port its nodePort.
+//! The allocator: seed what is held, then give every governed Service port its nodePort.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -6,18 +6,20 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{
-    AssignmentState, HealthCheckNodePort, NodePortAssignment, NodePortInput, NodePortPlan, NodePortProblem,
-    NodePortProblemReason as Reason, PolicyNodePorts, PortBitmap, ServiceNodePortChange, ServicePortNodePort,
+    AssignmentState, NodePortAllocation, NodePortAssignment, NodePortInput, NodePortProblem,
+    NodePortProblemReason as Reason, PolicyNodePorts, PortBitmap,
 };
 use crate::crd::{AllocationRecord, CompiledPolicy, NodePortKind};
 use crate::governance::Governance;
+use crate::hash::Fnv1a64;
+use crate::intent::{HealthCheckNodePort, ServiceIntent, ServicePortNodePort};
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
 use crate::service::{ServiceModel, ServicePortModel};
 
 /// Decides every nodePort from the input. Deterministic: the same input gives the same plan.
-pub fn plan_node_ports(input: &NodePortInput<'_>) -> NodePortPlan {
-    Planner::new(input).run()
+pub fn allocate_node_ports(input: &NodePortInput<'_>) -> NodePortAllocation {
+    Allocator::new(input).run()
 }
 
 /// A nodePort's owner: one Service port (or health check) of one Service, by name.
@@ -67,7 +69,38 @@ enum Treatment<'a> {
     Untouched,
 }
 
-struct Planner<'i, 'a> {
+/// A Service the allocator manages: its view, and the policy and range it is managed by.
+#[derive(Clone, Copy)]
+struct Managed<'a> {
+    /// Index into the views.
+    i: usize,
+    view: &'a ServiceModel<'a>,
+    policy: &'a CompiledPolicy,
+    range: PortRange,
+}
+
+/// The nodePort a group of Service ports is to hold.
+#[derive(Clone, Copy, Debug)]
+struct Target {
+    port: u16,
+    state: AssignmentState,
+    /// Every member moves to it (a pin), not only those without a port of their own.
+    every_member: bool,
+}
+
+/// Ports with the same number share one nodePort, whatever their protocols.
+fn port_groups<'p, 'a>(ports: &'p [ServicePortModel<'a>]) -> Vec<Vec<&'p ServicePortModel<'a>>> {
+    let mut groups: Vec<Vec<&ServicePortModel<'a>>> = Vec::new();
+    for port in ports {
+        match groups.iter_mut().find(|g| g[0].port == port.port) {
+            Some(group) => group.push(port),
+            None => groups.push(vec![port]),
+        }
+    }
+    groups
+}
+
+struct Allocator<'i, 'a> {
     input: &'i NodePortInput<'a>,
     now: Time,
     now_nanos: i128,
@@ -86,10 +119,10 @@ struct Planner<'i, 'a> {
     pins: BTreeMap<(&'a str, &'a str, &'a str, &'a str), (usize, u16)>,
     problems: Vec<NodePortProblem>,
     assignments: Vec<NodePortAssignment>,
-    changes: Vec<ServiceNodePortChange>,
+    changes: Vec<ServiceIntent>,
 }
 
-impl<'i, 'a> Planner<'i, 'a> {
+impl<'i, 'a> Allocator<'i, 'a> {
     fn new(input: &'i NodePortInput<'a>) -> Self {
         let now_nanos = i128::from(input.now.timestamp()) * 1_000_000_000
             + i128::from(input.now.timestamp_subsec_nanos());
@@ -117,7 +150,7 @@ impl<'i, 'a> Planner<'i, 'a> {
                 problems
             })
             .collect();
-        Planner {
+        Allocator {
             input,
             now,
             now_nanos,
@@ -133,7 +166,7 @@ impl<'i, 'a> Planner<'i, 'a> {
         }
     }
 
-    fn run(mut self) -> NodePortPlan {
+    fn run(mut self) -> NodePortAllocation {
         self.check_policies();
         let treatments = self.govern();
         self.seed_services();
@@ -141,7 +174,7 @@ impl<'i, 'a> Planner<'i, 'a> {
         self.read_records();
         for (i, treatment) in treatments.iter().enumerate() {
             match *treatment {
-                Treatment::Managed(policy, range) => self.plan_service(i, policy, range),
+                Treatment::Managed(policy, range) => self.allocate_service(i, policy, range),
                 Treatment::Untouched => self.record_untouched(i),
             }
         }
@@ -180,21 +213,29 @@ impl<'i, 'a> Planner<'i, 'a> {
                     ),
                 );
             }
-            for (j, &(other, other_range)) in ranged.iter().enumerate() {
-                if i != j && range.overlaps(&other_range) {
-                    self.problem(
-                        Some(&policy.name),
-                        Reason::PolicyOverlap,
-                        Problem::new(
-                            &object,
-                            "spec.nodePorts.range",
-                            format!(
-                                "{range} overlaps PortPolicy/{}'s range {other_range}; both allocate from the shared ports",
-                                other.name
-                            ),
-                        ),
-                    );
+            // One problem per policy, whatever the number of others it overlaps: many policies
+            // sharing one range must not make a problem for every pair of them.
+            let others: Vec<_> = ranged
+                .iter()
+                .enumerate()
+                .filter(|&(j, &(_, other_range))| i != j && range.overlaps(&other_range))
+                .map(|(_, &(other, other_range))| format!("PortPolicy/{}'s range {other_range}", other.name))
+                .collect();
+            if !others.is_empty() {
+                const NAMED: usize = 3;
+                let mut named = others[..others.len().min(NAMED)].join(", ");
+                if others.len() > NAMED {
+                    named.push_str(&format!(" and {} more", others.len() - NAMED));
                 }
+                self.problem(
+                    Some(&policy.name),
+                    Reason::PolicyOverlap,
+                    Problem::new(
+                        &object,
+                        "spec.nodePorts.range",
+                        format!("{range} overlaps {named}; they allocate from the shared ports"),
+                    ),
+                );
             }
             for (k, pin) in policy.pinned.iter().enumerate() {
                 let Ok(port) = u16::try_from(pin.node_port) else {
@@ -228,8 +269,8 @@ impl<'i, 'a> Planner<'i, 'a> {
         let mut treatments = Vec::with_capacity(self.views.len());
         let mut found = Vec::new();
         for (view, invalid) in self.views.iter().zip(&self.invalid) {
-            let governance =
-                policies.governing_service(self.input.namespace_labels.get(view.namespace), view.labels);
+            let governance = policies
+                .governing_service(Some(&self.input.namespace_labels.of(view.namespace)), view.labels);
             let treatment = match governance {
                 Governance::By(policy) if invalid.is_empty() => match policy.node_port_range {
                     Some(range) => Treatment::Managed(policy, range),
@@ -311,7 +352,7 @@ impl<'i, 'a> Planner<'i, 'a> {
         let view = &self.views[view];
         self.input
             .policies
-            .governing_service(self.input.namespace_labels.get(view.namespace), view.labels)
+            .governing_service(Some(&self.input.namespace_labels.of(view.namespace)), view.labels)
             .policy()
             .map(|p| p.name.clone())
     }
@@ -425,192 +466,203 @@ impl<'i, 'a> Planner<'i, 'a> {
         }
     }
 
-    fn plan_service(&mut self, i: usize, policy: &'a CompiledPolicy, range: PortRange) {
-        let view = self.views[i];
+    fn allocate_service(&mut self, i: usize, policy: &'a CompiledPolicy, range: PortRange) {
+        let managed = Managed {
+            i,
+            view: self.views[i],
+            policy,
+            range,
+        };
         let mut changed_ports = Vec::new();
-
-        // Ports with the same number share one nodePort, whatever their protocols.
-        let mut groups: Vec<Vec<&ServicePortModel<'a>>> = Vec::new();
-        for port in &view.ports {
-            match groups.iter_mut().find(|g| g[0].port == port.port) {
-                Some(group) => group.push(port),
-                None => groups.push(vec![port]),
-            }
+        for group in port_groups(&managed.view.ports) {
+            let target = self.group_target(managed, &group);
+            changed_ports.extend(self.assign_group(managed, &group, target));
         }
-        for group in groups {
-            let names: Vec<&'a str> = group.iter().map(|p| p.name).collect();
-            let identity = Identity {
-                namespace: view.namespace,
-                service: view.name,
-                port_name: names[0],
-                kind: NodePortKind::Service,
-            };
-            let current = group.iter().find_map(|p| p.node_port);
-            let field = format!("spec.ports[{}].nodePort", group[0].index);
+        let health_change = self.allocate_health_check(managed);
+        if !changed_ports.is_empty() || health_change.is_some() {
+            self.changes.push(ServiceIntent {
+                policy: Some(policy.name.clone()),
+                ports: changed_ports,
+                health_check_node_port: health_change,
+                ..ServiceIntent::new(managed.view.namespace, managed.view.name)
+            });
+        }
+    }
 
-            // (port, state, whether every member moves to it)
-            let mut target: Option<(u16, AssignmentState, bool)> = None;
-            if view.allocates_node_ports
-                && let Some(&(pin_index, pin)) = names.iter().find_map(|name| {
-                    self.pins
-                        .get(&(policy.name.as_str(), view.namespace, view.name, *name))
-                })
-            {
-                match self.holder_other_than(pin, i, &names) {
-                    None => {
-                        self.take(pin, i);
-                        target = Some((pin, AssignmentState::Pinned, true));
-                    }
-                    Some(holder) => {
-                        let problem = Problem::new(
-                            format!("PortPolicy/{}", policy.name),
-                            format!("spec.nodePorts.pinned[{pin_index}].nodePort"),
-                            format!(
-                                "{pin} is pinned for {} but is held by {holder}; the holder keeps it",
-                                identity.describe()
-                            ),
-                        );
-                        self.problem(Some(&policy.name), Reason::PinnedPortTaken, problem);
-                    }
-                }
+    /// The nodePort a group of ports (one number, several protocols) is to hold: its pin, else
+    /// what it holds (moved into the range if the policy enforces it), else a new one.
+    fn group_target(&mut self, m: Managed<'a>, group: &[&ServicePortModel<'a>]) -> Option<Target> {
+        let names: Vec<&'a str> = group.iter().map(|p| p.name).collect();
+        if let Some(pinned) = self.pinned_target(m, &names) {
+            return Some(pinned);
+        }
+        let field = format!("spec.ports[{}].nodePort", group[0].index);
+        let kept = |port| Target {
+            port,
+            state: AssignmentState::Existing,
+            every_member: false,
+        };
+        let fresh = |(port, state)| Target {
+            port,
+            state,
+            every_member: false,
+        };
+        match group.iter().find_map(|p| p.node_port) {
+            Some(port) if !m.range.contains(port) && m.policy.enforce && m.view.allocates_node_ports => {
+                let moved =
+                    self.restore_or_allocate(m.i, m.policy, m.range, &names, NodePortKind::Service, &field);
+                Some(moved.map_or(kept(port), fresh))
             }
-            if target.is_none() {
-                target = match current {
-                    Some(port) if !range.contains(port) && policy.enforce && view.allocates_node_ports => {
-                        match self.restore_or_allocate(
-                            i,
-                            policy,
-                            range,
-                            &names,
-                            NodePortKind::Service,
-                            &field,
-                        ) {
-                            Some((new, state)) => Some((new, state, false)),
-                            None => Some((port, AssignmentState::Existing, false)),
-                        }
-                    }
-                    Some(port) => Some((port, AssignmentState::Existing, false)),
-                    None if view.allocates_node_ports => self
-                        .restore_or_allocate(i, policy, range, &names, NodePortKind::Service, &field)
-                        .map(|(port, state)| (port, state, false)),
-                    None => None,
-                };
-            }
+            Some(port) => Some(kept(port)),
+            None if m.view.allocates_node_ports => self
+                .restore_or_allocate(m.i, m.policy, m.range, &names, NodePortKind::Service, &field)
+                .map(fresh),
+            None => None,
+        }
+    }
 
-            for member in &group {
-                let outcome = match (member.node_port, target) {
-                    (Some(_), Some((port, state, true))) => Some((port, state)),
-                    (Some(own), Some((port, state, false))) if own == port => Some((port, state)),
-                    (Some(own), Some((port, state, false)))
-                        if !range.contains(own) && policy.enforce && range.contains(port) =>
-                    {
-                        Some((port, state))
-                    }
-                    (Some(own), _) => Some((own, AssignmentState::Existing)),
-                    (None, Some((port, state, _))) if view.allocates_node_ports => Some((port, state)),
-                    (None, _) => None,
-                };
-                if let Some(own) = member.node_port
-                    && !range.contains(own)
+    /// The group's pinned port, if the policy pins one and nobody else holds it.
+    fn pinned_target(&mut self, m: Managed<'a>, names: &[&'a str]) -> Option<Target> {
+        if !m.view.allocates_node_ports {
+            return None;
+        }
+        let (namespace, service) = (m.view.namespace, m.view.name);
+        let &(pin_index, pin) = names.iter().find_map(|name| {
+            self.pins
+                .get(&(m.policy.name.as_str(), namespace, service, *name))
+        })?;
+        let Some(holder) = self.holder_other_than(pin, m.i, names) else {
+            self.take(pin, m.i);
+            return Some(Target {
+                port: pin,
+                state: AssignmentState::Pinned,
+                every_member: true,
+            });
+        };
+        let identity = Identity {
+            namespace,
+            service,
+            port_name: names[0],
+            kind: NodePortKind::Service,
+        };
+        let problem = Problem::new(
+            format!("PortPolicy/{}", m.policy.name),
+            format!("spec.nodePorts.pinned[{pin_index}].nodePort"),
+            format!(
+                "{pin} is pinned for {} but is held by {holder}; the holder keeps it",
+                identity.describe()
+            ),
+        );
+        self.problem(Some(&m.policy.name), Reason::PinnedPortTaken, problem);
+        None
+    }
+
+    /// Records each member's assignment; returns the ports whose nodePort changes.
+    fn assign_group(
+        &mut self,
+        m: Managed<'a>,
+        group: &[&ServicePortModel<'a>],
+        target: Option<Target>,
+    ) -> Vec<ServicePortNodePort> {
+        let mut changed = Vec::new();
+        for member in group {
+            let outcome = match (member.node_port, target) {
+                (Some(_), Some(t)) if t.every_member => Some((t.port, t.state)),
+                (Some(own), Some(t)) if own == t.port => Some((t.port, t.state)),
+                (Some(own), Some(t))
+                    if !m.range.contains(own) && m.policy.enforce && m.range.contains(t.port) =>
                 {
-                    let fate = match outcome {
-                        Some((port, _)) if port != own => format!("moved to {port}"),
-                        _ if policy.enforce => "kept: no free port in the range to move it to".to_string(),
-                        _ => "kept, as the policy does not enforce its range".to_string(),
-                    };
-                    let problem = Problem::new(
-                        view.object(),
-                        format!("spec.ports[{}].nodePort", member.index),
-                        format!(
-                            "{own} is outside PortPolicy/{}'s range {range}; {fate}",
-                            policy.name
-                        ),
-                    );
-                    self.problem(Some(&policy.name), Reason::OutsidePolicyRange, problem);
+                    Some((t.port, t.state))
                 }
-                let Some((node_port, state)) = outcome else {
-                    continue;
-                };
-                let assignment = NodePortAssignment {
-                    policy: Some(policy.name.clone()),
-                    namespace: view.namespace.to_string(),
-                    service: view.name.to_string(),
-                    port_name: member.name.to_string(),
+                (Some(own), _) => Some((own, AssignmentState::Existing)),
+                (None, Some(t)) if m.view.allocates_node_ports => Some((t.port, t.state)),
+                (None, _) => None,
+            };
+            if let Some(own) = member.node_port
+                && !m.range.contains(own)
+            {
+                let field = format!("spec.ports[{}].nodePort", member.index);
+                self.report_outside_range(m, &field, own, outcome.map(|(port, _)| port));
+            }
+            let Some((node_port, state)) = outcome else {
+                continue;
+            };
+            let assignment = NodePortAssignment {
+                policy: Some(m.policy.name.clone()),
+                namespace: m.view.namespace.to_string(),
+                service: m.view.name.to_string(),
+                port_name: member.name.to_string(),
+                port: member.port,
+                protocol: member.protocol,
+                node_port,
+                kind: NodePortKind::Service,
+                state,
+                previous: member.node_port,
+            };
+            if assignment.changed() {
+                changed.push(ServicePortNodePort {
+                    index: member.index,
+                    name: member.name.to_string(),
                     port: member.port,
                     protocol: member.protocol,
                     node_port,
-                    kind: NodePortKind::Service,
-                    state,
-                    previous: member.node_port,
+                });
+            }
+            self.assignments.push(assignment);
+        }
+        changed
+    }
+
+    /// A Local LoadBalancer's healthCheckNodePort; returns it if it must be written.
+    fn allocate_health_check(&mut self, m: Managed<'a>) -> Option<HealthCheckNodePort> {
+        let health = m.view.health_check?;
+        let field = health.field.path();
+        let outcome = match health.node_port {
+            Some(own) if m.range.contains(own) => Some((own, AssignmentState::Existing)),
+            Some(own) => {
+                let moved = if m.policy.enforce {
+                    self.restore_or_allocate(m.i, m.policy, m.range, &[""], NodePortKind::HealthCheck, &field)
+                } else {
+                    None
                 };
-                if assignment.changed() {
-                    changed_ports.push(ServicePortNodePort {
-                        index: member.index,
-                        name: member.name.to_string(),
-                        port: member.port,
-                        protocol: member.protocol,
-                        node_port,
-                    });
-                }
-                self.assignments.push(assignment);
+                self.report_outside_range(m, &field, own, Some(moved.map_or(own, |(port, _)| port)));
+                moved.or(Some((own, AssignmentState::Existing)))
             }
-        }
-
-        let mut health_change = None;
-        if let Some(health) = view.health_check {
-            let field = health.field.path();
-            let outcome = match health.node_port {
-                Some(own) if range.contains(own) => Some((own, AssignmentState::Existing)),
-                Some(own) => {
-                    let moved = if policy.enforce {
-                        self.restore_or_allocate(i, policy, range, &[""], NodePortKind::HealthCheck, &field)
-                    } else {
-                        None
-                    };
-                    let fate = match moved {
-                        Some((port, _)) => format!("moved to {port}"),
-                        None if policy.enforce => "kept: no free port in the range to move it to".to_string(),
-                        None => "kept, as the policy does not enforce its range".to_string(),
-                    };
-                    let problem = Problem::new(
-                        view.object(),
-                        field.as_str(),
-                        format!(
-                            "{own} is outside PortPolicy/{}'s range {range}; {fate}",
-                            policy.name
-                        ),
-                    );
-                    self.problem(Some(&policy.name), Reason::OutsidePolicyRange, problem);
-                    moved.or(Some((own, AssignmentState::Existing)))
-                }
-                None => self.restore_or_allocate(i, policy, range, &[""], NodePortKind::HealthCheck, &field),
-            };
-            if let Some((node_port, state)) = outcome {
-                if health.node_port != Some(node_port) {
-                    health_change = Some(HealthCheckNodePort {
-                        node_port,
-                        field: health.field,
-                    });
-                }
-                self.assignments.push(health_assignment(
-                    view,
-                    Some(&policy.name),
-                    node_port,
-                    state,
-                    health.node_port,
-                ));
+            None => {
+                self.restore_or_allocate(m.i, m.policy, m.range, &[""], NodePortKind::HealthCheck, &field)
             }
-        }
+        };
+        let (node_port, state) = outcome?;
+        self.assignments.push(health_assignment(
+            m.view,
+            Some(&m.policy.name),
+            node_port,
+            state,
+            health.node_port,
+        ));
+        (health.node_port != Some(node_port)).then_some(HealthCheckNodePort {
+            node_port,
+            field: health.field,
+        })
+    }
 
-        if !changed_ports.is_empty() || health_change.is_some() {
-            self.changes.push(ServiceNodePortChange {
-                namespace: view.namespace.to_string(),
-                name: view.name.to_string(),
-                policy: policy.name.clone(),
-                ports: changed_ports,
-                health_check_node_port: health_change,
-            });
-        }
+    /// `own`, held at `field`, is outside the policy's range; `now` is what it holds after
+    /// this plan (another port if it moved).
+    fn report_outside_range(&mut self, m: Managed<'a>, field: &str, own: u16, now: Option<u16>) {
+        let fate = match now {
+            Some(port) if port != own => format!("moved to {port}"),
+            _ if m.policy.enforce => "kept: no free port in the range to move it to".to_string(),
+            _ => "kept, as the policy does not enforce its range".to_string(),
+        };
+        let problem = Problem::new(
+            m.view.object(),
+            field,
+            format!(
+                "{own} is outside PortPolicy/{}'s range {}; {fate}",
+                m.policy.name, m.range
+            ),
+        );
+        self.problem(Some(&m.policy.name), Reason::OutsidePolicyRange, problem);
     }
 
     /// A Service nobody may change still shows what it holds.
@@ -752,7 +804,7 @@ impl<'i, 'a> Planner<'i, 'a> {
         })
     }
 
-    fn finish(mut self) -> NodePortPlan {
+    fn finish(mut self) -> NodePortAllocation {
         let mut policies = BTreeMap::new();
         let ranged: Vec<_> = self.ranged_policies().collect();
         for (policy, range) in ranged {
@@ -814,7 +866,7 @@ impl<'i, 'a> Planner<'i, 'a> {
         });
         self.changes
             .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        NodePortPlan {
+        NodePortAllocation {
             assignments: self.assignments,
             problems: self.problems,
             policies,
@@ -876,26 +928,24 @@ fn static_band(size: usize) -> usize {
     if size <= 16 { 0 } else { (size / 32).clamp(16, 128) }
 }
 
-/// FNV-1a over the identity, finished with splitmix64 so nearby names spread over the range.
-/// Spelled out here because std's hashers may change between releases, and these numbers end up
-/// as nodePorts users see.
+/// FNV-1a over the identity's parts (each ended by a byte no name holds), finished with
+/// splitmix64 so nearby names spread over the range.
 fn identity_hash(identity: &Identity<'_>) -> u64 {
     let kind: &[u8] = match identity.kind {
         NodePortKind::Service => b"Service",
         NodePortKind::HealthCheck => b"HealthCheck",
     };
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut fnv = Fnv1a64::default();
     for part in [
         identity.namespace.as_bytes(),
         identity.service.as_bytes(),
         identity.port_name.as_bytes(),
         kind,
     ] {
-        for &byte in part.iter().chain(&[0xff]) {
-            hash ^= u64::from(byte);
-            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-        }
+        fnv.write(part);
+        fnv.write(&[0xff]);
     }
+    let mut hash = fnv.finish();
     hash ^= hash >> 30;
     hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
     hash ^= hash >> 27;
