@@ -7,7 +7,7 @@ use std::process::Command;
 
 use chrono::{DateTime, Utc};
 use portpolicy::snapshot_files::load_paths;
-use portpolicy_core::ipvs::ProxyMode;
+use portpolicy_core::ipvs::{NodePortAddresses, ProxyMode};
 use portpolicy_core::plan::{PlanOptions, PlanReport, build_plan};
 use portpolicy_core::ports::PortRange;
 use serde_json::Value;
@@ -27,6 +27,7 @@ fn demo_plan(mode: ProxyMode, node: Option<&str>) -> PlanReport {
             node_port_range: PortRange::DEFAULT_NODE_PORTS,
             mode,
             node: node.map(str::to_string),
+            node_port_addresses: NodePortAddresses::All,
             now: NOW.parse::<DateTime<Utc>>().unwrap(),
         },
     )
@@ -333,5 +334,67 @@ endpoints:
     assert!(
         table.contains("# shop/lb LoadBalancer [PreferSameZone] [from 203.0.113.0/24]"),
         "{table}"
+    );
+}
+
+/// `plan --nodeport-addresses` plans node ports where the agent given the same flag serves them,
+/// and a bad value is refused naming the flag, before anything is read.
+#[test]
+fn cli_plans_node_ports_on_the_addresses_given() {
+    let path = temp_file(
+        "nodeport-addresses.yaml",
+        "\
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status:
+  addresses:
+  - {type: InternalIP, address: 192.168.1.10}
+  - {type: InternalIP, address: 10.10.0.10}
+  - {type: ExternalIP, address: 203.0.113.10}
+  - {type: InternalIP, address: fd00::10}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.60
+  ports: [{port: 80, targetPort: 8080, nodePort: 30090}]
+",
+    );
+    let file = path.to_str().unwrap();
+    let node_port_addresses = |flags: &[&str]| -> Vec<String> {
+        let mut args = vec!["plan", "-f", file, "-o", "json"];
+        args.extend(flags);
+        let (code, stdout, stderr) = portpolicy(&args);
+        assert_eq!(code, 0, "{stderr}");
+        let json: Value = serde_json::from_str(&stdout).unwrap();
+        json["nodes"][0]["virtualServers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|vs| vs["kind"] == "NodePort")
+            .map(|vs| vs["address"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        node_port_addresses(&[]),
+        ["10.10.0.10", "192.168.1.10", "203.0.113.10", "fd00::10"]
+    );
+    assert_eq!(
+        node_port_addresses(&["--nodeport-addresses", "primary"]),
+        ["192.168.1.10", "fd00::10"]
+    );
+    assert_eq!(
+        node_port_addresses(&["--nodeport-addresses", "10.0.0.0/8,203.0.113.0/24"]),
+        ["10.10.0.10", "203.0.113.10"]
+    );
+    let (code, stdout, stderr) = portpolicy(&["plan", "-f", file, "--nodeport-addresses", "10.0.0.0"]);
+    assert_eq!(code, 2);
+    assert_eq!(stdout, "");
+    assert!(
+        stderr.starts_with("portpolicy plan: --nodeport-addresses: \"10.0.0.0\" is not a CIDR"),
+        "{stderr}"
     );
 }

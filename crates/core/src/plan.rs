@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::crd::{AllocationRecord, NodePortKind};
 use crate::governance::PolicySet;
 use crate::hostport;
-use crate::ipvs::{NodeRules, ProxyConfig, ProxyMode, listing, node_rules};
+use crate::ipvs::{NodePortAddresses, NodeRules, ProxyConfig, ProxyMode, listing, node_rules};
 use crate::nodeport::{NodePortInput, allocate_node_ports};
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
@@ -27,6 +27,8 @@ pub struct PlanOptions {
     pub mode: ProxyMode,
     /// Plan IPVS for this node only; all nodes when `None`.
     pub node: Option<String>,
+    /// Which node addresses get node-port virtual servers (the agent's `--nodeport-addresses`).
+    pub node_port_addresses: NodePortAddresses,
     /// The moment retention windows are judged against.
     pub now: DateTime<Utc>,
 }
@@ -191,7 +193,9 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
         if options.node.as_ref().is_some_and(|only| *only != name) {
             continue;
         }
-        let rules = node_rules(&allocated, &ProxyConfig::new(name, options.mode));
+        let mut config = ProxyConfig::new(name, options.mode);
+        config.node_port_addresses = options.node_port_addresses.clone();
+        let rules = node_rules(&allocated, &config);
         problems.extend(rules.problems.iter().cloned());
         nodes.push(node_row(&rules));
     }
