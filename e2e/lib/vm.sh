@@ -22,9 +22,9 @@ e2e_install_packages() {
 
 # The VM's host tools, checked after installing their packages.
 e2e_vm_tools() {
-    e2e_install_packages qemu-system-x86 busybox-static kmod cpio ipvsadm nftables iproute2
+    e2e_install_packages qemu-system-x86 busybox-static kmod cpio ipvsadm nftables iproute2 conntrack
     local tool
-    for tool in qemu-system-x86_64 depmod cpio ipvsadm nft; do
+    for tool in qemu-system-x86_64 depmod cpio ipvsadm nft conntrack; do
         command -v "$tool" >/dev/null || die "$tool missing after installing its package"
     done
     [[ -x /bin/busybox ]] || die "/bin/busybox (busybox-static) missing"
@@ -98,6 +98,8 @@ e2e_stage_initramfs() {
     e2e_copy_program "$BIN" bin/portpolicy
     e2e_copy_program "$(command -v ipvsadm)" sbin/ipvsadm
     e2e_copy_program "$(command -v nft)" sbin/nft
+    # conntrack-tools checks what the agent deletes over ctnetlink.
+    e2e_copy_program "$(command -v conntrack)" sbin/conntrack
     # Busybox's shell prefers its own `ip` applet, and iproute2 reads any name starting with `ip`
     # as a shortcut, so the real one is `nsip`.
     e2e_copy_program "$(command -v ip)" bin/nsip
