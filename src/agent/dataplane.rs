@@ -35,7 +35,7 @@ impl DataplaneError {
     /// The netlink error underneath, when it was a netlink request that failed.
     pub(crate) fn netlink(&self) -> Option<&NetlinkError> {
         match self {
-            DataplaneError::OpenIpvs(e) | DataplaneError::Dump(e) => Some(e),
+            DataplaneError::OpenIpvs(e) | DataplaneError::Dump(e) | DataplaneError::Conntrack(e) => Some(e),
             DataplaneError::Addresses { source, .. } => Some(source),
             DataplaneError::Nftables(_) | DataplaneError::Sysctl(_) => None,
         }
