@@ -1218,6 +1218,8 @@ proptest! {
                         && r.released_at.as_ref().is_none_or(|t| t.0.as_second() + RETENTION > world.now.timestamp())
                         // Lost to a pin for someone else, or to a Service that asked for the port.
                         && (r.node_port != i32::from(PINNED) || (r.namespace == EDGE_NS && r.service == "svc-1"))
+                        // A record on a reserved port (a Service that asked for it) is not given back.
+                        && r.node_port != i32::from(RESERVED)
                         && !held.contains(&r.node_port)
                 }).collect();
                 let own = in_window.iter().any(|r| r.port_name == a.port_name);
