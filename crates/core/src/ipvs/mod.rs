@@ -19,6 +19,7 @@ mod claims;
 pub mod diff;
 pub mod listing;
 mod model;
+mod node_state;
 mod rules;
 mod service_rules;
 pub mod table;
@@ -27,7 +28,7 @@ mod tracker;
 
 pub use rules::{HealthCheckRule, NodeRules, ProxyConfig, ProxyMode, VirtualServerKind, VirtualServerRule};
 pub use table::{IpvsOp, IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
-pub use tracker::{RuleTracker, node_rules};
+pub use tracker::{NodeDelta, RuleTracker, node_rules};
 
 #[cfg(test)]
 mod tests;
