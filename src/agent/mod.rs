@@ -197,7 +197,7 @@ pub(crate) async fn run_with<D: Dataplane + 'static>(
     let (tx, mut rx) = mpsc::channel::<Event>(4096);
     if args.snapshot.is_empty() {
         let client = kube::Client::try_default().await?;
-        tokio::spawn(source::kube_source(client, args.node_name.clone(), tx));
+        tokio::spawn(source::kube_source(client, args.node_name.clone(), args.mode, tx));
     } else {
         tokio::spawn(source::snapshot_source(
             args.snapshot.clone(),

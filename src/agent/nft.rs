@@ -14,12 +14,19 @@
 //! Traffic to Local-policy services from outside the node is never marked: the endpoint sees the
 //! client's real address. Generation is a pure function of the plan and the options, so the
 //! whole ruleset is tested as text.
+//!
+//! The table is written whole once (and on every full resync, the repair path, or when its
+//! layout changes: the ip6 table appearing or going). Between those, a sync sends only the
+//! set elements that changed, as one `nft -f` transaction of `delete element` and
+//! `add element` lines ([`NftSets`]), so its cost follows the change, not the cluster.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::net::IpAddr;
 
-use portpolicy_core::ipvs::{IpvsTable, VirtualServerKey};
+#[cfg(test)]
+use portpolicy_core::ipvs::IpvsTable;
+use portpolicy_core::ipvs::{IpvsService, VirtualServerKey};
 use portpolicy_core::ports::Protocol;
 
 /// The table name, in both the `ip` and `ip6` families. The agent owns it whole.
@@ -95,13 +102,16 @@ impl std::fmt::Display for Cidr {
 }
 
 /// One address family's table.
-#[derive(Clone, Copy)]
-enum Family {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Family {
     V4,
     V6,
 }
 
 impl Family {
+    fn of(address: &IpAddr) -> Self {
+        if address.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
     fn name(self) -> &'static str {
         match self {
             Family::V4 => "ip",
@@ -115,10 +125,7 @@ impl Family {
         }
     }
     fn holds(self, address: &IpAddr) -> bool {
-        matches!(
-            (self, address),
-            (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
-        )
+        Family::of(address) == self
     }
 }
 
@@ -134,65 +141,188 @@ fn key_element(key: &VirtualServerKey) -> String {
     format!("{} . {} . {}", key.address, proto(key.protocol), key.port)
 }
 
-/// The whole batch for `nft -f -`: both tables deleted and recreated in one transaction, so the
-/// kernel never runs with half a ruleset and rules the agent no longer wants disappear.
+/// The sets whose elements follow the plan, in the order the table declares them. Everything
+/// else in the table (the chains, their rules, the cluster-CIDR set) follows only the options,
+/// which are fixed for the agent's lifetime: the layout.
+const VIRTUAL_SERVERS: &str = "virtual-servers";
+const EXTERNAL_CLUSTER: &str = "external-cluster";
+const CLUSTER_IPS: &str = "cluster-ips";
+const HAIRPIN: &str = "hairpin";
+const PLAN_SETS: [&str; 4] = [VIRTUAL_SERVERS, EXTERNAL_CLUSTER, CLUSTER_IPS, HAIRPIN];
+
+/// One element of one of the agent's sets, as `nft` spells it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Element {
+    family: Family,
+    set: &'static str,
+    value: String,
+}
+
+/// The elements one virtual server puts in the sets: itself in `virtual-servers` and in the
+/// set of how it is reached, and one hairpin element per real server (real servers shared by
+/// several virtual servers give the same hairpin element, hence the counts in [`NftSets`]).
+pub(crate) fn elements_of(key: &VirtualServerKey, reach: Reach, service: &IpvsService) -> Vec<Element> {
+    let family = Family::of(&key.address);
+    let element = |set, value| Element { family, set, value };
+    let mut elements = vec![element(VIRTUAL_SERVERS, key_element(key))];
+    match reach {
+        Reach::ClusterIp => elements.push(element(CLUSTER_IPS, key_element(key))),
+        Reach::External { local: false } => elements.push(element(EXTERNAL_CLUSTER, key_element(key))),
+        Reach::External { local: true } => {}
+    }
+    for real in service.real_servers.keys() {
+        let value = format!(
+            "{} . {} . {} . {}",
+            real.address,
+            proto(key.protocol),
+            real.port,
+            real.address
+        );
+        elements.push(element(HAIRPIN, value));
+    }
+    elements
+}
+
+/// The contents of the agent's sets as the plan wants them, kept per virtual server, and what
+/// changed since the last batch was taken: the agent sends `add element` / `delete element`
+/// for that alone instead of the whole table.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct NftSets {
+    by_key: HashMap<VirtualServerKey, Vec<Element>>,
+    counts: HashMap<Element, usize>,
+    /// Elements touched since the last batch, with whether each was in the sets before.
+    touched: HashMap<Element, bool>,
+    ipv6_elements: usize,
+}
+
+impl NftSets {
+    /// Sets what one virtual server contributes (nothing: it is gone).
+    pub(crate) fn set(&mut self, key: VirtualServerKey, elements: Vec<Element>) {
+        let old = if elements.is_empty() {
+            self.by_key.remove(&key)
+        } else {
+            self.by_key.insert(key, elements.clone())
+        };
+        for element in old.into_iter().flatten() {
+            let Some(count) = self.counts.get_mut(&element) else {
+                continue;
+            };
+            *count -= 1;
+            if *count == 0 {
+                self.counts.remove(&element);
+                if element.family == Family::V6 {
+                    self.ipv6_elements -= 1;
+                }
+                self.touched.entry(element).or_insert(true);
+            }
+        }
+        for element in elements {
+            let count = self.counts.entry(element.clone()).or_default();
+            *count += 1;
+            if *count == 1 {
+                if element.family == Family::V6 {
+                    self.ipv6_elements += 1;
+                }
+                self.touched.entry(element).or_insert(false);
+            }
+        }
+    }
+
+    /// Whether any set of the `ip6` table has an element, which decides whether that table
+    /// exists (part of the layout).
+    pub(crate) fn has_ipv6(&self) -> bool {
+        self.ipv6_elements > 0
+    }
+
+    /// The `nft -f` transaction turning the sets as last sent into the sets as wanted: deletes,
+    /// then adds, one line per set. Empty when nothing changed.
+    pub(crate) fn take_batch(&mut self) -> String {
+        let touched = std::mem::take(&mut self.touched);
+        let mut deletes: BTreeMap<(Family, &'static str), Vec<String>> = BTreeMap::new();
+        let mut adds: BTreeMap<(Family, &'static str), Vec<String>> = BTreeMap::new();
+        for (element, was_there) in touched {
+            let is_there = self.counts.contains_key(&element);
+            let side = match (was_there, is_there) {
+                (true, false) => &mut deletes,
+                (false, true) => &mut adds,
+                _ => continue,
+            };
+            side.entry((element.family, element.set))
+                .or_default()
+                .push(element.value);
+        }
+        let mut out = String::new();
+        for (verb, changes) in [("delete", deletes), ("add", adds)] {
+            for ((family, set), mut values) in changes {
+                values.sort_unstable();
+                let _ = writeln!(
+                    out,
+                    "{verb} element {} {TABLE_NAME} {set} {{ {} }}",
+                    family.name(),
+                    values.join(", ")
+                );
+            }
+        }
+        out
+    }
+
+    /// Forgets what changed: the next write is the whole table.
+    pub(crate) fn discard_batch(&mut self) {
+        self.touched.clear();
+    }
+
+    /// The whole table, both families as needed, deleted and recreated in one transaction.
+    /// `drop_ipv6`: the ip6 table was written before and goes when nothing needs it.
+    pub(crate) fn ruleset(&self, options: &MasqueradeOptions, drop_ipv6: bool) -> String {
+        let mut sorted: BTreeMap<(Family, &'static str), BTreeSet<&str>> = BTreeMap::new();
+        for element in self.counts.keys() {
+            sorted
+                .entry((element.family, element.set))
+                .or_default()
+                .insert(&element.value);
+        }
+        let mut out = String::new();
+        family_table(&mut out, Family::V4, &sorted, options);
+        // The ip6 table only when there is IPv6 to serve: on nodes without IPv6 the whole batch
+        // would otherwise fail. (A table left from earlier IPv6 Services only matches their keys.)
+        if self.has_ipv6() {
+            family_table(&mut out, Family::V6, &sorted, options);
+        } else if drop_ipv6 {
+            let _ = writeln!(out, "add table ip6 {TABLE_NAME}");
+            let _ = writeln!(out, "delete table ip6 {TABLE_NAME}");
+        }
+        out
+    }
+}
+
+/// The whole batch for `nft -f -` for these virtual servers (with how each is reached) and
+/// their desired IPVS entries.
+#[cfg(test)]
 pub(crate) fn ruleset<'a>(
     virtual_servers: impl IntoIterator<Item = (&'a VirtualServerKey, Reach)>,
     table: &IpvsTable,
     options: &MasqueradeOptions,
 ) -> String {
-    let servers: BTreeSet<(VirtualServerKey, Reach)> =
-        virtual_servers.into_iter().map(|(k, r)| (*k, r)).collect();
-    let mut out = String::new();
-    family_table(&mut out, Family::V4, &servers, table, options);
-    // The ip6 table only when there is IPv6 to serve: on nodes without IPv6 the whole batch
-    // would otherwise fail. (A table left from earlier IPv6 Services only matches their keys.)
-    if servers.iter().any(|(k, _)| k.address.is_ipv6()) {
-        family_table(&mut out, Family::V6, &servers, table, options);
+    let mut sets = NftSets::default();
+    let empty = IpvsService::default();
+    for (key, reach) in virtual_servers {
+        sets.set(*key, elements_of(key, reach, table.get(key).unwrap_or(&empty)));
     }
-    out
+    sets.ruleset(options, false)
 }
 
 fn family_table(
     out: &mut String,
     family: Family,
-    servers: &BTreeSet<(VirtualServerKey, Reach)>,
-    table: &IpvsTable,
+    sets: &BTreeMap<(Family, &'static str), BTreeSet<&str>>,
     options: &MasqueradeOptions,
 ) {
     let fam = family.name();
-    let in_family = |k: &VirtualServerKey| family.holds(&k.address);
-    let all: Vec<String> = servers
-        .iter()
-        .filter(|(k, _)| in_family(k))
-        .map(|(k, _)| key_element(k))
-        .collect();
-    let external_cluster: Vec<String> = servers
-        .iter()
-        .filter(|(k, r)| in_family(k) && *r == Reach::External { local: false })
-        .map(|(k, _)| key_element(k))
-        .collect();
-    let cluster_ips: Vec<String> = servers
-        .iter()
-        .filter(|(k, r)| in_family(k) && *r == Reach::ClusterIp)
-        .map(|(k, _)| key_element(k))
-        .collect();
-    // Each real server reached through a virtual server it could be balanced to from itself.
-    let hairpin: BTreeSet<String> = table
-        .iter()
-        .filter(|(k, _)| in_family(k))
-        .flat_map(|(k, svc)| {
-            svc.real_servers.keys().map(move |r| {
-                format!(
-                    "{} . {} . {} . {}",
-                    r.address,
-                    proto(k.protocol),
-                    r.port,
-                    r.address
-                )
-            })
-        })
-        .collect();
+    let elements = |set: &'static str| -> Vec<&str> {
+        sets.get(&(family, set))
+            .map(|values| values.iter().copied().collect())
+            .unwrap_or_default()
+    };
     let cidrs: Vec<String> = options
         .cluster_cidrs
         .iter()
@@ -210,21 +340,16 @@ fn family_table(
     let _ = writeln!(out, "add table {fam} {TABLE_NAME}");
     let _ = writeln!(out, "delete table {fam} {TABLE_NAME}");
     let _ = writeln!(out, "table {fam} {TABLE_NAME} {{");
-    set(out, "virtual-servers", &key_type, "", &all);
-    set(out, "external-cluster", &key_type, "", &external_cluster);
-    set(out, "cluster-ips", &key_type, "", &cluster_ips);
-    set(
-        out,
-        "hairpin",
-        &format!(
-            "{} . inet_proto . inet_service . {}",
-            family.addr_type(),
-            family.addr_type()
-        ),
-        "",
-        &hairpin.into_iter().collect::<Vec<_>>(),
-    );
+    for name in PLAN_SETS {
+        let key_type = if name == HAIRPIN {
+            format!("{key_type} . {}", family.addr_type())
+        } else {
+            key_type.clone()
+        };
+        set(out, name, &key_type, "", &elements(name));
+    }
     if !cidrs.is_empty() {
+        let cidrs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
         set(out, "cluster-cidrs", family.addr_type(), "interval", &cidrs);
     }
     // Priority mangle (-150) runs before IPVS (which hooks output and input near -100).
@@ -261,7 +386,7 @@ fn family_table(
     let _ = writeln!(out, "}}");
 }
 
-fn set(out: &mut String, name: &str, key_type: &str, flags: &str, elements: &[String]) {
+fn set(out: &mut String, name: &str, key_type: &str, flags: &str, elements: &[&str]) {
     let _ = writeln!(out, "\tset {name} {{");
     let _ = writeln!(out, "\t\ttype {key_type}");
     if !flags.is_empty() {

@@ -107,7 +107,12 @@ impl NodeState {
     }
 
     /// A Service's rules changed from `old` to `new` (either may be absent).
-    pub(super) fn service_changed(&mut self, id: &ServiceId, old: Option<&ServiceRules>, new: Option<&ServiceRules>) {
+    pub(super) fn service_changed(
+        &mut self,
+        id: &ServiceId,
+        old: Option<&ServiceRules>,
+        new: Option<&ServiceRules>,
+    ) {
         for port in old.iter().flat_map(|rules| rules.node_ports.iter()) {
             self.reserved_changed |= self.reserved.remove(*port);
         }
