@@ -224,6 +224,13 @@ impl FakeNft {
                     let list = line.split_once('=').map_or("", |(_, l)| l);
                     self.sets.entry(set.clone()).or_default().extend(elements(list));
                 }
+                ["flush", "set", family, name, set_name] => {
+                    let key = format!("{family} {name} {set_name}");
+                    let Some(members) = self.sets.get_mut(&key) else {
+                        return Err(format!("flush set: no set {key}"));
+                    };
+                    members.clear();
+                }
                 ["chain", ..] => open.push("chain"),
                 ["}"] => match open.pop() {
                     Some("set") => set = None,

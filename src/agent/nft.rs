@@ -15,10 +15,11 @@
 //! client's real address. Generation is a pure function of the plan and the options, so the
 //! whole ruleset is tested as text.
 //!
-//! The table is written whole once (and on every full resync, the repair path, or when its
-//! layout changes: the ip6 table appearing or going). Between those, a sync sends only the
-//! set elements that changed, as one `nft -f` transaction of `delete element` and
-//! `add element` lines ([`NftSets`]), so its cost follows the change, not the cluster.
+//! The table is written whole once, when the agent starts, and again only when its layout
+//! changes (the ip6 table appearing or going) or a transaction failed. Between those, a sync
+//! sends only the set elements that changed, as one `nft -f` transaction of `delete element`
+//! and `add element` lines ([`NftSets`]), so its cost follows the change, not the cluster; the
+//! full resync flushes and refills the sets, repairing them without replacing the table.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
@@ -269,6 +270,40 @@ impl NftSets {
     /// Forgets what changed: the next write is the whole table.
     pub(crate) fn discard_batch(&mut self) {
         self.touched.clear();
+    }
+
+    /// Every plan set flushed and filled again, in one transaction: the full resync's repair of
+    /// the sets, leaving the table and its chains in place (if someone deleted them, the
+    /// transaction fails and the agent writes the table whole).
+    pub(crate) fn refill(&self) -> String {
+        let mut sorted: BTreeMap<(Family, &'static str), BTreeSet<&str>> = BTreeMap::new();
+        for element in self.counts.keys() {
+            sorted
+                .entry((element.family, element.set))
+                .or_default()
+                .insert(&element.value);
+        }
+        let families: &[Family] = if self.has_ipv6() {
+            &[Family::V4, Family::V6]
+        } else {
+            &[Family::V4]
+        };
+        let mut out = String::new();
+        for family in families {
+            for set in PLAN_SETS {
+                let _ = writeln!(out, "flush set {} {TABLE_NAME} {set}", family.name());
+                if let Some(values) = sorted.get(&(*family, set)) {
+                    let values: Vec<&str> = values.iter().copied().collect();
+                    let _ = writeln!(
+                        out,
+                        "add element {} {TABLE_NAME} {set} {{ {} }}",
+                        family.name(),
+                        values.join(", ")
+                    );
+                }
+            }
+        }
+        out
     }
 
     /// The whole table, both families as needed, deleted and recreated in one transaction.

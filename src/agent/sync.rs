@@ -368,14 +368,17 @@ impl<D: Dataplane> Syncer<D> {
         }
     }
 
-    /// Writes the set elements that changed as one transaction; the whole table on a full
-    /// sync, when its layout changed, or when the last write failed.
+    /// Writes the set elements that changed as one transaction; every set refilled on a full
+    /// sync; the whole table when its layout changed or the last write failed.
     fn sync_ruleset(&mut self, full: bool, outcome: &mut SyncOutcome) {
         let ipv6 = self.nft.has_ipv6();
-        let whole = full || self.nft_layout != Some(ipv6);
+        let whole = self.nft_layout != Some(ipv6);
         let text = if whole {
             self.nft.discard_batch();
             self.nft.ruleset(&self.masquerade, self.ipv6_written)
+        } else if full {
+            self.nft.discard_batch();
+            self.nft.refill()
         } else {
             self.nft.take_batch()
         };

@@ -497,9 +497,33 @@ fn an_endpoint_change_sends_set_elements_and_never_replaces_the_table() {
     let want = node_rules(&cluster(&more), &config());
     assert_eq!(k.nft, expected_nft(&want, &MasqueradeOptions::default()));
     drop(k);
+    // The full resync refills the sets in place.
     s.request_full();
     assert!(s.sync().succeeded());
-    assert_eq!(fake.state().table_replacements, 2);
+    let k = fake.state();
+    assert_eq!(k.table_replacements, 1);
+    assert!(
+        k.ruleset
+            .as_ref()
+            .unwrap()
+            .starts_with("flush set ip portpolicy virtual-servers\n")
+    );
+    assert_eq!(k.nft, expected_nft(&want, &MasqueradeOptions::default()));
+}
+
+/// Someone deleted the table: the full resync's refill fails, and the next sync writes it whole.
+#[test]
+fn a_table_deleted_behind_the_agents_back_is_written_again() {
+    let (mut s, fake, _) = syncer(FakeKernel::default());
+    assert!(s.sync().succeeded());
+    fake.state().nft = FakeNft::default();
+    s.request_full();
+    assert!(!s.sync().succeeded());
+    assert!(s.sync().succeeded());
+    let want = node_rules(&cluster(&WEB), &config());
+    let k = fake.state();
+    assert_eq!(k.table_replacements, 2, "written whole at start and once more");
+    assert_eq!(k.nft, expected_nft(&want, &MasqueradeOptions::default()));
 }
 
 #[test]
@@ -585,11 +609,25 @@ mod kernel_model {
     #[derive(Clone, Debug, Default)]
     struct Cluster {
         services: BTreeMap<usize, Service>,
-        slices: BTreeMap<usize, EndpointSlice>,
+        /// By namespace and name, as the API server (and the agent) tells them apart.
+        slices: BTreeMap<(String, String), EndpointSlice>,
         node: Option<Node>,
     }
 
+    fn slice_key(slice: &EndpointSlice) -> (String, String) {
+        (
+            slice.metadata.namespace.clone().unwrap_or_default(),
+            slice.metadata.name.clone().unwrap_or_default(),
+        )
+    }
+
     impl Cluster {
+        /// The cluster's slice `slice-INDEX`, in whichever namespace it is.
+        fn slice_at(&self, index: usize) -> Option<(String, String)> {
+            let name = format!("slice-{index}");
+            self.slices.keys().find(|(_, n)| *n == name).cloned()
+        }
+
         fn snapshot(&self) -> Snapshot {
             Snapshot {
                 nodes: self.node.iter().cloned().collect(),
@@ -787,22 +825,24 @@ mod kernel_model {
                 } => {
                     let s = slice(index, service, ipv6, &endpoints);
                     // A slice moving namespace is a delete and a create, as the API sees it.
-                    if let Some(old) = cluster.slices.get(&index)
-                        && old.metadata.namespace != s.metadata.namespace
+                    if let Some(old) = cluster.slice_at(index)
+                        && old != slice_key(&s)
                     {
+                        cluster.slices.remove(&old);
                         changes.push(Change::SliceDeleted {
-                            namespace: old.metadata.namespace.clone().unwrap(),
-                            name: format!("slice-{index}"),
+                            namespace: old.0,
+                            name: old.1,
                         });
                     }
-                    cluster.slices.insert(index, s.clone());
+                    cluster.slices.insert(slice_key(&s), s.clone());
                     changes.push(Change::Slice(Box::new(s)));
                 }
                 Event::RemoveSlice { index } => {
-                    if let Some(old) = cluster.slices.remove(&index) {
+                    if let Some(old) = cluster.slice_at(index) {
+                        cluster.slices.remove(&old);
                         changes.push(Change::SliceDeleted {
-                            namespace: old.metadata.namespace.unwrap(),
-                            name: format!("slice-{index}"),
+                            namespace: old.0,
+                            name: old.1,
                         });
                     }
                 }
@@ -863,14 +903,6 @@ mod kernel_model {
 
     /// Keeps the model of what the agent was told in step with what it is told.
     fn apply_to(told: &mut Cluster, change: &Change) {
-        let find = |slices: &BTreeMap<usize, EndpointSlice>, ns: &str, name: &str| {
-            slices
-                .iter()
-                .find(|(_, s)| {
-                    s.metadata.namespace.as_deref() == Some(ns) && s.metadata.name.as_deref() == Some(name)
-                })
-                .map(|(i, _)| *i)
-        };
         match change {
             Change::Service(s) => {
                 let at = SERVICES
@@ -889,14 +921,10 @@ mod kernel_model {
                 });
             }
             Change::Slice(s) => {
-                let name = s.metadata.name.clone().unwrap();
-                let index: usize = name.trim_start_matches("slice-").parse().unwrap();
-                told.slices.insert(index, (**s).clone());
+                told.slices.insert(slice_key(s), (**s).clone());
             }
             Change::SliceDeleted { namespace, name } => {
-                if let Some(at) = find(&told.slices, namespace, name) {
-                    told.slices.remove(&at);
-                }
+                told.slices.remove(&(namespace.clone(), name.clone()));
             }
             Change::Node(n) => told.node = Some((**n).clone()),
             Change::Snapshot(_) | Change::Policies { .. } => {}
