@@ -130,11 +130,21 @@ impl Dataplane for FakeDataplane {
             }
             .into());
         }
-        // All or nothing, as nft applies a transaction.
-        let mut nft = k.nft.clone();
-        match nft.run(ruleset) {
-            Ok(replaced) => {
+        // All or nothing, as nft applies a transaction: on a copy when it touches tables or
+        // flushes sets; element changes alone are undone one by one instead, so the fake
+        // kernel's cost for a small batch stays small too, as the real kernel's does.
+        let outcome = if ruleset.contains("table ") || ruleset.contains("flush ") {
+            let mut nft = k.nft.clone();
+            let outcome = nft.run(ruleset);
+            if outcome.is_ok() {
                 k.nft = nft;
+            }
+            outcome
+        } else {
+            k.nft.run_elements(ruleset).map(|()| 0)
+        };
+        match outcome {
+            Ok(replaced) => {
                 k.table_replacements += replaced;
                 Ok(())
             }
@@ -175,6 +185,59 @@ impl FakeNft {
         let mut nft = FakeNft::default();
         nft.run(text)?;
         Ok(nft)
+    }
+
+    /// Runs a transaction of `add element` / `delete element` lines in place, undoing what it
+    /// did when one of them fails.
+    fn run_elements(&mut self, text: &str) -> Result<(), String> {
+        let mut done: Vec<(String, String, bool)> = Vec::new();
+        let mut outcome = Ok(());
+        'lines: for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let words: Vec<&str> = line.splitn(6, ' ').collect();
+            let (added, key) = match words.as_slice() {
+                [verb @ ("add" | "delete"), "element", family, name, set_name, _] => {
+                    (*verb == "add", format!("{family} {name} {set_name}"))
+                }
+                _ => {
+                    outcome = Err(format!("not an element change: {line}"));
+                    break;
+                }
+            };
+            let list = line.split_once('{').map_or("", |(_, l)| l);
+            let Some(members) = self.sets.get_mut(&key) else {
+                outcome = Err(format!("no set {key}"));
+                break;
+            };
+            for element in list
+                .trim()
+                .trim_end_matches('}')
+                .split(',')
+                .map(str::trim)
+                .filter(|e| !e.is_empty())
+            {
+                if added {
+                    if members.insert(element.to_string()) {
+                        done.push((key.clone(), element.to_string(), true));
+                    }
+                } else if members.remove(element) {
+                    done.push((key.clone(), element.to_string(), false));
+                } else {
+                    outcome = Err(format!("delete element {key} {{ {element} }}: no such element"));
+                    break 'lines;
+                }
+            }
+        }
+        if outcome.is_err() {
+            for (key, element, added) in done.into_iter().rev() {
+                let members = self.sets.entry(key).or_default();
+                if added {
+                    members.remove(&element);
+                } else {
+                    members.insert(element);
+                }
+            }
+        }
+        outcome
     }
 
     /// Runs one transaction; returns how many tables it deleted.

@@ -259,19 +259,12 @@ impl<D: Dataplane> Syncer<D> {
         self.finish(outcome, started)
     }
 
-    /// Replaces the model of the kernel with a dump of it, and the wanted set elements with
-    /// ones computed from the whole plan (the repair path recomputes what it writes).
+    /// Replaces the model of the kernel with a dump of it. (The wanted set elements follow the
+    /// plan alone, never the kernel, so the full resync refills the sets from them as they are.)
     fn read_kernel(&mut self) -> Result<(), DataplaneError> {
         let table = self.dataplane.dump()?;
         self.bound = self.dataplane.addresses()?;
         self.kernel = table;
-        let mut sets = NftSets::default();
-        for rule in self.tracker.winning_rules() {
-            if let Some(service) = self.tracker.desired().get(&rule.key) {
-                sets.set(rule.key, nft::elements_of(&rule.key, reach_of(rule), service));
-            }
-        }
-        self.nft = sets;
         Ok(())
     }
 
