@@ -93,10 +93,7 @@ fn snapshot(services: usize, endpoints: usize) -> Snapshot {
 }
 
 fn syncer(fake: FakeDataplane) -> Syncer<FakeDataplane> {
-    let config = ProxyConfig {
-        node_name: "node-0".into(),
-        mode: ProxyMode::Replacement,
-    };
+    let config = ProxyConfig::new("node-0", ProxyMode::Replacement);
     Syncer::new(fake, config, MasqueradeOptions::default(), Metrics::new())
 }
 

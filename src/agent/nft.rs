@@ -12,8 +12,19 @@
 //! - a pod load-balanced to itself (hairpin).
 //!
 //! Traffic to Local-policy services from outside the node is never marked: the endpoint sees the
-//! client's real address. Generation is a pure function of the plan and the options, so the
-//! whole ruleset is tested as text.
+//! client's real address.
+//!
+//! The same chains drop new connections to load-balancer virtual servers from sources outside
+//! their `loadBalancerSourceRanges` (kube-proxy's KUBE-LOAD-BALANCER-FW / source-ranges
+//! firewall): a set of the restricted virtual servers and an interval set of allowed
+//! (virtual server, source range) pairs. As in kube-proxy, a node whose address is in a range
+//! may also reach the load balancer from itself (its packets carry the VIP as source), and
+//! established flows are left alone when the ranges change. Health-check node ports and node
+//! ports are never filtered. Both sets and the filter rule are always declared (empty sets match
+//! nothing), so whether any range exists never changes the table's layout.
+//!
+//! Generation is a pure function of the plan and the options, so the whole ruleset is tested as
+//! text.
 //!
 //! The table is written whole once, when the agent starts, and again only when its layout
 //! changes (the ip6 table appearing or going) or a transaction failed. Between those, a sync
@@ -25,9 +36,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::net::IpAddr;
 
+pub use portpolicy_core::cidr::Cidr;
 #[cfg(test)]
 use portpolicy_core::ipvs::IpvsTable;
-use portpolicy_core::ipvs::{IpvsService, VirtualServerKey};
+use portpolicy_core::ipvs::{IpvsService, NodeRules, VirtualServerKey};
 use portpolicy_core::ports::Protocol;
 
 /// The table name, in both the `ip` and `ip6` families. The agent owns it whole.
@@ -68,38 +80,6 @@ pub struct MasqueradeOptions {
     pub all: bool,
     /// Pod network ranges: traffic to cluster IPs from outside them is masqueraded.
     pub cluster_cidrs: Vec<Cidr>,
-}
-
-/// An address range, `10.244.0.0/16`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Cidr {
-    pub address: IpAddr,
-    pub prefix: u8,
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let (addr, prefix) = text
-            .split_once('/')
-            .ok_or_else(|| format!("{text:?} is not a CIDR (expected address/prefix)"))?;
-        let address: IpAddr = addr.parse().map_err(|e| format!("{text:?}: bad address: {e}"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .map_err(|e| format!("{text:?}: bad prefix length: {e}"))?;
-        let max = if address.is_ipv4() { 32 } else { 128 };
-        if prefix > max {
-            return Err(format!("{text:?}: prefix length above {max}"));
-        }
-        Ok(Cidr { address, prefix })
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.address, self.prefix)
-    }
 }
 
 /// One address family's table.
@@ -149,7 +129,54 @@ const VIRTUAL_SERVERS: &str = "virtual-servers";
 const EXTERNAL_CLUSTER: &str = "external-cluster";
 const CLUSTER_IPS: &str = "cluster-ips";
 const HAIRPIN: &str = "hairpin";
-const PLAN_SETS: [&str; 4] = [VIRTUAL_SERVERS, EXTERNAL_CLUSTER, CLUSTER_IPS, HAIRPIN];
+const LB_RESTRICTED: &str = "lb-restricted";
+const LB_ALLOWED: &str = "lb-allowed";
+const PLAN_SETS: [&str; 6] = [
+    VIRTUAL_SERVERS,
+    EXTERNAL_CLUSTER,
+    CLUSTER_IPS,
+    HAIRPIN,
+    LB_RESTRICTED,
+    LB_ALLOWED,
+];
+
+/// A load-balancer virtual server that accepts new connections only from `allowed`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SourceRestriction {
+    pub key: VirtualServerKey,
+    /// Empty: no client may connect.
+    pub allowed: Vec<Cidr>,
+}
+
+/// The sources a load balancer with these source ranges accepts: the ranges, and the VIP itself
+/// when a range holds one of the node's addresses, since the node's own packets to a VIP it
+/// holds carry the VIP as source (kube-proxy's `allowFromNode`).
+pub fn allowed_sources(key: &VirtualServerKey, ranges: &[Cidr], node_addresses: &[IpAddr]) -> Vec<Cidr> {
+    let mut allowed = ranges.to_vec();
+    let from_node = ranges
+        .iter()
+        .any(|range| node_addresses.iter().any(|ip| range.contains(ip)));
+    if from_node {
+        let host = if key.address.is_ipv4() { 32 } else { 128 };
+        allowed.extend(Cidr::new(key.address, host));
+    }
+    allowed
+}
+
+/// The plan's load-balancer source ranges as restrictions.
+pub fn source_restrictions(plan: &NodeRules) -> Vec<SourceRestriction> {
+    let node_addresses: Vec<IpAddr> = plan.node_addresses.iter().copied().collect();
+    plan.virtual_servers
+        .iter()
+        .filter_map(|vs| {
+            let ranges = vs.source_ranges.as_ref()?;
+            Some(SourceRestriction {
+                key: vs.key,
+                allowed: allowed_sources(&vs.key, ranges, &node_addresses),
+            })
+        })
+        .collect()
+}
 
 /// One element of one of the agent's sets, as `nft` spells it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -160,9 +187,16 @@ pub(crate) struct Element {
 }
 
 /// The elements one virtual server puts in the sets: itself in `virtual-servers` and in the
-/// set of how it is reached, and one hairpin element per real server (real servers shared by
-/// several virtual servers give the same hairpin element, hence the counts in [`NftSets`]).
-pub(crate) fn elements_of(key: &VirtualServerKey, reach: Reach, service: &IpvsService) -> Vec<Element> {
+/// set of how it is reached, one hairpin element per real server (real servers shared by
+/// several virtual servers give the same hairpin element, hence the counts in [`NftSets`]),
+/// and, for a load balancer with source ranges (`allowed`, see [`allowed_sources`]), itself in
+/// `lb-restricted` and one `lb-allowed` element per allowed range.
+pub(crate) fn elements_of(
+    key: &VirtualServerKey,
+    reach: Reach,
+    service: &IpvsService,
+    allowed: Option<&[Cidr]>,
+) -> Vec<Element> {
     let family = Family::of(&key.address);
     let element = |set, value| Element { family, set, value };
     let mut elements = vec![element(VIRTUAL_SERVERS, key_element(key))];
@@ -180,6 +214,12 @@ pub(crate) fn elements_of(key: &VirtualServerKey, reach: Reach, service: &IpvsSe
             real.address
         );
         elements.push(element(HAIRPIN, value));
+    }
+    if let Some(allowed) = allowed {
+        elements.push(element(LB_RESTRICTED, key_element(key)));
+        for range in allowed.iter().filter(|range| family.holds(&range.address())) {
+            elements.push(element(LB_ALLOWED, format!("{} . {range}", key_element(key))));
+        }
     }
     elements
 }
@@ -337,11 +377,19 @@ pub(crate) fn ruleset<'a>(
     virtual_servers: impl IntoIterator<Item = (&'a VirtualServerKey, Reach)>,
     table: &IpvsTable,
     options: &MasqueradeOptions,
+    restrictions: &[SourceRestriction],
 ) -> String {
     let mut sets = NftSets::default();
     let empty = IpvsService::default();
     for (key, reach) in virtual_servers {
-        sets.set(*key, elements_of(key, reach, table.get(key).unwrap_or(&empty)));
+        let allowed = restrictions
+            .iter()
+            .find(|r| r.key == *key)
+            .map(|r| r.allowed.as_slice());
+        sets.set(
+            *key,
+            elements_of(key, reach, table.get(key).unwrap_or(&empty), allowed),
+        );
     }
     sets.ruleset(options, false)
 }
@@ -361,7 +409,7 @@ fn family_table(
     let cidrs: Vec<String> = options
         .cluster_cidrs
         .iter()
-        .filter(|c| family.holds(&c.address))
+        .filter(|c| family.holds(&c.address()))
         .map(Cidr::to_string)
         .collect();
     let key_type = format!("{} . inet_proto . inet_service", family.addr_type());
@@ -371,17 +419,21 @@ fn family_table(
     };
     let key_match = format!("{addr} daddr . meta l4proto . th dport");
     let mark = format!("meta mark set meta mark | {MASQUERADE_MARK:#010x}");
+    // First in both marking chains: a refused connection is neither marked nor forwarded.
+    let source_filter = format!(
+        "\t\tct state new {key_match} @{LB_RESTRICTED} {key_match} . {addr} saddr != @{LB_ALLOWED} drop\n"
+    );
 
     let _ = writeln!(out, "add table {fam} {TABLE_NAME}");
     let _ = writeln!(out, "delete table {fam} {TABLE_NAME}");
     let _ = writeln!(out, "table {fam} {TABLE_NAME} {{");
     for name in PLAN_SETS {
-        let key_type = if name == HAIRPIN {
-            format!("{key_type} . {}", family.addr_type())
-        } else {
-            key_type.clone()
+        let (key_type, flags) = match name {
+            HAIRPIN => (format!("{key_type} . {}", family.addr_type()), ""),
+            LB_ALLOWED => (format!("{key_type} . {}", family.addr_type()), "interval"),
+            _ => (key_type.clone(), ""),
         };
-        set(out, name, &key_type, "", &elements(name));
+        set(out, name, &key_type, flags, &elements(name));
     }
     if !cidrs.is_empty() {
         let cidrs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
@@ -390,6 +442,7 @@ fn family_table(
     // Priority mangle (-150) runs before IPVS (which hooks output and input near -100).
     let _ = writeln!(out, "\tchain mark-local {{");
     let _ = writeln!(out, "\t\ttype filter hook output priority mangle; policy accept;");
+    out.push_str(&source_filter);
     let _ = writeln!(out, "\t\t{key_match} @virtual-servers {mark}");
     let _ = writeln!(out, "\t}}");
     let _ = writeln!(out, "\tchain mark-incoming {{");
@@ -397,6 +450,7 @@ fn family_table(
         out,
         "\t\ttype filter hook prerouting priority mangle; policy accept;"
     );
+    out.push_str(&source_filter);
     let _ = writeln!(out, "\t\t{key_match} @external-cluster {mark}");
     if options.all {
         let _ = writeln!(out, "\t\t{key_match} @cluster-ips {mark}");
@@ -489,6 +543,7 @@ mod tests {
             servers.iter().map(|(k, r)| (k, *r)),
             &table,
             &MasqueradeOptions::default(),
+            &[],
         );
         let expected = "\
 add table ip portpolicy
@@ -510,12 +565,21 @@ table ip portpolicy {
 \t\ttype ipv4_addr . inet_proto . inet_service . ipv4_addr
 \t\telements = { 10.0.1.2 . tcp . 8080 . 10.0.1.2, 10.0.2.2 . tcp . 8080 . 10.0.2.2 }
 \t}
+\tset lb-restricted {
+\t\ttype ipv4_addr . inet_proto . inet_service
+\t}
+\tset lb-allowed {
+\t\ttype ipv4_addr . inet_proto . inet_service . ipv4_addr
+\t\tflags interval
+\t}
 \tchain mark-local {
 \t\ttype filter hook output priority mangle; policy accept;
+\t\tct state new ip daddr . meta l4proto . th dport @lb-restricted ip daddr . meta l4proto . th dport . ip saddr != @lb-allowed drop
 \t\tip daddr . meta l4proto . th dport @virtual-servers meta mark set meta mark | 0x00004000
 \t}
 \tchain mark-incoming {
 \t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tct state new ip daddr . meta l4proto . th dport @lb-restricted ip daddr . meta l4proto . th dport . ip saddr != @lb-allowed drop
 \t\tip daddr . meta l4proto . th dport @external-cluster meta mark set meta mark | 0x00004000
 \t}
 \tchain postrouting {
@@ -542,12 +606,21 @@ table ip6 portpolicy {
 \t\ttype ipv6_addr . inet_proto . inet_service . ipv6_addr
 \t\telements = { fd00:1::2 . udp . 5353 . fd00:1::2 }
 \t}
+\tset lb-restricted {
+\t\ttype ipv6_addr . inet_proto . inet_service
+\t}
+\tset lb-allowed {
+\t\ttype ipv6_addr . inet_proto . inet_service . ipv6_addr
+\t\tflags interval
+\t}
 \tchain mark-local {
 \t\ttype filter hook output priority mangle; policy accept;
+\t\tct state new ip6 daddr . meta l4proto . th dport @lb-restricted ip6 daddr . meta l4proto . th dport . ip6 saddr != @lb-allowed drop
 \t\tip6 daddr . meta l4proto . th dport @virtual-servers meta mark set meta mark | 0x00004000
 \t}
 \tchain mark-incoming {
 \t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tct state new ip6 daddr . meta l4proto . th dport @lb-restricted ip6 daddr . meta l4proto . th dport . ip6 saddr != @lb-allowed drop
 \t\tip6 daddr . meta l4proto . th dport @external-cluster meta mark set meta mark | 0x00004000
 \t}
 \tchain postrouting {
@@ -567,7 +640,7 @@ table ip6 portpolicy {
             all: false,
             cluster_cidrs: vec!["10.0.0.0/16".parse().unwrap(), "fd00:1::/64".parse().unwrap()],
         };
-        let text = ruleset(servers.iter().map(|(k, r)| (k, *r)), &table, &options);
+        let text = ruleset(servers.iter().map(|(k, r)| (k, *r)), &table, &options, &[]);
         assert!(text.contains(
             "\tset cluster-cidrs {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.0.0.0/16 }\n\t}\n"
         ));
@@ -586,7 +659,7 @@ table ip6 portpolicy {
             all: true,
             cluster_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
         };
-        let text = ruleset(servers.iter().map(|(k, r)| (k, *r)), &table, &options);
+        let text = ruleset(servers.iter().map(|(k, r)| (k, *r)), &table, &options, &[]);
         assert!(text.contains(
             "\t\tip daddr . meta l4proto . th dport @cluster-ips meta mark set meta mark | 0x00004000\n"
         ));
@@ -602,24 +675,183 @@ table ip6 portpolicy {
     }
 
     #[test]
+    fn source_ranges_drop_new_connections_from_elsewhere_before_anything_is_marked() {
+        let (mut servers, mut table) = sample();
+        let lb = key("198.51.100.50", 443, Protocol::Tcp);
+        let lb6 = key("2001:db8::50", 443, Protocol::Tcp);
+        let closed = key("198.51.100.51", 53, Protocol::Udp);
+        for k in [lb, lb6, closed] {
+            servers.push((k, Reach::External { local: true }));
+            table.insert(k, service(&[("10.0.1.2", 8443)]));
+        }
+        let restrictions = [
+            SourceRestriction {
+                key: lb,
+                allowed: vec![
+                    "203.0.113.0/24".parse().unwrap(),
+                    "198.51.100.50/32".parse().unwrap(),
+                ],
+            },
+            SourceRestriction {
+                key: lb6,
+                allowed: vec!["2001:db8:1::/48".parse().unwrap()],
+            },
+            SourceRestriction {
+                key: closed,
+                allowed: vec![],
+            },
+        ];
+        let text = ruleset(
+            servers.iter().map(|(k, r)| (k, *r)),
+            &table,
+            &MasqueradeOptions::default(),
+            &restrictions,
+        );
+        assert!(text.contains(
+            "\tset lb-restricted {\n\t\ttype ipv4_addr . inet_proto . inet_service\n\
+             \t\telements = { 198.51.100.50 . tcp . 443, 198.51.100.51 . udp . 53 }\n\t}\n\
+             \tset lb-allowed {\n\t\ttype ipv4_addr . inet_proto . inet_service . ipv4_addr\n\t\tflags interval\n\
+             \t\telements = { 198.51.100.50 . tcp . 443 . 198.51.100.50/32, 198.51.100.50 . tcp . 443 . 203.0.113.0/24 }\n\t}\n"
+        ), "{text}");
+        assert!(text.contains("\t\telements = { 2001:db8::50 . tcp . 443 . 2001:db8:1::/48 }\n"));
+        let filter = "\t\tct state new ip daddr . meta l4proto . th dport @lb-restricted \
+                      ip daddr . meta l4proto . th dport . ip saddr != @lb-allowed drop\n";
+        // In both chains, before their marking rules.
+        assert_eq!(text.matches(filter).count(), 2, "{text}");
+        assert!(text.contains(&format!(
+            "priority mangle; policy accept;\n{filter}\t\tip daddr . meta l4proto . th dport @virtual-servers"
+        )));
+        assert!(text.contains(&format!(
+            "priority mangle; policy accept;\n{filter}\t\tip daddr . meta l4proto . th dport @external-cluster"
+        )));
+        assert_eq!(text.matches("ip6 saddr != @lb-allowed drop").count(), 2);
+        // Without restrictions the layout is the same: the sets are declared, only empty.
+        let plain = ruleset(
+            servers.iter().map(|(k, r)| (k, *r)),
+            &table,
+            &MasqueradeOptions::default(),
+            &[],
+        );
+        let layout = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| !l.contains("elements ="))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(layout(&plain), layout(&text));
+        assert!(!plain.contains("198.51.100.50 . tcp . 443 . "));
+    }
+
+    #[test]
+    fn a_source_range_change_sends_only_element_updates() {
+        let lb = key("198.51.100.50", 443, Protocol::Tcp);
+        let svc = service(&[("10.0.1.2", 8443)]);
+        let reach = Reach::External { local: true };
+        let ranges = |list: &[&str]| -> Vec<Cidr> { list.iter().map(|c| c.parse().unwrap()).collect() };
+        let mut sets = NftSets::default();
+        sets.set(lb, elements_of(&lb, reach, &svc, None));
+        let _ = sets.take_batch();
+        // Ranges appear.
+        sets.set(
+            lb,
+            elements_of(&lb, reach, &svc, Some(&ranges(&["203.0.113.0/24"]))),
+        );
+        assert_eq!(
+            sets.take_batch(),
+            "add element ip portpolicy lb-restricted { 198.51.100.50 . tcp . 443 }\n\
+             add element ip portpolicy lb-allowed { 198.51.100.50 . tcp . 443 . 203.0.113.0/24 }\n"
+        );
+        // One range replaced by another, one added.
+        let changed = ranges(&["192.0.2.0/24", "203.0.113.128/25"]);
+        sets.set(lb, elements_of(&lb, reach, &svc, Some(&changed)));
+        assert_eq!(
+            sets.take_batch(),
+            "delete element ip portpolicy lb-allowed { 198.51.100.50 . tcp . 443 . 203.0.113.0/24 }\n\
+             add element ip portpolicy lb-allowed { 198.51.100.50 . tcp . 443 . 192.0.2.0/24, 198.51.100.50 . tcp . 443 . 203.0.113.128/25 }\n"
+        );
+        // Ranges emptied: nobody may connect, the key stays restricted.
+        sets.set(lb, elements_of(&lb, reach, &svc, Some(&[])));
+        assert_eq!(
+            sets.take_batch(),
+            "delete element ip portpolicy lb-allowed { 198.51.100.50 . tcp . 443 . 192.0.2.0/24, 198.51.100.50 . tcp . 443 . 203.0.113.128/25 }\n"
+        );
+        // Ranges gone: open again.
+        sets.set(lb, elements_of(&lb, reach, &svc, None));
+        assert_eq!(
+            sets.take_batch(),
+            "delete element ip portpolicy lb-restricted { 198.51.100.50 . tcp . 443 }\n"
+        );
+        // The full resync refills the lb sets with the rest.
+        sets.set(
+            lb,
+            elements_of(&lb, reach, &svc, Some(&ranges(&["203.0.113.0/24"]))),
+        );
+        let refill = sets.refill();
+        assert!(refill.contains(
+            "flush set ip portpolicy lb-restricted\nadd element ip portpolicy lb-restricted { 198.51.100.50 . tcp . 443 }\n\
+             flush set ip portpolicy lb-allowed\nadd element ip portpolicy lb-allowed { 198.51.100.50 . tcp . 443 . 203.0.113.0/24 }\n"
+        ), "{refill}");
+    }
+
+    #[test]
+    fn a_node_inside_a_source_range_may_reach_the_load_balancer_from_itself() {
+        use portpolicy_core::ipvs::{ProxyConfig, ProxyMode, node_rules};
+        use portpolicy_core::snapshot::parse_str;
+        let snapshot = |ranges: &str| {
+            let text = format!(
+                "apiVersion: v1
+kind: Node
+metadata: {{name: node-a}}
+status: {{addresses: [{{type: InternalIP, address: 192.168.1.10}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: shop}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.50
+  loadBalancerSourceRanges: {ranges}
+  ports: [{{port: 80, nodePort: 30080}}]
+status: {{loadBalancer: {{ingress: [{{ip: 198.51.100.50}}]}}}}
+"
+            );
+            parse_str("lb.yaml", &text).snapshot
+        };
+        let config = ProxyConfig::new("node-a", ProxyMode::Replacement);
+        let lb = key("198.51.100.50", 80, Protocol::Tcp);
+        let plan = node_rules(&snapshot("[192.168.0.0/16, 203.0.113.0/24]"), &config);
+        assert_eq!(
+            source_restrictions(&plan),
+            [SourceRestriction {
+                key: lb,
+                allowed: ["192.168.0.0/16", "203.0.113.0/24", "198.51.100.50/32"]
+                    .map(|c| c.parse().unwrap())
+                    .to_vec(),
+            }]
+        );
+        let plan = node_rules(&snapshot("[203.0.113.0/24]"), &config);
+        assert_eq!(
+            source_restrictions(&plan),
+            [SourceRestriction {
+                key: lb,
+                allowed: vec!["203.0.113.0/24".parse().unwrap()],
+            }]
+        );
+        assert_eq!(source_restrictions(&node_rules(&snapshot("[]"), &config)), []);
+    }
+
+    #[test]
     fn an_empty_plan_still_replaces_the_tables() {
         let text = ruleset(
             std::iter::empty(),
             &IpvsTable::new(),
             &MasqueradeOptions::default(),
+            &[],
         );
         assert!(
             text.starts_with("add table ip portpolicy\ndelete table ip portpolicy\ntable ip portpolicy {\n")
         );
         assert!(!text.contains("elements"));
         assert!(!text.contains("ip6"));
-    }
-
-    #[test]
-    fn cidrs_parse_and_reject_nonsense() {
-        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().to_string(), "10.0.0.0/8");
-        assert!("10.0.0.0".parse::<Cidr>().is_err());
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("::/129".parse::<Cidr>().is_err());
     }
 }

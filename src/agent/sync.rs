@@ -23,7 +23,8 @@ use super::nft::{self, MasqueradeOptions, NftSets, Reach};
 use portpolicy_core::governance::{NamespaceLabels, PolicySet};
 use portpolicy_core::ipvs::diff::{Ownership, diff, diff_keys};
 use portpolicy_core::ipvs::{
-    HealthCheckRule, ProxyConfig, ProxyMode, RuleTracker, VirtualServerKind, VirtualServerRule,
+    HealthCheckRule, ProxyConfig, ProxyMode, RuleTracker, StaleFlows, VirtualServerKind, VirtualServerRule,
+    stale_udp_flows,
 };
 use portpolicy_core::ipvs::{IpvsOp, IpvsTable, VirtualServerKey};
 use portpolicy_core::ports::{PortRange, Protocol};
@@ -69,6 +70,8 @@ pub struct SyncOutcome {
     pub failed_operations: usize,
     /// Everything that went wrong, for the log; empty when the sync fully succeeded.
     pub errors: Vec<SyncError>,
+    /// What went wrong without making the sync fail (it is retried on the next sync anyway).
+    pub warnings: Vec<SyncError>,
     /// The health-check listeners this node should run.
     pub health_checks: Vec<HealthCheckRule>,
 }
@@ -107,7 +110,13 @@ pub struct Syncer<D: Dataplane> {
     ipv6_written: bool,
     /// The reserved node ports must be written (they changed, or the last write failed).
     reserved_changed: bool,
+    /// UDP flows whose conntrack entries still have to be cleared.
+    stale_flows: BTreeSet<StaleFlows>,
 }
+
+/// Stale flows kept for retrying while clearing them fails; beyond this the excess is given up
+/// (the kernel expires those entries on its own, in minutes rather than at once).
+const MAX_PENDING_STALE_FLOWS: usize = 4096;
 
 impl<D: Dataplane> Syncer<D> {
     pub fn new(dataplane: D, config: ProxyConfig, masquerade: MasqueradeOptions, metrics: Metrics) -> Self {
@@ -128,6 +137,7 @@ impl<D: Dataplane> Syncer<D> {
             nft_layout: None,
             ipv6_written: false,
             reserved_changed: true,
+            stale_flows: BTreeSet::new(),
         }
     }
 
@@ -201,7 +211,13 @@ impl<D: Dataplane> Syncer<D> {
                 self.node_ports_seen.insert(key.port);
             }
             let elements = match (rule, self.tracker.desired().get(key)) {
-                (Some(rule), Some(service)) => nft::elements_of(key, reach_of(rule), service),
+                (Some(rule), Some(service)) => {
+                    let allowed = rule
+                        .source_ranges
+                        .as_deref()
+                        .map(|ranges| nft::allowed_sources(key, ranges, self.tracker.node_addresses()));
+                    nft::elements_of(key, reach_of(rule), service, allowed.as_deref())
+                }
                 _ => Vec::new(),
             };
             self.nft.set(*key, elements);
@@ -256,6 +272,7 @@ impl<D: Dataplane> Syncer<D> {
         self.change_addresses(&BTreeSet::new(), &to_unbind, &mut outcome);
         self.sync_ruleset(full, &mut outcome);
         self.sync_reserved_ports(full, &mut outcome);
+        self.clear_stale_flows(&mut outcome);
         self.finish(outcome, started)
     }
 
@@ -309,8 +326,21 @@ impl<D: Dataplane> Syncer<D> {
     /// Applies the operations, keeping the model of the kernel in step with what it accepted
     /// and scheduling a retry (and a full sync) for what it refused.
     fn apply(&mut self, ops: &[IpvsOp], outcome: &mut SyncOutcome) {
+        // What the UDP virtual servers held before, to tell which flows the batch made stale.
+        let udp_before: IpvsTable = ops
+            .iter()
+            .map(|op| *op.service())
+            .filter(|key| key.protocol == Protocol::Udp)
+            .filter_map(|key| self.kernel.get(&key).map(|svc| (key, svc.clone())))
+            .collect();
         let report = self.dataplane.apply(ops);
         let failed: BTreeSet<usize> = report.failures.iter().map(|(i, _)| *i).collect();
+        let applied = ops
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !failed.contains(i))
+            .map(|(_, op)| op);
+        self.stale_flows.extend(stale_udp_flows(&udp_before, applied));
         for (i, op) in ops.iter().enumerate() {
             self.metrics.ipvs_operations.with_label_values(&[op.kind()]).inc();
             if failed.contains(&i) {
@@ -402,6 +432,29 @@ impl<D: Dataplane> Syncer<D> {
             Err(e) => {
                 self.reserved_changed = true;
                 outcome.errors.push(e.into());
+            }
+        }
+    }
+
+    /// Deletes the conntrack entries of UDP flows whose real server went (after the real server
+    /// itself, so no new entry can point at it). A failure is retried on the next sync; it does
+    /// not fail this one, since IPVS itself is as planned.
+    fn clear_stale_flows(&mut self, outcome: &mut SyncOutcome) {
+        if self.stale_flows.is_empty() {
+            return;
+        }
+        let flows: Vec<StaleFlows> = self.stale_flows.iter().copied().collect();
+        match self.dataplane.clear_flows(&flows) {
+            Ok(deleted) => {
+                self.metrics.conntrack_entries_deleted.inc_by(deleted as u64);
+                self.stale_flows.clear();
+            }
+            Err(e) => {
+                self.metrics.conntrack_errors.inc();
+                outcome.warnings.push(e.into());
+                while self.stale_flows.len() > MAX_PENDING_STALE_FLOWS {
+                    self.stale_flows.pop_first();
+                }
             }
         }
     }

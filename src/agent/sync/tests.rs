@@ -6,8 +6,8 @@ use pretty_assertions::assert_eq;
 use super::*;
 use crate::agent::dataplane::DataplaneError;
 use crate::agent::fake::{FakeDataplane, FakeKernel, FakeNft};
-use portpolicy_core::ipvs::IpvsOp;
 use portpolicy_core::ipvs::node_rules;
+use portpolicy_core::ipvs::{IpvsOp, StaleFlows};
 use portpolicy_core::snapshot::parse_str;
 
 const NODE: &str = "
@@ -94,10 +94,7 @@ const WEB: [(&str, &str); 3] = [
 ];
 
 fn config() -> ProxyConfig {
-    ProxyConfig {
-        node_name: "node-a".into(),
-        mode: ProxyMode::Delegated,
-    }
+    ProxyConfig::new("node-a", ProxyMode::Delegated)
 }
 
 fn web_cluster_ip() -> VirtualServerKey {
@@ -344,6 +341,51 @@ fn tcp_real_servers_drain_before_deletion_and_udp_ones_go_at_once() {
 }
 
 #[test]
+fn a_removed_udp_real_server_has_its_flows_cleared_after_it_is_deleted() {
+    let (mut s, fake, metrics) = syncer(FakeKernel::default());
+    assert!(s.sync().succeeded());
+    // The first sync filled an empty UDP virtual server: flows from before are cleared once.
+    let dns = vs("10.96.0.53", 53, Protocol::Udp);
+    let every_flow = StaleFlows {
+        service: dns,
+        real: None,
+    };
+    assert_eq!(fake.state().cleared_flows, vec![vec![every_flow]]);
+
+    let mut snapshot = cluster(&[WEB[0], WEB[1]]);
+    snapshot.endpoint_slices[1]
+        .endpoints
+        .retain(|e| e.addresses[0] != "10.0.2.3");
+    s.observe(Change::Snapshot(Box::new(snapshot)));
+    fake.state().fail_clearing_flows = true;
+    let outcome = s.sync();
+    // IPVS is as planned: the sync succeeded, the failure is a warning and is retried.
+    assert!(outcome.succeeded(), "{:?}", outcome.errors);
+    assert_eq!(outcome.warnings.len(), 1, "{:?}", outcome.warnings);
+    assert_eq!(metrics.conntrack_errors.get(), 1);
+    assert!(
+        !fake.state().table[&dns]
+            .real_servers
+            .contains_key(&rs("10.0.2.3", 5353))
+    );
+
+    fake.state().fail_clearing_flows = false;
+    let outcome = s.sync();
+    assert!(outcome.warnings.is_empty());
+    let removed = StaleFlows {
+        service: dns,
+        real: Some(rs("10.0.2.3", 5353)),
+    };
+    // Only the UDP real server's flows: the TCP one drains instead.
+    assert_eq!(fake.state().cleared_flows.last(), Some(&vec![removed]));
+    assert_eq!(metrics.conntrack_entries_deleted.get(), 2);
+    // Nothing more to clear on the next sync.
+    let batches = fake.state().cleared_flows.len();
+    assert!(s.sync().succeeded());
+    assert_eq!(fake.state().cleared_flows.len(), batches);
+}
+
+#[test]
 fn refused_operations_are_counted_retried_and_lose_nothing() {
     let (mut s, fake, metrics) = syncer(FakeKernel::default());
     assert!(s.sync().succeeded());
@@ -556,6 +598,7 @@ fn expected_nft(plan: &portpolicy_core::ipvs::NodeRules, options: &MasqueradeOpt
         plan.virtual_servers.iter().map(|vs| (&vs.key, reach_of(vs))),
         &table,
         options,
+        &nft::source_restrictions(plan),
     );
     FakeNft::from_ruleset(&text).unwrap()
 }
@@ -663,6 +706,15 @@ mod kernel_model {
         if kind == "LoadBalancer" && variant & 4 != 0 {
             spec["healthCheckNodePort"] = json!(32000 + index);
         }
+        // Source ranges come, go and change; one of them holds node-a's address in one of its
+        // node variants only, so a node change alone moves the VIP in or out of lb-allowed.
+        if kind == "LoadBalancer" && variant & 128 != 0 {
+            spec["loadBalancerSourceRanges"] = match (ipv6, variant & 8 != 0) {
+                (true, _) => json!(["2001:db8::/32"]),
+                (false, true) => json!(["192.168.1.11/32", "203.0.113.0/24"]),
+                (false, false) => json!(["203.0.113.0/24"]),
+            };
+        }
         if variant & 8 != 0 {
             spec["internalTrafficPolicy"] = json!("Local");
         }
@@ -742,10 +794,7 @@ mod kernel_model {
         mode: ProxyMode,
         full: bool,
     ) -> Result<(), TestCaseError> {
-        let config = ProxyConfig {
-            node_name: "node-a".into(),
-            mode,
-        };
+        let config = ProxyConfig::new("node-a", mode);
         let plan = node_rules(&told.snapshot(), &config);
         let want = plan.table();
         let k = fake.state();
@@ -786,10 +835,7 @@ mod kernel_model {
 
     fn run(mode: ProxyMode, events: Vec<(Event, bool)>) -> Result<(), TestCaseError> {
         let fake = FakeDataplane::new(FakeKernel::default());
-        let config = ProxyConfig {
-            node_name: "node-a".into(),
-            mode,
-        };
+        let config = ProxyConfig::new("node-a", mode);
         let mut syncer = Syncer::new(fake.clone(), config, MasqueradeOptions::default(), Metrics::new());
         let mut cluster = Cluster {
             node: Some(node(0)),

@@ -4,6 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::cidr::Cidr;
 
 use super::model::ServiceId;
 use super::rules::{HealthCheckRule, VirtualServerKind, VirtualServerRule};
@@ -50,11 +53,13 @@ impl<T: Ord + Copy> Counted<T> {
 
 /// What decides how a virtual server is reached beyond its IPVS entry (which addresses the
 /// node binds, which traffic the agent's nftables rules mark): a change of it alone dirties the
-/// key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// key. That includes a load balancer's source ranges, which only the agent's nftables sets
+/// carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Reach {
     kind: VirtualServerKind,
     only_local: bool,
+    source_ranges: Option<Arc<[Cidr]>>,
 }
 
 impl Reach {
@@ -62,6 +67,7 @@ impl Reach {
         Reach {
             kind: rule.kind,
             only_local: rule.only_local,
+            source_ranges: rule.source_ranges.clone(),
         }
     }
 }
@@ -99,10 +105,10 @@ impl NodeState {
         }
         if let Some((reach, new)) = new {
             self.real_servers += new.real_servers.len();
-            self.reaches.insert(*key, reach);
             if reach.kind != VirtualServerKind::NodePort {
                 self.vips.add(key.address);
             }
+            self.reaches.insert(*key, reach);
         }
     }
 
@@ -164,8 +170,8 @@ impl NodeState {
         self.vips.0.keys().copied()
     }
 
-    pub(super) fn reach(&self, key: &VirtualServerKey) -> Option<Reach> {
-        self.reaches.get(key).copied()
+    pub(super) fn reach(&self, key: &VirtualServerKey) -> Option<&Reach> {
+        self.reaches.get(key)
     }
 
     pub(super) fn reserved_node_ports(&self) -> BTreeSet<u16> {
