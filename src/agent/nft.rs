@@ -758,8 +758,8 @@ table ip6 portpolicy {
         );
         assert_eq!(
             sets.take_batch(),
-            "add element ip portpolicy lb-restricted { 198.51.100.50 . tcp . 443 }\n\
-             add element ip portpolicy lb-allowed { 198.51.100.50 . tcp . 443 . 203.0.113.0/24 }\n"
+            "add element ip portpolicy lb-allowed { 198.51.100.50 . tcp . 443 . 203.0.113.0/24 }\n\
+             add element ip portpolicy lb-restricted { 198.51.100.50 . tcp . 443 }\n"
         );
         // One range replaced by another, one added.
         let changed = ranges(&["192.0.2.0/24", "203.0.113.128/25"]);
