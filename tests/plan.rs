@@ -398,3 +398,70 @@ spec:
         "{stderr}"
     );
 }
+
+/// The allocator fixes as `plan` shows them: a pin whose holder the same plan moves is reached
+/// at once, and a Service port pinned twice is the policy's problem, not the last pin's win.
+#[test]
+fn cli_plans_a_pin_whose_holder_moves_in_one_plan_and_refuses_a_port_pinned_twice() {
+    let service = |name: &str, created: &str, node_port: u16| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop, creationTimestamp: \"{created}\"}}\nspec: {{type: NodePort, ports: [{{name: http, port: 80, nodePort: {node_port}}}]}}\n"
+        )
+    };
+    let policy = |pins: &str| {
+        format!(
+            "apiVersion: portpolicy.io/v1alpha1\nkind: PortPolicy\nmetadata: {{name: edge}}\nspec:\n  nodePorts:\n    range: 31000-31099\n    pinned: [{pins}]\n"
+        )
+    };
+    let services =
+        service("pinned", "2026-01-01T00:00:00Z", 31050) + &service("holder", "2026-01-02T00:00:00Z", 31010);
+    let chain = policy(
+        "{namespace: shop, service: pinned, portName: http, nodePort: 31010}, \
+         {namespace: shop, service: holder, portName: http, nodePort: 31020}",
+    );
+    let path = temp_file("pin-chain.yaml", &(chain + &services));
+    let (code, stdout, stderr) =
+        portpolicy(&["plan", "-f", path.to_str().unwrap(), "-o", "json", "--now", NOW]);
+    assert_eq!(code, 0, "{stderr}");
+    let json: Value = serde_json::from_str(&stdout).unwrap();
+    let ports: Vec<_> = (json["nodePorts"].as_array().unwrap().iter())
+        .map(|p| {
+            (
+                p["service"].as_str().unwrap(),
+                p["nodePort"].as_u64().unwrap(),
+                p["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [("shop/holder", 31020, "Pinned"), ("shop/pinned", 31010, "Pinned")]
+    );
+    assert_eq!(json["problems"], Value::Array(vec![]), "{stdout}");
+
+    let twice = policy(
+        "{namespace: shop, service: pinned, portName: http, nodePort: 31010}, \
+         {namespace: shop, service: pinned, portName: http, nodePort: 31020}",
+    );
+    let path = temp_file("pinned-twice.yaml", &(twice + &services));
+    let (code, stdout, stderr) =
+        portpolicy(&["plan", "-f", path.to_str().unwrap(), "-o", "json", "--now", NOW]);
+    assert_eq!(code, 0, "{stderr}");
+    let json: Value = serde_json::from_str(&stdout).unwrap();
+    let problem = (json["problems"].as_array().unwrap().iter())
+        .find(|p| p["field"] == "spec.nodePorts.pinned[1]")
+        .unwrap_or_else(|| panic!("no problem for the second pin: {stdout}"));
+    assert_eq!(problem["object"], "PortPolicy/edge");
+    assert!(
+        problem["message"]
+            .as_str()
+            .unwrap()
+            .contains("already pinned by spec.nodePorts.pinned[0]"),
+        "{problem}"
+    );
+    let pinned: Vec<_> = (json["nodePorts"].as_array().unwrap().iter())
+        .filter(|p| p["service"] == "shop/pinned")
+        .map(|p| p["nodePort"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pinned, [31050], "neither pin is applied");
+}

@@ -351,6 +351,20 @@ impl Computation {
             .collect()
     }
 
+    /// [`Self::intents`] in the order they must be written: a Service that leaves a nodePort
+    /// another one takes in the same plan (a pin whose holder moves) comes first, or the API
+    /// server would refuse the taker. The allocator's change list is in that order; Services
+    /// whose nodePorts do not change go first, as they take nothing.
+    pub fn intents_in_write_order(&self, policy: &str) -> Vec<(ServiceKey, ServiceIntent)> {
+        let rank: BTreeMap<(&str, &str), usize> = (self.allocation.service_changes().iter())
+            .enumerate()
+            .map(|(i, change)| ((change.namespace.as_str(), change.name.as_str()), i + 1))
+            .collect();
+        let mut intents: Vec<_> = self.intents(policy).into_iter().collect();
+        intents.sort_by_key(|(key, _)| rank.get(&(key.0.as_str(), key.1.as_str())).copied().unwrap_or(0));
+        intents
+    }
+
     /// Services the operator holds fields on that no policy governs any more: they get an empty
     /// apply, which hands those fields back. Nothing is released while some policy is invalid,
     /// because its selectors cannot be evaluated and it may still mean to govern them.
@@ -515,6 +529,33 @@ mod tests {
         let comp = run(&policies, &services);
         let intent = &comp.intents("a")[&("shop".to_string(), "web".to_string())];
         assert!((31000..=31099).contains(&intent.ports[0].node_port), "{intent:?}");
+    }
+
+    #[test]
+    fn a_service_leaving_a_pinned_port_is_written_before_the_pinned_one() {
+        // `a-pinned` sorts first by name; the port it is pinned to is `b-holder`'s, which its
+        // own pin moves away in the same plan.
+        let policies = [policy(
+            "a",
+            json!({"nodePorts": {"range": "31000-31099", "pinned": [
+                {"namespace": "shop", "service": "a-pinned", "nodePort": 31010},
+                {"namespace": "shop", "service": "b-holder", "nodePort": 31020}]}}),
+        )];
+        let services = [
+            service("a-pinned", json!({}), 31050, created_by_kubectl()),
+            service("b-holder", json!({}), 31010, created_by_kubectl()),
+        ];
+        let comp = run(&policies, &services);
+        let order: Vec<_> = (comp.intents_in_write_order("a").into_iter())
+            .map(|(key, intent)| (key.1, node_ports(&intent)))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("b-holder".to_string(), vec![(80, Protocol::Tcp, 31020)]),
+                ("a-pinned".to_string(), vec![(80, Protocol::Tcp, 31010)]),
+            ]
+        );
     }
 
     #[test]

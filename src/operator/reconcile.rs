@@ -149,7 +149,7 @@ async fn apply(policy: &PortPolicy, ctx: &Context) -> Result<Action> {
     );
     write_status_and_events(policy, &facts, ctx).await?;
 
-    for (key, intent) in comp.intents(&name) {
+    for (key, intent) in comp.intents_in_write_order(&name) {
         apply_service(&key, &intent, ctx).await?;
     }
     // An unreadable policy may govern Services nobody else does: release nothing until it is
