@@ -70,6 +70,25 @@ fn demo_cluster_plan_says_what_the_primer_says() {
             .map(|r| (r.node_port, r.state.as_str(), r.protocol.as_str()))
             .collect::<Vec<_>>()
     };
+    // The range summary agrees with the rows: every distinct nodePort edge gives out in its
+    // range is used (the demo has no retained-only record), 31000-31009 are reserved, and the
+    // pinned 31050 is held by its Service, so it counts as used, not pinned.
+    let edge_ports: std::collections::BTreeSet<u16> = report
+        .node_ports
+        .iter()
+        .filter(|r| r.policy.as_deref() == Some("edge") && (31000..=31099).contains(&r.node_port))
+        .map(|r| r.node_port)
+        .collect();
+    let [range] = &report.ranges[..] else {
+        panic!("{:?}", report.ranges)
+    };
+    assert_eq!(
+        (range.policy.as_str(), range.range.as_str()),
+        ("edge", "31000-31099")
+    );
+    assert_eq!(range.used, edge_ports.len());
+    assert_eq!((range.reserved, range.pinned), (10, 0));
+    assert_eq!(range.free, 100 - edge_ports.len() - 10);
     // Re-created within the retention window: the old port comes back.
     assert_eq!(port("shop/cart", "http"), [(31017, "Restored", "TCP")]);
     assert_eq!(port("payments/checkout", "https"), [(31050, "Pinned", "TCP")]);
@@ -145,7 +164,10 @@ fn json_has_exactly_the_contract_keys() {
     let json: Value =
         serde_json::from_str(&demo_plan(ProxyMode::Replacement, Some("node-b")).to_json()).unwrap();
     let keys: Vec<_> = json.as_object().unwrap().keys().cloned().collect();
-    assert_eq!(keys, ["hostPortConflicts", "nodePorts", "nodes", "problems"]);
+    assert_eq!(
+        keys,
+        ["hostPortConflicts", "nodePorts", "nodes", "problems", "ranges"]
+    );
     let vs = &json["nodes"][0]["virtualServers"][0];
     let mut vs_keys: Vec<_> = vs.as_object().unwrap().keys().cloned().collect();
     vs_keys.sort();
@@ -170,6 +192,12 @@ fn json_has_exactly_the_contract_keys() {
         [
             "kind", "nodePort", "policy", "port", "portName", "protocol", "service", "state"
         ]
+    );
+    let mut range_keys: Vec<_> = json["ranges"][0].as_object().unwrap().keys().cloned().collect();
+    range_keys.sort();
+    assert_eq!(
+        range_keys,
+        ["free", "pinned", "policy", "range", "reserved", "total", "used"]
     );
 }
 

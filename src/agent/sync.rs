@@ -26,7 +26,7 @@ use portpolicy_core::ipvs::{
     HealthCheckRule, ProxyConfig, ProxyMode, RuleTracker, StaleFlows, VirtualServerKind, VirtualServerRule,
     stale_udp_flows,
 };
-use portpolicy_core::ipvs::{IpvsOp, IpvsTable, VirtualServerKey};
+use portpolicy_core::ipvs::{IpvsOp, IpvsService, IpvsTable, VirtualServerKey};
 use portpolicy_core::ports::{PortRange, Protocol};
 use portpolicy_core::snapshot::Snapshot;
 use portpolicy_netlink::NetlinkError;
@@ -60,6 +60,40 @@ pub enum SyncError {
     /// The kernel refused one IPVS operation (the error names it).
     #[error(transparent)]
     Refused(NetlinkError),
+}
+
+impl SyncError {
+    /// The errno the kernel answered with, when it was the kernel that said no.
+    fn errno(&self) -> Option<i32> {
+        match self {
+            SyncError::Refused(e) => e.errno(),
+            SyncError::Dataplane(e) => e.netlink().and_then(NetlinkError::errno),
+        }
+    }
+}
+
+/// Owned virtual servers present in one table and not the other, or configured differently
+/// (scheduler, persistence, real servers and their weights; connection counters are the
+/// kernel's and are not compared).
+fn drifted_virtual_servers(model: &IpvsTable, kernel: &IpvsTable, ownership: &Ownership) -> usize {
+    let same = |a: &IpvsService, b: &IpvsService| {
+        a.scheduler == b.scheduler
+            && a.persistence_timeout == b.persistence_timeout
+            && a.real_servers.len() == b.real_servers.len()
+            && a.real_servers.iter().all(|(key, state)| {
+                b.real_servers
+                    .get(key)
+                    .is_some_and(|other| other.weight == state.weight)
+            })
+    };
+    let keys: BTreeSet<&VirtualServerKey> = model.keys().chain(kernel.keys()).collect();
+    keys.into_iter()
+        .filter(|key| ownership.owns(key))
+        .filter(|key| match (model.get(*key), kernel.get(*key)) {
+            (Some(a), Some(b)) => !same(a, b),
+            _ => true,
+        })
+        .count()
 }
 
 /// What one sync did.
@@ -110,6 +144,9 @@ pub struct Syncer<D: Dataplane> {
     ipv6_written: bool,
     /// The reserved node ports must be written (they changed, or the last write failed).
     reserved_changed: bool,
+    /// Whether `kernel` is what the kernel should hold: the last sync succeeded. Only then is a
+    /// difference found by the next dump drift made by someone else.
+    model_trusted: bool,
     /// UDP flows whose conntrack entries still have to be cleared.
     stale_flows: BTreeSet<StaleFlows>,
 }
@@ -137,6 +174,7 @@ impl<D: Dataplane> Syncer<D> {
             nft_layout: None,
             ipv6_written: false,
             reserved_changed: true,
+            model_trusted: false,
             stale_flows: BTreeSet::new(),
         }
     }
@@ -276,11 +314,24 @@ impl<D: Dataplane> Syncer<D> {
         self.finish(outcome, started)
     }
 
-    /// Replaces the model of the kernel with a dump of it. (The wanted set elements follow the
-    /// plan alone, never the kernel, so the full resync refills the sets from them as they are.)
+    /// Replaces the model of the kernel with a dump of it, counting the owned virtual servers
+    /// where the two differ as drift. (The wanted set elements follow the plan alone, never the
+    /// kernel, so the full resync refills the sets from them as they are.)
     fn read_kernel(&mut self) -> Result<(), DataplaneError> {
         let table = self.dataplane.dump()?;
-        self.bound = self.dataplane.addresses()?;
+        let bound = self.dataplane.addresses()?;
+        if self.model_trusted {
+            let ownership = self.ownership();
+            let drifted = drifted_virtual_servers(&self.kernel, &table, &ownership);
+            if drifted > 0 {
+                tracing::warn!(
+                    virtual_servers = drifted,
+                    "the kernel's IPVS table differs from what was programmed; repairing"
+                );
+                self.metrics.resync_drift.inc_by(drifted as u64);
+            }
+        }
+        self.bound = bound;
         self.kernel = table;
         Ok(())
     }
@@ -460,6 +511,13 @@ impl<D: Dataplane> Syncer<D> {
     }
 
     fn finish(&mut self, mut outcome: SyncOutcome, started: Instant) -> SyncOutcome {
+        self.model_trusted = outcome.succeeded();
+        for errno in outcome.errors.iter().filter_map(SyncError::errno) {
+            self.metrics
+                .kernel_errors
+                .with_label_values(&[portpolicy_netlink::errno_name(errno)])
+                .inc();
+        }
         if !outcome.succeeded() {
             self.needs_full = true;
             self.metrics.sync_errors.inc();

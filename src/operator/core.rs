@@ -10,69 +10,20 @@ use kube::ResourceExt;
 
 use super::services::{self, ServiceKey};
 use super::status::{AgentFacts, NodePortFacts, PolicyFacts};
-use portpolicy_core::crd::{CompiledPolicy, ExternalTrafficRule, NodePortKind, PinnedNodePort, PortPolicy};
+use portpolicy_core::crd::{CompiledPolicy, ExternalTrafficRule, NodePortKind, PortPolicy};
 use portpolicy_core::governance::{Governance, NamespaceLabels, PolicySet};
 use portpolicy_core::hostport::{
     ConflictInput, HostPortConflict, HostPortPod, detect_conflicts, placed_pods,
 };
 use portpolicy_core::intent::{HealthCheckNodePort, ServiceIntent, ServicePortNodePort};
-use portpolicy_core::nodeport::{AssignmentState, NodePortAllocation, NodePortInput, allocate_node_ports};
+use portpolicy_core::nodeport::{
+    AssignmentState, NodePortAllocation, NodePortAssignment, NodePortInput, NodePortProblemReason,
+    allocate_node_ports,
+};
 use portpolicy_core::ports::PortRange;
 use portpolicy_core::service::{ExternalTraffic, HealthCheckField, ServiceFields, ServiceModel};
 
-/// How a policy's nodePort range splits up. Each port of the range is counted once, in the
-/// first of these that applies: used (a Service or a retained record holds it), reserved
-/// (`spec.nodePorts.reserved`), pinned (`spec.nodePorts.pinned` to a Service that does not hold
-/// it now), free. So `used + reserved + pinned + free == total`, and `free` is what the
-/// allocator can still hand out.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NodePortCounts {
-    pub total: usize,
-    pub used: usize,
-    pub reserved: usize,
-    pub pinned: usize,
-    pub free: usize,
-}
-
-impl NodePortCounts {
-    pub fn of(
-        range: PortRange,
-        reserved: &[PortRange],
-        pinned: &[PinnedNodePort],
-        held: impl IntoIterator<Item = u16>,
-    ) -> Self {
-        let in_range = |port: u16| range.contains(port).then(|| usize::from(port - range.low));
-        let mut taken = vec![false; range.len()];
-        let mut mark = |port: u16| match in_range(port).map(|i| std::mem::replace(&mut taken[i], true)) {
-            Some(false) => 1,
-            _ => 0,
-        };
-        let used = held.into_iter().map(&mut mark).sum();
-        let reserved = reserved
-            .iter()
-            .filter_map(|r| {
-                let low = r.low.max(range.low);
-                let high = r.high.min(range.high);
-                (low <= high).then_some(low..=high)
-            })
-            .flatten()
-            .map(&mut mark)
-            .sum();
-        let pinned = pinned
-            .iter()
-            .filter_map(|p| u16::try_from(p.node_port).ok())
-            .map(&mut mark)
-            .sum();
-        let total = range.len();
-        NodePortCounts {
-            total,
-            used,
-            reserved,
-            pinned,
-            free: total - used - reserved - pinned,
-        }
-    }
-}
+pub use portpolicy_core::nodeport::NodePortCounts;
 
 /// What the stores hold when a reconcile starts.
 #[derive(Clone, Copy)]
@@ -351,6 +302,56 @@ impl Computation {
             .collect()
     }
 
+    /// What writing `policy`'s intent to `live` does to each of its nodePorts that changes, as
+    /// `node_port_allocations_total` counts it (see `metrics::ALLOCATION_OUTCOMES`).
+    pub fn outcomes(&self, policy: &str, live: &Service) -> Vec<&'static str> {
+        let fields = ServiceFields::from(live);
+        let model = ServiceModel::read(fields);
+        let live_port = |a: &NodePortAssignment| match a.kind {
+            NodePortKind::Service => (model.ports.iter())
+                .find(|p| p.name == a.port_name && p.port == a.port && p.protocol == a.protocol)
+                .and_then(|p| p.node_port),
+            NodePortKind::HealthCheck => fields.health_check_node_port.and_then(|p| u16::try_from(p).ok()),
+        };
+        self.allocation
+            .assignments
+            .iter()
+            .filter(|a| {
+                a.policy.as_deref() == Some(policy)
+                    && a.namespace == model.namespace
+                    && a.service == model.name
+            })
+            .filter_map(|a| {
+                let held = live_port(a);
+                if held == Some(a.node_port) {
+                    return None;
+                }
+                match a.state {
+                    AssignmentState::Restored => Some("restored"),
+                    AssignmentState::Pinned => Some("pinned"),
+                    AssignmentState::Allocated if held.is_some() => Some("moved"),
+                    AssignmentState::Allocated => Some("allocated"),
+                    AssignmentState::Existing | AssignmentState::InUse => None,
+                }
+            })
+            .collect()
+    }
+
+    /// The nodePorts `policy` cannot give its Services now (its range is full, a pinned port is
+    /// taken), each as its problem reads.
+    pub fn refusals(&self, policy: &str) -> BTreeSet<String> {
+        self.allocation
+            .problems_of(policy)
+            .filter(|p| {
+                matches!(
+                    p.reason,
+                    NodePortProblemReason::RangeExhausted | NodePortProblemReason::PinnedPortTaken
+                )
+            })
+            .map(|p| p.problem.to_string())
+            .collect()
+    }
+
     /// [`Self::intents`] in the order they must be written: a Service that leaves a nodePort
     /// another one takes in the same plan (a pin whose holder moves) comes first, or the API
     /// server would refuse the taker. The allocator's change list is in that order; Services
@@ -622,21 +623,5 @@ mod tests {
         assert_eq!(c.pinned, 1);
         assert_eq!(c.free, 100 - 2 - 20 - 1);
         assert_eq!(c.used + c.reserved + c.pinned + c.free, c.total);
-    }
-
-    #[test]
-    fn node_port_counts_count_each_port_once() {
-        let range: PortRange = "100-109".parse().unwrap();
-        let c = NodePortCounts::of(range, &["105-120".parse().unwrap()], &[], [100, 100, 106, 5000]);
-        assert_eq!(
-            c,
-            NodePortCounts {
-                total: 10,
-                used: 2,
-                reserved: 4,
-                pinned: 0,
-                free: 4
-            }
-        );
     }
 }

@@ -16,6 +16,7 @@
 
 mod allocator;
 mod bitmap;
+mod counts;
 
 #[cfg(test)]
 mod tests;
@@ -31,6 +32,7 @@ use crate::service::ServiceModel;
 
 pub use allocator::allocate_node_ports;
 pub use bitmap::PortBitmap;
+pub use counts::NodePortCounts;
 
 /// Everything the allocator decides from.
 #[derive(Clone, Copy, Debug)]
