@@ -255,6 +255,27 @@ got=$(answers 6 ext_who 10.1.0.1 30080)
 [ "$got" = "pod-a1 10.0.11.1 pod-a2 10.0.12.1 pod-b3 10.0.13.1 " ] \
     && pass cluster-policy-unaffected || fail cluster-policy-unaffected "$got"
 
+# --- nftables: the sets follow each change, the table itself stays --------------------------
+# The chains' rule handles change only if the table is deleted and recreated.
+nft -a list chain ip portpolicy postrouting | grep -o "# handle [0-9]*" > /tmp/handles-before
+write_snapshot "$(ep 10.0.13.2 node-b)" "$(ep 10.0.11.2 node-a)
+$(ep 10.0.16.2 node-a)"
+check nft-hairpin-set-gains-the-new-endpoint wait_for 5 sh -c \
+    'nft list set ip portpolicy hairpin | grep -qE "10\.0\.16\.2 \. (tcp|6) \. 8080 \. 10\.0\.16\.2"'
+write_snapshot "$(ep 10.0.13.2 node-b)" "$(ep 10.0.11.2 node-a)"
+check nft-hairpin-set-loses-the-removed-endpoint wait_for 5 sh -c \
+    '! nft list set ip portpolicy hairpin | grep -q "10\.0\.16\.2 "'
+sleep 6 # a full resync (every 5 s here) refills the sets
+planned=$(portpolicy agent --node-name node-a --snapshot "$SNAP" --print-table | grep -cE '^(TCP|UDP|SCTP) ')
+in_set=$(nft list set ip portpolicy virtual-servers | grep -oE '[0-9.]+ \. (tcp|udp|sctp|6|17|132) \. [0-9]+' | sort -u | wc -l)
+echo "virtual servers planned: $planned; in the nftables set: $in_set"
+[ "$planned" -gt 0 ] && [ "$planned" = "$in_set" ] && pass nft-virtual-servers-set-holds-the-plan \
+    || fail nft-virtual-servers-set-holds-the-plan "$in_set elements for $planned virtual servers"
+check nft-cluster-ips-set-holds-the-api-service sh -c \
+    'nft list set ip portpolicy cluster-ips | grep -qE "10\.96\.0\.20 \. (tcp|6) \. 80"'
+nft -a list chain ip portpolicy postrouting | grep -o "# handle [0-9]*" > /tmp/handles-after
+check nft-table-not-replaced-by-changes-or-resyncs cmp -s /tmp/handles-before /tmp/handles-after
+
 check agent-healthy sh -c 'printf "GET /healthz HTTP/1.0\r\n\r\n" | nc -w 2 127.0.0.1 10265 | head -n 1 | grep -q " 200 "'
 grep -c . /tmp/agent.log > /dev/null && tail -n 5 /tmp/agent.log
 

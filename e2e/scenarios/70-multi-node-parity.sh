@@ -124,6 +124,7 @@ ZONAL_C1_HINTED=yes     # whether the zone-2 endpoint of `zonal` has its hint
 NODE_B_ZONE=zone-1
 DNS_ENDPOINTS="a1 b1"
 ROLL_STAGE=1            # 1: a1 ready; 2: a1 terminating, b1 ready (the new pod); 3: b1 only
+LB_RANGES=203.0.113.0/24   # local-lb's loadBalancerSourceRanges
 
 conditions() {
     case $1 in
@@ -164,7 +165,7 @@ write_snapshot() {
             '  type: LoadBalancer
   externalTrafficPolicy: Local
   healthCheckNodePort: 30090
-  loadBalancerSourceRanges: [203.0.113.0/24]' "" \
+  loadBalancerSourceRanges: ['"$LB_RANGES"']' "" \
             'status: {loadBalancer: {ingress: [{ip: 198.51.100.50}]}}'
         ep 10.1.1.2 node-a zone-1 "$LOCAL_A1" | slice local-lb "$HTTP_PORTS"
 
@@ -273,6 +274,21 @@ expect health-check-503-on-another-node 503 "$(http_status c-in 192.168.2.10 300
 expect_answers source-range-lets-the-listed-client-in "pod-a1 203.0.113.10 " 2 who c-in 198.51.100.50 80
 expect_answers source-range-drops-another-client "" 1 who c-out 198.51.100.50 80 1
 expect_answers node-ports-are-not-source-filtered "pod-a1 198.18.0.10 " 1 who c-out 192.168.1.10 30081
+# A range change is a change of set elements only: the chains keep their rules (same handles).
+nsip netns exec node-a nft -a list chain ip portpolicy mark-incoming | grep -o "# handle [0-9]*" > /tmp/lb-handles-before
+LB_RANGES="203.0.113.0/24, 198.18.0.0/24"
+write_snapshot
+check source-range-change-reaches-the-allowed-set wait_for 5 sh -c \
+    'nsip netns exec node-a nft list set ip portpolicy lb-allowed | grep -q "198\.18\.0\.0/24"'
+expect_answers source-range-added-lets-the-other-client-in "pod-a1 198.18.0.10 " 2 who c-out 198.51.100.50 80
+LB_RANGES=203.0.113.0/24
+write_snapshot
+check source-range-removed-leaves-the-allowed-set wait_for 5 sh -c \
+    '! nsip netns exec node-a nft list set ip portpolicy lb-allowed | grep -q "198\.18\.0\.0/24"'
+expect_answers source-range-removed-drops-it-again "" 1 who c-out 198.51.100.50 80 1
+nsip netns exec node-a nft -a list chain ip portpolicy mark-incoming | grep -o "# handle [0-9]*" > /tmp/lb-handles-after
+check source-range-changes-keep-the-table sh -c \
+    '[ -s /tmp/lb-handles-before ] && cmp -s /tmp/lb-handles-before /tmp/lb-handles-after'
 
 # --- cluster IP across nodes ------------------------------------------------------------------
 # Round robin over three: three connections reach all three.

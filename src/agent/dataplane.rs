@@ -69,9 +69,14 @@ pub trait Dataplane: Send {
     fn apply(&mut self, ops: &[IpvsOp]) -> ApplyReport;
     /// Addresses currently bound on the agent's dummy interface.
     fn addresses(&mut self) -> Result<BTreeSet<IpAddr>, DataplaneError>;
-    /// Makes the dummy interface hold exactly these addresses (creating it if needed).
-    fn sync_addresses(&mut self, addresses: &BTreeSet<IpAddr>) -> Result<(), DataplaneError>;
-    /// Replaces the agent's nftables tables with this batch, atomically.
+    /// Adds and removes addresses on the dummy interface; one already there (or already gone)
+    /// counts as done.
+    fn change_addresses(
+        &mut self,
+        add: &BTreeSet<IpAddr>,
+        remove: &BTreeSet<IpAddr>,
+    ) -> Result<(), DataplaneError>;
+    /// Runs one `nft -f` transaction (the whole table, or set element changes), atomically.
     fn apply_ruleset(&mut self, ruleset: &str) -> Result<(), DataplaneError>;
     /// Keeps the node ports out of the ephemeral port range; never drops others' reservations.
     fn reserve_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), DataplaneError>;

@@ -85,8 +85,12 @@ impl Dataplane for LinuxDataplane {
         self.link.addresses().map_err(|e| self.address_error(e))
     }
 
-    fn sync_addresses(&mut self, addresses: &BTreeSet<IpAddr>) -> Result<(), DataplaneError> {
-        match self.link.sync_addresses(addresses) {
+    fn change_addresses(
+        &mut self,
+        add: &BTreeSet<IpAddr>,
+        remove: &BTreeSet<IpAddr>,
+    ) -> Result<(), DataplaneError> {
+        match self.link.change_addresses(add, remove) {
             Ok(_) => Ok(()),
             Err(e) => Err(self.address_error(e)),
         }

@@ -20,17 +20,26 @@
 //! (virtual server, source range) pairs. As in kube-proxy, a node whose address is in a range
 //! may also reach the load balancer from itself (its packets carry the VIP as source), and
 //! established flows are left alone when the ranges change. Health-check node ports and node
-//! ports are never filtered.
+//! ports are never filtered. Both sets and the filter rule are always declared (empty sets match
+//! nothing), so whether any range exists never changes the table's layout.
 //!
 //! Generation is a pure function of the plan and the options, so the whole ruleset is tested as
 //! text.
+//!
+//! The table is written whole once, when the agent starts, and again only when its layout
+//! changes (the ip6 table appearing or going) or a transaction failed. Between those, a sync
+//! sends only the set elements that changed, as one `nft -f` transaction of `delete element`
+//! and `add element` lines ([`NftSets`]), so its cost follows the change, not the cluster; the
+//! full resync flushes and refills the sets, repairing them without replacing the table.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write;
 use std::net::IpAddr;
 
 pub use portpolicy_core::cidr::Cidr;
-use portpolicy_core::ipvs::{IpvsTable, NodeRules, VirtualServerKey};
+#[cfg(test)]
+use portpolicy_core::ipvs::IpvsTable;
+use portpolicy_core::ipvs::{IpvsService, NodeRules, VirtualServerKey};
 use portpolicy_core::ports::Protocol;
 
 /// The table name, in both the `ip` and `ip6` families. The agent owns it whole.
@@ -74,13 +83,16 @@ pub struct MasqueradeOptions {
 }
 
 /// One address family's table.
-#[derive(Clone, Copy)]
-enum Family {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum Family {
     V4,
     V6,
 }
 
 impl Family {
+    fn of(address: &IpAddr) -> Self {
+        if address.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
     fn name(self) -> &'static str {
         match self {
             Family::V4 => "ip",
@@ -94,10 +106,7 @@ impl Family {
         }
     }
     fn holds(self, address: &IpAddr) -> bool {
-        matches!(
-            (self, address),
-            (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
-        )
+        Family::of(address) == self
     }
 }
 
@@ -113,6 +122,24 @@ fn key_element(key: &VirtualServerKey) -> String {
     format!("{} . {} . {}", key.address, proto(key.protocol), key.port)
 }
 
+/// The sets whose elements follow the plan, in the order the table declares them. Everything
+/// else in the table (the chains, their rules, the cluster-CIDR set) follows only the options,
+/// which are fixed for the agent's lifetime: the layout.
+const VIRTUAL_SERVERS: &str = "virtual-servers";
+const EXTERNAL_CLUSTER: &str = "external-cluster";
+const CLUSTER_IPS: &str = "cluster-ips";
+const HAIRPIN: &str = "hairpin";
+const LB_RESTRICTED: &str = "lb-restricted";
+const LB_ALLOWED: &str = "lb-allowed";
+const PLAN_SETS: [&str; 6] = [
+    VIRTUAL_SERVERS,
+    EXTERNAL_CLUSTER,
+    CLUSTER_IPS,
+    HAIRPIN,
+    LB_RESTRICTED,
+    LB_ALLOWED,
+];
+
 /// A load-balancer virtual server that accepts new connections only from `allowed`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct SourceRestriction {
@@ -121,88 +148,264 @@ pub struct SourceRestriction {
     pub allowed: Vec<Cidr>,
 }
 
-/// The plan's load-balancer source ranges as restrictions. A range holding one of the node's
-/// addresses also lets the node itself in: its packets to a VIP it holds carry the VIP as
-/// source (kube-proxy's `allowFromNode`).
+/// The sources a load balancer with these source ranges accepts: the ranges, and the VIP itself
+/// when a range holds one of the node's addresses, since the node's own packets to a VIP it
+/// holds carry the VIP as source (kube-proxy's `allowFromNode`).
+pub fn allowed_sources(key: &VirtualServerKey, ranges: &[Cidr], node_addresses: &[IpAddr]) -> Vec<Cidr> {
+    let mut allowed = ranges.to_vec();
+    let from_node = ranges
+        .iter()
+        .any(|range| node_addresses.iter().any(|ip| range.contains(ip)));
+    if from_node {
+        let host = if key.address.is_ipv4() { 32 } else { 128 };
+        allowed.extend(Cidr::new(key.address, host));
+    }
+    allowed
+}
+
+/// The plan's load-balancer source ranges as restrictions.
 pub fn source_restrictions(plan: &NodeRules) -> Vec<SourceRestriction> {
+    let node_addresses: Vec<IpAddr> = plan.node_addresses.iter().copied().collect();
     plan.virtual_servers
         .iter()
         .filter_map(|vs| {
             let ranges = vs.source_ranges.as_ref()?;
-            let mut allowed = ranges.to_vec();
-            let from_node = ranges
-                .iter()
-                .any(|range| plan.node_addresses.iter().any(|ip| range.contains(ip)));
-            if from_node {
-                let host = if vs.key.address.is_ipv4() { 32 } else { 128 };
-                allowed.extend(Cidr::new(vs.key.address, host));
-            }
-            Some(SourceRestriction { key: vs.key, allowed })
+            Some(SourceRestriction {
+                key: vs.key,
+                allowed: allowed_sources(&vs.key, ranges, &node_addresses),
+            })
         })
         .collect()
 }
 
-/// The whole batch for `nft -f -`: both tables deleted and recreated in one transaction, so the
-/// kernel never runs with half a ruleset and rules the agent no longer wants disappear.
+/// One element of one of the agent's sets, as `nft` spells it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) struct Element {
+    family: Family,
+    set: &'static str,
+    value: String,
+}
+
+/// The elements one virtual server puts in the sets: itself in `virtual-servers` and in the
+/// set of how it is reached, one hairpin element per real server (real servers shared by
+/// several virtual servers give the same hairpin element, hence the counts in [`NftSets`]),
+/// and, for a load balancer with source ranges (`allowed`, see [`allowed_sources`]), itself in
+/// `lb-restricted` and one `lb-allowed` element per allowed range.
+pub(crate) fn elements_of(
+    key: &VirtualServerKey,
+    reach: Reach,
+    service: &IpvsService,
+    allowed: Option<&[Cidr]>,
+) -> Vec<Element> {
+    let family = Family::of(&key.address);
+    let element = |set, value| Element { family, set, value };
+    let mut elements = vec![element(VIRTUAL_SERVERS, key_element(key))];
+    match reach {
+        Reach::ClusterIp => elements.push(element(CLUSTER_IPS, key_element(key))),
+        Reach::External { local: false } => elements.push(element(EXTERNAL_CLUSTER, key_element(key))),
+        Reach::External { local: true } => {}
+    }
+    for real in service.real_servers.keys() {
+        let value = format!(
+            "{} . {} . {} . {}",
+            real.address,
+            proto(key.protocol),
+            real.port,
+            real.address
+        );
+        elements.push(element(HAIRPIN, value));
+    }
+    if let Some(allowed) = allowed {
+        elements.push(element(LB_RESTRICTED, key_element(key)));
+        for range in allowed.iter().filter(|range| family.holds(&range.address())) {
+            elements.push(element(LB_ALLOWED, format!("{} . {range}", key_element(key))));
+        }
+    }
+    elements
+}
+
+/// The contents of the agent's sets as the plan wants them, kept per virtual server, and what
+/// changed since the last batch was taken: the agent sends `add element` / `delete element`
+/// for that alone instead of the whole table.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct NftSets {
+    by_key: HashMap<VirtualServerKey, Vec<Element>>,
+    counts: HashMap<Element, usize>,
+    /// Elements touched since the last batch, with whether each was in the sets before.
+    touched: HashMap<Element, bool>,
+    ipv6_elements: usize,
+}
+
+impl NftSets {
+    /// Sets what one virtual server contributes (nothing: it is gone).
+    pub(crate) fn set(&mut self, key: VirtualServerKey, elements: Vec<Element>) {
+        let old = if elements.is_empty() {
+            self.by_key.remove(&key)
+        } else {
+            self.by_key.insert(key, elements.clone())
+        };
+        for element in old.into_iter().flatten() {
+            let Some(count) = self.counts.get_mut(&element) else {
+                continue;
+            };
+            *count -= 1;
+            if *count == 0 {
+                self.counts.remove(&element);
+                if element.family == Family::V6 {
+                    self.ipv6_elements -= 1;
+                }
+                self.touched.entry(element).or_insert(true);
+            }
+        }
+        for element in elements {
+            let count = self.counts.entry(element.clone()).or_default();
+            *count += 1;
+            if *count == 1 {
+                if element.family == Family::V6 {
+                    self.ipv6_elements += 1;
+                }
+                self.touched.entry(element).or_insert(false);
+            }
+        }
+    }
+
+    /// Whether any set of the `ip6` table has an element, which decides whether that table
+    /// exists (part of the layout).
+    pub(crate) fn has_ipv6(&self) -> bool {
+        self.ipv6_elements > 0
+    }
+
+    /// The `nft -f` transaction turning the sets as last sent into the sets as wanted: deletes,
+    /// then adds, one line per set. Empty when nothing changed.
+    pub(crate) fn take_batch(&mut self) -> String {
+        let touched = std::mem::take(&mut self.touched);
+        let mut deletes: BTreeMap<(Family, &'static str), Vec<String>> = BTreeMap::new();
+        let mut adds: BTreeMap<(Family, &'static str), Vec<String>> = BTreeMap::new();
+        for (element, was_there) in touched {
+            let is_there = self.counts.contains_key(&element);
+            let side = match (was_there, is_there) {
+                (true, false) => &mut deletes,
+                (false, true) => &mut adds,
+                _ => continue,
+            };
+            side.entry((element.family, element.set))
+                .or_default()
+                .push(element.value);
+        }
+        let mut out = String::new();
+        for (verb, changes) in [("delete", deletes), ("add", adds)] {
+            for ((family, set), mut values) in changes {
+                values.sort_unstable();
+                let _ = writeln!(
+                    out,
+                    "{verb} element {} {TABLE_NAME} {set} {{ {} }}",
+                    family.name(),
+                    values.join(", ")
+                );
+            }
+        }
+        out
+    }
+
+    /// Forgets what changed: the next write is the whole table.
+    pub(crate) fn discard_batch(&mut self) {
+        self.touched.clear();
+    }
+
+    /// Every plan set flushed and filled again, in one transaction: the full resync's repair of
+    /// the sets, leaving the table and its chains in place (if someone deleted them, the
+    /// transaction fails and the agent writes the table whole).
+    pub(crate) fn refill(&self) -> String {
+        let mut sorted: BTreeMap<(Family, &'static str), BTreeSet<&str>> = BTreeMap::new();
+        for element in self.counts.keys() {
+            sorted
+                .entry((element.family, element.set))
+                .or_default()
+                .insert(&element.value);
+        }
+        let families: &[Family] = if self.has_ipv6() {
+            &[Family::V4, Family::V6]
+        } else {
+            &[Family::V4]
+        };
+        let mut out = String::new();
+        for family in families {
+            for set in PLAN_SETS {
+                let _ = writeln!(out, "flush set {} {TABLE_NAME} {set}", family.name());
+                if let Some(values) = sorted.get(&(*family, set)) {
+                    let values: Vec<&str> = values.iter().copied().collect();
+                    let _ = writeln!(
+                        out,
+                        "add element {} {TABLE_NAME} {set} {{ {} }}",
+                        family.name(),
+                        values.join(", ")
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    /// The whole table, both families as needed, deleted and recreated in one transaction.
+    /// `drop_ipv6`: the ip6 table was written before and goes when nothing needs it.
+    pub(crate) fn ruleset(&self, options: &MasqueradeOptions, drop_ipv6: bool) -> String {
+        let mut sorted: BTreeMap<(Family, &'static str), BTreeSet<&str>> = BTreeMap::new();
+        for element in self.counts.keys() {
+            sorted
+                .entry((element.family, element.set))
+                .or_default()
+                .insert(&element.value);
+        }
+        let mut out = String::new();
+        family_table(&mut out, Family::V4, &sorted, options);
+        // The ip6 table only when there is IPv6 to serve: on nodes without IPv6 the whole batch
+        // would otherwise fail. (A table left from earlier IPv6 Services only matches their keys.)
+        if self.has_ipv6() {
+            family_table(&mut out, Family::V6, &sorted, options);
+        } else if drop_ipv6 {
+            let _ = writeln!(out, "add table ip6 {TABLE_NAME}");
+            let _ = writeln!(out, "delete table ip6 {TABLE_NAME}");
+        }
+        out
+    }
+}
+
+/// The whole batch for `nft -f -` for these virtual servers (with how each is reached) and
+/// their desired IPVS entries.
+#[cfg(test)]
 pub(crate) fn ruleset<'a>(
     virtual_servers: impl IntoIterator<Item = (&'a VirtualServerKey, Reach)>,
     table: &IpvsTable,
     options: &MasqueradeOptions,
     restrictions: &[SourceRestriction],
 ) -> String {
-    let servers: BTreeSet<(VirtualServerKey, Reach)> =
-        virtual_servers.into_iter().map(|(k, r)| (*k, r)).collect();
-    let mut out = String::new();
-    family_table(&mut out, Family::V4, &servers, table, options, restrictions);
-    // The ip6 table only when there is IPv6 to serve: on nodes without IPv6 the whole batch
-    // would otherwise fail. (A table left from earlier IPv6 Services only matches their keys.)
-    if servers.iter().any(|(k, _)| k.address.is_ipv6()) {
-        family_table(&mut out, Family::V6, &servers, table, options, restrictions);
+    let mut sets = NftSets::default();
+    let empty = IpvsService::default();
+    for (key, reach) in virtual_servers {
+        let allowed = restrictions
+            .iter()
+            .find(|r| r.key == *key)
+            .map(|r| r.allowed.as_slice());
+        sets.set(
+            *key,
+            elements_of(key, reach, table.get(key).unwrap_or(&empty), allowed),
+        );
     }
-    out
+    sets.ruleset(options, false)
 }
 
 fn family_table(
     out: &mut String,
     family: Family,
-    servers: &BTreeSet<(VirtualServerKey, Reach)>,
-    table: &IpvsTable,
+    sets: &BTreeMap<(Family, &'static str), BTreeSet<&str>>,
     options: &MasqueradeOptions,
-    restrictions: &[SourceRestriction],
 ) {
     let fam = family.name();
-    let in_family = |k: &VirtualServerKey| family.holds(&k.address);
-    let all: Vec<String> = servers
-        .iter()
-        .filter(|(k, _)| in_family(k))
-        .map(|(k, _)| key_element(k))
-        .collect();
-    let external_cluster: Vec<String> = servers
-        .iter()
-        .filter(|(k, r)| in_family(k) && *r == Reach::External { local: false })
-        .map(|(k, _)| key_element(k))
-        .collect();
-    let cluster_ips: Vec<String> = servers
-        .iter()
-        .filter(|(k, r)| in_family(k) && *r == Reach::ClusterIp)
-        .map(|(k, _)| key_element(k))
-        .collect();
-    // Each real server reached through a virtual server it could be balanced to from itself.
-    let hairpin: BTreeSet<String> = table
-        .iter()
-        .filter(|(k, _)| in_family(k))
-        .flat_map(|(k, svc)| {
-            svc.real_servers.keys().map(move |r| {
-                format!(
-                    "{} . {} . {} . {}",
-                    r.address,
-                    proto(k.protocol),
-                    r.port,
-                    r.address
-                )
-            })
-        })
-        .collect();
+    let elements = |set: &'static str| -> Vec<&str> {
+        sets.get(&(family, set))
+            .map(|values| values.iter().copied().collect())
+            .unwrap_or_default()
+    };
     let cidrs: Vec<String> = options
         .cluster_cidrs
         .iter()
@@ -216,69 +419,30 @@ fn family_table(
     };
     let key_match = format!("{addr} daddr . meta l4proto . th dport");
     let mark = format!("meta mark set meta mark | {MASQUERADE_MARK:#010x}");
-    let restricted: BTreeSet<String> = restrictions
-        .iter()
-        .filter(|r| in_family(&r.key))
-        .map(|r| key_element(&r.key))
-        .collect();
-    let allowed: BTreeSet<String> = restrictions
-        .iter()
-        .filter(|r| in_family(&r.key))
-        .flat_map(|r| {
-            let key = key_element(&r.key);
-            r.allowed
-                .iter()
-                .filter(|c| family.holds(&c.address()))
-                .map(move |c| format!("{key} . {c}"))
-        })
-        .collect();
     // First in both marking chains: a refused connection is neither marked nor forwarded.
-    let source_filter = (!restricted.is_empty()).then(|| {
-        format!(
-            "\t\tct state new {key_match} @lb-restricted {key_match} . {addr} saddr != @lb-allowed drop\n"
-        )
-    });
+    let source_filter = format!(
+        "\t\tct state new {key_match} @{LB_RESTRICTED} {key_match} . {addr} saddr != @{LB_ALLOWED} drop\n"
+    );
 
     let _ = writeln!(out, "add table {fam} {TABLE_NAME}");
     let _ = writeln!(out, "delete table {fam} {TABLE_NAME}");
     let _ = writeln!(out, "table {fam} {TABLE_NAME} {{");
-    set(out, "virtual-servers", &key_type, "", &all);
-    set(out, "external-cluster", &key_type, "", &external_cluster);
-    set(out, "cluster-ips", &key_type, "", &cluster_ips);
-    set(
-        out,
-        "hairpin",
-        &format!(
-            "{} . inet_proto . inet_service . {}",
-            family.addr_type(),
-            family.addr_type()
-        ),
-        "",
-        &hairpin.into_iter().collect::<Vec<_>>(),
-    );
-    if !cidrs.is_empty() {
-        set(out, "cluster-cidrs", family.addr_type(), "interval", &cidrs);
+    for name in PLAN_SETS {
+        let (key_type, flags) = match name {
+            HAIRPIN => (format!("{key_type} . {}", family.addr_type()), ""),
+            LB_ALLOWED => (format!("{key_type} . {}", family.addr_type()), "interval"),
+            _ => (key_type.clone(), ""),
+        };
+        set(out, name, &key_type, flags, &elements(name));
     }
-    if source_filter.is_some() {
-        set(
-            out,
-            "lb-restricted",
-            &key_type,
-            "",
-            &restricted.into_iter().collect::<Vec<_>>(),
-        );
-        set(
-            out,
-            "lb-allowed",
-            &format!("{key_type} . {}", family.addr_type()),
-            "interval",
-            &allowed.into_iter().collect::<Vec<_>>(),
-        );
+    if !cidrs.is_empty() {
+        let cidrs: Vec<&str> = cidrs.iter().map(String::as_str).collect();
+        set(out, "cluster-cidrs", family.addr_type(), "interval", &cidrs);
     }
     // Priority mangle (-150) runs before IPVS (which hooks output and input near -100).
     let _ = writeln!(out, "\tchain mark-local {{");
     let _ = writeln!(out, "\t\ttype filter hook output priority mangle; policy accept;");
-    out.push_str(source_filter.as_deref().unwrap_or_default());
+    out.push_str(&source_filter);
     let _ = writeln!(out, "\t\t{key_match} @virtual-servers {mark}");
     let _ = writeln!(out, "\t}}");
     let _ = writeln!(out, "\tchain mark-incoming {{");
@@ -286,7 +450,7 @@ fn family_table(
         out,
         "\t\ttype filter hook prerouting priority mangle; policy accept;"
     );
-    out.push_str(source_filter.as_deref().unwrap_or_default());
+    out.push_str(&source_filter);
     let _ = writeln!(out, "\t\t{key_match} @external-cluster {mark}");
     if options.all {
         let _ = writeln!(out, "\t\t{key_match} @cluster-ips {mark}");
@@ -311,7 +475,7 @@ fn family_table(
     let _ = writeln!(out, "}}");
 }
 
-fn set(out: &mut String, name: &str, key_type: &str, flags: &str, elements: &[String]) {
+fn set(out: &mut String, name: &str, key_type: &str, flags: &str, elements: &[&str]) {
     let _ = writeln!(out, "\tset {name} {{");
     let _ = writeln!(out, "\t\ttype {key_type}");
     if !flags.is_empty() {
@@ -401,12 +565,21 @@ table ip portpolicy {
 \t\ttype ipv4_addr . inet_proto . inet_service . ipv4_addr
 \t\telements = { 10.0.1.2 . tcp . 8080 . 10.0.1.2, 10.0.2.2 . tcp . 8080 . 10.0.2.2 }
 \t}
+\tset lb-restricted {
+\t\ttype ipv4_addr . inet_proto . inet_service
+\t}
+\tset lb-allowed {
+\t\ttype ipv4_addr . inet_proto . inet_service . ipv4_addr
+\t\tflags interval
+\t}
 \tchain mark-local {
 \t\ttype filter hook output priority mangle; policy accept;
+\t\tct state new ip daddr . meta l4proto . th dport @lb-restricted ip daddr . meta l4proto . th dport . ip saddr != @lb-allowed drop
 \t\tip daddr . meta l4proto . th dport @virtual-servers meta mark set meta mark | 0x00004000
 \t}
 \tchain mark-incoming {
 \t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tct state new ip daddr . meta l4proto . th dport @lb-restricted ip daddr . meta l4proto . th dport . ip saddr != @lb-allowed drop
 \t\tip daddr . meta l4proto . th dport @external-cluster meta mark set meta mark | 0x00004000
 \t}
 \tchain postrouting {
@@ -433,12 +606,21 @@ table ip6 portpolicy {
 \t\ttype ipv6_addr . inet_proto . inet_service . ipv6_addr
 \t\telements = { fd00:1::2 . udp . 5353 . fd00:1::2 }
 \t}
+\tset lb-restricted {
+\t\ttype ipv6_addr . inet_proto . inet_service
+\t}
+\tset lb-allowed {
+\t\ttype ipv6_addr . inet_proto . inet_service . ipv6_addr
+\t\tflags interval
+\t}
 \tchain mark-local {
 \t\ttype filter hook output priority mangle; policy accept;
+\t\tct state new ip6 daddr . meta l4proto . th dport @lb-restricted ip6 daddr . meta l4proto . th dport . ip6 saddr != @lb-allowed drop
 \t\tip6 daddr . meta l4proto . th dport @virtual-servers meta mark set meta mark | 0x00004000
 \t}
 \tchain mark-incoming {
 \t\ttype filter hook prerouting priority mangle; policy accept;
+\t\tct state new ip6 daddr . meta l4proto . th dport @lb-restricted ip6 daddr . meta l4proto . th dport . ip6 saddr != @lb-allowed drop
 \t\tip6 daddr . meta l4proto . th dport @external-cluster meta mark set meta mark | 0x00004000
 \t}
 \tchain postrouting {
@@ -543,14 +725,72 @@ table ip6 portpolicy {
             "priority mangle; policy accept;\n{filter}\t\tip daddr . meta l4proto . th dport @external-cluster"
         )));
         assert_eq!(text.matches("ip6 saddr != @lb-allowed drop").count(), 2);
-        // Without restrictions the ruleset is exactly what it was.
+        // Without restrictions the layout is the same: the sets are declared, only empty.
         let plain = ruleset(
             servers.iter().map(|(k, r)| (k, *r)),
             &table,
             &MasqueradeOptions::default(),
             &[],
         );
-        assert!(!plain.contains("lb-restricted") && !plain.contains("drop"));
+        let layout = |text: &str| -> Vec<String> {
+            text.lines()
+                .filter(|l| !l.contains("elements ="))
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(layout(&plain), layout(&text));
+        assert!(!plain.contains("198.51.100.50 . tcp . 443 . "));
+    }
+
+    #[test]
+    fn a_source_range_change_sends_only_element_updates() {
+        let lb = key("198.51.100.50", 443, Protocol::Tcp);
+        let svc = service(&[("10.0.1.2", 8443)]);
+        let reach = Reach::External { local: true };
+        let ranges = |list: &[&str]| -> Vec<Cidr> { list.iter().map(|c| c.parse().unwrap()).collect() };
+        let mut sets = NftSets::default();
+        sets.set(lb, elements_of(&lb, reach, &svc, None));
+        let _ = sets.take_batch();
+        // Ranges appear.
+        sets.set(
+            lb,
+            elements_of(&lb, reach, &svc, Some(&ranges(&["203.0.113.0/24"]))),
+        );
+        assert_eq!(
+            sets.take_batch(),
+            "add element ip portpolicy lb-allowed { 198.51.100.50 . tcp . 443 . 203.0.113.0/24 }\n\
+             add element ip portpolicy lb-restricted { 198.51.100.50 . tcp . 443 }\n"
+        );
+        // One range replaced by another, one added.
+        let changed = ranges(&["192.0.2.0/24", "203.0.113.128/25"]);
+        sets.set(lb, elements_of(&lb, reach, &svc, Some(&changed)));
+        assert_eq!(
+            sets.take_batch(),
+            "delete element ip portpolicy lb-allowed { 198.51.100.50 . tcp . 443 . 203.0.113.0/24 }\n\
+             add element ip portpolicy lb-allowed { 198.51.100.50 . tcp . 443 . 192.0.2.0/24, 198.51.100.50 . tcp . 443 . 203.0.113.128/25 }\n"
+        );
+        // Ranges emptied: nobody may connect, the key stays restricted.
+        sets.set(lb, elements_of(&lb, reach, &svc, Some(&[])));
+        assert_eq!(
+            sets.take_batch(),
+            "delete element ip portpolicy lb-allowed { 198.51.100.50 . tcp . 443 . 192.0.2.0/24, 198.51.100.50 . tcp . 443 . 203.0.113.128/25 }\n"
+        );
+        // Ranges gone: open again.
+        sets.set(lb, elements_of(&lb, reach, &svc, None));
+        assert_eq!(
+            sets.take_batch(),
+            "delete element ip portpolicy lb-restricted { 198.51.100.50 . tcp . 443 }\n"
+        );
+        // The full resync refills the lb sets with the rest.
+        sets.set(
+            lb,
+            elements_of(&lb, reach, &svc, Some(&ranges(&["203.0.113.0/24"]))),
+        );
+        let refill = sets.refill();
+        assert!(refill.contains(
+            "flush set ip portpolicy lb-restricted\nadd element ip portpolicy lb-restricted { 198.51.100.50 . tcp . 443 }\n\
+             flush set ip portpolicy lb-allowed\nadd element ip portpolicy lb-allowed { 198.51.100.50 . tcp . 443 . 203.0.113.0/24 }\n"
+        ), "{refill}");
     }
 
     #[test]

@@ -21,7 +21,9 @@ use super::sync::Change;
 use crate::snapshot_files::load_paths;
 use portpolicy_core::crd::PortPolicy;
 use portpolicy_core::governance::{NamespaceLabels, PolicySet};
+use portpolicy_core::ipvs::ProxyMode;
 use portpolicy_core::snapshot::Loaded;
+use portpolicy_core::well_known::{SERVICE_PROXY_NAME, SERVICE_PROXY_NAME_LABEL};
 
 #[derive(Debug)]
 pub(super) enum Event {
@@ -134,14 +136,30 @@ pub(super) async fn snapshot_source(paths: Vec<PathBuf>, poll: Duration, tx: mps
     }
 }
 
+/// Which Services and EndpointSlices the agent lists and watches. In delegated mode it proxies
+/// only Services labeled for it, so it asks the API server for only those and their
+/// EndpointSlices: the EndpointSlice controller copies a Service's labels onto its slices
+/// (kube-proxy selects its slices by the same label, the other way round). The agent then
+/// neither receives nor holds the rest of the cluster's Services and endpoints. A Service that
+/// loses the label leaves the selection, which the watch reports as a deletion. Replacement
+/// mode proxies unlabeled Services too, which no selector can say beside the label.
+pub(super) fn proxied_objects(mode: ProxyMode) -> watcher::Config {
+    match mode {
+        ProxyMode::Delegated => {
+            watcher::Config::default().labels(&format!("{SERVICE_PROXY_NAME_LABEL}={SERVICE_PROXY_NAME}"))
+        }
+        ProxyMode::Replacement => watcher::Config::default(),
+    }
+}
+
 /// Watches Services, EndpointSlices, this Node, PortPolicies and Namespaces (labels only).
 /// Each watch retries with backoff on errors; an object that does not parse is logged and
 /// skipped, never stopping its watch.
-pub(super) async fn kube_source(client: Client, node_name: String, tx: mpsc::Sender<Event>) {
+pub(super) async fn kube_source(client: Client, node_name: String, mode: ProxyMode, tx: mpsc::Sender<Event>) {
     let (ready_tx, mut ready_rx) = mpsc::channel::<&'static str>(8);
     let services = tokio::spawn(watch_objects::<Service>(
         client.clone(),
-        watcher::Config::default(),
+        proxied_objects(mode),
         tx.clone(),
         ready_tx.clone(),
         |s| Change::Service(Box::new(s)),
@@ -149,7 +167,7 @@ pub(super) async fn kube_source(client: Client, node_name: String, tx: mpsc::Sen
     ));
     let slices = tokio::spawn(watch_objects::<EndpointSlice>(
         client.clone(),
-        watcher::Config::default(),
+        proxied_objects(mode),
         tx.clone(),
         ready_tx.clone(),
         |s| Change::Slice(Box::new(s)),
@@ -401,6 +419,69 @@ mod tests {
         }))
         .unwrap();
         assert!(typed::<Service>(bad).is_err());
+    }
+
+    /// Delegated mode against a mocked API server: every list and watch of Services and
+    /// EndpointSlices asks for the proxy-name label; the Node, policies and Namespaces do not.
+    #[tokio::test]
+    async fn delegated_mode_asks_only_for_services_handed_to_portpolicy_and_their_slices() {
+        use http::{Request, Response};
+        use kube::client::Body;
+
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        handle.allow(1000);
+        let client = Client::new(service, "default");
+        let (tx, mut rx) = mpsc::channel(64);
+        let source = tokio::spawn(kube_source(client, "node-a".into(), ProxyMode::Delegated, tx));
+        let mut uris = Vec::new();
+        // Watches are held open, unanswered, until the test ends.
+        let mut watches = Vec::new();
+        let ready = async {
+            loop {
+                match rx.recv().await {
+                    Some(Event::Ready) => break,
+                    Some(_) => {}
+                    None => panic!("the source stopped"),
+                }
+            }
+        };
+        tokio::pin!(ready);
+        let deadline = tokio::time::sleep(Duration::from_secs(20));
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut ready => break,
+                _ = &mut deadline => panic!("never ready; requests: {uris:#?}"),
+                request = handle.next_request() => {
+                    let (request, send) = request.expect("a request");
+                    let uri = request.uri().to_string().replace("%2F", "/").replace("%3D", "=");
+                    if uri.contains("watch=true") {
+                        watches.push(send);
+                    } else {
+                        let list = serde_json::json!({"apiVersion": "v1", "kind": "List",
+                            "metadata": {"resourceVersion": "1"}, "items": []});
+                        send.send_response(Response::new(Body::from(serde_json::to_vec(&list).unwrap())));
+                    }
+                    uris.push(uri);
+                }
+            }
+        }
+        source.abort();
+        let selector = "labelSelector=service.kubernetes.io/service-proxy-name=portpolicy";
+        for path in ["/api/v1/services?", "/apis/discovery.k8s.io/v1/endpointslices?"] {
+            let asked: Vec<&String> = uris.iter().filter(|u| u.starts_with(path)).collect();
+            assert!(!asked.is_empty(), "no request for {path}: {uris:#?}");
+            for uri in asked {
+                assert!(uri.contains(selector), "{uri}");
+            }
+        }
+        let others: Vec<&String> = uris
+            .iter()
+            .filter(|u| u.starts_with("/api/v1/nodes?") || u.starts_with("/api/v1/namespaces?"))
+            .collect();
+        assert!(!others.is_empty(), "{uris:#?}");
+        assert!(others.iter().all(|u| !u.contains("labelSelector")), "{others:#?}");
+        drop(watches);
     }
 
     #[tokio::test]

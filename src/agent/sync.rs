@@ -19,11 +19,11 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::dataplane::{Dataplane, DataplaneError};
 use super::metrics::Metrics;
-use super::nft::{self, MasqueradeOptions, Reach};
+use super::nft::{self, MasqueradeOptions, NftSets, Reach};
 use portpolicy_core::governance::{NamespaceLabels, PolicySet};
 use portpolicy_core::ipvs::diff::{Ownership, diff, diff_keys};
 use portpolicy_core::ipvs::{
-    HealthCheckRule, NodeRules, ProxyConfig, ProxyMode, RuleTracker, StaleFlows, VirtualServerKind,
+    HealthCheckRule, ProxyConfig, ProxyMode, RuleTracker, StaleFlows, VirtualServerKind, VirtualServerRule,
     stale_udp_flows,
 };
 use portpolicy_core::ipvs::{IpvsOp, IpvsService, IpvsTable, VirtualServerKey};
@@ -135,8 +135,15 @@ pub struct Syncer<D: Dataplane> {
     /// Every node port planned since start: the agent may delete what it once programmed.
     node_ports_seen: BTreeSet<u16>,
     sysctls_done: bool,
-    last_ruleset: Option<String>,
-    last_reserved: Option<BTreeSet<u16>>,
+    /// The set elements the plan wants, and what changed since they were last written.
+    nft: NftSets,
+    /// The layout (whether the ip6 table exists) of the table as last written whole; `None`
+    /// when it must be written whole next (never written, or a write failed).
+    nft_layout: Option<bool>,
+    /// Whether this process wrote the ip6 table (and so removes it when nothing needs it).
+    ipv6_written: bool,
+    /// The reserved node ports must be written (they changed, or the last write failed).
+    reserved_changed: bool,
     /// Whether `kernel` is what the kernel should hold: the last sync succeeded. Only then is a
     /// difference found by the next dump drift made by someone else.
     model_trusted: bool,
@@ -163,8 +170,10 @@ impl<D: Dataplane> Syncer<D> {
             policy_ranges: Vec::new(),
             node_ports_seen: BTreeSet::new(),
             sysctls_done: false,
-            last_ruleset: None,
-            last_reserved: None,
+            nft: NftSets::default(),
+            nft_layout: None,
+            ipv6_written: false,
+            reserved_changed: true,
             model_trusted: false,
             stale_flows: BTreeSet::new(),
         }
@@ -210,6 +219,10 @@ impl<D: Dataplane> Syncer<D> {
     }
 
     /// Brings the kernel in line with the rules: a full sync when one is due, else incremental.
+    ///
+    /// An incremental sync reads only the planner's delta: its keys' IPVS entries are diffed,
+    /// their addresses bound or unbound, their set elements sent; nothing in it walks the whole
+    /// plan.
     pub fn sync(&mut self) -> SyncOutcome {
         let started = Instant::now();
         let full = std::mem::take(&mut self.needs_full);
@@ -226,53 +239,89 @@ impl<D: Dataplane> Syncer<D> {
                 Err(e) => outcome.errors.push(e.into()),
             }
         }
-        let rules = self.tracker.node_rules();
-        self.node_ports_seen.extend(
-            rules
-                .virtual_servers
-                .iter()
-                .filter(|vs| vs.kind == VirtualServerKind::NodePort)
-                .map(|vs| vs.key.port),
-        );
-        let dirty = self.tracker.take_dirty();
-        if full && let Err(e) = self.read_kernel(&rules) {
+        let delta = self.tracker.take_delta();
+        self.reserved_changed |= delta.reserved_node_ports;
+        for key in &delta.keys {
+            let rule = self.tracker.winning_rule(key);
+            if let Some(rule) = rule
+                && rule.kind == VirtualServerKind::NodePort
+            {
+                self.node_ports_seen.insert(key.port);
+            }
+            let elements = match (rule, self.tracker.desired().get(key)) {
+                (Some(rule), Some(service)) => {
+                    let allowed = rule
+                        .source_ranges
+                        .as_deref()
+                        .map(|ranges| nft::allowed_sources(key, ranges, self.tracker.node_addresses()));
+                    nft::elements_of(key, reach_of(rule), service, allowed.as_deref())
+                }
+                _ => Vec::new(),
+            };
+            self.nft.set(*key, elements);
+        }
+        if full && let Err(e) = self.read_kernel() {
             // Without the kernel's state nothing can be compared safely: change nothing.
             outcome.errors.push(e.into());
-            self.retry.extend(dirty);
-            return self.finish(outcome, started, &rules);
+            self.retry.extend(delta.keys);
+            return self.finish(outcome, started);
         }
 
         // Bind new addresses first: a virtual server on an address the agent does not hold is
         // not its to program, and a cluster IP must be local before traffic to it is accepted.
-        let wanted: BTreeSet<IpAddr> = self.bound.union(&rules.vips).copied().collect();
-        self.bind(wanted, &mut outcome);
-        let ops = self.operations(full, dirty, &rules);
+        let keys: BTreeSet<VirtualServerKey> = if full {
+            self.retry.clear();
+            BTreeSet::new()
+        } else {
+            delta
+                .keys
+                .into_iter()
+                .chain(std::mem::take(&mut self.retry))
+                .collect()
+        };
+        let to_bind: BTreeSet<IpAddr> = if full {
+            self.tracker.vips().filter(|a| !self.bound.contains(a)).collect()
+        } else {
+            keys.iter()
+                .map(|k| k.address)
+                .filter(|a| !self.bound.contains(a) && self.tracker.is_vip(a))
+                .collect()
+        };
+        self.change_addresses(&to_bind, &BTreeSet::new(), &mut outcome);
+        let ops = self.operations(full, &keys);
         self.apply(&ops, &mut outcome);
         self.track_draining(&ops, full);
 
         // Unbind what the rules no longer want, except addresses whose deletions failed (they
         // must stay owned until the retry deletes their virtual servers).
-        let mut keep: BTreeSet<IpAddr> = rules.vips.clone();
-        keep.extend(
-            self.retry
+        let held: BTreeSet<IpAddr> = self.retry.iter().map(|k| k.address).collect();
+        let to_unbind: BTreeSet<IpAddr> = if full {
+            self.bound
                 .iter()
+                .copied()
+                .filter(|a| !self.tracker.is_vip(a) && !held.contains(a))
+                .collect()
+        } else {
+            keys.iter()
                 .map(|k| k.address)
-                .filter(|a| self.bound.contains(a)),
-        );
-        self.bind(keep, &mut outcome);
-        self.sync_ruleset(&rules, full, &mut outcome);
-        self.sync_reserved_ports(&rules, full, &mut outcome);
+                .filter(|a| self.bound.contains(a) && !self.tracker.is_vip(a) && !held.contains(a))
+                .collect()
+        };
+        self.change_addresses(&BTreeSet::new(), &to_unbind, &mut outcome);
+        self.sync_ruleset(full, &mut outcome);
+        self.sync_reserved_ports(full, &mut outcome);
         self.clear_stale_flows(&mut outcome);
-        self.finish(outcome, started, &rules)
+        self.finish(outcome, started)
     }
 
     /// Replaces the model of the kernel with a dump of it, counting the owned virtual servers
-    /// where the two differ as drift.
-    fn read_kernel(&mut self, rules: &NodeRules) -> Result<(), DataplaneError> {
+    /// where the two differ as drift. (The wanted set elements follow the plan alone, never the
+    /// kernel, so the full resync refills the sets from them as they are.)
+    fn read_kernel(&mut self) -> Result<(), DataplaneError> {
         let table = self.dataplane.dump()?;
         let bound = self.dataplane.addresses()?;
         if self.model_trusted {
-            let ownership = self.ownership(rules, &self.bound);
+            let ownership = self.ownership();
             let drifted = drifted_virtual_servers(&self.kernel, &table, &ownership);
             if drifted > 0 {
                 tracing::warn!(
@@ -287,34 +336,42 @@ impl<D: Dataplane> Syncer<D> {
         Ok(())
     }
 
-    /// Makes the dummy interface hold `addresses`; on failure what it held stays recorded.
-    fn bind(&mut self, addresses: BTreeSet<IpAddr>, outcome: &mut SyncOutcome) {
-        if addresses == self.bound {
+    /// Adds and removes addresses on the dummy interface; what it holds stays recorded as far
+    /// as the kernel accepted (on failure the next, full, sync reads it back).
+    fn change_addresses(
+        &mut self,
+        add: &BTreeSet<IpAddr>,
+        remove: &BTreeSet<IpAddr>,
+        outcome: &mut SyncOutcome,
+    ) {
+        if add.is_empty() && remove.is_empty() {
             return;
         }
-        match self.dataplane.sync_addresses(&addresses) {
-            Ok(()) => self.bound = addresses,
+        match self.dataplane.change_addresses(add, remove) {
+            Ok(()) => {
+                self.bound.extend(add);
+                self.bound.retain(|a| !remove.contains(a));
+            }
             Err(e) => outcome.errors.push(e.into()),
         }
     }
 
     /// What to send the kernel: the whole owned table compared on a full sync, else only the
-    /// dirty keys and those to retry.
-    fn operations(
-        &mut self,
-        full: bool,
-        dirty: BTreeSet<VirtualServerKey>,
-        rules: &NodeRules,
-    ) -> Vec<IpvsOp> {
-        let ownership = self.ownership(rules, &self.bound);
+    /// given keys (the delta's and those to retry).
+    fn operations(&self, full: bool, keys: &BTreeSet<VirtualServerKey>) -> Vec<IpvsOp> {
         let desired = self.tracker.desired();
         if full {
-            self.retry.clear();
-            return diff(&self.kernel, desired, &ownership);
+            return diff(&self.kernel, desired, &self.ownership());
         }
-        let keys: BTreeSet<VirtualServerKey> =
-            dirty.into_iter().chain(std::mem::take(&mut self.retry)).collect();
-        diff_keys(&self.drain_view(&keys), desired, &keys, &ownership)
+        // Ownership by bound address is checked here, without copying the bound set into an
+        // Ownership on every sync; the rest of the rule is the same Ownership's.
+        let others = self.ownership_beyond_bound();
+        let keys: BTreeSet<VirtualServerKey> = keys
+            .iter()
+            .copied()
+            .filter(|k| self.bound.contains(&k.address) || others.owns(k))
+            .collect();
+        diff_keys(&self.drain_view(&keys), desired, &keys, &Ownership::everything())
     }
 
     /// Applies the operations, keeping the model of the kernel in step with what it accepted
@@ -385,42 +442,46 @@ impl<D: Dataplane> Syncer<D> {
         }
     }
 
-    /// Applies the masquerading ruleset when it changed (always on a full sync).
-    fn sync_ruleset(&mut self, rules: &NodeRules, full: bool, outcome: &mut SyncOutcome) {
-        let ruleset = nft::ruleset(
-            rules.virtual_servers.iter().map(|vs| {
-                let reach = if vs.kind.is_external() {
-                    Reach::External { local: vs.only_local }
-                } else {
-                    Reach::ClusterIp
-                };
-                (&vs.key, reach)
-            }),
-            self.tracker.desired(),
-            &self.masquerade,
-            &nft::source_restrictions(rules),
-        );
-        if !full && self.last_ruleset.as_ref() == Some(&ruleset) {
+    /// Writes the set elements that changed as one transaction; every set refilled on a full
+    /// sync; the whole table when its layout changed or the last write failed.
+    fn sync_ruleset(&mut self, full: bool, outcome: &mut SyncOutcome) {
+        let ipv6 = self.nft.has_ipv6();
+        let whole = self.nft_layout != Some(ipv6);
+        let text = if whole {
+            self.nft.discard_batch();
+            self.nft.ruleset(&self.masquerade, self.ipv6_written)
+        } else if full {
+            self.nft.discard_batch();
+            self.nft.refill()
+        } else {
+            self.nft.take_batch()
+        };
+        if text.is_empty() {
             return;
         }
-        match self.dataplane.apply_ruleset(&ruleset) {
-            Ok(()) => self.last_ruleset = Some(ruleset),
+        match self.dataplane.apply_ruleset(&text) {
+            Ok(()) => {
+                if whole {
+                    self.nft_layout = Some(ipv6);
+                    self.ipv6_written = ipv6;
+                }
+            }
             Err(e) => {
-                self.last_ruleset = None;
+                self.nft_layout = None;
                 outcome.errors.push(e.into());
             }
         }
     }
 
     /// Reserves the node ports when they changed (always on a full sync).
-    fn sync_reserved_ports(&mut self, rules: &NodeRules, full: bool, outcome: &mut SyncOutcome) {
-        if !full && self.last_reserved.as_ref() == Some(&rules.reserved_node_ports) {
+    fn sync_reserved_ports(&mut self, full: bool, outcome: &mut SyncOutcome) {
+        if !full && !self.reserved_changed {
             return;
         }
-        match self.dataplane.reserve_ports(&rules.reserved_node_ports) {
-            Ok(()) => self.last_reserved = Some(rules.reserved_node_ports.clone()),
+        match self.dataplane.reserve_ports(&self.tracker.reserved_node_ports()) {
+            Ok(()) => self.reserved_changed = false,
             Err(e) => {
-                self.last_reserved = None;
+                self.reserved_changed = true;
                 outcome.errors.push(e.into());
             }
         }
@@ -449,7 +510,7 @@ impl<D: Dataplane> Syncer<D> {
         }
     }
 
-    fn finish(&mut self, mut outcome: SyncOutcome, started: Instant, rules: &NodeRules) -> SyncOutcome {
+    fn finish(&mut self, mut outcome: SyncOutcome, started: Instant) -> SyncOutcome {
         self.model_trusted = outcome.succeeded();
         for errno in outcome.errors.iter().filter_map(SyncError::errno) {
             self.metrics
@@ -467,18 +528,14 @@ impl<D: Dataplane> Syncer<D> {
         }
         self.metrics
             .virtual_servers
-            .set(rules.virtual_servers.len() as i64);
-        self.metrics.real_servers.set(
-            rules
-                .virtual_servers
-                .iter()
-                .map(|vs| vs.real_servers.len() as i64)
-                .sum(),
-        );
+            .set(self.tracker.desired().len() as i64);
+        self.metrics
+            .real_servers
+            .set(self.tracker.real_server_count() as i64);
         self.metrics
             .sync_duration
             .observe(started.elapsed().as_secs_f64());
-        outcome.health_checks = rules.health_checks.clone();
+        outcome.health_checks = self.tracker.health_checks().cloned().collect();
         outcome
     }
 
@@ -500,7 +557,18 @@ impl<D: Dataplane> Syncer<D> {
             .collect()
     }
 
-    fn ownership(&self, rules: &NodeRules, bound: &BTreeSet<IpAddr>) -> Ownership {
+    /// Which virtual servers the agent may touch (see [`Ownership`]).
+    fn ownership(&self) -> Ownership {
+        match self.tracker.config().mode {
+            ProxyMode::Replacement => Ownership::everything(),
+            ProxyMode::Delegated => self
+                .ownership_beyond_bound()
+                .with_bound_addresses(self.bound.iter().copied()),
+        }
+    }
+
+    /// [`Syncer::ownership`] without the addresses bound on the dummy interface.
+    fn ownership_beyond_bound(&self) -> Ownership {
         match self.tracker.config().mode {
             ProxyMode::Replacement => Ownership::everything(),
             ProxyMode::Delegated => {
@@ -508,14 +576,23 @@ impl<D: Dataplane> Syncer<D> {
                     .node_ports_seen
                     .iter()
                     .filter_map(|p| PortRange::single(*p).ok());
-                Ownership::nothing()
-                    .with_bound_addresses(bound.iter().copied())
-                    .with_node_ports(
-                        rules.node_addresses.iter().copied(),
-                        self.policy_ranges.iter().copied().chain(seen),
-                    )
+                Ownership::nothing().with_node_ports(
+                    self.tracker.node_addresses().iter().copied(),
+                    self.policy_ranges.iter().copied().chain(seen),
+                )
             }
         }
+    }
+}
+
+/// How a planned virtual server is reached, for the masquerading sets.
+fn reach_of(rule: &VirtualServerRule) -> Reach {
+    if rule.kind.is_external() {
+        Reach::External {
+            local: rule.only_local,
+        }
+    } else {
+        Reach::ClusterIp
     }
 }
 

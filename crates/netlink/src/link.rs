@@ -126,6 +126,31 @@ impl DummyLink {
         let current = self.addresses()?;
         let mut changes: Vec<(bool, IpAddr)> = desired.difference(&current).map(|a| (true, *a)).collect();
         changes.extend(current.difference(desired).map(|a| (false, *a)));
+        self.apply_changes(&changes, false)
+    }
+
+    /// Adds and removes these addresses without listing the interface first: the caller knows
+    /// what it holds. An address already there (or already gone) counts as done, so a model
+    /// that lags the kernel converges instead of failing. Returns (added, removed) as
+    /// [`DummyLink::sync_addresses`] does.
+    pub fn change_addresses(
+        &mut self,
+        add: &BTreeSet<IpAddr>,
+        remove: &BTreeSet<IpAddr>,
+    ) -> Result<(usize, usize), NetlinkError> {
+        let mut changes: Vec<(bool, IpAddr)> = add.iter().map(|a| (true, *a)).collect();
+        changes.extend(remove.iter().map(|a| (false, *a)));
+        self.apply_changes(&changes, true)
+    }
+
+    fn apply_changes(
+        &mut self,
+        changes: &[(bool, IpAddr)],
+        tolerate_done: bool,
+    ) -> Result<(usize, usize), NetlinkError> {
+        if changes.is_empty() {
+            return Ok((0, 0));
+        }
         let builders = changes
             .iter()
             .map(|(add, address)| address_request(self.index, *add, *address))
@@ -139,6 +164,8 @@ impl DummyLink {
             match (result, add) {
                 (Ok(()), true) => added += 1,
                 (Ok(()), false) => removed += 1,
+                (Err(errno), true) if tolerate_done && errno == libc::EEXIST => {}
+                (Err(errno), false) if tolerate_done && errno == libc::EADDRNOTAVAIL => {}
                 (Err(errno), _) => {
                     let verb = if *add { "add" } else { "remove" };
                     let rule = format_args!("{verb} address {address} on {}", self.name);

@@ -5,7 +5,7 @@ use pretty_assertions::assert_eq;
 
 use super::*;
 use crate::agent::dataplane::DataplaneError;
-use crate::agent::fake::{FakeDataplane, FakeKernel};
+use crate::agent::fake::{FakeDataplane, FakeKernel, FakeNft};
 use portpolicy_core::ipvs::node_rules;
 use portpolicy_core::ipvs::{IpvsOp, StaleFlows};
 use portpolicy_core::snapshot::parse_str;
@@ -549,4 +549,486 @@ spec:
     s.observe(Change::Snapshot(Box::new(snapshot)));
     assert!(s.sync().succeeded());
     assert_eq!(fake.state().ops_log, vec![IpvsOp::DeleteService { key: stale }]);
+}
+
+/// A table kept by a direct one-endpoint change, then the table replaced only on a full sync.
+#[test]
+fn an_endpoint_change_sends_set_elements_and_never_replaces_the_table() {
+    let (mut s, fake, _) = syncer(FakeKernel::default());
+    assert!(s.sync().succeeded());
+    assert_eq!(fake.state().table_replacements, 1);
+    let more = [
+        ("10.0.1.1", "node-a"),
+        ("10.0.1.2", "node-a"),
+        ("10.0.2.1", "node-b"),
+        ("10.0.1.9", "node-a"),
+    ];
+    s.observe(Change::Snapshot(Box::new(cluster(&more))));
+    let outcome = s.sync();
+    assert!(outcome.succeeded() && !outcome.full);
+    let k = fake.state();
+    assert_eq!(k.table_replacements, 1, "an element change replaced the table");
+    let batch = k.ruleset.clone().unwrap();
+    assert!(batch.contains("\nadd element ip portpolicy hairpin {"), "{batch}");
+    assert!(!batch.contains("table"), "{batch}");
+    let want = node_rules(&cluster(&more), &config());
+    assert_eq!(k.nft, expected_nft(&want, &MasqueradeOptions::default()));
+    drop(k);
+    // The full resync refills the sets in place.
+    s.request_full();
+    assert!(s.sync().succeeded());
+    let k = fake.state();
+    assert_eq!(k.table_replacements, 1);
+    assert!(
+        k.ruleset
+            .as_ref()
+            .unwrap()
+            .starts_with("flush set ip portpolicy virtual-servers\n")
+    );
+    assert_eq!(k.nft, expected_nft(&want, &MasqueradeOptions::default()));
+}
+
+/// Someone deleted the table: the full resync's refill fails, and the next sync writes it whole.
+#[test]
+fn a_table_deleted_behind_the_agents_back_is_written_again() {
+    let (mut s, fake, _) = syncer(FakeKernel::default());
+    assert!(s.sync().succeeded());
+    fake.state().nft = FakeNft::default();
+    s.request_full();
+    assert!(!s.sync().succeeded());
+    assert!(s.sync().succeeded());
+    let want = node_rules(&cluster(&WEB), &config());
+    let k = fake.state();
+    assert_eq!(k.table_replacements, 2, "written whole at start and once more");
+    assert_eq!(k.nft, expected_nft(&want, &MasqueradeOptions::default()));
+}
+
+#[test]
+fn a_refused_element_batch_is_repaired_by_writing_the_whole_table() {
+    let (mut s, fake, _) = syncer(FakeKernel::default());
+    assert!(s.sync().succeeded());
+    let more = [
+        ("10.0.1.1", "node-a"),
+        ("10.0.1.2", "node-a"),
+        ("10.0.2.1", "node-b"),
+        ("10.0.1.9", "node-a"),
+    ];
+    s.observe(Change::Snapshot(Box::new(cluster(&more))));
+    fake.state().fail_nft = true;
+    assert!(!s.sync().succeeded());
+    fake.state().fail_nft = false;
+    let outcome = s.sync();
+    assert!(outcome.succeeded() && outcome.full);
+    let want = node_rules(&cluster(&more), &config());
+    assert_eq!(
+        fake.state().nft,
+        expected_nft(&want, &MasqueradeOptions::default())
+    );
+}
+
+/// The sets a full ruleset of the plan would hold.
+fn expected_nft(plan: &portpolicy_core::ipvs::NodeRules, options: &MasqueradeOptions) -> FakeNft {
+    let table = plan.table();
+    let text = nft::ruleset(
+        plan.virtual_servers.iter().map(|vs| (&vs.key, reach_of(vs))),
+        &table,
+        options,
+        &nft::source_restrictions(plan),
+    );
+    FakeNft::from_ruleset(&text).unwrap()
+}
+
+/// The kernel model (IPVS table, dummy-interface addresses, nftables sets, reserved ports)
+/// against the plan of everything the agent was told, through every delta.
+mod kernel_model {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::core::v1::{Node, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use portpolicy_core::well_known::{SERVICE_PROXY_NAME, SERVICE_PROXY_NAME_LABEL};
+
+    const SERVICES: [(&str, &str); 4] = [("a", "s0"), ("a", "s1"), ("b", "s0"), ("b", "s2")];
+
+    #[derive(Clone, Debug)]
+    enum Event {
+        UpsertService {
+            index: usize,
+            variant: u8,
+        },
+        RemoveService {
+            index: usize,
+        },
+        UpsertSlice {
+            index: usize,
+            service: usize,
+            ipv6: bool,
+            endpoints: Vec<(u8, bool, bool)>,
+        },
+        RemoveSlice {
+            index: usize,
+        },
+        SetNode {
+            variant: u8,
+        },
+        /// A re-list: the agent is told the whole cluster as it is now.
+        Relist,
+        Sync,
+        FullSync,
+        /// The kernel refuses the next IPVS operation, or the next nft transaction.
+        Refuse {
+            nft: bool,
+        },
+    }
+
+    #[derive(Clone, Debug, Default)]
+    struct Cluster {
+        services: BTreeMap<usize, Service>,
+        /// By namespace and name, as the API server (and the agent) tells them apart.
+        slices: BTreeMap<(String, String), EndpointSlice>,
+        node: Option<Node>,
+    }
+
+    fn slice_key(slice: &EndpointSlice) -> (String, String) {
+        (
+            slice.metadata.namespace.clone().unwrap_or_default(),
+            slice.metadata.name.clone().unwrap_or_default(),
+        )
+    }
+
+    impl Cluster {
+        /// The cluster's slice `slice-INDEX`, in whichever namespace it is.
+        fn slice_at(&self, index: usize) -> Option<(String, String)> {
+            let name = format!("slice-{index}");
+            self.slices.keys().find(|(_, n)| *n == name).cloned()
+        }
+
+        fn snapshot(&self) -> Snapshot {
+            Snapshot {
+                nodes: self.node.iter().cloned().collect(),
+                services: self.services.values().cloned().collect(),
+                endpoint_slices: self.slices.values().cloned().collect(),
+                ..Default::default()
+            }
+        }
+    }
+
+    fn service(index: usize, variant: u8, mode: ProxyMode) -> Service {
+        let (ns, name) = SERVICES[index];
+        let kind = ["ClusterIP", "NodePort", "LoadBalancer"][usize::from(variant % 3)];
+        let ipv6 = variant & 32 != 0;
+        // Two Services may share a cluster IP and so contest its virtual servers.
+        let ip_index = if variant & 16 != 0 { 9 } else { index };
+        let cluster_ip = if ipv6 {
+            format!("fd00::{ip_index}")
+        } else {
+            format!("10.96.0.{ip_index}")
+        };
+        let mut spec = json!({"type": kind, "clusterIP": cluster_ip,
+            "ipFamilies": [if ipv6 { "IPv6" } else { "IPv4" }],
+            "ports": [{"name": "http", "port": 80, "nodePort": 30000 + index},
+                      {"name": "dns", "port": 53, "protocol": "UDP", "nodePort": 30100 + index}]});
+        if kind != "ClusterIP" {
+            spec["externalTrafficPolicy"] = json!(if variant & 4 != 0 { "Local" } else { "Cluster" });
+        } else {
+            for port in spec["ports"].as_array_mut().unwrap() {
+                port.as_object_mut().unwrap().remove("nodePort");
+            }
+        }
+        if kind == "LoadBalancer" && variant & 4 != 0 {
+            spec["healthCheckNodePort"] = json!(32000 + index);
+        }
+        // Source ranges come, go and change; one of them holds node-a's address in one of its
+        // node variants only, so a node change alone moves the VIP in or out of lb-allowed.
+        if kind == "LoadBalancer" && variant & 128 != 0 {
+            spec["loadBalancerSourceRanges"] = match (ipv6, variant & 8 != 0) {
+                (true, _) => json!(["2001:db8::/32"]),
+                (false, true) => json!(["192.168.1.11/32", "203.0.113.0/24"]),
+                (false, false) => json!(["203.0.113.0/24"]),
+            };
+        }
+        if variant & 8 != 0 {
+            spec["internalTrafficPolicy"] = json!("Local");
+        }
+        // Whether the Service is handed to portpolicy changes with the variant too.
+        let ours = variant & 64 == 0;
+        let labels = match (mode, ours) {
+            (_, true) => json!({SERVICE_PROXY_NAME_LABEL: SERVICE_PROXY_NAME}),
+            (_, false) => json!({SERVICE_PROXY_NAME_LABEL: "other"}),
+        };
+        let lb = if ipv6 { "fd00:ff::50" } else { "198.51.100.50" };
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": ns, "labels": labels},
+            "spec": spec,
+            "status": {"loadBalancer": {"ingress": [{"ip": lb}]}},
+        }))
+        .unwrap()
+    }
+
+    fn slice(index: usize, service: usize, ipv6: bool, endpoints: &[(u8, bool, bool)]) -> EndpointSlice {
+        let (ns, name) = SERVICES[service];
+        let endpoints: Vec<Value> = endpoints
+            .iter()
+            .map(|(host, local, ready)| {
+                let address = if ipv6 {
+                    format!("fd00:1::{host}")
+                } else {
+                    format!("10.1.0.{host}")
+                };
+                json!({"addresses": [address], "nodeName": if *local { "node-a" } else { "node-b" },
+                       "conditions": {"ready": ready}})
+            })
+            .collect();
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("slice-{index}"), "namespace": ns,
+                         "labels": {"kubernetes.io/service-name": name}},
+            "addressType": if ipv6 { "IPv6" } else { "IPv4" },
+            "ports": [{"name": "http", "port": 8080}, {"name": "dns", "port": 5353, "protocol": "UDP"}],
+            "endpoints": endpoints,
+        }))
+        .unwrap()
+    }
+
+    fn node(variant: u8) -> Node {
+        let addresses = match variant % 3 {
+            0 => json!([{"type": "InternalIP", "address": "192.168.1.10"}]),
+            1 => json!([{"type": "InternalIP", "address": "192.168.1.11"}]),
+            _ => {
+                json!([{"type": "InternalIP", "address": "192.168.1.12"}, {"type": "ExternalIP", "address": "198.51.100.1"}])
+            }
+        };
+        serde_json::from_value(json!({"metadata": {"name": "node-a"}, "status": {"addresses": addresses}}))
+            .unwrap()
+    }
+
+    fn event(node_changes: bool) -> impl Strategy<Value = Event> {
+        let node_weight = if node_changes { 1 } else { 0 };
+        prop_oneof![
+            3 => (0..4usize, any::<u8>()).prop_map(|(index, variant)| Event::UpsertService { index, variant }),
+            1 => (0..4usize).prop_map(|index| Event::RemoveService { index }),
+            4 => (0..5usize, 0..4usize, prop::bool::weighted(0.2), prop::collection::vec((0..6u8, any::<bool>(), prop::bool::weighted(0.8)), 0..4))
+                .prop_map(|(index, service, ipv6, endpoints)| Event::UpsertSlice { index, service, ipv6, endpoints }),
+            1 => (0..5usize).prop_map(|index| Event::RemoveSlice { index }),
+            node_weight => any::<u8>().prop_map(|variant| Event::SetNode { variant }),
+            1 => Just(Event::Relist),
+            4 => Just(Event::Sync),
+            1 => Just(Event::FullSync),
+            1 => any::<bool>().prop_map(|nft| Event::Refuse { nft }),
+        ]
+    }
+
+    /// Asserts the fake kernel holds what the plan of `told` wants. Real servers the plan
+    /// dropped may still be draining at weight 0 (TCP), until a full sync, which then deletes
+    /// them (the fake kernel has no connections).
+    fn holds_the_plan(
+        fake: &FakeDataplane,
+        told: &Cluster,
+        mode: ProxyMode,
+        full: bool,
+    ) -> Result<(), TestCaseError> {
+        let config = ProxyConfig::new("node-a", mode);
+        let plan = node_rules(&told.snapshot(), &config);
+        let want = plan.table();
+        let k = fake.state();
+        prop_assert_eq!(
+            k.table.keys().collect::<Vec<_>>(),
+            want.keys().collect::<Vec<_>>()
+        );
+        for (key, have) in &k.table {
+            let wanted = &want[key];
+            prop_assert_eq!(&have.scheduler, &wanted.scheduler, "{}", key);
+            prop_assert_eq!(have.persistence_timeout, wanted.persistence_timeout, "{}", key);
+            for (real, state) in &wanted.real_servers {
+                prop_assert_eq!(
+                    have.real_servers.get(real).map(|s| s.weight),
+                    Some(state.weight),
+                    "{} {}",
+                    key,
+                    real
+                );
+            }
+            for (real, state) in &have.real_servers {
+                if !wanted.real_servers.contains_key(real) {
+                    prop_assert!(
+                        !full && key.protocol == Protocol::Tcp && state.weight == 0,
+                        "{} keeps {} at {}",
+                        key,
+                        real,
+                        state.weight
+                    );
+                }
+            }
+        }
+        prop_assert_eq!(&k.addresses, &plan.vips);
+        prop_assert_eq!(&k.reserved_ports, &plan.reserved_node_ports);
+        prop_assert_eq!(&k.nft, &expected_nft(&plan, &MasqueradeOptions::default()));
+        Ok(())
+    }
+
+    fn run(mode: ProxyMode, events: Vec<(Event, bool)>) -> Result<(), TestCaseError> {
+        let fake = FakeDataplane::new(FakeKernel::default());
+        let config = ProxyConfig::new("node-a", mode);
+        let mut syncer = Syncer::new(fake.clone(), config, MasqueradeOptions::default(), Metrics::new());
+        let mut cluster = Cluster {
+            node: Some(node(0)),
+            ..Default::default()
+        };
+        let mut told = cluster.clone();
+        syncer.observe(Change::Snapshot(Box::new(told.snapshot())));
+        prop_assert!(syncer.sync().succeeded());
+        holds_the_plan(&fake, &told, mode, true)?;
+        for (event, missed) in events {
+            // A missed event changes the cluster but never reaches the agent, as when a watch
+            // drops; the next re-list catches up.
+            let mut changes = Vec::new();
+            match event {
+                Event::UpsertService { index, variant } => {
+                    let s = service(index, variant, mode);
+                    cluster.services.insert(index, s.clone());
+                    changes.push(Change::Service(Box::new(s)));
+                }
+                Event::RemoveService { index } => {
+                    cluster.services.remove(&index);
+                    let (namespace, name) = SERVICES[index];
+                    changes.push(Change::ServiceDeleted {
+                        namespace: namespace.into(),
+                        name: name.into(),
+                    });
+                }
+                Event::UpsertSlice {
+                    index,
+                    service,
+                    ipv6,
+                    endpoints,
+                } => {
+                    let s = slice(index, service, ipv6, &endpoints);
+                    // A slice moving namespace is a delete and a create, as the API sees it.
+                    if let Some(old) = cluster.slice_at(index)
+                        && old != slice_key(&s)
+                    {
+                        cluster.slices.remove(&old);
+                        changes.push(Change::SliceDeleted {
+                            namespace: old.0,
+                            name: old.1,
+                        });
+                    }
+                    cluster.slices.insert(slice_key(&s), s.clone());
+                    changes.push(Change::Slice(Box::new(s)));
+                }
+                Event::RemoveSlice { index } => {
+                    if let Some(old) = cluster.slice_at(index) {
+                        cluster.slices.remove(&old);
+                        changes.push(Change::SliceDeleted {
+                            namespace: old.0,
+                            name: old.1,
+                        });
+                    }
+                }
+                Event::SetNode { variant } => {
+                    let n = node(variant);
+                    cluster.node = Some(n.clone());
+                    changes.push(Change::Node(Box::new(n)));
+                }
+                Event::Relist => {
+                    told = cluster.clone();
+                    syncer.observe(Change::Snapshot(Box::new(told.snapshot())));
+                }
+                Event::Sync | Event::FullSync => {
+                    let full = matches!(event, Event::FullSync);
+                    if full {
+                        syncer.request_full();
+                    }
+                    let outcome = syncer.sync();
+                    // An injected nft refusal lasts one sync.
+                    fake.state().fail_nft = false;
+                    if outcome.succeeded() {
+                        holds_the_plan(&fake, &told, mode, outcome.full)?;
+                    } else {
+                        prop_assert!(syncer.needs_full(), "a failure schedules the repair");
+                    }
+                }
+                Event::Refuse { nft } => {
+                    let mut k = fake.state();
+                    if nft {
+                        k.fail_nft = true;
+                    } else {
+                        k.fail_next_ops = 1;
+                    }
+                }
+            }
+            if !missed {
+                for change in changes {
+                    apply_to(&mut told, &change);
+                    syncer.observe(change);
+                }
+            }
+        }
+        fake.state().fail_nft = false;
+        fake.state().fail_next_ops = 0;
+        // The repair path: whatever happened, a re-list and two syncs (the second full if the
+        // first failed) converge on the cluster.
+        told = cluster.clone();
+        syncer.observe(Change::Snapshot(Box::new(told.snapshot())));
+        let outcome = syncer.sync();
+        if !outcome.succeeded() {
+            prop_assert!(syncer.sync().succeeded());
+        }
+        holds_the_plan(&fake, &told, mode, false)?;
+        syncer.request_full();
+        prop_assert!(syncer.sync().succeeded());
+        holds_the_plan(&fake, &told, mode, true)
+    }
+
+    /// Keeps the model of what the agent was told in step with what it is told.
+    fn apply_to(told: &mut Cluster, change: &Change) {
+        match change {
+            Change::Service(s) => {
+                let at = SERVICES
+                    .iter()
+                    .position(|(ns, name)| {
+                        s.metadata.namespace.as_deref() == Some(ns)
+                            && s.metadata.name.as_deref() == Some(name)
+                    })
+                    .unwrap();
+                told.services.insert(at, (**s).clone());
+            }
+            Change::ServiceDeleted { namespace, name } => {
+                told.services.retain(|_, s| {
+                    !(s.metadata.namespace.as_ref() == Some(namespace)
+                        && s.metadata.name.as_ref() == Some(name))
+                });
+            }
+            Change::Slice(s) => {
+                told.slices.insert(slice_key(s), (**s).clone());
+            }
+            Change::SliceDeleted { namespace, name } => {
+                told.slices.remove(&(namespace.clone(), name.clone()));
+            }
+            Change::Node(n) => told.node = Some((**n).clone()),
+            Change::Snapshot(_) | Change::Policies { .. } => {}
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        #[test]
+        fn every_delta_keeps_the_kernel_equal_to_the_plan_in_replacement_mode(
+            events in prop::collection::vec((event(true), prop::bool::weighted(0.15)), 1..40),
+        ) {
+            run(ProxyMode::Replacement, events)?;
+        }
+
+        /// Delegated mode owns node ports only on the node's current addresses, so the node
+        /// keeps its addresses here.
+        #[test]
+        fn every_delta_keeps_the_kernel_equal_to_the_plan_in_delegated_mode(
+            events in prop::collection::vec((event(false), prop::bool::weighted(0.15)), 1..40),
+        ) {
+            run(ProxyMode::Delegated, events)?;
+        }
+    }
 }

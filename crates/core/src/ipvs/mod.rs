@@ -19,6 +19,7 @@ mod claims;
 pub mod diff;
 pub mod listing;
 mod model;
+mod node_state;
 mod rules;
 mod service_rules;
 pub mod stale_flows;
@@ -32,7 +33,7 @@ pub use rules::{
 };
 pub use stale_flows::{StaleFlows, stale_udp_flows};
 pub use table::{IpvsOp, IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
-pub use tracker::{RuleTracker, node_rules};
+pub use tracker::{NodeDelta, RuleTracker, node_rules};
 
 #[cfg(test)]
 mod tests;

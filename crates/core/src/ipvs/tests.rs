@@ -1482,6 +1482,8 @@ mod incremental {
             let mut slices: BTreeMap<usize, EndpointSlice> = BTreeMap::new();
             let mut current_node: Option<Node> = None;
             let mut kernel = IpvsTable::new();
+            let mut seen_checks: Vec<HealthCheckRule> = Vec::new();
+            let mut seen_reserved: BTreeSet<u16> = BTreeSet::new();
             // Whether an event was missed since the last re-list.
             let mut stale = false;
             for (event, missed) in events {
@@ -1537,13 +1539,34 @@ mod incremental {
                         });
                     }
                 }
-                let dirty = tracker.take_dirty();
-                for op in diff_keys(&kernel, tracker.desired(), &dirty, &Ownership::everything()) {
+                let delta = tracker.take_delta();
+                for op in diff_keys(&kernel, tracker.desired(), &delta.keys, &Ownership::everything()) {
                     prop_assert!(op.apply_to(&mut kernel).is_ok(), "{op}");
                     let drains = matches!(op, IpvsOp::UpdateRealServer { weight: 0, .. });
                     prop_assert!(!drains, "nothing has connections to drain: {}", op);
                 }
                 prop_assert_eq!(&kernel, tracker.desired());
+                // What the delta's reader sees, node side, equals the assembled plan; a change
+                // the delta does not announce would be missed.
+                let rules = tracker.node_rules();
+                prop_assert_eq!(tracker.vips().collect::<BTreeSet<_>>(), rules.vips.clone());
+                let winning: Vec<&VirtualServerRule> = tracker.winning_rules().collect();
+                let mut planned: Vec<&VirtualServerRule> = rules.virtual_servers.iter().collect();
+                planned.sort_by_key(|vs| vs.key);
+                prop_assert_eq!(winning, planned);
+                let real_servers: usize = rules.virtual_servers.iter().map(|vs| vs.real_servers.len()).sum();
+                prop_assert_eq!(tracker.real_server_count(), real_servers);
+                prop_assert_eq!(tracker.reserved_node_ports(), rules.reserved_node_ports.clone());
+                let checks: Vec<HealthCheckRule> = tracker.health_checks().cloned().collect();
+                prop_assert_eq!(&checks, &rules.health_checks);
+                if !delta.health_checks {
+                    prop_assert_eq!(&seen_checks, &rules.health_checks, "health checks changed unannounced");
+                }
+                if !delta.reserved_node_ports {
+                    prop_assert_eq!(&seen_reserved, &rules.reserved_node_ports, "node ports changed unannounced");
+                }
+                seen_checks = checks;
+                seen_reserved = rules.reserved_node_ports;
             }
             let snap = Snapshot {
                 nodes: current_node.into_iter().collect(),

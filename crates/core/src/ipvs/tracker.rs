@@ -18,7 +18,8 @@ use crate::well_known::ZONE_LABEL;
 
 use super::claims::Claims;
 use super::model::{ServiceId, ServiceInfo, SliceModel};
-use super::rules::{NodeRules, ProxyConfig, VirtualServerKind, VirtualServerRule};
+use super::node_state::{NodeState, Reach};
+use super::rules::{HealthCheckRule, NodeRules, ProxyConfig, VirtualServerKind, VirtualServerRule};
 use super::service_rules::{NodeContext, ServiceRules, kind_field, rules_for_service};
 use super::table::{IpvsTable, VirtualServerKey};
 
@@ -67,7 +68,21 @@ pub struct RuleTracker {
     /// Every scheduler name in use, shared by the plans that use it.
     schedulers: Vec<Arc<str>>,
     desired: IpvsTable,
+    /// The rest of what the node needs, kept in step with `desired`.
+    node: NodeState,
     dirty: BTreeSet<VirtualServerKey>,
+}
+
+/// What changed since the agent last asked: the planner's output as a delta.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeDelta {
+    /// Virtual servers whose desired entry or reach changed (added, changed or removed). Their
+    /// addresses are the only ones whose binding may have changed.
+    pub keys: BTreeSet<VirtualServerKey>,
+    /// The reserved node ports changed: read [`RuleTracker::reserved_node_ports`].
+    pub reserved_node_ports: bool,
+    /// The health checks changed: read [`RuleTracker::health_checks`].
+    pub health_checks: bool,
 }
 
 impl RuleTracker {
@@ -87,6 +102,7 @@ impl RuleTracker {
             claims: Claims::default(),
             schedulers: vec![Arc::from(DEFAULT_SCHEDULER)],
             desired: IpvsTable::new(),
+            node: NodeState::default(),
             dirty: BTreeSet::new(),
         }
     }
@@ -102,6 +118,7 @@ impl RuleTracker {
             PolicySet::compile(&snapshot.policies),
             snapshot.namespace_labels(),
         );
+        let node_addresses_before = self.node_addresses.clone();
         match snapshot
             .nodes
             .iter()
@@ -172,20 +189,49 @@ impl RuleTracker {
                 services[winner].1.rules.virtual_servers[vs].to_ipvs_service(),
             ));
         }
+        let reaches: Vec<(VirtualServerKey, Reach)> = claimed
+            .chunk_by(|a, b| a.0 == b.0)
+            .map(|group| {
+                let (key, winner, vs) = group[0];
+                (key, Reach::of(&services[winner].1.rules.virtual_servers[vs]))
+            })
+            .collect();
         let previous = std::mem::replace(&mut self.desired, desired.into_iter().collect());
         self.claims = Claims {
             winners: winners.into_iter().collect(),
             contested: contested.into_iter().collect(),
         };
         self.services = services.into_iter().collect();
+        let reach_changed = self.node.rebuild(
+            reaches
+                .into_iter()
+                .map(|(key, reach)| (key, reach, &self.desired[&key])),
+            self.services.iter().map(|(id, service)| (id, &service.rules)),
+        );
 
         // Keep what was still unread, and add what differs from before.
-        let changed = changed_keys(&previous, &self.desired);
+        let mut changed = changed_keys(&previous, &self.desired);
+        changed.extend(reach_changed);
         if self.dirty.is_empty() {
             self.dirty = changed.into_iter().collect();
         } else {
             self.dirty.extend(changed);
         }
+        if node_addresses_before != self.node_addresses {
+            self.dirty_source_restricted();
+        }
+    }
+
+    /// Whether the node itself may reach a load balancer with source ranges depends on the
+    /// node's addresses (see the agent's nftables sets): when they change, those keys are dirty
+    /// even though their IPVS entries are not.
+    fn dirty_source_restricted(&mut self) {
+        let restricted: Vec<VirtualServerKey> = self
+            .winning_rules()
+            .filter(|rule| rule.source_ranges.is_some())
+            .map(|rule| rule.key)
+            .collect();
+        self.dirty.extend(restricted);
     }
 
     /// Replaces every slice with a snapshot's, in bulk: grouped by Service in ServiceId order,
@@ -233,8 +279,12 @@ impl RuleTracker {
             return;
         }
         let addresses_before = std::mem::take(&mut self.node_port_addresses);
+        let node_addresses_before = std::mem::take(&mut self.node_addresses);
         let zone_before = self.zone.take();
         self.read_node(node);
+        if node_addresses_before != self.node_addresses {
+            self.dirty_source_restricted();
+        }
         let addresses_changed = addresses_before != self.node_port_addresses;
         let zone_changed = zone_before != self.zone;
         if !(addresses_changed || zone_changed) {
@@ -364,6 +414,58 @@ impl RuleTracker {
     /// removed). Feed them to [`super::diff::diff_keys`].
     pub fn take_dirty(&mut self) -> BTreeSet<VirtualServerKey> {
         std::mem::take(&mut self.dirty)
+    }
+
+    /// Everything that changed since the last call, for the agent: what it reads costs in
+    /// proportion to the change, never to the cluster.
+    pub fn take_delta(&mut self) -> NodeDelta {
+        let (reserved_node_ports, health_checks) = self.node.take_changes();
+        NodeDelta {
+            keys: self.take_dirty(),
+            reserved_node_ports,
+            health_checks,
+        }
+    }
+
+    /// The rule of the Service that wins a desired virtual server.
+    pub fn winning_rule(&self, key: &VirtualServerKey) -> Option<&VirtualServerRule> {
+        let winner = self.claims.winner(key)?;
+        self.services.get(winner)?.rules.get(key)
+    }
+
+    /// Every desired virtual server's winning rule, in key order.
+    pub fn winning_rules(&self) -> impl Iterator<Item = &VirtualServerRule> {
+        self.desired.keys().filter_map(|key| self.winning_rule(key))
+    }
+
+    /// Whether the dummy interface must hold this address (a desired virtual server that is
+    /// not a node port is on it).
+    pub fn is_vip(&self, address: &IpAddr) -> bool {
+        self.node.is_vip(address)
+    }
+
+    /// Every address the dummy interface must hold, in order.
+    pub fn vips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.node.vips()
+    }
+
+    /// This node's InternalIP and ExternalIP addresses, sorted.
+    pub fn node_addresses(&self) -> &[IpAddr] {
+        &self.node_addresses
+    }
+
+    pub fn reserved_node_ports(&self) -> BTreeSet<u16> {
+        self.node.reserved_node_ports()
+    }
+
+    /// The health checks this node serves, sorted by namespace and name.
+    pub fn health_checks(&self) -> impl Iterator<Item = &HealthCheckRule> {
+        self.node.health_checks()
+    }
+
+    /// Real servers in the desired table.
+    pub fn real_server_count(&self) -> usize {
+        self.node.real_server_count()
     }
 
     /// Everything this node must program, assembled from the per-Service results.
@@ -578,25 +680,27 @@ impl RuleTracker {
         for key in old_keys.iter().chain(&new_keys) {
             self.refresh_desired(key);
         }
+        let new = self.services.get(id).map(|service| &service.rules);
+        self.node.service_changed(id, old.as_ref(), new);
     }
 
     /// Sets the desired entry of one key from the Service that wins it.
     fn refresh_desired(&mut self, key: &VirtualServerKey) {
         let wanted = self
-            .claims
-            .winner(key)
-            .and_then(|winner| self.services.get(winner))
-            .and_then(|service| service.rules.get(key))
-            .map(VirtualServerRule::to_ipvs_service);
+            .winning_rule(key)
+            .map(|rule| (Reach::of(rule), rule.to_ipvs_service()));
         match wanted {
-            Some(service) => {
-                if self.desired.get(key) != Some(&service) {
-                    self.desired.insert(*key, service);
+            Some((reach, service)) => {
+                if self.desired.get(key) != Some(&service) || self.node.reach(key) != Some(&reach) {
+                    let old = self.desired.insert(*key, service);
+                    self.node
+                        .entry_changed(key, old.as_ref(), Some((reach, &self.desired[key])));
                     self.dirty.insert(*key);
                 }
             }
             None => {
-                if self.desired.remove(key).is_some() {
+                if let Some(old) = self.desired.remove(key) {
+                    self.node.entry_changed(key, Some(&old), None);
                     self.dirty.insert(*key);
                 }
             }
