@@ -21,6 +21,9 @@ pub const WATCHED_RESOURCES: [&str; 6] = [
     "nodes",
 ];
 
+/// The `outcome` label values of `webhook_reviews_total`.
+pub const WEBHOOK_OUTCOMES: [&str; 4] = ["patched", "unchanged", "not_leader", "invalid"];
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -35,6 +38,8 @@ pub struct Metrics {
     pub watch_errors: IntCounterVec,
     pub unreadable_policies: IntGauge,
     pub leader: IntGauge,
+    pub webhook_reviews: IntCounterVec,
+    pub webhook_reservations: IntGauge,
 }
 
 impl Default for Metrics {
@@ -99,6 +104,22 @@ impl Metrics {
         )
         .unwrap();
         let leader = IntGauge::new("leader", "1 while this replica leads and may write, else 0").unwrap();
+        let webhook_reviews = IntCounterVec::new(
+            Opts::new(
+                "webhook_reviews_total",
+                "Admission reviews answered, by outcome (patched, unchanged, not_leader, invalid)",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
+        for outcome in WEBHOOK_OUTCOMES {
+            webhook_reviews.with_label_values(&[outcome]);
+        }
+        let webhook_reservations = IntGauge::new(
+            "webhook_reservations",
+            "nodePorts handed out by admission reviews whose Services the watch has not shown yet",
+        )
+        .unwrap();
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(failures.clone()),
@@ -108,6 +129,8 @@ impl Metrics {
             Box::new(node_ports_reserved.clone()),
             Box::new(node_ports_pinned.clone()),
             Box::new(conflicts.clone()),
+            Box::new(webhook_reviews.clone()),
+            Box::new(webhook_reservations.clone()),
             Box::new(watch_errors.clone()),
             Box::new(unreadable_policies.clone()),
             Box::new(leader.clone()),
@@ -127,6 +150,8 @@ impl Metrics {
             watch_errors,
             unreadable_policies,
             leader,
+            webhook_reviews,
+            webhook_reservations,
         }
     }
 
