@@ -8,7 +8,7 @@
 //! reading two small files every few seconds costs nothing.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use axum_server::tls_rustls::RustlsConfig;
@@ -100,13 +100,13 @@ pub async fn serving_config(source: &CertificateSource) -> Result<(RustlsConfig,
     }
 }
 
-async fn read_pair(cert: &PathBuf, key: &PathBuf) -> Result<(Vec<u8>, Vec<u8>), Error> {
+async fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), Error> {
     let read = |path: PathBuf| async move {
         tokio::fs::read(&path)
             .await
             .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))
     };
-    Ok((read(cert.clone()).await?, read(key.clone()).await?))
+    Ok((read(cert.to_path_buf()).await?, read(key.to_path_buf()).await?))
 }
 
 /// Reloads the certificate and key whenever their contents change. A pair that cannot be
