@@ -69,6 +69,25 @@ fn demo_cluster_plan_says_what_the_primer_says() {
             .map(|r| (r.node_port, r.state.as_str(), r.protocol.as_str()))
             .collect::<Vec<_>>()
     };
+    // The range summary agrees with the rows: every distinct nodePort edge gives out in its
+    // range is used (the demo has no retained-only record), 31000-31009 are reserved, and the
+    // pinned 31050 is held by its Service, so it counts as used, not pinned.
+    let edge_ports: std::collections::BTreeSet<u16> = report
+        .node_ports
+        .iter()
+        .filter(|r| r.policy.as_deref() == Some("edge") && (31000..=31099).contains(&r.node_port))
+        .map(|r| r.node_port)
+        .collect();
+    let [range] = &report.ranges[..] else {
+        panic!("{:?}", report.ranges)
+    };
+    assert_eq!(
+        (range.policy.as_str(), range.range.as_str()),
+        ("edge", "31000-31099")
+    );
+    assert_eq!(range.used, edge_ports.len());
+    assert_eq!((range.reserved, range.pinned), (10, 0));
+    assert_eq!(range.free, 100 - edge_ports.len() - 10);
     // Re-created within the retention window: the old port comes back.
     assert_eq!(port("shop/cart", "http"), [(31017, "Restored", "TCP")]);
     assert_eq!(port("payments/checkout", "https"), [(31050, "Pinned", "TCP")]);
@@ -144,7 +163,10 @@ fn json_has_exactly_the_contract_keys() {
     let json: Value =
         serde_json::from_str(&demo_plan(ProxyMode::Replacement, Some("node-b")).to_json()).unwrap();
     let keys: Vec<_> = json.as_object().unwrap().keys().cloned().collect();
-    assert_eq!(keys, ["hostPortConflicts", "nodePorts", "nodes", "problems"]);
+    assert_eq!(
+        keys,
+        ["hostPortConflicts", "nodePorts", "nodes", "problems", "ranges"]
+    );
     let vs = &json["nodes"][0]["virtualServers"][0];
     let mut vs_keys: Vec<_> = vs.as_object().unwrap().keys().cloned().collect();
     vs_keys.sort();
@@ -169,6 +191,12 @@ fn json_has_exactly_the_contract_keys() {
         [
             "kind", "nodePort", "policy", "port", "portName", "protocol", "service", "state"
         ]
+    );
+    let mut range_keys: Vec<_> = json["ranges"][0].as_object().unwrap().keys().cloned().collect();
+    range_keys.sort();
+    assert_eq!(
+        range_keys,
+        ["free", "pinned", "policy", "range", "reserved", "total", "used"]
     );
 }
 
@@ -265,4 +293,71 @@ fn cli_crd_output_is_the_checked_in_crd() {
         stdout,
         std::fs::read_to_string(Path::new(&root()).join("crds/portpolicy.yaml")).unwrap()
     );
+}
+
+/// The allocator fixes as `plan` shows them: a pin whose holder the same plan moves is reached
+/// at once, and a Service port pinned twice is the policy's problem, not the last pin's win.
+#[test]
+fn cli_plans_a_pin_whose_holder_moves_in_one_plan_and_refuses_a_port_pinned_twice() {
+    let service = |name: &str, created: &str, node_port: u16| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop, creationTimestamp: \"{created}\"}}\nspec: {{type: NodePort, ports: [{{name: http, port: 80, nodePort: {node_port}}}]}}\n"
+        )
+    };
+    let policy = |pins: &str| {
+        format!(
+            "apiVersion: portpolicy.io/v1alpha1\nkind: PortPolicy\nmetadata: {{name: edge}}\nspec:\n  nodePorts:\n    range: 31000-31099\n    pinned: [{pins}]\n"
+        )
+    };
+    let services =
+        service("pinned", "2026-01-01T00:00:00Z", 31050) + &service("holder", "2026-01-02T00:00:00Z", 31010);
+    let chain = policy(
+        "{namespace: shop, service: pinned, portName: http, nodePort: 31010}, \
+         {namespace: shop, service: holder, portName: http, nodePort: 31020}",
+    );
+    let path = temp_file("pin-chain.yaml", &(chain + &services));
+    let (code, stdout, stderr) =
+        portpolicy(&["plan", "-f", path.to_str().unwrap(), "-o", "json", "--now", NOW]);
+    assert_eq!(code, 0, "{stderr}");
+    let json: Value = serde_json::from_str(&stdout).unwrap();
+    let ports: Vec<_> = (json["nodePorts"].as_array().unwrap().iter())
+        .map(|p| {
+            (
+                p["service"].as_str().unwrap(),
+                p["nodePort"].as_u64().unwrap(),
+                p["state"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [("shop/holder", 31020, "Pinned"), ("shop/pinned", 31010, "Pinned")]
+    );
+    assert_eq!(json["problems"], Value::Array(vec![]), "{stdout}");
+
+    let twice = policy(
+        "{namespace: shop, service: pinned, portName: http, nodePort: 31010}, \
+         {namespace: shop, service: pinned, portName: http, nodePort: 31020}",
+    );
+    let path = temp_file("pinned-twice.yaml", &(twice + &services));
+    let (code, stdout, stderr) =
+        portpolicy(&["plan", "-f", path.to_str().unwrap(), "-o", "json", "--now", NOW]);
+    assert_eq!(code, 0, "{stderr}");
+    let json: Value = serde_json::from_str(&stdout).unwrap();
+    let problem = (json["problems"].as_array().unwrap().iter())
+        .find(|p| p["field"] == "spec.nodePorts.pinned[1]")
+        .unwrap_or_else(|| panic!("no problem for the second pin: {stdout}"));
+    assert_eq!(problem["object"], "PortPolicy/edge");
+    assert!(
+        problem["message"]
+            .as_str()
+            .unwrap()
+            .contains("already pinned by spec.nodePorts.pinned[0]"),
+        "{problem}"
+    );
+    let pinned: Vec<_> = (json["nodePorts"].as_array().unwrap().iter())
+        .filter(|p| p["service"] == "shop/pinned")
+        .map(|p| p["nodePort"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pinned, [31050], "neither pin is applied");
 }

@@ -29,6 +29,17 @@ pub enum DataplaneError {
     Sysctl(Vec<SysctlError>),
 }
 
+impl DataplaneError {
+    /// The netlink error underneath, when it was a netlink request that failed.
+    pub(crate) fn netlink(&self) -> Option<&NetlinkError> {
+        match self {
+            DataplaneError::OpenIpvs(e) | DataplaneError::Dump(e) => Some(e),
+            DataplaneError::Addresses { source, .. } => Some(source),
+            DataplaneError::Nftables(_) | DataplaneError::Sysctl(_) => None,
+        }
+    }
+}
+
 impl From<SysctlError> for DataplaneError {
     fn from(error: SysctlError) -> Self {
         DataplaneError::Sysctl(vec![error])

@@ -25,7 +25,19 @@ pub struct Metrics {
     pub full_syncs: IntCounter,
     pub snapshot_refusals: IntCounter,
     pub snapshot_refused: IntGauge,
+    pub resync_drift: IntCounter,
+    pub kernel_errors: IntCounterVec,
 }
+
+/// The `kind` label of the IPVS operation counters: every kind exists from the start.
+pub const IPVS_OPERATION_KINDS: [&str; 6] = [
+    "add_service",
+    "update_service",
+    "delete_service",
+    "add_real_server",
+    "update_real_server",
+    "delete_real_server",
+];
 
 impl Metrics {
     pub fn new() -> Self {
@@ -89,6 +101,27 @@ impl Metrics {
             "1 while the snapshot on disk is refused and the last good one is programmed.",
         )
         .expect("valid gauge");
+        let resync_drift = IntCounter::new(
+            "portpolicy_agent_resync_drift_total",
+            "Virtual servers a full resync found the kernel holding otherwise than the agent had \
+             programmed them (changed by someone else), then repaired.",
+        )
+        .expect("valid counter");
+        let kernel_errors = IntCounterVec::new(
+            Opts::new(
+                "portpolicy_agent_kernel_errors_total",
+                "Netlink requests the kernel refused, by errno name (EUNKNOWN for others).",
+            ),
+            &["errno"],
+        )
+        .expect("valid counter");
+        for kind in IPVS_OPERATION_KINDS {
+            ipvs_operations.with_label_values(&[kind]);
+            ipvs_operation_errors.with_label_values(&[kind]);
+        }
+        for errno in portpolicy_netlink::ERRNO_NAMES {
+            kernel_errors.with_label_values(&[errno]);
+        }
         for c in [
             Box::new(sync_duration.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(ipvs_operations.clone()),
@@ -100,6 +133,8 @@ impl Metrics {
             Box::new(full_syncs.clone()),
             Box::new(snapshot_refusals.clone()),
             Box::new(snapshot_refused.clone()),
+            Box::new(resync_drift.clone()),
+            Box::new(kernel_errors.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -115,6 +150,8 @@ impl Metrics {
             full_syncs,
             snapshot_refusals,
             snapshot_refused,
+            resync_drift,
+            kernel_errors,
         }
     }
 
@@ -271,5 +308,21 @@ mod tests {
         assert!(text.contains("portpolicy_agent_ipvs_operations_total{kind=\"add_real_server\"} 3"));
         assert!(text.contains("portpolicy_agent_sync_errors_total 1"));
         assert!(text.contains("# TYPE portpolicy_agent_sync_duration_seconds histogram"));
+    }
+
+    #[test]
+    fn every_labelled_family_is_exported_before_anything_happened() {
+        let text = Metrics::new().render();
+        for kind in IPVS_OPERATION_KINDS {
+            for family in ["ipvs_operations_total", "ipvs_operation_errors_total"] {
+                let line = format!("portpolicy_agent_{family}{{kind=\"{kind}\"}} 0");
+                assert!(text.contains(&line), "missing {line} in\n{text}");
+            }
+        }
+        for errno in ["EEXIST", "ENOENT", "EUNKNOWN"] {
+            let line = format!("portpolicy_agent_kernel_errors_total{{errno=\"{errno}\"}} 0");
+            assert!(text.contains(&line), "missing {line}");
+        }
+        assert!(text.contains("portpolicy_agent_resync_drift_total 0"));
     }
 }

@@ -25,7 +25,7 @@ use portpolicy_core::ipvs::diff::{Ownership, diff, diff_keys};
 use portpolicy_core::ipvs::{
     HealthCheckRule, NodeRules, ProxyConfig, ProxyMode, RuleTracker, VirtualServerKind,
 };
-use portpolicy_core::ipvs::{IpvsOp, IpvsTable, VirtualServerKey};
+use portpolicy_core::ipvs::{IpvsOp, IpvsService, IpvsTable, VirtualServerKey};
 use portpolicy_core::ports::{PortRange, Protocol};
 use portpolicy_core::snapshot::Snapshot;
 use portpolicy_netlink::NetlinkError;
@@ -59,6 +59,40 @@ pub enum SyncError {
     /// The kernel refused one IPVS operation (the error names it).
     #[error(transparent)]
     Refused(NetlinkError),
+}
+
+impl SyncError {
+    /// The errno the kernel answered with, when it was the kernel that said no.
+    fn errno(&self) -> Option<i32> {
+        match self {
+            SyncError::Refused(e) => e.errno(),
+            SyncError::Dataplane(e) => e.netlink().and_then(NetlinkError::errno),
+        }
+    }
+}
+
+/// Owned virtual servers present in one table and not the other, or configured differently
+/// (scheduler, persistence, real servers and their weights; connection counters are the
+/// kernel's and are not compared).
+fn drifted_virtual_servers(model: &IpvsTable, kernel: &IpvsTable, ownership: &Ownership) -> usize {
+    let same = |a: &IpvsService, b: &IpvsService| {
+        a.scheduler == b.scheduler
+            && a.persistence_timeout == b.persistence_timeout
+            && a.real_servers.len() == b.real_servers.len()
+            && a.real_servers.iter().all(|(key, state)| {
+                b.real_servers
+                    .get(key)
+                    .is_some_and(|other| other.weight == state.weight)
+            })
+    };
+    let keys: BTreeSet<&VirtualServerKey> = model.keys().chain(kernel.keys()).collect();
+    keys.into_iter()
+        .filter(|key| ownership.owns(key))
+        .filter(|key| match (model.get(*key), kernel.get(*key)) {
+            (Some(a), Some(b)) => !same(a, b),
+            _ => true,
+        })
+        .count()
 }
 
 /// What one sync did.
@@ -100,6 +134,9 @@ pub struct Syncer<D: Dataplane> {
     sysctls_done: bool,
     last_ruleset: Option<String>,
     last_reserved: Option<BTreeSet<u16>>,
+    /// Whether `kernel` is what the kernel should hold: the last sync succeeded. Only then is a
+    /// difference found by the next dump drift made by someone else.
+    model_trusted: bool,
 }
 
 impl<D: Dataplane> Syncer<D> {
@@ -119,6 +156,7 @@ impl<D: Dataplane> Syncer<D> {
             sysctls_done: false,
             last_ruleset: None,
             last_reserved: None,
+            model_trusted: false,
         }
     }
 
@@ -187,7 +225,7 @@ impl<D: Dataplane> Syncer<D> {
                 .map(|vs| vs.key.port),
         );
         let dirty = self.tracker.take_dirty();
-        if full && let Err(e) = self.read_kernel() {
+        if full && let Err(e) = self.read_kernel(&rules) {
             // Without the kernel's state nothing can be compared safely: change nothing.
             outcome.errors.push(e.into());
             self.retry.extend(dirty);
@@ -217,10 +255,23 @@ impl<D: Dataplane> Syncer<D> {
         self.finish(outcome, started, &rules)
     }
 
-    /// Replaces the model of the kernel with a dump of it.
-    fn read_kernel(&mut self) -> Result<(), DataplaneError> {
+    /// Replaces the model of the kernel with a dump of it, counting the owned virtual servers
+    /// where the two differ as drift.
+    fn read_kernel(&mut self, rules: &NodeRules) -> Result<(), DataplaneError> {
         let table = self.dataplane.dump()?;
-        self.bound = self.dataplane.addresses()?;
+        let bound = self.dataplane.addresses()?;
+        if self.model_trusted {
+            let ownership = self.ownership(rules, &self.bound);
+            let drifted = drifted_virtual_servers(&self.kernel, &table, &ownership);
+            if drifted > 0 {
+                tracing::warn!(
+                    virtual_servers = drifted,
+                    "the kernel's IPVS table differs from what was programmed; repairing"
+                );
+                self.metrics.resync_drift.inc_by(drifted as u64);
+            }
+        }
+        self.bound = bound;
         self.kernel = table;
         Ok(())
     }
@@ -351,6 +402,13 @@ impl<D: Dataplane> Syncer<D> {
     }
 
     fn finish(&mut self, mut outcome: SyncOutcome, started: Instant, rules: &NodeRules) -> SyncOutcome {
+        self.model_trusted = outcome.succeeded();
+        for errno in outcome.errors.iter().filter_map(SyncError::errno) {
+            self.metrics
+                .kernel_errors
+                .with_label_values(&[portpolicy_netlink::errno_name(errno)])
+                .inc();
+        }
         if !outcome.succeeded() {
             self.needs_full = true;
             self.metrics.sync_errors.inc();

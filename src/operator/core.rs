@@ -10,69 +10,20 @@ use kube::ResourceExt;
 
 use super::services::{self, ServiceKey};
 use super::status::{AgentFacts, NodePortFacts, PolicyFacts};
-use portpolicy_core::crd::{CompiledPolicy, ExternalTrafficRule, NodePortKind, PinnedNodePort, PortPolicy};
+use portpolicy_core::crd::{CompiledPolicy, ExternalTrafficRule, NodePortKind, PortPolicy};
 use portpolicy_core::governance::{Governance, NamespaceLabels, PolicySet};
 use portpolicy_core::hostport::{
     ConflictInput, HostPortConflict, HostPortPod, detect_conflicts, placed_pods,
 };
 use portpolicy_core::intent::{HealthCheckNodePort, ServiceIntent, ServicePortNodePort};
-use portpolicy_core::nodeport::{AssignmentState, NodePortAllocation, NodePortInput, allocate_node_ports};
+use portpolicy_core::nodeport::{
+    AssignmentState, NodePortAllocation, NodePortAssignment, NodePortInput, NodePortProblemReason,
+    allocate_node_ports,
+};
 use portpolicy_core::ports::PortRange;
 use portpolicy_core::service::{ExternalTraffic, HealthCheckField, ServiceFields, ServiceModel};
 
-/// How a policy's nodePort range splits up. Each port of the range is counted once, in the
-/// first of these that applies: used (a Service or a retained record holds it), reserved
-/// (`spec.nodePorts.reserved`), pinned (`spec.nodePorts.pinned` to a Service that does not hold
-/// it now), free. So `used + reserved + pinned + free == total`, and `free` is what the
-/// allocator can still hand out.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct NodePortCounts {
-    pub total: usize,
-    pub used: usize,
-    pub reserved: usize,
-    pub pinned: usize,
-    pub free: usize,
-}
-
-impl NodePortCounts {
-    pub fn of(
-        range: PortRange,
-        reserved: &[PortRange],
-        pinned: &[PinnedNodePort],
-        held: impl IntoIterator<Item = u16>,
-    ) -> Self {
-        let in_range = |port: u16| range.contains(port).then(|| usize::from(port - range.low));
-        let mut taken = vec![false; range.len()];
-        let mut mark = |port: u16| match in_range(port).map(|i| std::mem::replace(&mut taken[i], true)) {
-            Some(false) => 1,
-            _ => 0,
-        };
-        let used = held.into_iter().map(&mut mark).sum();
-        let reserved = reserved
-            .iter()
-            .filter_map(|r| {
-                let low = r.low.max(range.low);
-                let high = r.high.min(range.high);
-                (low <= high).then_some(low..=high)
-            })
-            .flatten()
-            .map(&mut mark)
-            .sum();
-        let pinned = pinned
-            .iter()
-            .filter_map(|p| u16::try_from(p.node_port).ok())
-            .map(&mut mark)
-            .sum();
-        let total = range.len();
-        NodePortCounts {
-            total,
-            used,
-            reserved,
-            pinned,
-            free: total - used - reserved - pinned,
-        }
-    }
-}
+pub use portpolicy_core::nodeport::NodePortCounts;
 
 /// What the stores hold when a reconcile starts.
 #[derive(Clone, Copy)]
@@ -351,6 +302,70 @@ impl Computation {
             .collect()
     }
 
+    /// What writing `policy`'s intent to `live` does to each of its nodePorts that changes, as
+    /// `node_port_allocations_total` counts it (see `metrics::ALLOCATION_OUTCOMES`).
+    pub fn outcomes(&self, policy: &str, live: &Service) -> Vec<&'static str> {
+        let fields = ServiceFields::from(live);
+        let model = ServiceModel::read(fields);
+        let live_port = |a: &NodePortAssignment| match a.kind {
+            NodePortKind::Service => (model.ports.iter())
+                .find(|p| p.name == a.port_name && p.port == a.port && p.protocol == a.protocol)
+                .and_then(|p| p.node_port),
+            NodePortKind::HealthCheck => fields.health_check_node_port.and_then(|p| u16::try_from(p).ok()),
+        };
+        self.allocation
+            .assignments
+            .iter()
+            .filter(|a| {
+                a.policy.as_deref() == Some(policy)
+                    && a.namespace == model.namespace
+                    && a.service == model.name
+            })
+            .filter_map(|a| {
+                let held = live_port(a);
+                if held == Some(a.node_port) {
+                    return None;
+                }
+                match a.state {
+                    AssignmentState::Restored => Some("restored"),
+                    AssignmentState::Pinned => Some("pinned"),
+                    AssignmentState::Allocated if held.is_some() => Some("moved"),
+                    AssignmentState::Allocated => Some("allocated"),
+                    AssignmentState::Existing | AssignmentState::InUse => None,
+                }
+            })
+            .collect()
+    }
+
+    /// The nodePorts `policy` cannot give its Services now (its range is full, a pinned port is
+    /// taken), each as its problem reads.
+    pub fn refusals(&self, policy: &str) -> BTreeSet<String> {
+        self.allocation
+            .problems_of(policy)
+            .filter(|p| {
+                matches!(
+                    p.reason,
+                    NodePortProblemReason::RangeExhausted | NodePortProblemReason::PinnedPortTaken
+                )
+            })
+            .map(|p| p.problem.to_string())
+            .collect()
+    }
+
+    /// [`Self::intents`] in the order they must be written: a Service that leaves a nodePort
+    /// another one takes in the same plan (a pin whose holder moves) comes first, or the API
+    /// server would refuse the taker. The allocator's change list is in that order; Services
+    /// whose nodePorts do not change go first, as they take nothing.
+    pub fn intents_in_write_order(&self, policy: &str) -> Vec<(ServiceKey, ServiceIntent)> {
+        let rank: BTreeMap<(&str, &str), usize> = (self.allocation.service_changes().iter())
+            .enumerate()
+            .map(|(i, change)| ((change.namespace.as_str(), change.name.as_str()), i + 1))
+            .collect();
+        let mut intents: Vec<_> = self.intents(policy).into_iter().collect();
+        intents.sort_by_key(|(key, _)| rank.get(&(key.0.as_str(), key.1.as_str())).copied().unwrap_or(0));
+        intents
+    }
+
     /// Services the operator holds fields on that no policy governs any more: they get an empty
     /// apply, which hands those fields back. Nothing is released while some policy is invalid,
     /// because its selectors cannot be evaluated and it may still mean to govern them.
@@ -518,6 +533,33 @@ mod tests {
     }
 
     #[test]
+    fn a_service_leaving_a_pinned_port_is_written_before_the_pinned_one() {
+        // `a-pinned` sorts first by name; the port it is pinned to is `b-holder`'s, which its
+        // own pin moves away in the same plan.
+        let policies = [policy(
+            "a",
+            json!({"nodePorts": {"range": "31000-31099", "pinned": [
+                {"namespace": "shop", "service": "a-pinned", "nodePort": 31010},
+                {"namespace": "shop", "service": "b-holder", "nodePort": 31020}]}}),
+        )];
+        let services = [
+            service("a-pinned", json!({}), 31050, created_by_kubectl()),
+            service("b-holder", json!({}), 31010, created_by_kubectl()),
+        ];
+        let comp = run(&policies, &services);
+        let order: Vec<_> = (comp.intents_in_write_order("a").into_iter())
+            .map(|(key, intent)| (key.1, node_ports(&intent)))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("b-holder".to_string(), vec![(80, Protocol::Tcp, 31020)]),
+                ("a-pinned".to_string(), vec![(80, Protocol::Tcp, 31010)]),
+            ]
+        );
+    }
+
+    #[test]
     fn ungoverned_services_are_released_unless_a_policy_is_invalid() {
         let ours = json!([{"manager": "portpolicy-operator", "operation": "Apply", "apiVersion": "v1",
             "fieldsType": "FieldsV1", "fieldsV1": {"f:metadata": {"f:labels": {}}}}]);
@@ -581,21 +623,5 @@ mod tests {
         assert_eq!(c.pinned, 1);
         assert_eq!(c.free, 100 - 2 - 20 - 1);
         assert_eq!(c.used + c.reserved + c.pinned + c.free, c.total);
-    }
-
-    #[test]
-    fn node_port_counts_count_each_port_once() {
-        let range: PortRange = "100-109".parse().unwrap();
-        let c = NodePortCounts::of(range, &["105-120".parse().unwrap()], &[], [100, 100, 106, 5000]);
-        assert_eq!(
-            c,
-            NodePortCounts {
-                total: 10,
-                used: 2,
-                reserved: 4,
-                pinned: 0,
-                free: 4
-            }
-        );
     }
 }

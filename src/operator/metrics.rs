@@ -3,6 +3,9 @@
 //! rate() or an alert on a series that appears only with its first error sees nothing), and
 //! policy names are as many as the cluster has PortPolicies (removed when a policy is deleted).
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -23,6 +26,12 @@ pub const WATCHED_RESOURCES: [&str; 6] = [
 
 /// The `outcome` label values of `webhook_reviews_total`.
 pub const WEBHOOK_OUTCOMES: [&str; 4] = ["patched", "unchanged", "not_leader", "invalid"];
+/// What happened to one nodePort of a governed Service, as the `outcome` label of
+/// `node_port_allocations_total` names it: given a new port from the range (`allocated`), its
+/// retained one back (`restored`), the port the policy pins for it (`pinned`), a port in the
+/// range in place of the one it held outside (`moved`), or no port because the range is full,
+/// its pinned port is taken or the API server rejected the write (`refused`).
+pub const ALLOCATION_OUTCOMES: [&str; 5] = ["allocated", "restored", "pinned", "moved", "refused"];
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -40,6 +49,10 @@ pub struct Metrics {
     pub leader: IntGauge,
     pub webhook_reviews: IntCounterVec,
     pub webhook_reservations: IntGauge,
+    pub allocations: IntCounterVec,
+    /// Per policy, the refusals last seen, so a refusal repeated by every reconcile (a full
+    /// range stays full) is counted once, when it first appears.
+    refusals: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>>,
 }
 
 impl Default for Metrics {
@@ -120,6 +133,14 @@ impl Metrics {
             "nodePorts handed out by admission reviews whose Services the watch has not shown yet",
         )
         .unwrap();
+        let allocations = IntCounterVec::new(
+            Opts::new(
+                "node_port_allocations_total",
+                "nodePorts written to governed Services (or refused them), by policy and outcome",
+            ),
+            &["policy", "outcome"],
+        )
+        .unwrap();
         for c in [
             Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(failures.clone()),
@@ -134,6 +155,7 @@ impl Metrics {
             Box::new(watch_errors.clone()),
             Box::new(unreadable_policies.clone()),
             Box::new(leader.clone()),
+            Box::new(allocations.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -152,7 +174,27 @@ impl Metrics {
             leader,
             webhook_reviews,
             webhook_reservations,
+            allocations,
+            refusals: Arc::default(),
         }
+    }
+
+    /// Counts one nodePort outcome (one of [`ALLOCATION_OUTCOMES`]).
+    pub fn count_allocation(&self, policy: &str, outcome: &str) {
+        self.allocations.with_label_values(&[policy, outcome]).inc();
+    }
+
+    /// Replaces the refusals `policy` has now, counting those that were not there before.
+    pub fn note_refusals(&self, policy: &str, now: BTreeSet<String>) {
+        let mut seen = self.refusals.lock().unwrap_or_else(|e| e.into_inner());
+        let before = seen.entry(policy.to_string()).or_default();
+        let new = now.difference(before).count();
+        if new > 0 {
+            self.allocations
+                .with_label_values(&[policy, "refused"])
+                .inc_by(new as u64);
+        }
+        *before = now;
     }
 
     pub fn set_policy(&self, policy: &str, node_ports: Option<&NodePortCounts>, conflicts: usize) {
@@ -167,6 +209,9 @@ impl Metrics {
             }
         }
         self.conflicts.with_label_values(&[policy]).set(conflicts as i64);
+        for outcome in ALLOCATION_OUTCOMES {
+            self.allocations.with_label_values(&[policy, outcome]);
+        }
     }
 
     pub fn forget_policy(&self, policy: &str) {
@@ -179,6 +224,13 @@ impl Metrics {
         ] {
             let _ = g.remove_label_values(&[policy]);
         }
+        for outcome in ALLOCATION_OUTCOMES {
+            let _ = self.allocations.remove_label_values(&[policy, outcome]);
+        }
+        self.refusals
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(policy);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -236,7 +288,41 @@ mod tests {
         assert!(text.contains(r#"portpolicy_operator_node_ports_free{policy="edge"} 85"#));
         assert!(text.contains(r#"portpolicy_operator_node_ports_reserved{policy="edge"} 10"#));
         assert!(text.contains(r#"portpolicy_operator_node_ports_pinned{policy="edge"} 2"#));
+        for outcome in ALLOCATION_OUTCOMES {
+            let line = format!(
+                r#"portpolicy_operator_node_port_allocations_total{{outcome="{outcome}",policy="edge"}} 0"#
+            );
+            assert!(text.contains(&line), "missing {line} in\n{text}");
+        }
         m.forget_policy("edge");
         assert!(!m.render().contains(r#"policy="edge""#));
+    }
+
+    #[test]
+    fn a_refusal_is_counted_once_while_it_lasts_and_again_when_it_comes_back() {
+        let m = Metrics::new();
+        m.set_policy("edge", None, 0);
+        let refused = || m.allocations.with_label_values(&["edge", "refused"]).get();
+        let full = || BTreeSet::from(["shop/web: range full".to_string()]);
+        m.note_refusals("edge", full());
+        m.note_refusals("edge", full());
+        assert_eq!(refused(), 1);
+        m.note_refusals(
+            "edge",
+            BTreeSet::from([
+                "shop/web: range full".to_string(),
+                "shop/api: range full".to_string(),
+            ]),
+        );
+        assert_eq!(refused(), 2);
+        m.note_refusals("edge", BTreeSet::new());
+        m.note_refusals("edge", full());
+        assert_eq!(refused(), 3);
+        m.count_allocation("edge", "moved");
+        assert!(
+            m.render().contains(
+                r#"portpolicy_operator_node_port_allocations_total{outcome="moved",policy="edge"} 1"#
+            )
+        );
     }
 }

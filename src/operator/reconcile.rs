@@ -149,9 +149,25 @@ async fn apply(policy: &PortPolicy, ctx: &Context) -> Result<Action> {
     );
     write_status_and_events(policy, &facts, ctx).await?;
 
-    for (key, intent) in comp.intents(&name) {
-        apply_service(&key, &intent, ctx).await?;
+    let mut refusals = comp.refusals(&name);
+    for (key, intent) in comp.intents_in_write_order(&name) {
+        let Some(live) = service_to_write(&key, &intent, ctx) else {
+            continue;
+        };
+        let outcomes = comp.outcomes(&name, &live);
+        match write_service(&key, &intent, ctx).await? {
+            Written::Applied => {
+                for outcome in outcomes {
+                    ctx.metrics.count_allocation(&name, outcome);
+                }
+            }
+            Written::Rejected(why) if !outcomes.is_empty() => {
+                refusals.insert(format!("{}/{}: {why}", key.0, key.1));
+            }
+            Written::Rejected(_) | Written::Gone => {}
+        }
     }
+    ctx.metrics.note_refusals(&name, refusals);
     // An unreadable policy may govern Services nobody else does: release nothing until it is
     // fixed, as for an invalid one (the core already holds back for those).
     if ctx.unreadable.is_empty() {
@@ -258,15 +274,31 @@ async fn write_status(policy: &PortPolicy, status: &PortPolicyStatus, ctx: &Cont
     }
 }
 
-async fn apply_service(key: &ServiceKey, intent: &ServiceIntent, ctx: &Context) -> Result<()> {
-    let live = ctx
-        .stores
+/// What writing one Service came to.
+enum Written {
+    Applied,
+    /// Deleted meanwhile.
+    Gone,
+    /// The API server refused it, for this reason.
+    Rejected(String),
+}
+
+/// The Service as the store holds it, when `intent` is not already satisfied by it.
+fn service_to_write(key: &ServiceKey, intent: &ServiceIntent, ctx: &Context) -> Option<Arc<Service>> {
+    ctx.stores
         .services
-        .get(&ObjectRef::<Service>::new(&key.1).within(&key.0));
-    let Some(live) = live else { return Ok(()) };
-    if services::satisfied_by(intent, &live) {
-        return Ok(());
+        .get(&ObjectRef::<Service>::new(&key.1).within(&key.0))
+        .filter(|live| !services::satisfied_by(intent, live))
+}
+
+async fn apply_service(key: &ServiceKey, intent: &ServiceIntent, ctx: &Context) -> Result<()> {
+    if service_to_write(key, intent, ctx).is_some() {
+        write_service(key, intent, ctx).await?;
     }
+    Ok(())
+}
+
+async fn write_service(key: &ServiceKey, intent: &ServiceIntent, ctx: &Context) -> Result<Written> {
     let api: Api<Service> = Api::namespaced(ctx.client.clone(), &key.0);
     let params = PatchParams::apply(FIELD_MANAGER).force();
     ctx.ensure_leading()?;
@@ -276,15 +308,15 @@ async fn apply_service(key: &ServiceKey, intent: &ServiceIntent, ctx: &Context) 
     {
         Ok(_) => {
             tracing::info!(service = %format!("{}/{}", key.0, key.1), "applied");
-            Ok(())
+            Ok(Written::Applied)
         }
         // Deleted meanwhile: the next reconcile sees it gone.
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(Written::Gone),
         // The API server refuses (a port taken behind our back, say): report and go on with the
         // other Services; the allocator sees the truth on the next event.
         Err(kube::Error::Api(s)) if s.code == 422 => {
             tracing::warn!(service = %format!("{}/{}", key.0, key.1), message = %s.message, "rejected");
-            Ok(())
+            Ok(Written::Rejected(s.message))
         }
         Err(e) => Err(e.into()),
     }

@@ -261,6 +261,7 @@ async fn selected_service_gets_a_node_port_from_the_policy() {
         services: vec![node_port_service("shop", "web", 30555)],
         ..Default::default()
     });
+    let metrics = ctx.metrics.clone();
     let expected = p.clone();
     run(ctx, handle, &p, move |mut h| async move {
         let (body, send) = expect(&mut h, "PATCH", STATUS_URI).await;
@@ -297,6 +298,17 @@ async fn selected_service_gets_a_node_port_from_the_policy() {
         h
     })
     .await;
+    // The API server's random port outside the range was replaced by one from it.
+    assert_eq!(outcomes(&metrics), [("moved", 1)]);
+}
+
+/// The non-zero `node_port_allocations_total` of policy `edge`, by outcome.
+fn outcomes(metrics: &Metrics) -> Vec<(&'static str, u64)> {
+    super::metrics::ALLOCATION_OUTCOMES
+        .into_iter()
+        .map(|o| (o, metrics.allocations.with_label_values(&["edge", o]).get()))
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 #[tokio::test]
@@ -309,6 +321,7 @@ async fn recreated_service_gets_its_old_port_back() {
         services: vec![node_port_service("shop", "web", 30777)],
         ..Default::default()
     });
+    let metrics = ctx.metrics.clone();
     let expected = p.clone();
     run(ctx, handle, &p, move |mut h| async move {
         let (body, send) = expect(&mut h, "PATCH", STATUS_URI).await;
@@ -334,6 +347,7 @@ async fn recreated_service_gets_its_old_port_back() {
         h
     })
     .await;
+    assert_eq!(outcomes(&metrics), [("restored", 1)]);
 }
 
 #[tokio::test]

@@ -25,6 +25,11 @@ const RANGE_RULE: &str = "self.matches('^[0-9]{1,5}(-[0-9]{1,5})?$') && \
 const PINNED_IN_RANGE_RULE: &str = "!has(self.pinned) || !self.range.matches('^[0-9]{1,5}(-[0-9]{1,5})?$') || \
     self.pinned.all(p, p.nodePort >= int(self.range.split('-')[0]) && \
     p.nodePort <= int(self.range.split('-')[self.range.split('-').size() - 1]))";
+/// CEL: no two pins name the same Service port (portName defaults to the unnamed port).
+/// `namespace` is a CEL reserved word: Kubernetes exposes the field as `__namespace__`.
+const PINNED_ONCE_RULE: &str = "!has(self.pinned) || self.pinned.all(p, self.pinned.exists_one(q, \
+    q.__namespace__ == p.__namespace__ && q.service == p.service && \
+    (has(q.portName) ? q.portName : '') == (has(p.portName) ? p.portName : '')))";
 const RANGE_MESSAGE: &str = "must be PORT or LOW-HIGH with 1 <= LOW <= HIGH <= 65535";
 
 /// Makes Kubernetes ports predictable for the Services and Pods it selects.
@@ -68,6 +73,7 @@ pub struct PortPolicySpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.pinned) || self.pinned.all(p, self.pinned.exists_one(q, q.nodePort == p.nodePort))").message("pinned nodePorts must be unique"))]
+#[x_kube(validation = Rule::new(PINNED_ONCE_RULE).message("a Service port may be pinned only once"))]
 #[x_kube(validation = Rule::new(PINNED_IN_RANGE_RULE).message("pinned nodePorts must be inside range"))]
 pub struct NodePortsSpec {
     /// The sub-range of the cluster's nodePort range this policy allocates from, e.g. "31000-31099".
@@ -438,10 +444,26 @@ impl PortPolicySpec {
                 }
             }
             let mut seen = BTreeMap::new();
+            let mut seen_ports = BTreeMap::new();
             for (i, p) in np.pinned.iter().enumerate() {
                 let field = format!("spec.nodePorts.pinned[{i}]");
                 if p.namespace.is_empty() || p.service.is_empty() {
                     problem(field.clone(), "namespace and service are required".into());
+                }
+                // Which of two pins for one Service port would win is not the order they are
+                // listed in: the policy is refused until one is removed, as the CRD refuses it.
+                if let Some(first) = seen_ports.insert((&p.namespace, &p.service, &p.port_name), i) {
+                    let port = match p.port_name.as_str() {
+                        "" => "the unnamed port".to_string(),
+                        name => format!("port {name:?}"),
+                    };
+                    problem(
+                        field.clone(),
+                        format!(
+                            "{port} of Service/{}/{} is already pinned by spec.nodePorts.pinned[{first}]",
+                            p.namespace, p.service
+                        ),
+                    );
                 }
                 match u16::try_from(p.node_port) {
                     Ok(port) if port > 0 => {
@@ -653,6 +675,38 @@ mod tests {
             outside.compile().unwrap_err()[0].field,
             "spec.nodePorts.pinned[0].nodePort"
         );
+
+        // One Service port pinned twice: refused by CEL and by compile, whichever pin is first.
+        for (first, second) in [(31001, 31002), (31002, 31001)] {
+            let twice = policy(json!({"nodePorts": {"range": "31000-31099", "pinned": [
+                {"namespace": "a", "service": "x", "portName": "http", "nodePort": first},
+                {"namespace": "a", "service": "x", "portName": "https", "nodePort": 31003},
+                {"namespace": "a", "service": "x", "portName": "http", "nodePort": second},
+            ]}}));
+            assert!(twice.validate_cel().is_err());
+            let problems = twice.compile().unwrap_err();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].field, "spec.nodePorts.pinned[2]");
+            assert!(
+                problems[0]
+                    .message
+                    .contains("already pinned by spec.nodePorts.pinned[0]")
+            );
+        }
+        let unnamed_twice = policy(json!({"nodePorts": {"range": "31000-31099", "pinned": [
+            {"namespace": "a", "service": "x", "nodePort": 31001},
+            {"namespace": "a", "service": "x", "portName": "", "nodePort": 31002},
+        ]}}));
+        assert!(unnamed_twice.validate_cel().is_err());
+        assert!(unnamed_twice.compile().is_err());
+        let distinct = policy(json!({"nodePorts": {"range": "31000-31099", "pinned": [
+            {"namespace": "a", "service": "x", "portName": "http", "nodePort": 31001},
+            {"namespace": "a", "service": "y", "portName": "http", "nodePort": 31002},
+            {"namespace": "b", "service": "x", "portName": "http", "nodePort": 31003},
+            {"namespace": "a", "service": "x", "nodePort": 31004},
+        ]}}));
+        assert!(distinct.validate_cel().is_ok(), "{:?}", distinct.validate_cel());
+        assert!(distinct.compile().is_ok());
 
         let sched = policy(json!({"agent": {"scheduler": "fastest"}}));
         assert!(sched.validate_cel().is_err());

@@ -1,7 +1,7 @@
 //! `portpolicy plan`: the whole core run once over a snapshot, as a report.
 //!
 //! The JSON shape is a stable contract (top-level keys `nodePorts`, `hostPortConflicts`,
-//! `nodes`, `problems`); the table output reads like `kubectl get` and, per node, `ipvsadm -Ln`.
+//! `nodes`, `problems`, `ranges`); the table output reads like `kubectl get` and, per node, `ipvsadm -Ln`.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -12,7 +12,7 @@ use crate::crd::{AllocationRecord, NodePortKind};
 use crate::governance::PolicySet;
 use crate::hostport;
 use crate::ipvs::{NodeRules, ProxyConfig, ProxyMode, listing, node_rules};
-use crate::nodeport::{NodePortInput, allocate_node_ports};
+use crate::nodeport::{NodePortCounts, NodePortInput, allocate_node_ports};
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
 use crate::service::ServiceModel;
@@ -38,6 +38,23 @@ pub struct PlanReport {
     pub host_port_conflicts: Vec<ConflictRow>,
     pub nodes: Vec<NodeRow>,
     pub problems: Vec<Problem>,
+    /// Per policy with a nodePort range, how full it is.
+    pub ranges: Vec<RangeRow>,
+}
+
+/// How one policy's nodePort range splits up: each port counted once, in the first of used
+/// (held by a Service or a retained record), reserved, pinned (to a Service not holding it), free
+/// (what the allocator can still hand out). The operator's `node_ports_*` gauges say the same.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RangeRow {
+    pub policy: String,
+    pub range: String,
+    pub total: usize,
+    pub used: usize,
+    pub reserved: usize,
+    pub pinned: usize,
+    pub free: usize,
 }
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -134,6 +151,28 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
         now: options.now,
     });
     problems.extend(allocation.problems.iter().map(|p| p.problem.clone()));
+    let ranges = allocation
+        .policies
+        .iter()
+        .map(|(name, np)| {
+            let compiled = policies.get(name);
+            let counts = NodePortCounts::of(
+                np.range,
+                compiled.map(|c| c.reserved.as_slice()).unwrap_or_default(),
+                compiled.map(|c| c.pinned.as_slice()).unwrap_or_default(),
+                np.records.iter().filter_map(|r| u16::try_from(r.node_port).ok()),
+            );
+            RangeRow {
+                policy: name.clone(),
+                range: np.range.to_string(),
+                total: counts.total,
+                used: counts.used,
+                reserved: counts.reserved,
+                pinned: counts.pinned,
+                free: counts.free,
+            }
+        })
+        .collect();
     let node_ports = allocation
         .assignments
         .iter()
@@ -213,6 +252,7 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
         host_port_conflicts,
         nodes,
         problems,
+        ranges,
     }
 }
 
@@ -292,6 +332,20 @@ impl PlanReport {
             ]);
         }
         section("NODE PORTS", or_none(&ports));
+
+        let mut ranges = Table::new(&["policy", "range", "total", "used", "reserved", "pinned", "free"]);
+        for r in &self.ranges {
+            ranges.row(vec![
+                r.policy.clone(),
+                r.range.clone(),
+                r.total.to_string(),
+                r.used.to_string(),
+                r.reserved.to_string(),
+                r.pinned.to_string(),
+                r.free.to_string(),
+            ]);
+        }
+        section("NODE PORT RANGES", or_none(&ranges));
 
         let mut conflicts = Table::new(&["node", "protocol", "host ip", "host port", "reason", "pods"]);
         for c in &self.host_port_conflicts {

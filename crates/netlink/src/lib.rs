@@ -69,6 +69,31 @@ impl NetlinkError {
     }
 }
 
+/// Every name [`errno_name`] gives, so a metric labelled by it can list them all up front.
+pub const ERRNO_NAMES: [&str; 21] = [
+    "EPERM",
+    "ENOENT",
+    "ESRCH",
+    "EINTR",
+    "EIO",
+    "EAGAIN",
+    "ENOMEM",
+    "EACCES",
+    "EBUSY",
+    "EEXIST",
+    "ENODEV",
+    "EINVAL",
+    "ENOSPC",
+    "ERANGE",
+    "EOPNOTSUPP",
+    "EAFNOSUPPORT",
+    "EADDRNOTAVAIL",
+    "ENOBUFS",
+    "EPROTONOSUPPORT",
+    "EMSGSIZE",
+    "EUNKNOWN",
+];
+
 /// The symbolic name of the errnos netlink requests return, for messages and for matching.
 pub fn errno_name(errno: i32) -> &'static str {
     match errno {

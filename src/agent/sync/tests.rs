@@ -257,8 +257,16 @@ fn one_endpoint_change_is_one_or_two_operations_without_a_dump() {
 
 #[test]
 fn drift_made_by_others_is_repaired_by_the_full_sync() {
-    let (mut s, fake, _) = syncer(FakeKernel::default());
+    let (mut s, fake, metrics) = syncer(FakeKernel::default());
     assert!(s.sync().succeeded());
+    // A resync of an untouched kernel finds no drift (connection counters do not count).
+    fake.state()
+        .set_connections(&web_cluster_ip(), &rs("10.0.1.2", 8080), 5);
+    s.request_full();
+    assert!(s.sync().succeeded());
+    assert_eq!(metrics.resync_drift.get(), 0);
+    fake.state()
+        .set_connections(&web_cluster_ip(), &rs("10.0.1.2", 8080), 0);
     // Someone deletes a real server behind the agent's back and adds a service on its VIP.
     {
         let mut k = fake.state();
@@ -277,6 +285,32 @@ fn drift_made_by_others_is_repaired_by_the_full_sync() {
     assert!(outcome.full && outcome.succeeded());
     assert_eq!(outcome.operations, 2);
     assert_eq!(fake.state().table, node_rules(&cluster(&WEB), &config()).table());
+    // Two virtual servers had drifted: the one missing a real server and the added one.
+    assert_eq!(metrics.resync_drift.get(), 2);
+    s.request_full();
+    assert!(s.sync().succeeded());
+    assert_eq!(
+        metrics.resync_drift.get(),
+        2,
+        "repaired drift is not counted again"
+    );
+}
+
+#[test]
+fn start_up_differences_are_not_drift() {
+    // A kernel left by an earlier run with something else on its VIP: repaired, not drift,
+    // as the agent has programmed nothing yet.
+    let want = node_rules(&cluster(&WEB), &config());
+    let mut table = want.table();
+    table.insert(vs("10.96.0.10", 8443, Protocol::Tcp), foreign_entry().1);
+    let kernel = FakeKernel {
+        table,
+        addresses: want.vips.clone(),
+        ..Default::default()
+    };
+    let (mut s, _fake, metrics) = syncer(kernel);
+    assert!(s.sync().succeeded());
+    assert_eq!(metrics.resync_drift.get(), 0);
 }
 
 #[test]
@@ -373,6 +407,7 @@ fn refused_operations_are_counted_retried_and_lose_nothing() {
             .get(),
         1
     );
+    assert_eq!(metrics.kernel_errors.with_label_values(&["EIO"]).get(), 1);
     // Nothing that was programmed went away.
     for (key, svc) in &programmed {
         for real in svc.real_servers.keys() {

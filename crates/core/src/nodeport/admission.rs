@@ -426,9 +426,18 @@ impl AdmissionLedger {
             }
         }
         let cluster = self.cluster_range;
+        // As the allocator: a record is only a promise, so one on a port reserved since is not
+        // given back.
+        let reserved = |port: u16| {
+            self.policies
+                .policies()
+                .iter()
+                .any(|p| p.reserved.iter().any(|r| r.contains(port)))
+        };
         let restorable = |port: u16| {
             range.contains(port)
                 && cluster.contains(port)
+                && !reserved(port)
                 && !self.held_by_other(port, key)
                 && self.pinned_for.get(&port).is_none_or(|(ns, svc, name)| {
                     kind == NodePortKind::Service

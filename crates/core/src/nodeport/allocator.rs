@@ -119,7 +119,11 @@ struct Allocator<'i, 'a> {
     pins: BTreeMap<(&'a str, &'a str, &'a str, &'a str), (usize, u16)>,
     problems: Vec<NodePortProblem>,
     assignments: Vec<NodePortAssignment>,
-    changes: Vec<ServiceIntent>,
+    /// Each with its write rank: how many moves must land before it can be written.
+    changes: Vec<(usize, ServiceIntent)>,
+    /// Ports a Service leaves in this plan, by the view that leaves them: a pin may take such a
+    /// port in the same plan, as the operator writes the leaving Service first.
+    vacated: BTreeMap<u16, usize>,
 }
 
 impl<'i, 'a> Allocator<'i, 'a> {
@@ -163,6 +167,7 @@ impl<'i, 'a> Allocator<'i, 'a> {
             problems: Vec::new(),
             assignments: Vec::new(),
             changes: Vec::new(),
+            vacated: BTreeMap::new(),
         }
     }
 
@@ -172,13 +177,82 @@ impl<'i, 'a> Allocator<'i, 'a> {
         self.seed_services();
         self.block_reserved_and_pinned();
         self.read_records();
-        for (i, treatment) in treatments.iter().enumerate() {
-            match *treatment {
-                Treatment::Managed(policy, range) => self.allocate_service(i, policy, range),
+        let (order, ranks) = self.planning_order(&treatments);
+        for i in order {
+            match treatments[i] {
+                Treatment::Managed(policy, range) => self.allocate_service(i, policy, range, ranks[i]),
                 Treatment::Untouched => self.record_untouched(i),
             }
         }
         self.finish()
+    }
+
+    /// Oldest first, except that a Service whose pinned port another managed Service holds
+    /// comes after that holder: if the holder moves away in this plan, the pin gets the port
+    /// in the same plan instead of one plan later (which would change the pinned Service's
+    /// port twice). The rank of each view is the length of the chain of moves before it, the
+    /// order its writes must land in. A cycle of pins (two Services swapping ports) cannot be
+    /// written without a third port: there every holder keeps its port and the pins are
+    /// reported.
+    fn planning_order(&self, treatments: &[Treatment<'a>]) -> (Vec<usize>, Vec<usize>) {
+        let mut after: Vec<Vec<usize>> = vec![Vec::new(); self.views.len()];
+        for (i, treatment) in treatments.iter().enumerate() {
+            let Treatment::Managed(policy, _) = *treatment else {
+                continue;
+            };
+            let view = self.views[i];
+            if !view.allocates_node_ports {
+                continue;
+            }
+            for port in &view.ports {
+                let key = (policy.name.as_str(), view.namespace, view.name, port.name);
+                let Some(&(_, pin)) = self.pins.get(&key) else {
+                    continue;
+                };
+                if let Some(&Holder::Service(j)) = self.holders.get(&pin)
+                    && j != i
+                    && matches!(treatments[j], Treatment::Managed(..))
+                {
+                    after[i].push(j);
+                }
+            }
+        }
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            New,
+            Open,
+            Done,
+        }
+        let mut marks = vec![Mark::New; self.views.len()];
+        let mut ranks = vec![0; self.views.len()];
+        let mut order = Vec::with_capacity(self.views.len());
+        for root in 0..self.views.len() {
+            if marks[root] != Mark::New {
+                continue;
+            }
+            // Depth-first, without recursion: a chain of pins may be as long as the input.
+            let mut stack = vec![(root, 0)];
+            marks[root] = Mark::Open;
+            while let Some(&mut (i, ref mut next)) = stack.last_mut() {
+                if let Some(&j) = after[i].get(*next) {
+                    *next += 1;
+                    if marks[j] == Mark::New {
+                        marks[j] = Mark::Open;
+                        stack.push((j, 0));
+                    }
+                    continue;
+                }
+                ranks[i] = (after[i].iter())
+                    .filter(|&&j| marks[j] == Mark::Done)
+                    .map(|&j| ranks[j] + 1)
+                    .max()
+                    .unwrap_or(0);
+                marks[i] = Mark::Done;
+                order.push(i);
+                stack.pop();
+            }
+        }
+        (order, ranks)
     }
 
     fn problem(&mut self, policy: Option<&str>, reason: Reason, problem: Problem) {
@@ -430,14 +504,23 @@ impl<'i, 'a> Allocator<'i, 'a> {
                     .released_at
                     .as_ref()
                     .is_some_and(|t| t.0.as_nanosecond() + retention_nanos <= self.now_nanos);
-                // A reserved range does not take back a port its identity already had, but a pin
-                // for someone else does: pins are explicit.
+                // A reserved range does not take a port from a Service that holds it (that is the
+                // `holds_a_port` case), but a record is only a promise: one on a port reserved
+                // since is not kept, nor is one on a port pinned for someone else.
+                let reserved = self
+                    .input
+                    .policies
+                    .policies()
+                    .iter()
+                    .any(|p| p.reserved.iter().any(|r| r.contains(port)));
                 let pinned_for_other = pinned_ports.get(&port).is_some_and(|pins| {
                     !pins.contains(&(identity.namespace, identity.service, identity.port_name))
                         || identity.kind != NodePortKind::Service
                 });
-                let restorable =
-                    range.contains(port) && input.cluster_range.contains(port) && !pinned_for_other;
+                let restorable = range.contains(port)
+                    && input.cluster_range.contains(port)
+                    && !pinned_for_other
+                    && !reserved;
                 let key = (policy_name.as_str(), identity);
                 if holds_a_port
                     || expired
@@ -466,7 +549,8 @@ impl<'i, 'a> Allocator<'i, 'a> {
         }
     }
 
-    fn allocate_service(&mut self, i: usize, policy: &'a CompiledPolicy, range: PortRange) {
+    fn allocate_service(&mut self, i: usize, policy: &'a CompiledPolicy, range: PortRange, rank: usize) {
+        let first_assignment = self.assignments.len();
         let managed = Managed {
             i,
             view: self.views[i],
@@ -479,13 +563,25 @@ impl<'i, 'a> Allocator<'i, 'a> {
             changed_ports.extend(self.assign_group(managed, &group, target));
         }
         let health_change = self.allocate_health_check(managed);
+        let view = managed.view;
+        let own = (view.ports.iter().filter_map(|p| p.node_port))
+            .chain(view.health_check.and_then(|h| h.node_port));
+        for port in own {
+            let kept = self.assignments[first_assignment..]
+                .iter()
+                .any(|a| a.node_port == port);
+            if !kept && matches!(self.holders.get(&port), Some(&Holder::Service(j)) if j == i) {
+                self.vacated.insert(port, i);
+            }
+        }
         if !changed_ports.is_empty() || health_change.is_some() {
-            self.changes.push(ServiceIntent {
+            let change = ServiceIntent {
                 policy: Some(policy.name.clone()),
                 ports: changed_ports,
                 health_check_node_port: health_change,
-                ..ServiceIntent::new(managed.view.namespace, managed.view.name)
-            });
+                ..ServiceIntent::new(view.namespace, view.name)
+            };
+            self.changes.push((rank, change));
         }
     }
 
@@ -702,6 +798,7 @@ impl<'i, 'a> Allocator<'i, 'a> {
         let view = &self.views[i];
         match self.holders.get(&port)? {
             Holder::Service(j) if *j == i => None,
+            Holder::Service(j) if self.vacated.get(&port) == Some(j) => None,
             Holder::Service(j) => Some(self.views[*j].object()),
             Holder::Retained { identity, .. }
                 if identity.namespace == view.namespace
@@ -850,12 +947,12 @@ impl<'i, 'a> Allocator<'i, 'a> {
             ))
         });
         self.changes
-            .sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            .sort_by(|(ra, a), (rb, b)| (ra, &a.namespace, &a.name).cmp(&(rb, &b.namespace, &b.name)));
         NodePortAllocation {
             assignments: self.assignments,
             problems: self.problems,
             policies,
-            changes: self.changes,
+            changes: self.changes.into_iter().map(|(_, change)| change).collect(),
         }
     }
 }

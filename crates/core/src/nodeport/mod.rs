@@ -17,6 +17,7 @@
 mod admission;
 mod allocator;
 mod bitmap;
+mod counts;
 
 #[cfg(test)]
 mod tests;
@@ -33,6 +34,7 @@ use crate::service::ServiceModel;
 pub use admission::{AdmissionLedger, ServiceAdmission, ServiceReview};
 pub use allocator::allocate_node_ports;
 pub use bitmap::PortBitmap;
+pub use counts::NodePortCounts;
 
 /// Everything the allocator decides from.
 #[derive(Clone, Copy, Debug)]
@@ -61,8 +63,10 @@ pub struct NodePortAllocation {
 }
 
 impl NodePortAllocation {
-    /// The Services whose nodePorts (or healthCheckNodePort) must be written, sorted by
-    /// (namespace, name), each with only what changes. Writing them is the operator's job.
+    /// The Services whose nodePorts (or healthCheckNodePort) must be written, each with only
+    /// what changes, in the order they must be written: a Service leaving a port that a pin
+    /// takes in the same plan comes before the pinned Service; otherwise by (namespace, name).
+    /// Writing them is the operator's job.
     pub fn service_changes(&self) -> &[ServiceIntent] {
         &self.changes
     }

@@ -1236,3 +1236,262 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pins whose holder moves, records on reserved ports, ports pinned twice
+// ---------------------------------------------------------------------------------------------
+
+/// A Service created `age_rank` seconds after t0, so the allocator's age order is explicit.
+fn aged(service: Service, seconds: i64) -> Service {
+    let mut service = service;
+    let created = t0() + Duration::seconds(seconds);
+    service.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        created.to_rfc3339().parse().unwrap(),
+    ));
+    service
+}
+
+impl World {
+    /// Writes the plan's Service changes one by one in its order, refusing (like the API
+    /// server) a write that takes a nodePort another Service still holds.
+    fn apply_in_order(&mut self, plan: &NodePortAllocation) {
+        for change in plan.service_changes() {
+            let index = (self.services.iter())
+                .position(|s| {
+                    s.metadata.namespace.as_deref() == Some(&change.namespace)
+                        && s.metadata.name.as_deref() == Some(&change.name)
+                })
+                .expect("a change names an input Service");
+            for port in &change.ports {
+                let holder = self.services.iter().enumerate().find(|(j, s)| {
+                    *j != index
+                        && (s.spec.iter().flat_map(|spec| spec.ports.iter().flatten()))
+                            .any(|p| p.node_port == Some(i32::from(port.node_port)))
+                });
+                assert!(
+                    holder.is_none(),
+                    "{}/{} written before {:?} left nodePort {}",
+                    change.namespace,
+                    change.name,
+                    holder.map(|(_, s)| s.metadata.name.clone()),
+                    port.node_port
+                );
+            }
+            change.apply_to(&mut self.services[index]);
+        }
+        self.records = (plan.policies.iter())
+            .map(|(name, p)| (name.clone(), p.records.clone()))
+            .collect();
+    }
+}
+
+#[test]
+fn pin_held_by_a_service_that_the_same_plan_moves_is_reached_in_one_plan() {
+    // Oldest first would plan `first` before the Services holding its port: a chain of three
+    // pins, each port held by the next Service, created in the worst order.
+    let mut world = World::new(
+        vec![edge(json!({"range": "31000-31099", "pinned": [
+            {"namespace": EDGE_NS, "service": "first", "portName": "http", "nodePort": 31010},
+            {"namespace": EDGE_NS, "service": "second", "portName": "http", "nodePort": 31020},
+            {"namespace": EDGE_NS, "service": "third", "portName": "http", "nodePort": 31030},
+        ]}))],
+        vec![
+            aged(node_port_service(EDGE_NS, "first", None), 1),
+            aged(node_port_service(EDGE_NS, "second", Some(31010)), 2),
+            aged(node_port_service(EDGE_NS, "third", Some(31020)), 3),
+        ],
+    );
+    let plan = world.plan();
+    assert_eq!(reasons(&plan), []);
+    for (service, pin) in [("first", 31010), ("second", 31020), ("third", 31030)] {
+        assert_eq!(
+            port(&plan, EDGE_NS, service, "http"),
+            Some((pin, AssignmentState::Pinned)),
+            "{service}"
+        );
+    }
+    let order: Vec<_> = plan.service_changes().iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(
+        order,
+        ["third", "second", "first"],
+        "each move lands before its port is taken"
+    );
+    world.apply_in_order(&plan);
+    let again = world.plan();
+    assert!(
+        again.service_changes().is_empty(),
+        "{:?}",
+        again.service_changes()
+    );
+    assert_eq!(reasons(&again), []);
+}
+
+#[test]
+fn pin_held_by_a_service_another_policy_moves_into_its_range_is_reached_in_one_plan() {
+    let mut world = World::new(
+        vec![
+            edge(json!({"range": "31000-31099", "pinned": [
+                {"namespace": EDGE_NS, "service": "wants", "portName": "http", "nodePort": 31010},
+            ]})),
+            policy("core", "core", json!({"range": "31100-31199", "enforce": true})),
+        ],
+        vec![
+            aged(node_port_service(EDGE_NS, "wants", Some(31050)), 1),
+            aged(node_port_service("core", "holder", Some(31010)), 2),
+        ],
+    );
+    let plan = world.plan();
+    assert_eq!(
+        port(&plan, EDGE_NS, "wants", "http"),
+        Some((31010, AssignmentState::Pinned))
+    );
+    let (moved, state) = port(&plan, "core", "holder", "http").unwrap();
+    assert!((31100..=31199).contains(&moved), "{moved}");
+    assert_eq!(state, AssignmentState::Allocated);
+    assert!(
+        plan.problems
+            .iter()
+            .all(|p| p.reason == NodePortProblemReason::OutsidePolicyRange),
+        "only the holder's move is reported: {:?}",
+        reasons(&plan)
+    );
+    let order: Vec<_> = plan.service_changes().iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(order, ["holder", "wants"]);
+    world.apply_in_order(&plan);
+    assert!(world.plan().service_changes().is_empty());
+}
+
+#[test]
+fn pin_held_by_a_service_that_keeps_its_port_still_stays_with_the_holder() {
+    // The holder's own policy does not enforce its range: it does not move, so the pin waits.
+    let world = World::new(
+        vec![
+            edge(json!({"range": "31000-31099", "pinned": [
+                {"namespace": EDGE_NS, "service": "wants", "portName": "http", "nodePort": 31010},
+            ]})),
+            policy("core", "core", json!({"range": "31100-31199"})),
+        ],
+        vec![
+            aged(node_port_service(EDGE_NS, "wants", Some(31050)), 1),
+            aged(node_port_service("core", "holder", Some(31010)), 2),
+        ],
+    );
+    let plan = world.plan();
+    assert_eq!(
+        port(&plan, EDGE_NS, "wants", "http"),
+        Some((31050, AssignmentState::Existing))
+    );
+    assert_eq!(
+        port(&plan, "core", "holder", "http"),
+        Some((31010, AssignmentState::Existing))
+    );
+    assert!(plan.service_changes().is_empty());
+    assert!(
+        reasons(&plan).contains(&(
+            NodePortProblemReason::PinnedPortTaken,
+            "PortPolicy/edge".into(),
+            "spec.nodePorts.pinned[0].nodePort".into()
+        )),
+        "{:?}",
+        reasons(&plan)
+    );
+}
+
+#[test]
+fn pins_that_swap_two_services_ports_leave_both_with_their_holders() {
+    // Swapping needs a third port between the two writes; both pins are reported instead.
+    let world = World::new(
+        vec![edge(json!({"range": "31000-31099", "pinned": [
+            {"namespace": EDGE_NS, "service": "a", "portName": "http", "nodePort": 31011},
+            {"namespace": EDGE_NS, "service": "b", "portName": "http", "nodePort": 31010},
+        ]}))],
+        vec![
+            node_port_service(EDGE_NS, "a", Some(31010)),
+            node_port_service(EDGE_NS, "b", Some(31011)),
+        ],
+    );
+    let plan = world.plan();
+    assert_eq!(
+        port(&plan, EDGE_NS, "a", "http"),
+        Some((31010, AssignmentState::Existing))
+    );
+    assert_eq!(
+        port(&plan, EDGE_NS, "b", "http"),
+        Some((31011, AssignmentState::Existing))
+    );
+    assert!(plan.service_changes().is_empty());
+    let taken = (plan.problems.iter())
+        .filter(|p| p.reason == NodePortProblemReason::PinnedPortTaken)
+        .count();
+    assert_eq!(taken, 2, "{:?}", reasons(&plan));
+}
+
+#[test]
+fn retained_record_is_not_restored_onto_a_port_reserved_since() {
+    let mut world = World::new(
+        vec![edge(json!({"range": "31000-31099", "retentionSeconds": 3600}))],
+        vec![node_port_service(EDGE_NS, "web", None)],
+    );
+    let first = world.plan();
+    let (np, _) = port(&first, EDGE_NS, "web", "http").unwrap();
+    world.apply(&first);
+    world.remove(EDGE_NS, "web");
+    world.now += Duration::seconds(10);
+    let gone = world.plan();
+    assert_eq!(gone.policies["edge"].records.len(), 1);
+    world.apply(&gone);
+
+    // The port is reserved while the Service is gone; it is re-created within retention.
+    world.policies = vec![edge(json!({"range": "31000-31099", "retentionSeconds": 3600,
+        "reserved": [np.to_string()]}))];
+    world.services.push(node_port_service(EDGE_NS, "web", None));
+    world.now += Duration::seconds(10);
+    let back = world.plan();
+    let (again, state) = port(&back, EDGE_NS, "web", "http").unwrap();
+    assert_ne!(again, np, "a reserved port is never handed out automatically");
+    assert_eq!(state, AssignmentState::Allocated);
+    let records: Vec<_> = back.policies["edge"]
+        .records
+        .iter()
+        .map(|r| r.node_port)
+        .collect();
+    assert_eq!(
+        records,
+        [i32::from(again)],
+        "the record on the reserved port is dropped"
+    );
+
+    // A Service that still holds a port reserved since keeps it.
+    world.apply(&back);
+    world.policies = vec![edge(json!({"range": "31000-31099", "retentionSeconds": 3600,
+        "reserved": [again.to_string()]}))];
+    let kept = world.plan();
+    assert_eq!(
+        port(&kept, EDGE_NS, "web", "http"),
+        Some((again, AssignmentState::Existing))
+    );
+    assert!(kept.service_changes().is_empty());
+}
+
+#[test]
+fn one_service_port_pinned_twice_makes_the_policy_invalid_and_changes_nothing() {
+    for (first, second) in [(31010, 31020), (31020, 31010)] {
+        let world = World::new(
+            vec![edge(json!({"range": "31000-31099", "pinned": [
+                {"namespace": EDGE_NS, "service": "web", "portName": "http", "nodePort": first},
+                {"namespace": EDGE_NS, "service": "web", "portName": "http", "nodePort": second},
+            ]}))],
+            vec![node_port_service(EDGE_NS, "web", Some(31050))],
+        );
+        let plan = world.plan();
+        assert_eq!(
+            port(&plan, EDGE_NS, "web", "http"),
+            Some((31050, AssignmentState::InUse)),
+            "neither pin wins"
+        );
+        assert!(plan.service_changes().is_empty());
+        assert!(!plan.policies.contains_key("edge"));
+        let problems = PolicySet::compile(&world.policies);
+        assert_eq!(problems.invalid().len(), 1);
+    }
+}

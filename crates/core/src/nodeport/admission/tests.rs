@@ -339,6 +339,28 @@ fn pins_and_retained_records_are_given_back_to_their_identity() {
 }
 
 #[test]
+fn a_retained_record_on_a_port_reserved_since_is_not_given_back() {
+    let mut edge = policy(
+        "edge",
+        "edge",
+        json!({"range": "31000-31099", "reserved": ["31040-31049"]}),
+    );
+    edge.status = Some(
+        serde_json::from_value(json!({"allocations": [{"namespace": "edge", "service": "back",
+            "portName": "http", "kind": "Service", "nodePort": 31042, "releasedAt": "2026-01-01T00:00:00Z"}]}))
+        .unwrap(),
+    );
+    let mut ledger = ledger(std::slice::from_ref(&edge));
+    let back = ledger.review(&create(&node_port("edge", "back"), "u1"), t0());
+    let port = back.assigned[0].1;
+    assert!((31000..=31099).contains(&port), "{back:?}");
+    assert!(
+        !(31040..=31049).contains(&port),
+        "restored onto a reserved port: {back:?}"
+    );
+}
+
+#[test]
 fn a_generated_name_is_reserved_under_the_review_uid() {
     let mut ledger = ledger(&[policy("edge", "edge", json!({"range": "31000-31001"}))]);
     let mut generated = node_port("edge", "");
