@@ -73,10 +73,7 @@ fn programmed() -> Syncer<FakeDataplane> {
         endpoint_slices: (0..SERVICES).map(|i| slice(i, 0)).collect(),
         ..Default::default()
     };
-    let config = ProxyConfig {
-        node_name: "node-0".into(),
-        mode: ProxyMode::Replacement,
-    };
+    let config = ProxyConfig::new("node-0", ProxyMode::Replacement);
     let mut syncer = Syncer::new(
         FakeDataplane::new(FakeKernel::default()),
         config,

@@ -6,6 +6,8 @@
 //! - `read_snapshot/N`: the floor under it: only reading each endpoint's address and node name
 //!   once. Its per-Service time steps up as the snapshot outgrows the CPU caches, and so does the
 //!   planner's; the ratio of the two is what shows how the planner itself scales.
+//! - `plan_node_zone_hints/10000`: the same plan when every endpoint carries a zone hint (three
+//!   zones, the node in one): what topology-aware routing adds to `plan_node/10000`.
 //! - `one_endpoint_change/10000`: the agent's steady state: one EndpointSlice changes in a
 //!   10,000-Service state; re-plan that Service, take the dirty keys, diff them against the
 //!   kernel table and apply the ops to it.
@@ -26,10 +28,7 @@ use serde_json::json;
 const ENDPOINTS_PER_SERVICE: usize = 10;
 
 fn config() -> ProxyConfig {
-    ProxyConfig {
-        node_name: "node-0".to_string(),
-        mode: ProxyMode::Replacement,
-    }
+    ProxyConfig::new("node-0", ProxyMode::Replacement)
 }
 
 fn service(i: usize) -> Service {
@@ -103,6 +102,37 @@ fn plan_from_scratch(c: &mut Criterion) {
     per_cluster_size(c, "plan_node", |snap| node_rules(snap, &config()));
 }
 
+/// The snapshot with the node in zone-0 and every endpoint hinted for one of three zones.
+fn zone_hinted(mut snap: Snapshot) -> Snapshot {
+    snap.nodes[0].metadata.labels =
+        Some([("topology.kubernetes.io/zone".to_string(), "zone-0".to_string())].into());
+    for slice in &mut snap.endpoint_slices {
+        for (e, endpoint) in slice.endpoints.iter_mut().enumerate() {
+            let zone = format!("zone-{}", e % 3);
+            endpoint.zone = Some(zone.clone());
+            endpoint.hints = Some(serde_json::from_value(json!({"forZones": [{"name": zone}]})).unwrap());
+        }
+    }
+    snap
+}
+
+fn plan_with_zone_hints(c: &mut Criterion) {
+    const SERVICES: usize = 10_000;
+    let snap = zone_hinted(snapshot(SERVICES));
+    let plan = node_rules(&snap, &config());
+    assert!(
+        plan.virtual_servers.iter().all(|vs| vs.topology.is_some()),
+        "hints are used"
+    );
+    let mut group = c.benchmark_group("plan_node_zone_hints");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(SERVICES as u64));
+    group.bench_function(BenchmarkId::from_parameter(SERVICES), |b| {
+        b.iter(|| black_box(node_rules(&snap, &config())))
+    });
+    group.finish();
+}
+
 /// Reads every field of the snapshot a planner cannot avoid reading, and builds nothing.
 fn read_every_endpoint(snap: &Snapshot) -> usize {
     let mut seen = 0;
@@ -161,5 +191,11 @@ fn one_endpoint_change(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, plan_from_scratch, read_snapshot, one_endpoint_change);
+criterion_group!(
+    benches,
+    plan_from_scratch,
+    plan_with_zone_hints,
+    read_snapshot,
+    one_endpoint_change
+);
 criterion_main!(benches);

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use portpolicy::snapshot_files::load_paths;
 use portpolicy_cluster_dump::{self as cluster_dump, DumpShape};
-use portpolicy_core::ipvs::ProxyMode;
+use portpolicy_core::ipvs::{NodePortAddresses, ProxyMode};
 use portpolicy_core::plan::{PlanOptions, build_plan};
 use portpolicy_core::ports::PortRange;
 
@@ -184,6 +184,7 @@ fn main() {
         node_port_range: PortRange::DEFAULT_NODE_PORTS,
         mode: ProxyMode::Replacement,
         node: Some("node-000".into()),
+        node_port_addresses: NodePortAddresses::All,
         now: "2026-11-26T12:00:00Z".parse().unwrap(),
     };
     let plan = measure(runs, || {

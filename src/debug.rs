@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use clap::Subcommand;
 
 use portpolicy_core::ipvs::listing::format_table;
-use portpolicy_core::ipvs::{IpvsOp, RealServerKey, VirtualServerKey};
+use portpolicy_core::ipvs::{IpvsOp, RealServerKey, StaleFlows, VirtualServerKey};
 use portpolicy_core::ports::Protocol;
-use portpolicy_netlink::{DummyLink, IpvsHandle, NetlinkError};
+use portpolicy_netlink::conntrack::FlowFilter;
+use portpolicy_netlink::{ConntrackHandle, DummyLink, IpvsHandle, NetlinkError};
 
 #[derive(Subcommand, Debug)]
 pub enum DebugCommand {
@@ -41,6 +42,31 @@ pub enum DebugCommand {
         name: String,
         addresses: Vec<IpAddr>,
     },
+    /// Delete the connection-tracking entries the agent deletes for a removed UDP real server:
+    /// flows of PROTOCOL sent to SERVICE (address:port) whose replies come from REAL, or from
+    /// anywhere without REAL. Prints how many were deleted.
+    ConntrackClear {
+        #[arg(value_parser = parse_protocol)]
+        protocol: Protocol,
+        service: SocketAddr,
+        real: Option<SocketAddr>,
+    },
+    /// Answer every UDP datagram on ADDRESS with REPLY, until killed (a test backend).
+    UdpEcho { listen: SocketAddr, reply: String },
+    /// Send COUNT datagrams to ADDRESS from one source address and port, as a resolver keeps
+    /// one socket, and print one line per probe: milliseconds since the first, then the answer
+    /// or `timeout`.
+    UdpProbe {
+        to: SocketAddr,
+        #[arg(long)]
+        bind: SocketAddr,
+        #[arg(long, default_value_t = 10)]
+        count: u32,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 200)]
+        timeout_ms: u64,
+    },
 }
 
 impl DebugCommand {
@@ -60,6 +86,25 @@ impl DebugCommand {
                 write_ipvsadm_rules: None,
             } => ipvs_bench(services, reals_per_service),
             DebugCommand::DummySync { name, addresses } => dummy_sync(&name, addresses),
+            DebugCommand::ConntrackClear {
+                protocol,
+                service,
+                real,
+            } => conntrack_clear(protocol, service, real),
+            DebugCommand::UdpEcho { listen, reply } => udp_echo(listen, &reply),
+            DebugCommand::UdpProbe {
+                to,
+                bind,
+                count,
+                interval_ms,
+                timeout_ms,
+            } => udp_probe(
+                to,
+                bind,
+                count,
+                Duration::from_millis(interval_ms),
+                Duration::from_millis(timeout_ms),
+            ),
         };
         match result {
             Ok(()) => ExitCode::SUCCESS,
@@ -69,6 +114,86 @@ impl DebugCommand {
             }
         }
     }
+}
+
+fn parse_protocol(text: &str) -> Result<Protocol, String> {
+    Protocol::from_k8s(Some(&text.to_ascii_uppercase()))
+}
+
+fn conntrack_clear(protocol: Protocol, service: SocketAddr, real: Option<SocketAddr>) -> Result<(), String> {
+    let key = |s: SocketAddr| VirtualServerKey {
+        address: s.ip(),
+        port: s.port(),
+        protocol,
+    };
+    let flows = StaleFlows {
+        service: key(service),
+        real: real.map(|r| RealServerKey {
+            address: r.ip(),
+            port: r.port(),
+        }),
+    };
+    let mut handle = ConntrackHandle::open().map_err(|e| e.to_string())?;
+    let deleted = handle
+        .delete_matching(&FlowFilter::new([&flows]))
+        .map_err(|e| e.to_string())?;
+    println!("deleted {deleted}");
+    Ok(())
+}
+
+fn udp_echo(listen: SocketAddr, reply: &str) -> Result<(), String> {
+    let socket = UdpSocket::bind(listen).map_err(|e| format!("binding {listen}: {e}"))?;
+    let mut buf = [0u8; 1500];
+    loop {
+        let (_, peer) = socket
+            .recv_from(&mut buf)
+            .map_err(|e| format!("receiving: {e}"))?;
+        // A peer gone away is its problem; keep answering the others.
+        let _ = socket.send_to(reply.as_bytes(), peer);
+    }
+}
+
+fn udp_probe(
+    to: SocketAddr,
+    bind: SocketAddr,
+    count: u32,
+    interval: Duration,
+    timeout: Duration,
+) -> Result<(), String> {
+    let socket = UdpSocket::bind(bind).map_err(|e| format!("binding {bind}: {e}"))?;
+    socket
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut buf = [0u8; 1500];
+    for probe in 0..count {
+        let sent = Instant::now();
+        let answer = match socket.send_to(format!("probe {probe}").as_bytes(), to) {
+            Err(e) => format!("send failed: {e}"),
+            Ok(_) => loop {
+                match socket.recv_from(&mut buf) {
+                    // Late answers to an earlier probe would be counted twice; only the one
+                    // peer is asked, so any answer is this probe's.
+                    Ok((len, _)) => break String::from_utf8_lossy(&buf[..len]).into_owned(),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        break "timeout".to_string();
+                    }
+                    Err(e) => break format!("error: {e}"),
+                }
+            },
+        };
+        println!("{} {answer}", started.elapsed().as_millis());
+        if let Some(rest) = interval.checked_sub(sent.elapsed()) {
+            std::thread::sleep(rest);
+        }
+    }
+    Ok(())
 }
 
 fn ipvs_dump() -> Result<(), String> {

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use portpolicy::snapshot_files::load_paths;
 use portpolicy_core::crd::PortPolicy;
-use portpolicy_core::ipvs::ProxyMode;
+use portpolicy_core::ipvs::{NodePortAddresses, ProxyMode};
 use portpolicy_core::plan::{PlanOptions, build_plan};
 use portpolicy_core::ports::PortRange;
 
@@ -67,6 +67,10 @@ struct PlanArgs {
     /// Judge retention windows at this time (RFC 3339) instead of now, for reproducible plans.
     #[arg(long)]
     now: Option<DateTime<Utc>>,
+    /// Plan node ports only on these of the Node's addresses, as the agent given the same
+    /// `--nodeport-addresses` (CIDRs, or `primary`); every address when not given.
+    #[arg(long = "nodeport-addresses", value_delimiter = ',')]
+    nodeport_addresses: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -123,6 +127,14 @@ fn main() -> ExitCode {
 }
 
 fn plan(args: PlanArgs) -> ExitCode {
+    // A bad flag is refused before the cluster is read.
+    let node_port_addresses = match NodePortAddresses::parse(&args.nodeport_addresses) {
+        Ok(addresses) => addresses,
+        Err(e) => {
+            eprintln!("portpolicy plan: --nodeport-addresses: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let loaded = if args.files.is_empty() {
         let target = portpolicy::live::Target {
             kubeconfig: args.kubeconfig.clone(),
@@ -159,6 +171,7 @@ fn plan(args: PlanArgs) -> ExitCode {
             args.mode
         },
         node: args.node,
+        node_port_addresses,
         now: args.now.unwrap_or_else(Utc::now),
     };
     let mut report = build_plan(&loaded.snapshot, &options);

@@ -415,7 +415,11 @@ async fn operator_becomes_ready_once_its_caches_listed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn follower_is_ready_and_takes_over_quickly_when_the_leader_is_stopped() {
-    let api = FakeApi::start(vec![]).await;
+    let api = FakeApi::start(vec![policy(
+        "edge",
+        json!({"nodePorts": {"range": "31000-31099"}}),
+    )])
+    .await;
     let mut first = Operator::start(&api, "operator-a", &[]);
     first.wait_ready(Duration::from_secs(20)).await.unwrap();
     first
@@ -432,6 +436,9 @@ async fn follower_is_ready_and_takes_over_quickly_when_the_leader_is_stopped() {
         "the follower says it follows and whom:\n{}",
         second.log()
     );
+    // The follower's first list prompts a reconcile of the policy a debounce (1 s) later, which
+    // it skips; let that pass, so that only becoming leader can prompt the next one.
+    tokio::time::sleep(Duration::from_secs(2)).await;
 
     let stopped = Instant::now();
     first.terminate();
@@ -453,6 +460,46 @@ async fn follower_is_ready_and_takes_over_quickly_when_the_leader_is_stopped() {
         "{}",
         first.log()
     );
+    // As a follower it skipped every reconcile; leading, it does them all, with no watch event
+    // to prompt it (the fake's watches send none). Counted from its Lease write: by then the
+    // old leader has stopped writing, and the new one may reconcile at once.
+    let took_over = api
+        .requests()
+        .iter()
+        .find(|r| {
+            r.path.starts_with(LEASES)
+                && r.method != "GET"
+                && r.body["spec"]["holderIdentity"] == "operator-b"
+        })
+        .expect("operator-b wrote the Lease to lead")
+        .at;
+    wait_for_status_write(&api, "edge", took_over, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("the new leader did not reconcile: {e}\n{}", second.log()));
+}
+
+/// Waits for a status write of policy `name` that arrived after `since`.
+async fn wait_for_status_write(
+    api: &FakeApi,
+    name: &str,
+    since: Instant,
+    limit: Duration,
+) -> Result<Duration, String> {
+    let path = format!("/apis/portpolicy.io/v1alpha1/portpolicies/{name}/status");
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(r) = api
+            .requests()
+            .iter()
+            .find(|r| r.at >= since && r.method == "PATCH" && r.path == path)
+        {
+            return Ok(r.at - since);
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no status write of {name} within {limit:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -507,6 +554,17 @@ async fn leader_stops_when_the_api_server_freezes_and_restarted_writes_only_once
         .expect("it wrote the Lease to lead");
     let early: Vec<_> = after[..first_lease_write].iter().map(|r| &r.path).collect();
     assert!(early.is_empty(), "wrote before it led: {early:?}");
+    // It leads within moments of starting, often before its caches have listed (the Lease may
+    // still name it: its release could not reach the frozen server). It must still reconcile
+    // every policy then, with no watch event to prompt it.
+    let led_at = after[first_lease_write].at;
+    let took = wait_for_status_write(&api, "edge", led_at, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("the restarted leader did not reconcile: {e}\n{}", operator.log()));
+    eprintln!(
+        "restarted: led {:?} after its start, reconciled {took:?} later",
+        led_at - restarted
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use chrono::{DateTime, Utc};
 use portpolicy::snapshot_files::load_paths;
-use portpolicy_core::ipvs::ProxyMode;
+use portpolicy_core::ipvs::{NodePortAddresses, ProxyMode};
 use portpolicy_core::plan::{PlanOptions, PlanReport, build_plan};
 use portpolicy_core::ports::PortRange;
 use serde_json::Value;
@@ -27,6 +27,7 @@ fn demo_plan(mode: ProxyMode, node: Option<&str>) -> PlanReport {
             node_port_range: PortRange::DEFAULT_NODE_PORTS,
             mode,
             node: node.map(str::to_string),
+            node_port_addresses: NodePortAddresses::All,
             now: NOW.parse::<DateTime<Utc>>().unwrap(),
         },
     )
@@ -292,6 +293,137 @@ fn cli_crd_output_is_the_checked_in_crd() {
     assert_eq!(
         stdout,
         std::fs::read_to_string(Path::new(&root()).join("crds/portpolicy.yaml")).unwrap()
+    );
+}
+
+/// Zone hints and source ranges show in both outputs the way a user reads them: the JSON keys
+/// `topology` and `sourceRanges` appear only where they apply, and the table marks them.
+#[test]
+fn cli_shows_topology_and_source_ranges_only_where_they_apply() {
+    let path = temp_file(
+        "topology.yaml",
+        "\
+apiVersion: v1
+kind: Node
+metadata: {name: node-a, labels: {topology.kubernetes.io/zone: zone-a}}
+status: {addresses: [{type: InternalIP, address: 192.168.1.10}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: lb, namespace: shop}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.50
+  trafficDistribution: PreferClose
+  loadBalancerSourceRanges: [203.0.113.0/24]
+  ports: [{port: 80, targetPort: 8080, nodePort: 30080}]
+status: {loadBalancer: {ingress: [{ip: 198.51.100.50}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: lb-1, namespace: shop, labels: {kubernetes.io/service-name: lb}}
+addressType: IPv4
+ports: [{port: 8080}]
+endpoints:
+- {addresses: [10.0.1.2], nodeName: node-a, zone: zone-a, hints: {forZones: [{name: zone-a}]}}
+- {addresses: [10.0.2.2], nodeName: node-b, zone: zone-b, hints: {forZones: [{name: zone-b}]}}
+",
+    );
+    let (code, stdout, _) = portpolicy(&["plan", "-f", path.to_str().unwrap(), "-o", "json"]);
+    assert_eq!(code, 0);
+    let json: Value = serde_json::from_str(&stdout).unwrap();
+    let servers = json["nodes"][0]["virtualServers"].as_array().unwrap();
+    let summary: Vec<(String, Value, Value, usize)> = servers
+        .iter()
+        .map(|vs| {
+            (
+                vs["kind"].as_str().unwrap().to_string(),
+                vs.get("topology").cloned().unwrap_or(Value::Null),
+                vs.get("sourceRanges").cloned().unwrap_or(Value::Null),
+                vs["realServers"].as_array().unwrap().len(),
+            )
+        })
+        .collect();
+    let zone = Value::from("PreferSameZone");
+    assert_eq!(
+        summary,
+        [
+            ("ClusterIP".to_string(), zone.clone(), Value::Null, 1),
+            ("NodePort".to_string(), zone.clone(), Value::Null, 1),
+            (
+                "LoadBalancer".to_string(),
+                zone,
+                serde_json::json!(["203.0.113.0/24"]),
+                1
+            ),
+        ]
+    );
+    let (_, table, _) = portpolicy(&["plan", "-f", path.to_str().unwrap()]);
+    assert!(
+        table.contains("# shop/lb LoadBalancer [PreferSameZone] [from 203.0.113.0/24]"),
+        "{table}"
+    );
+}
+
+/// `plan --nodeport-addresses` plans node ports where the agent given the same flag serves them,
+/// and a bad value is refused naming the flag, before anything is read.
+#[test]
+fn cli_plans_node_ports_on_the_addresses_given() {
+    let path = temp_file(
+        "nodeport-addresses.yaml",
+        "\
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status:
+  addresses:
+  - {type: InternalIP, address: 192.168.1.10}
+  - {type: InternalIP, address: 10.10.0.10}
+  - {type: ExternalIP, address: 203.0.113.10}
+  - {type: InternalIP, address: fd00::10}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.60
+  ports: [{port: 80, targetPort: 8080, nodePort: 30090}]
+",
+    );
+    let file = path.to_str().unwrap();
+    let node_port_addresses = |flags: &[&str]| -> Vec<String> {
+        let mut args = vec!["plan", "-f", file, "-o", "json"];
+        args.extend(flags);
+        let (code, stdout, stderr) = portpolicy(&args);
+        assert_eq!(code, 0, "{stderr}");
+        let json: Value = serde_json::from_str(&stdout).unwrap();
+        json["nodes"][0]["virtualServers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|vs| vs["kind"] == "NodePort")
+            .map(|vs| vs["address"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        node_port_addresses(&[]),
+        ["10.10.0.10", "192.168.1.10", "203.0.113.10", "fd00::10"]
+    );
+    assert_eq!(
+        node_port_addresses(&["--nodeport-addresses", "primary"]),
+        ["192.168.1.10", "fd00::10"]
+    );
+    assert_eq!(
+        node_port_addresses(&["--nodeport-addresses", "10.0.0.0/8,203.0.113.0/24"]),
+        ["10.10.0.10", "203.0.113.10"]
+    );
+    let (code, stdout, stderr) = portpolicy(&["plan", "-f", file, "--nodeport-addresses", "10.0.0.0"]);
+    assert_eq!(code, 2);
+    assert_eq!(stdout, "");
+    assert!(
+        stderr.starts_with("portpolicy plan: --nodeport-addresses: \"10.0.0.0\" is not a CIDR"),
+        "{stderr}"
     );
 }
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use portpolicy_core::ipvs::{IpvsOp, IpvsTable};
+use portpolicy_core::ipvs::{IpvsOp, IpvsTable, StaleFlows};
 use portpolicy_netlink::NetlinkError;
 
 use super::nft::NftError;
@@ -27,13 +27,15 @@ pub enum DataplaneError {
     Nftables(#[from] NftError),
     #[error("kernel settings: {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
     Sysctl(Vec<SysctlError>),
+    #[error("clearing connection tracking entries: {0}")]
+    Conntrack(#[source] NetlinkError),
 }
 
 impl DataplaneError {
     /// The netlink error underneath, when it was a netlink request that failed.
     pub(crate) fn netlink(&self) -> Option<&NetlinkError> {
         match self {
-            DataplaneError::OpenIpvs(e) | DataplaneError::Dump(e) => Some(e),
+            DataplaneError::OpenIpvs(e) | DataplaneError::Dump(e) | DataplaneError::Conntrack(e) => Some(e),
             DataplaneError::Addresses { source, .. } => Some(source),
             DataplaneError::Nftables(_) | DataplaneError::Sysctl(_) => None,
         }
@@ -75,4 +77,6 @@ pub trait Dataplane: Send {
     fn reserve_ports(&mut self, ports: &BTreeSet<u16>) -> Result<(), DataplaneError>;
     /// Sets the sysctls IPVS proxying needs.
     fn ensure_sysctls(&mut self) -> Result<(), DataplaneError>;
+    /// Deletes the connection-tracking entries of these UDP flows; returns how many went.
+    fn clear_flows(&mut self, flows: &[StaleFlows]) -> Result<usize, DataplaneError>;
 }

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use portpolicy_core::ipvs::table::ApplyRefusal;
-use portpolicy_core::ipvs::{IpvsOp, IpvsTable, RealServerKey, VirtualServerKey};
+use portpolicy_core::ipvs::{IpvsOp, IpvsTable, RealServerKey, StaleFlows, VirtualServerKey};
 use portpolicy_netlink::{NetlinkError, errno};
 
 use super::dataplane::{ApplyReport, Dataplane, DataplaneError};
@@ -20,6 +20,10 @@ pub struct FakeKernel {
     pub ruleset: Option<String>,
     pub reserved_ports: BTreeSet<u16>,
     pub sysctls_set: bool,
+    /// Every batch of flows the agent asked to clear, in order.
+    pub cleared_flows: Vec<Vec<StaleFlows>>,
+    /// Make clearing flows fail while set.
+    pub fail_clearing_flows: bool,
     /// Every operation the agent sent, in order, whether or not it succeeded.
     pub ops_log: Vec<IpvsOp>,
     pub dumps: usize,
@@ -118,5 +122,15 @@ impl Dataplane for FakeDataplane {
     fn ensure_sysctls(&mut self) -> Result<(), DataplaneError> {
         self.state().sysctls_set = true;
         Ok(())
+    }
+
+    fn clear_flows(&mut self, flows: &[StaleFlows]) -> Result<usize, DataplaneError> {
+        let mut k = self.state();
+        if k.fail_clearing_flows {
+            let error = std::io::Error::other("injected failure");
+            return Err(DataplaneError::Conntrack(NetlinkError::Io(error)));
+        }
+        k.cleared_flows.push(flows.to_vec());
+        Ok(flows.len())
     }
 }

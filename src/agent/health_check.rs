@@ -133,7 +133,7 @@ impl HealthCheckServers {
                 Ok(listener) => {
                     let app = Router::new().fallback(answer).with_state(target.clone());
                     let task = tokio::spawn(async move {
-                        if let Err(e) = axum::serve(listener, app).await {
+                        if let Err(e) = super::http::serve(listener, app).await {
                             tracing::warn!(port, error = %e, "health-check listener stopped");
                         }
                     });

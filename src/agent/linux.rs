@@ -8,22 +8,31 @@ use std::process::{Command, Stdio};
 
 use super::dataplane::{ApplyReport, Dataplane, DataplaneError};
 use super::nft::NftError;
-use super::sysctl::{IPVS_SYSCTLS, Sysctls};
-use portpolicy_core::ipvs::{IpvsOp, IpvsTable};
-use portpolicy_netlink::{DummyLink, IpvsHandle, NetlinkError};
+use super::sysctl::{Sysctls, wanted_sysctls};
+use portpolicy_core::ipvs::{IpvsOp, IpvsTable, StaleFlows};
+use portpolicy_netlink::conntrack::FlowFilter;
+use portpolicy_netlink::{ConntrackHandle, DummyLink, IpvsHandle, NetlinkError};
 
 pub(super) struct LinuxDataplane {
     ipvs: IpvsHandle,
     link: DummyLink,
     interface: String,
     sysctls: Sysctls,
+    strict_arp: bool,
     /// Node ports this process added to `ip_local_reserved_ports` (others' entries are kept).
     reserved_by_us: BTreeSet<u16>,
+    /// Opened when first needed: a node without ctnetlink still gets its IPVS rules.
+    conntrack: Option<ConntrackHandle>,
 }
 
 impl LinuxDataplane {
-    /// Opens the IPVS family and finds (or creates) the dummy interface.
-    pub(super) fn open(interface: &str, sysctl_root: &std::path::Path) -> Result<Self, DataplaneError> {
+    /// Opens the IPVS family and finds (or creates) the dummy interface. `strict_arp` adds
+    /// kube-proxy's `--ipvs-strict-arp` settings to the sysctls.
+    pub(super) fn open(
+        interface: &str,
+        sysctl_root: &std::path::Path,
+        strict_arp: bool,
+    ) -> Result<Self, DataplaneError> {
         let ipvs = IpvsHandle::open().map_err(DataplaneError::OpenIpvs)?;
         let link = DummyLink::ensure(interface).map_err(|source| DataplaneError::Addresses {
             interface: interface.to_string(),
@@ -34,7 +43,9 @@ impl LinuxDataplane {
             link,
             interface: interface.to_string(),
             sysctls: Sysctls::at(sysctl_root),
+            strict_arp,
             reserved_by_us: BTreeSet::new(),
+            conntrack: None,
         })
     }
 
@@ -111,7 +122,7 @@ impl Dataplane for LinuxDataplane {
 
     fn ensure_sysctls(&mut self) -> Result<(), DataplaneError> {
         let mut errors = Vec::new();
-        for (name, value) in IPVS_SYSCTLS {
+        for (name, value) in wanted_sysctls(self.strict_arp) {
             match self.sysctls.ensure(name, value) {
                 Ok(true) => tracing::info!(sysctl = name, value, "set"),
                 Ok(false) => {}
@@ -123,5 +134,22 @@ impl Dataplane for LinuxDataplane {
         } else {
             Err(DataplaneError::Sysctl(errors))
         }
+    }
+
+    fn clear_flows(&mut self, flows: &[StaleFlows]) -> Result<usize, DataplaneError> {
+        let handle = match &mut self.conntrack {
+            Some(handle) => handle,
+            None => self
+                .conntrack
+                .insert(ConntrackHandle::open().map_err(DataplaneError::Conntrack)?),
+        };
+        let result = handle
+            .delete_matching(&FlowFilter::new(flows))
+            .map_err(DataplaneError::Conntrack);
+        if result.is_err() {
+            // A socket in an unknown state (a half-read dump) is not reused.
+            self.conntrack = None;
+        }
+        result
     }
 }

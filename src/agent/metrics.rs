@@ -23,6 +23,8 @@ pub struct Metrics {
     pub sync_errors: IntCounter,
     pub last_successful_sync: Gauge,
     pub full_syncs: IntCounter,
+    pub conntrack_entries_deleted: IntCounter,
+    pub conntrack_errors: IntCounter,
     pub snapshot_refusals: IntCounter,
     pub snapshot_refused: IntGauge,
     pub resync_drift: IntCounter,
@@ -91,6 +93,16 @@ impl Metrics {
             "Syncs that compared the whole kernel table (start-up, resync, retries).",
         )
         .expect("valid counter");
+        let conntrack_entries_deleted = IntCounter::new(
+            "portpolicy_agent_conntrack_entries_deleted_total",
+            "Connection-tracking entries of UDP flows to removed real servers deleted.",
+        )
+        .expect("valid counter");
+        let conntrack_errors = IntCounter::new(
+            "portpolicy_agent_conntrack_errors_total",
+            "Attempts to clear stale UDP flows that failed (they are retried on the next sync).",
+        )
+        .expect("valid counter");
         let snapshot_refusals = IntCounter::new(
             "portpolicy_agent_snapshot_refusals_total",
             "Snapshot reads refused because the snapshot could not be read whole.",
@@ -124,6 +136,8 @@ impl Metrics {
         }
         for c in [
             Box::new(sync_duration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(conntrack_entries_deleted.clone()),
+            Box::new(conntrack_errors.clone()),
             Box::new(ipvs_operations.clone()),
             Box::new(ipvs_operation_errors.clone()),
             Box::new(virtual_servers.clone()),
@@ -148,6 +162,8 @@ impl Metrics {
             sync_errors,
             last_successful_sync,
             full_syncs,
+            conntrack_entries_deleted,
+            conntrack_errors,
             snapshot_refusals,
             snapshot_refused,
             resync_drift,

@@ -12,6 +12,7 @@ pub mod dataplane;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fake;
 mod health_check;
+mod http;
 #[cfg(target_os = "linux")]
 mod linux;
 pub mod metrics;
@@ -37,7 +38,7 @@ use self::source::Event;
 use self::sync::Syncer;
 use crate::flags;
 use portpolicy_core::ipvs::listing::format_table;
-use portpolicy_core::ipvs::{ProxyConfig, ProxyMode};
+use portpolicy_core::ipvs::{NodePortAddresses, ProxyConfig, ProxyMode};
 
 /// The agent's port for `/metrics`, `/healthz` and `/readyz`: next to kube-proxy's 10256
 /// (healthz) and 10249 (metrics) without taking either, so both can run on one node.
@@ -95,6 +96,20 @@ pub struct AgentArgs {
     /// it) and exit, touching nothing.
     #[arg(long, requires = "snapshot")]
     pub print_table: bool,
+    /// Which of the Node's InternalIP and ExternalIP addresses accept node ports: CIDRs
+    /// (repeatable, or comma-separated), or `primary` for the node's first address of each
+    /// family. Every address when not given. As kube-proxy's `--nodeport-addresses`.
+    #[arg(
+        long = "nodeport-addresses",
+        env = "PORTPOLICY_NODEPORT_ADDRESSES",
+        value_delimiter = ','
+    )]
+    pub nodeport_addresses: Vec<String>,
+    /// Set `arp_ignore=1` and `arp_announce=2` on all interfaces, so the node never answers ARP
+    /// for the service addresses on the dummy interface (as kube-proxy's `--ipvs-strict-arp`;
+    /// MetalLB's L2 mode needs it).
+    #[arg(long = "ipvs-strict-arp", env = "PORTPOLICY_IPVS_STRICT_ARP")]
+    pub ipvs_strict_arp: bool,
 }
 
 impl AgentArgs {
@@ -144,11 +159,15 @@ pub enum AgentError {
     SnapshotRefused(String),
     #[error("the agent runs on Linux only")]
     Unsupported,
+    #[error("--{flag}: {message}")]
+    InvalidFlag { flag: &'static str, message: String },
 }
 
 /// Runs the agent on this node until SIGINT or SIGTERM. Rules stay in the kernel on exit, so a
 /// restart drops no connection.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    // A bad flag is refused before anything is read or touched.
+    let config = proxy_config(&args)?;
     if args.print_table {
         let loaded = crate::snapshot_files::load_paths(&args.snapshot);
         for problem in &loaded.problems {
@@ -157,13 +176,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         if let Some(why) = source::refusal(&loaded) {
             return Err(AgentError::SnapshotRefused(why));
         }
-        let rules = portpolicy_core::ipvs::node_rules(&loaded.snapshot, &proxy_config(&args));
+        let rules = portpolicy_core::ipvs::node_rules(&loaded.snapshot, &config);
         print!("{}", format_table(&rules.table()));
         return Ok(());
     }
     #[cfg(target_os = "linux")]
     {
-        let dataplane = linux::LinuxDataplane::open(&args.interface, &args.sysctl_root)?;
+        let dataplane =
+            linux::LinuxDataplane::open(&args.interface, &args.sysctl_root, args.ipvs_strict_arp)?;
         run_with(args, dataplane).await
     }
     #[cfg(not(target_os = "linux"))]
@@ -188,7 +208,7 @@ pub(crate) async fn run_with<D: Dataplane + 'static>(
         })?;
     let app = metrics::router(metrics.clone(), health.clone());
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = http::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");
         }
     });
@@ -206,7 +226,7 @@ pub(crate) async fn run_with<D: Dataplane + 'static>(
         ));
     }
 
-    let config = proxy_config(&args);
+    let config = proxy_config(&args)?;
     let masquerade = args.masquerade();
     let mut syncer = Syncer::new(dataplane, config, masquerade, metrics.clone());
     let mut health_checks = HealthCheckServers::new(args.health_check_address, health.clone());
@@ -269,6 +289,9 @@ pub(crate) async fn run_with<D: Dataplane + 'static>(
         dirty = false;
         let outcome = tokio::task::block_in_place(|| syncer.sync());
         health.record(outcome.succeeded(), Instant::now());
+        for warning in &outcome.warnings {
+            tracing::warn!(%warning, "sync");
+        }
         for (port, e) in health_checks.update(&outcome.health_checks) {
             tracing::warn!(port, error = %e, "cannot listen on health-check node port; retrying");
             retry_at.get_or_insert(tokio::time::Instant::now() + backoff);
@@ -289,11 +312,14 @@ pub(crate) async fn run_with<D: Dataplane + 'static>(
     }
 }
 
-fn proxy_config(args: &AgentArgs) -> ProxyConfig {
-    ProxyConfig {
-        node_name: args.node_name.clone(),
-        mode: args.mode,
-    }
+fn proxy_config(args: &AgentArgs) -> Result<ProxyConfig, AgentError> {
+    let mut config = ProxyConfig::new(args.node_name.clone(), args.mode);
+    config.node_port_addresses =
+        NodePortAddresses::parse(&args.nodeport_addresses).map_err(|message| AgentError::InvalidFlag {
+            flag: "nodeport-addresses",
+            message,
+        })?;
+    Ok(config)
 }
 
 async fn shutdown_signal() {
@@ -368,6 +394,8 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
             metrics_address: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), metrics_port),
             health_check_address: Ipv4Addr::LOCALHOST.into(),
             print_table: false,
+            nodeport_addresses: vec![],
+            ipvs_strict_arp: false,
             sysctl_root: "/proc/sys".into(),
         };
         let fake = FakeDataplane::new(FakeKernel::default());
@@ -402,6 +430,41 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
         });
         agent.abort();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_bad_nodeport_addresses_flag_is_refused_before_anything_is_touched() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            agent: AgentArgs,
+        }
+        let parse = |value: &str| {
+            Cli::try_parse_from(["agent", "--node-name", "node-a", "--nodeport-addresses", value])
+                .unwrap()
+                .agent
+        };
+        let args = parse("primary,10.0.0.0/8");
+        assert_eq!(args.nodeport_addresses, ["primary", "10.0.0.0/8"]);
+        let error = run(args).await.unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "--nodeport-addresses: \"primary\" must be the only value when given"
+        );
+        let error = run(parse("10.0.0.0")).await.unwrap_err().to_string();
+        assert!(
+            error.starts_with("--nodeport-addresses: \"10.0.0.0\" is not a CIDR"),
+            "{error}"
+        );
+        let config = proxy_config(&parse("192.168.0.0/16,fd00::/8")).unwrap();
+        assert_eq!(
+            config.node_port_addresses,
+            NodePortAddresses::Cidrs(vec![
+                "192.168.0.0/16".parse().unwrap(),
+                "fd00::/8".parse().unwrap()
+            ])
+        );
     }
 
     /// The same cluster as `kubectl get -o yaml` prints it: one List, `kind: List` after the items.
@@ -442,6 +505,8 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
             metrics_address: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), metrics_port),
             health_check_address: Ipv4Addr::LOCALHOST.into(),
             print_table: false,
+            nodeport_addresses: vec![],
+            ipvs_strict_arp: false,
             sysctl_root: "/proc/sys".into(),
         };
         let fake = FakeDataplane::new(FakeKernel::default());

@@ -12,14 +12,25 @@
 //! - a pod load-balanced to itself (hairpin).
 //!
 //! Traffic to Local-policy services from outside the node is never marked: the endpoint sees the
-//! client's real address. Generation is a pure function of the plan and the options, so the
-//! whole ruleset is tested as text.
+//! client's real address.
+//!
+//! The same chains drop new connections to load-balancer virtual servers from sources outside
+//! their `loadBalancerSourceRanges` (kube-proxy's KUBE-LOAD-BALANCER-FW / source-ranges
+//! firewall): a set of the restricted virtual servers and an interval set of allowed
+//! (virtual server, source range) pairs. As in kube-proxy, a node whose address is in a range
+//! may also reach the load balancer from itself (its packets carry the VIP as source), and
+//! established flows are left alone when the ranges change. Health-check node ports and node
+//! ports are never filtered.
+//!
+//! Generation is a pure function of the plan and the options, so the whole ruleset is tested as
+//! text.
 
 use std::collections::BTreeSet;
 use std::fmt::Write;
 use std::net::IpAddr;
 
-use portpolicy_core::ipvs::{IpvsTable, VirtualServerKey};
+pub use portpolicy_core::cidr::Cidr;
+use portpolicy_core::ipvs::{IpvsTable, NodeRules, VirtualServerKey};
 use portpolicy_core::ports::Protocol;
 
 /// The table name, in both the `ip` and `ip6` families. The agent owns it whole.
@@ -62,38 +73,6 @@ pub struct MasqueradeOptions {
     pub cluster_cidrs: Vec<Cidr>,
 }
 
-/// An address range, `10.244.0.0/16`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Cidr {
-    pub address: IpAddr,
-    pub prefix: u8,
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let (addr, prefix) = text
-            .split_once('/')
-            .ok_or_else(|| format!("{text:?} is not a CIDR (expected address/prefix)"))?;
-        let address: IpAddr = addr.parse().map_err(|e| format!("{text:?}: bad address: {e}"))?;
-        let prefix: u8 = prefix
-            .parse()
-            .map_err(|e| format!("{text:?}: bad prefix length: {e}"))?;
-        let max = if address.is_ipv4() { 32 } else { 128 };
-        if prefix > max {
-            return Err(format!("{text:?}: prefix length above {max}"));
-        }
-        Ok(Cidr { address, prefix })
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.address, self.prefix)
-    }
-}
-
 /// One address family's table.
 #[derive(Clone, Copy)]
 enum Family {
@@ -134,21 +113,51 @@ fn key_element(key: &VirtualServerKey) -> String {
     format!("{} . {} . {}", key.address, proto(key.protocol), key.port)
 }
 
+/// A load-balancer virtual server that accepts new connections only from `allowed`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SourceRestriction {
+    pub key: VirtualServerKey,
+    /// Empty: no client may connect.
+    pub allowed: Vec<Cidr>,
+}
+
+/// The plan's load-balancer source ranges as restrictions. A range holding one of the node's
+/// addresses also lets the node itself in: its packets to a VIP it holds carry the VIP as
+/// source (kube-proxy's `allowFromNode`).
+pub fn source_restrictions(plan: &NodeRules) -> Vec<SourceRestriction> {
+    plan.virtual_servers
+        .iter()
+        .filter_map(|vs| {
+            let ranges = vs.source_ranges.as_ref()?;
+            let mut allowed = ranges.to_vec();
+            let from_node = ranges
+                .iter()
+                .any(|range| plan.node_addresses.iter().any(|ip| range.contains(ip)));
+            if from_node {
+                let host = if vs.key.address.is_ipv4() { 32 } else { 128 };
+                allowed.extend(Cidr::new(vs.key.address, host));
+            }
+            Some(SourceRestriction { key: vs.key, allowed })
+        })
+        .collect()
+}
+
 /// The whole batch for `nft -f -`: both tables deleted and recreated in one transaction, so the
 /// kernel never runs with half a ruleset and rules the agent no longer wants disappear.
 pub(crate) fn ruleset<'a>(
     virtual_servers: impl IntoIterator<Item = (&'a VirtualServerKey, Reach)>,
     table: &IpvsTable,
     options: &MasqueradeOptions,
+    restrictions: &[SourceRestriction],
 ) -> String {
     let servers: BTreeSet<(VirtualServerKey, Reach)> =
         virtual_servers.into_iter().map(|(k, r)| (*k, r)).collect();
     let mut out = String::new();
-    family_table(&mut out, Family::V4, &servers, table, options);
+    family_table(&mut out, Family::V4, &servers, table, options, restrictions);
     // The ip6 table only when there is IPv6 to serve: on nodes without IPv6 the whole batch
     // would otherwise fail. (A table left from earlier IPv6 Services only matches their keys.)
     if servers.iter().any(|(k, _)| k.address.is_ipv6()) {
-        family_table(&mut out, Family::V6, &servers, table, options);
+        family_table(&mut out, Family::V6, &servers, table, options, restrictions);
     }
     out
 }
@@ -159,6 +168,7 @@ fn family_table(
     servers: &BTreeSet<(VirtualServerKey, Reach)>,
     table: &IpvsTable,
     options: &MasqueradeOptions,
+    restrictions: &[SourceRestriction],
 ) {
     let fam = family.name();
     let in_family = |k: &VirtualServerKey| family.holds(&k.address);
@@ -196,7 +206,7 @@ fn family_table(
     let cidrs: Vec<String> = options
         .cluster_cidrs
         .iter()
-        .filter(|c| family.holds(&c.address))
+        .filter(|c| family.holds(&c.address()))
         .map(Cidr::to_string)
         .collect();
     let key_type = format!("{} . inet_proto . inet_service", family.addr_type());
@@ -206,6 +216,28 @@ fn family_table(
     };
     let key_match = format!("{addr} daddr . meta l4proto . th dport");
     let mark = format!("meta mark set meta mark | {MASQUERADE_MARK:#010x}");
+    let restricted: BTreeSet<String> = restrictions
+        .iter()
+        .filter(|r| in_family(&r.key))
+        .map(|r| key_element(&r.key))
+        .collect();
+    let allowed: BTreeSet<String> = restrictions
+        .iter()
+        .filter(|r| in_family(&r.key))
+        .flat_map(|r| {
+            let key = key_element(&r.key);
+            r.allowed
+                .iter()
+                .filter(|c| family.holds(&c.address()))
+                .map(move |c| format!("{key} . {c}"))
+        })
+        .collect();
+    // First in both marking chains: a refused connection is neither marked nor forwarded.
+    let source_filter = (!restricted.is_empty()).then(|| {
+        format!(
+            "\t\tct state new {key_match} @lb-restricted {key_match} . {addr} saddr != @lb-allowed drop\n"
+        )
+    });
 
     let _ = writeln!(out, "add table {fam} {TABLE_NAME}");
     let _ = writeln!(out, "delete table {fam} {TABLE_NAME}");
@@ -227,9 +259,26 @@ fn family_table(
     if !cidrs.is_empty() {
         set(out, "cluster-cidrs", family.addr_type(), "interval", &cidrs);
     }
+    if source_filter.is_some() {
+        set(
+            out,
+            "lb-restricted",
+            &key_type,
+            "",
+            &restricted.into_iter().collect::<Vec<_>>(),
+        );
+        set(
+            out,
+            "lb-allowed",
+            &format!("{key_type} . {}", family.addr_type()),
+            "interval",
+            &allowed.into_iter().collect::<Vec<_>>(),
+        );
+    }
     // Priority mangle (-150) runs before IPVS (which hooks output and input near -100).
     let _ = writeln!(out, "\tchain mark-local {{");
     let _ = writeln!(out, "\t\ttype filter hook output priority mangle; policy accept;");
+    out.push_str(source_filter.as_deref().unwrap_or_default());
     let _ = writeln!(out, "\t\t{key_match} @virtual-servers {mark}");
     let _ = writeln!(out, "\t}}");
     let _ = writeln!(out, "\tchain mark-incoming {{");
@@ -237,6 +286,7 @@ fn family_table(
         out,
         "\t\ttype filter hook prerouting priority mangle; policy accept;"
     );
+    out.push_str(source_filter.as_deref().unwrap_or_default());
     let _ = writeln!(out, "\t\t{key_match} @external-cluster {mark}");
     if options.all {
         let _ = writeln!(out, "\t\t{key_match} @cluster-ips {mark}");
@@ -329,6 +379,7 @@ mod tests {
             servers.iter().map(|(k, r)| (k, *r)),
             &table,
             &MasqueradeOptions::default(),
+            &[],
         );
         let expected = "\
 add table ip portpolicy
@@ -407,7 +458,7 @@ table ip6 portpolicy {
             all: false,
             cluster_cidrs: vec!["10.0.0.0/16".parse().unwrap(), "fd00:1::/64".parse().unwrap()],
         };
-        let text = ruleset(servers.iter().map(|(k, r)| (k, *r)), &table, &options);
+        let text = ruleset(servers.iter().map(|(k, r)| (k, *r)), &table, &options, &[]);
         assert!(text.contains(
             "\tset cluster-cidrs {\n\t\ttype ipv4_addr\n\t\tflags interval\n\t\telements = { 10.0.0.0/16 }\n\t}\n"
         ));
@@ -426,7 +477,7 @@ table ip6 portpolicy {
             all: true,
             cluster_cidrs: vec!["10.0.0.0/16".parse().unwrap()],
         };
-        let text = ruleset(servers.iter().map(|(k, r)| (k, *r)), &table, &options);
+        let text = ruleset(servers.iter().map(|(k, r)| (k, *r)), &table, &options, &[]);
         assert!(text.contains(
             "\t\tip daddr . meta l4proto . th dport @cluster-ips meta mark set meta mark | 0x00004000\n"
         ));
@@ -442,24 +493,125 @@ table ip6 portpolicy {
     }
 
     #[test]
+    fn source_ranges_drop_new_connections_from_elsewhere_before_anything_is_marked() {
+        let (mut servers, mut table) = sample();
+        let lb = key("198.51.100.50", 443, Protocol::Tcp);
+        let lb6 = key("2001:db8::50", 443, Protocol::Tcp);
+        let closed = key("198.51.100.51", 53, Protocol::Udp);
+        for k in [lb, lb6, closed] {
+            servers.push((k, Reach::External { local: true }));
+            table.insert(k, service(&[("10.0.1.2", 8443)]));
+        }
+        let restrictions = [
+            SourceRestriction {
+                key: lb,
+                allowed: vec![
+                    "203.0.113.0/24".parse().unwrap(),
+                    "198.51.100.50/32".parse().unwrap(),
+                ],
+            },
+            SourceRestriction {
+                key: lb6,
+                allowed: vec!["2001:db8:1::/48".parse().unwrap()],
+            },
+            SourceRestriction {
+                key: closed,
+                allowed: vec![],
+            },
+        ];
+        let text = ruleset(
+            servers.iter().map(|(k, r)| (k, *r)),
+            &table,
+            &MasqueradeOptions::default(),
+            &restrictions,
+        );
+        assert!(text.contains(
+            "\tset lb-restricted {\n\t\ttype ipv4_addr . inet_proto . inet_service\n\
+             \t\telements = { 198.51.100.50 . tcp . 443, 198.51.100.51 . udp . 53 }\n\t}\n\
+             \tset lb-allowed {\n\t\ttype ipv4_addr . inet_proto . inet_service . ipv4_addr\n\t\tflags interval\n\
+             \t\telements = { 198.51.100.50 . tcp . 443 . 198.51.100.50/32, 198.51.100.50 . tcp . 443 . 203.0.113.0/24 }\n\t}\n"
+        ), "{text}");
+        assert!(text.contains("\t\telements = { 2001:db8::50 . tcp . 443 . 2001:db8:1::/48 }\n"));
+        let filter = "\t\tct state new ip daddr . meta l4proto . th dport @lb-restricted \
+                      ip daddr . meta l4proto . th dport . ip saddr != @lb-allowed drop\n";
+        // In both chains, before their marking rules.
+        assert_eq!(text.matches(filter).count(), 2, "{text}");
+        assert!(text.contains(&format!(
+            "priority mangle; policy accept;\n{filter}\t\tip daddr . meta l4proto . th dport @virtual-servers"
+        )));
+        assert!(text.contains(&format!(
+            "priority mangle; policy accept;\n{filter}\t\tip daddr . meta l4proto . th dport @external-cluster"
+        )));
+        assert_eq!(text.matches("ip6 saddr != @lb-allowed drop").count(), 2);
+        // Without restrictions the ruleset is exactly what it was.
+        let plain = ruleset(
+            servers.iter().map(|(k, r)| (k, *r)),
+            &table,
+            &MasqueradeOptions::default(),
+            &[],
+        );
+        assert!(!plain.contains("lb-restricted") && !plain.contains("drop"));
+    }
+
+    #[test]
+    fn a_node_inside_a_source_range_may_reach_the_load_balancer_from_itself() {
+        use portpolicy_core::ipvs::{ProxyConfig, ProxyMode, node_rules};
+        use portpolicy_core::snapshot::parse_str;
+        let snapshot = |ranges: &str| {
+            let text = format!(
+                "apiVersion: v1
+kind: Node
+metadata: {{name: node-a}}
+status: {{addresses: [{{type: InternalIP, address: 192.168.1.10}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: lb, namespace: shop}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.50
+  loadBalancerSourceRanges: {ranges}
+  ports: [{{port: 80, nodePort: 30080}}]
+status: {{loadBalancer: {{ingress: [{{ip: 198.51.100.50}}]}}}}
+"
+            );
+            parse_str("lb.yaml", &text).snapshot
+        };
+        let config = ProxyConfig::new("node-a", ProxyMode::Replacement);
+        let lb = key("198.51.100.50", 80, Protocol::Tcp);
+        let plan = node_rules(&snapshot("[192.168.0.0/16, 203.0.113.0/24]"), &config);
+        assert_eq!(
+            source_restrictions(&plan),
+            [SourceRestriction {
+                key: lb,
+                allowed: ["192.168.0.0/16", "203.0.113.0/24", "198.51.100.50/32"]
+                    .map(|c| c.parse().unwrap())
+                    .to_vec(),
+            }]
+        );
+        let plan = node_rules(&snapshot("[203.0.113.0/24]"), &config);
+        assert_eq!(
+            source_restrictions(&plan),
+            [SourceRestriction {
+                key: lb,
+                allowed: vec!["203.0.113.0/24".parse().unwrap()],
+            }]
+        );
+        assert_eq!(source_restrictions(&node_rules(&snapshot("[]"), &config)), []);
+    }
+
+    #[test]
     fn an_empty_plan_still_replaces_the_tables() {
         let text = ruleset(
             std::iter::empty(),
             &IpvsTable::new(),
             &MasqueradeOptions::default(),
+            &[],
         );
         assert!(
             text.starts_with("add table ip portpolicy\ndelete table ip portpolicy\ntable ip portpolicy {\n")
         );
         assert!(!text.contains("elements"));
         assert!(!text.contains("ip6"));
-    }
-
-    #[test]
-    fn cidrs_parse_and_reject_nonsense() {
-        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().to_string(), "10.0.0.0/8");
-        assert!("10.0.0.0".parse::<Cidr>().is_err());
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("::/129".parse::<Cidr>().is_err());
     }
 }

@@ -23,7 +23,8 @@ use super::nft::{self, MasqueradeOptions, Reach};
 use portpolicy_core::governance::{NamespaceLabels, PolicySet};
 use portpolicy_core::ipvs::diff::{Ownership, diff, diff_keys};
 use portpolicy_core::ipvs::{
-    HealthCheckRule, NodeRules, ProxyConfig, ProxyMode, RuleTracker, VirtualServerKind,
+    HealthCheckRule, NodeRules, ProxyConfig, ProxyMode, RuleTracker, StaleFlows, VirtualServerKind,
+    stale_udp_flows,
 };
 use portpolicy_core::ipvs::{IpvsOp, IpvsService, IpvsTable, VirtualServerKey};
 use portpolicy_core::ports::{PortRange, Protocol};
@@ -103,6 +104,8 @@ pub struct SyncOutcome {
     pub failed_operations: usize,
     /// Everything that went wrong, for the log; empty when the sync fully succeeded.
     pub errors: Vec<SyncError>,
+    /// What went wrong without making the sync fail (it is retried on the next sync anyway).
+    pub warnings: Vec<SyncError>,
     /// The health-check listeners this node should run.
     pub health_checks: Vec<HealthCheckRule>,
 }
@@ -137,7 +140,13 @@ pub struct Syncer<D: Dataplane> {
     /// Whether `kernel` is what the kernel should hold: the last sync succeeded. Only then is a
     /// difference found by the next dump drift made by someone else.
     model_trusted: bool,
+    /// UDP flows whose conntrack entries still have to be cleared.
+    stale_flows: BTreeSet<StaleFlows>,
 }
+
+/// Stale flows kept for retrying while clearing them fails; beyond this the excess is given up
+/// (the kernel expires those entries on its own, in minutes rather than at once).
+const MAX_PENDING_STALE_FLOWS: usize = 4096;
 
 impl<D: Dataplane> Syncer<D> {
     pub fn new(dataplane: D, config: ProxyConfig, masquerade: MasqueradeOptions, metrics: Metrics) -> Self {
@@ -157,6 +166,7 @@ impl<D: Dataplane> Syncer<D> {
             last_ruleset: None,
             last_reserved: None,
             model_trusted: false,
+            stale_flows: BTreeSet::new(),
         }
     }
 
@@ -252,6 +262,7 @@ impl<D: Dataplane> Syncer<D> {
         self.bind(keep, &mut outcome);
         self.sync_ruleset(&rules, full, &mut outcome);
         self.sync_reserved_ports(&rules, full, &mut outcome);
+        self.clear_stale_flows(&mut outcome);
         self.finish(outcome, started, &rules)
     }
 
@@ -309,8 +320,21 @@ impl<D: Dataplane> Syncer<D> {
     /// Applies the operations, keeping the model of the kernel in step with what it accepted
     /// and scheduling a retry (and a full sync) for what it refused.
     fn apply(&mut self, ops: &[IpvsOp], outcome: &mut SyncOutcome) {
+        // What the UDP virtual servers held before, to tell which flows the batch made stale.
+        let udp_before: IpvsTable = ops
+            .iter()
+            .map(|op| *op.service())
+            .filter(|key| key.protocol == Protocol::Udp)
+            .filter_map(|key| self.kernel.get(&key).map(|svc| (key, svc.clone())))
+            .collect();
         let report = self.dataplane.apply(ops);
         let failed: BTreeSet<usize> = report.failures.iter().map(|(i, _)| *i).collect();
+        let applied = ops
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !failed.contains(i))
+            .map(|(_, op)| op);
+        self.stale_flows.extend(stale_udp_flows(&udp_before, applied));
         for (i, op) in ops.iter().enumerate() {
             self.metrics.ipvs_operations.with_label_values(&[op.kind()]).inc();
             if failed.contains(&i) {
@@ -374,6 +398,7 @@ impl<D: Dataplane> Syncer<D> {
             }),
             self.tracker.desired(),
             &self.masquerade,
+            &nft::source_restrictions(rules),
         );
         if !full && self.last_ruleset.as_ref() == Some(&ruleset) {
             return;
@@ -397,6 +422,29 @@ impl<D: Dataplane> Syncer<D> {
             Err(e) => {
                 self.last_reserved = None;
                 outcome.errors.push(e.into());
+            }
+        }
+    }
+
+    /// Deletes the conntrack entries of UDP flows whose real server went (after the real server
+    /// itself, so no new entry can point at it). A failure is retried on the next sync; it does
+    /// not fail this one, since IPVS itself is as planned.
+    fn clear_stale_flows(&mut self, outcome: &mut SyncOutcome) {
+        if self.stale_flows.is_empty() {
+            return;
+        }
+        let flows: Vec<StaleFlows> = self.stale_flows.iter().copied().collect();
+        match self.dataplane.clear_flows(&flows) {
+            Ok(deleted) => {
+                self.metrics.conntrack_entries_deleted.inc_by(deleted as u64);
+                self.stale_flows.clear();
+            }
+            Err(e) => {
+                self.metrics.conntrack_errors.inc();
+                outcome.warnings.push(e.into());
+                while self.stale_flows.len() > MAX_PENDING_STALE_FLOWS {
+                    self.stale_flows.pop_first();
+                }
             }
         }
     }

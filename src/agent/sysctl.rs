@@ -17,6 +17,24 @@ pub(crate) const IPVS_SYSCTLS: [(&str, &str); 4] = [
     ("net/ipv4/vs/expire_quiescent_template", "1"),
 ];
 
+/// Strict ARP (`--ipvs-strict-arp`), as kube-proxy sets it: answer ARP only for addresses on
+/// the interface asked (so the VIPs on the dummy interface are never announced from the node's
+/// real interfaces), and announce with the best local address for the target. What MetalLB's
+/// L2 mode and kube-vip ask of IPVS nodes.
+pub(crate) const STRICT_ARP_SYSCTLS: [(&str, &str); 2] = [
+    ("net/ipv4/conf/all/arp_ignore", "1"),
+    ("net/ipv4/conf/all/arp_announce", "2"),
+];
+
+/// Every sysctl the agent sets, with its value.
+pub(crate) fn wanted_sysctls(strict_arp: bool) -> Vec<(&'static str, &'static str)> {
+    let mut wanted = IPVS_SYSCTLS.to_vec();
+    if strict_arp {
+        wanted.extend(STRICT_ARP_SYSCTLS);
+    }
+    wanted
+}
+
 pub(crate) const RESERVED_PORTS: &str = "net/ipv4/ip_local_reserved_ports";
 
 #[derive(Debug, thiserror::Error)]
@@ -160,6 +178,29 @@ mod tests {
 
     fn set(ports: &[u16]) -> BTreeSet<u16> {
         ports.iter().copied().collect()
+    }
+
+    #[test]
+    fn strict_arp_adds_kube_proxys_two_settings_and_writes_them() {
+        assert_eq!(wanted_sysctls(false), IPVS_SYSCTLS);
+        let strict = wanted_sysctls(true);
+        assert_eq!(strict.len(), IPVS_SYSCTLS.len() + 2);
+        assert!(strict.contains(&("net/ipv4/conf/all/arp_ignore", "1")));
+        assert!(strict.contains(&("net/ipv4/conf/all/arp_announce", "2")));
+
+        let dir = std::env::temp_dir().join(format!("portpolicy-arp-{}", std::process::id()));
+        let conf = dir.join("net/ipv4/conf/all");
+        std::fs::create_dir_all(&conf).unwrap();
+        std::fs::write(conf.join("arp_ignore"), "0\n").unwrap();
+        std::fs::write(conf.join("arp_announce"), "2\n").unwrap();
+        let sysctls = Sysctls::at(&dir);
+        let written: Vec<bool> = STRICT_ARP_SYSCTLS
+            .iter()
+            .map(|(name, value)| sysctls.ensure(name, value).unwrap())
+            .collect();
+        assert_eq!(written, [true, false], "only the value that differs is written");
+        assert_eq!(std::fs::read_to_string(conf.join("arp_ignore")).unwrap(), "1");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

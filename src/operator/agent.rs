@@ -370,7 +370,12 @@ mod tests {
             protocol: Protocol::Tcp,
         };
         let marks_cluster_ip_traffic = |options| {
-            let rules = ruleset([(&cluster_ip, Reach::ClusterIp)], &IpvsTable::default(), &options);
+            let rules = ruleset(
+                [(&cluster_ip, Reach::ClusterIp)],
+                &IpvsTable::default(),
+                &options,
+                &[],
+            );
             rules
                 .lines()
                 .filter(|l| l.contains("@cluster-ips") && l.contains("meta mark set"))

@@ -8,6 +8,7 @@
 //! decisions from the same objects.
 #![forbid(unsafe_code)]
 
+pub mod cidr;
 pub mod crd;
 pub mod governance;
 pub mod hash;

@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::crd::{AllocationRecord, NodePortKind};
 use crate::governance::PolicySet;
 use crate::hostport;
-use crate::ipvs::{NodeRules, ProxyConfig, ProxyMode, listing, node_rules};
+use crate::ipvs::{NodePortAddresses, NodeRules, ProxyConfig, ProxyMode, listing, node_rules};
 use crate::nodeport::{NodePortCounts, NodePortInput, allocate_node_ports};
 use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
@@ -27,6 +27,8 @@ pub struct PlanOptions {
     pub mode: ProxyMode,
     /// Plan IPVS for this node only; all nodes when `None`.
     pub node: Option<String>,
+    /// Which node addresses get node-port virtual servers (the agent's `--nodeport-addresses`).
+    pub node_port_addresses: NodePortAddresses,
     /// The moment retention windows are judged against.
     pub now: DateTime<Utc>,
 }
@@ -103,6 +105,13 @@ pub struct VirtualServerRow {
     pub scheduler: String,
     pub persistence_timeout: Option<u32>,
     pub real_servers: Vec<RealServerRow>,
+    /// `PreferSameNode` or `PreferSameZone` when endpoint hints narrowed the real servers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topology: Option<String>,
+    /// The clients a load-balancer virtual server accepts (`loadBalancerSourceRanges` of its
+    /// family); absent when unrestricted, empty when it accepts none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_ranges: Option<Vec<String>>,
     /// Shown as a mark in the table; not part of the JSON contract.
     #[serde(skip)]
     pub only_local: bool,
@@ -223,13 +232,9 @@ pub fn build_plan(snapshot: &Snapshot, options: &PlanOptions) -> PlanReport {
         if options.node.as_ref().is_some_and(|only| *only != name) {
             continue;
         }
-        let rules = node_rules(
-            &allocated,
-            &ProxyConfig {
-                node_name: name,
-                mode: options.mode,
-            },
-        );
+        let mut config = ProxyConfig::new(name, options.mode);
+        config.node_port_addresses = options.node_port_addresses.clone();
+        let rules = node_rules(&allocated, &config);
         problems.extend(rules.problems.iter().cloned());
         nodes.push(node_row(&rules));
     }
@@ -279,6 +284,11 @@ fn node_row(rules: &NodeRules) -> NodeRow {
                         weight: *weight,
                     })
                     .collect(),
+                topology: vs.topology.map(|t| t.as_str().to_string()),
+                source_ranges: vs
+                    .source_ranges
+                    .as_ref()
+                    .map(|ranges| ranges.iter().map(ToString::to_string).collect()),
                 only_local: vs.only_local,
             })
             .collect(),
@@ -385,7 +395,8 @@ fn or_none(table: &Table) -> String {
 }
 
 /// The node's rules as `ipvsadm -Ln` lists them, with the Service beside each virtual server
-/// and `[OnlyLocal]` on those that keep node traffic on the node.
+/// and marks: `[OnlyLocal]` on those that keep node traffic on the node, the topology mode
+/// that chose the real servers, and the clients a load balancer accepts.
 /// The planned table has no connections yet, and the lines drop `ipvsadm`'s trailing blanks.
 fn ipvsadm_listing(node: &NodeRow) -> String {
     let mut out = String::from(listing::HEADER);
@@ -397,9 +408,23 @@ fn ipvsadm_listing(node: &NodeRow) -> String {
             &vs.scheduler,
             vs.persistence_timeout,
         );
-        let mark = if vs.only_local { " [OnlyLocal]" } else { "" };
+        let mut marks = String::new();
+        if vs.only_local {
+            marks.push_str(" [OnlyLocal]");
+        }
+        if let Some(topology) = &vs.topology {
+            marks.push_str(&format!(" [{topology}]"));
+        }
+        if let Some(ranges) = &vs.source_ranges {
+            let allowed = if ranges.is_empty() {
+                "none".to_string()
+            } else {
+                ranges.join(",")
+            };
+            marks.push_str(&format!(" [from {allowed}]"));
+        }
         out.push_str(&format!(
-            "{line:<48} # {} {}{mark}\n",
+            "{line:<48} # {} {}{marks}\n",
             escape_controls(&vs.service),
             vs.kind
         ));

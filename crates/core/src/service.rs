@@ -17,12 +17,13 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{LoadBalancerIngress, Service, ServicePort};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use crate::cidr::Cidr;
 use crate::governance::Labels;
 use crate::ports::{Protocol, port_from_i32};
 use crate::problem::{Problem, object_ref};
 use crate::well_known::{
     EXTERNAL_TRAFFIC_ANNOTATION, EXTERNAL_TRAFFIC_ONLY_LOCAL, HEALTH_CHECK_NODE_PORT_ANNOTATION,
-    SERVICE_PROXY_NAME_LABEL,
+    SERVICE_PROXY_NAME_LABEL, TOPOLOGY_AWARE_HINTS_ANNOTATION, TOPOLOGY_MODE_ANNOTATION,
 };
 
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when missing (the API server's default, 3 h).
@@ -37,7 +38,8 @@ pub struct ServiceFields<'a> {
     pub name: Option<&'a str>,
     pub creation_timestamp: Option<&'a Time>,
     pub labels: Option<&'a Labels>,
-    /// Only [`EXTERNAL_TRAFFIC_ANNOTATION`] and [`HEALTH_CHECK_NODE_PORT_ANNOTATION`] are read.
+    /// Only [`EXTERNAL_TRAFFIC_ANNOTATION`], [`HEALTH_CHECK_NODE_PORT_ANNOTATION`] and the
+    /// topology annotations are read.
     pub annotations: Option<&'a BTreeMap<String, String>>,
     pub type_: Option<&'a str>,
     pub cluster_ip: Option<&'a str>,
@@ -50,6 +52,8 @@ pub struct ServiceFields<'a> {
     pub allocate_load_balancer_node_ports: Option<bool>,
     pub session_affinity: Option<&'a str>,
     pub session_affinity_timeout_seconds: Option<i32>,
+    pub traffic_distribution: Option<&'a str>,
+    pub load_balancer_source_ranges: &'a [String],
     /// `status.loadBalancer.ingress`.
     pub load_balancer_ingress: &'a [LoadBalancerIngress],
 }
@@ -82,6 +86,9 @@ impl<'a> From<&'a Service> for ServiceFields<'a> {
             fields.health_check_node_port = spec.health_check_node_port;
             fields.allocate_load_balancer_node_ports = spec.allocate_load_balancer_node_ports;
             fields.session_affinity = spec.session_affinity.as_deref();
+            fields.traffic_distribution = spec.traffic_distribution.as_deref();
+            fields.load_balancer_source_ranges =
+                spec.load_balancer_source_ranges.as_deref().unwrap_or_default();
             fields.session_affinity_timeout_seconds = spec
                 .session_affinity_config
                 .as_ref()
@@ -179,6 +186,32 @@ impl HealthCheckField {
     }
 }
 
+/// How a Service asks for topology-aware routing. The EndpointSlice controller turns the request
+/// into endpoint hints, and the proxy follows the hints (kube-proxy has not read the request
+/// itself since 1.33); the model keeps it to explain plans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopologyRequest {
+    /// `service.kubernetes.io/topology-mode: Auto` (or the deprecated
+    /// `service.kubernetes.io/topology-aware-hints`): zone hints in proportion to each zone's
+    /// capacity. The controller prefers it to `trafficDistribution`.
+    Auto,
+    /// `trafficDistribution: PreferSameZone`, or `PreferClose`, its older name.
+    PreferSameZone,
+    /// `trafficDistribution: PreferSameNode`: node hints, then zone hints as the fallback.
+    PreferSameNode,
+}
+
+impl TopologyRequest {
+    /// How the Service spells it, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            TopologyRequest::Auto => "topology-mode Auto",
+            TopologyRequest::PreferSameZone => "trafficDistribution PreferSameZone",
+            TopologyRequest::PreferSameNode => "trafficDistribution PreferSameNode",
+        }
+    }
+}
+
 /// One usable entry of `spec.ports`: its number and protocol parse.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServicePortModel<'a> {
@@ -220,6 +253,8 @@ pub enum IssueKind {
     LoadBalancerIp,
     /// A ClientIP affinity timeout out of range; the default is used.
     AffinityTimeout,
+    /// An unusable `loadBalancerSourceRanges` entry; left out (the others still restrict).
+    SourceRange,
 }
 
 impl IssueKind {
@@ -243,6 +278,7 @@ impl IssueKind {
             IssueKind::ClusterIp => Some("this cluster IP is not proxied"),
             IssueKind::ExternalIp | IssueKind::LoadBalancerIp => Some("ignored"),
             IssueKind::AffinityTimeout => Some("using the default 10800"),
+            IssueKind::SourceRange => Some("ignored"),
         }
     }
 }
@@ -284,6 +320,11 @@ pub struct ServiceModel<'a> {
     pub health_check: Option<HealthCheck>,
     /// Seconds of ClientIP affinity; `None` without `sessionAffinity: ClientIP`.
     pub affinity_timeout: Option<u32>,
+    pub topology: Option<TopologyRequest>,
+    /// `spec.loadBalancerSourceRanges`: `None` when unrestricted (the field is empty), else the
+    /// usable ranges, trimmed of the blanks validation lets through. A list whose every entry
+    /// is unusable is `Some` and empty: it restricts to nothing rather than opening up.
+    pub source_ranges: Option<Vec<Cidr>>,
     /// In the order the API server's validation would report them.
     pub issues: Vec<ServiceIssue>,
 }
@@ -316,6 +357,8 @@ impl<'a> ServiceModel<'a> {
             },
             health_check: None,
             affinity_timeout: None,
+            topology: None,
+            source_ranges: None,
             issues: Vec::new(),
         };
         if model.name.is_empty() {
@@ -334,6 +377,8 @@ impl<'a> ServiceModel<'a> {
         model.read_traffic_and_health_check(&fields);
         model.read_addresses(&fields);
         model.read_affinity(&fields);
+        model.read_topology(&fields);
+        model.read_source_ranges(&fields);
         model
     }
 
@@ -551,6 +596,58 @@ impl<'a> ServiceModel<'a> {
                 ),
             }
         }
+    }
+
+    /// The topology annotations and `trafficDistribution`, as the EndpointSlice controller
+    /// weighs them: an annotation saying `Auto` wins; other annotation values ask for nothing.
+    fn read_topology(&mut self, fields: &ServiceFields<'_>) {
+        // The deprecated annotation, when present, is the one read (even if empty).
+        let annotation = fields
+            .annotation(TOPOLOGY_AWARE_HINTS_ANNOTATION)
+            .or_else(|| fields.annotation(TOPOLOGY_MODE_ANNOTATION));
+        if matches!(annotation, Some("Auto" | "auto")) {
+            self.topology = Some(TopologyRequest::Auto);
+            return;
+        }
+        self.topology = match fields.traffic_distribution {
+            None | Some("") => None,
+            Some("PreferClose" | "PreferSameZone") => Some(TopologyRequest::PreferSameZone),
+            Some("PreferSameNode") => Some(TopologyRequest::PreferSameNode),
+            Some(other) => {
+                let message = format!(
+                    "{other:?} is not a traffic distribution: must be PreferClose, PreferSameZone or PreferSameNode"
+                );
+                self.issue(IssueKind::Invalid, "spec.trafficDistribution", message);
+                None
+            }
+        };
+    }
+
+    /// `loadBalancerSourceRanges`: only a LoadBalancer may list them.
+    fn read_source_ranges(&mut self, fields: &ServiceFields<'_>) {
+        if fields.load_balancer_source_ranges.is_empty() {
+            return;
+        }
+        if self.type_ != ServiceType::LoadBalancer {
+            let message = format!(
+                "may only be set when type is LoadBalancer, not {:?}",
+                self.type_.as_str()
+            );
+            self.issue(IssueKind::Invalid, "spec.loadBalancerSourceRanges", message);
+            return;
+        }
+        let mut ranges = Vec::with_capacity(fields.load_balancer_source_ranges.len());
+        for (i, text) in fields.load_balancer_source_ranges.iter().enumerate() {
+            match text.trim().parse::<Cidr>() {
+                Ok(cidr) => ranges.push(cidr),
+                Err(e) => self.issue(
+                    IssueKind::SourceRange,
+                    format!("spec.loadBalancerSourceRanges[{i}]"),
+                    e,
+                ),
+            }
+        }
+        self.source_ranges = Some(ranges);
     }
 
     /// `sessionAffinity: ClientIP` and its timeout.
@@ -786,6 +883,92 @@ mod tests {
                 .problem(&model.issues[5], IssueKind::AffinityTimeout.proxy_consequence())
                 .message,
             format!("0 is not 1-86400; using the default {DEFAULT_AFFINITY_TIMEOUT_SECONDS}")
+        );
+    }
+
+    #[test]
+    fn topology_requests_are_read_as_the_endpoint_slice_controller_weighs_them() {
+        let read_topology = |annotations: Value, distribution: Value| {
+            let model = read(
+                json!({"name": "web", "annotations": annotations}),
+                json!({"trafficDistribution": distribution, "ports": [{"port": 80}]}),
+            );
+            let issues: Vec<(String, IssueKind)> =
+                model.issues.iter().map(|i| (i.field.clone(), i.kind)).collect();
+            (model.topology, issues)
+        };
+        use TopologyRequest::*;
+        assert_eq!(read_topology(json!({}), Value::Null), (None, vec![]));
+        assert_eq!(
+            read_topology(json!({TOPOLOGY_MODE_ANNOTATION: "Auto"}), Value::Null),
+            (Some(Auto), vec![])
+        );
+        assert_eq!(
+            read_topology(json!({TOPOLOGY_MODE_ANNOTATION: "auto"}), json!("PreferSameNode")),
+            (Some(Auto), vec![]),
+            "an Auto annotation wins over trafficDistribution"
+        );
+        // The deprecated annotation is read first, even when it disables.
+        assert_eq!(
+            read_topology(
+                json!({TOPOLOGY_AWARE_HINTS_ANNOTATION: "Disabled", TOPOLOGY_MODE_ANNOTATION: "Auto"}),
+                Value::Null
+            ),
+            (None, vec![])
+        );
+        assert_eq!(
+            read_topology(json!({TOPOLOGY_MODE_ANNOTATION: "Custom"}), json!("PreferClose")),
+            (Some(PreferSameZone), vec![])
+        );
+        assert_eq!(
+            read_topology(json!({}), json!("PreferSameZone")),
+            (Some(PreferSameZone), vec![])
+        );
+        assert_eq!(
+            read_topology(json!({}), json!("PreferSameNode")),
+            (Some(PreferSameNode), vec![])
+        );
+        assert_eq!(
+            read_topology(json!({}), json!("Nearby")),
+            (
+                None,
+                vec![("spec.trafficDistribution".to_string(), IssueKind::Invalid)]
+            )
+        );
+    }
+
+    #[test]
+    fn source_ranges_are_trimmed_parsed_and_kept_even_when_none_parse() {
+        let lb = |ranges: Value| {
+            read(
+                json!({"name": "lb"}),
+                json!({"type": "LoadBalancer", "loadBalancerSourceRanges": ranges, "ports": [{"port": 80}]}),
+            )
+        };
+        let model = lb(json!([" 10.0.0.0/8", "192.0.2.1/24 ", "fd00::/8"]));
+        let ranges: Vec<String> = model
+            .source_ranges
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(ranges, ["10.0.0.0/8", "192.0.2.0/24", "fd00::/8"]);
+        assert_eq!(model.issues, []);
+        assert_eq!(lb(json!([])).source_ranges, None);
+        let bad = lb(json!(["everywhere"]));
+        assert_eq!(bad.source_ranges, Some(vec![]));
+        assert_eq!(
+            fields(&bad.issues),
+            [("spec.loadBalancerSourceRanges[0]", IssueKind::SourceRange)]
+        );
+        let not_lb = read(
+            json!({"name": "web"}),
+            json!({"loadBalancerSourceRanges": ["10.0.0.0/8"], "ports": [{"port": 80}]}),
+        );
+        assert_eq!(not_lb.source_ranges, None);
+        assert_eq!(
+            fields(&not_lb.issues),
+            [("spec.loadBalancerSourceRanges", IssueKind::Invalid)]
         );
     }
 

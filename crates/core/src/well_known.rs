@@ -23,3 +23,12 @@ pub const HEALTH_CHECK_NODE_PORT_ANNOTATION: &str = "service.beta.kubernetes.io/
 
 /// Where `kubectl apply` keeps the configuration it last applied.
 pub const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// The Node label naming the node's zone; topology-aware routing compares it with endpoints'
+/// `hints.forZones`.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The Service annotation asking the EndpointSlice controller for zone hints (`Auto`).
+pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
+/// The deprecated spelling of [`TOPOLOGY_MODE_ANNOTATION`]; it wins when both are set, as the
+/// EndpointSlice controller reads them.
+pub const TOPOLOGY_AWARE_HINTS_ANNOTATION: &str = "service.kubernetes.io/topology-aware-hints";

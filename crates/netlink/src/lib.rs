@@ -10,6 +10,8 @@
 //! report kernel refusals as the same typed [`NetlinkError`] everywhere.
 
 #[cfg(target_os = "linux")]
+pub mod conntrack;
+#[cfg(target_os = "linux")]
 pub mod ipvs;
 #[cfg(target_os = "linux")]
 pub mod link;
@@ -18,6 +20,8 @@ pub mod message;
 #[cfg(target_os = "linux")]
 pub mod socket;
 
+#[cfg(target_os = "linux")]
+pub use conntrack::ConntrackHandle;
 #[cfg(target_os = "linux")]
 pub use ipvs::{ApplyOutcome, IpvsHandle, IpvsInfo};
 #[cfg(target_os = "linux")]

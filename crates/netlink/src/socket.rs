@@ -69,14 +69,23 @@ impl NetlinkSocket {
         builder: MessageBuilder,
         rule: &dyn std::fmt::Display,
     ) -> Result<Vec<Vec<u8>>, NetlinkError> {
-        self.exchange(builder, |kind, payload| match kind {
-            NLMSG_ERROR => match parse_ack(payload)?.errno {
-                0 => Ok(Reply::End),
-                errno => Err(NetlinkError::kernel(rule, errno)),
+        let mut replies = Vec::new();
+        self.exchange(
+            builder,
+            |kind, payload| match kind {
+                NLMSG_ERROR => match parse_ack(payload)?.errno {
+                    0 => Ok(Reply::End),
+                    errno => Err(NetlinkError::kernel(rule, errno)),
+                },
+                NLMSG_NOOP | NLMSG_DONE => Ok(Reply::Ignore),
+                _ => Ok(Reply::Data),
             },
-            NLMSG_NOOP | NLMSG_DONE => Ok(Reply::Ignore),
-            _ => Ok(Reply::Data),
-        })
+            |payload| {
+                replies.push(payload.to_vec());
+                Ok(())
+            },
+        )?;
+        Ok(replies)
     }
 
     /// Sends a dump request and collects every message payload until `NLMSG_DONE`.
@@ -85,7 +94,23 @@ impl NetlinkSocket {
         builder: MessageBuilder,
         rule: &dyn std::fmt::Display,
     ) -> Result<Vec<Vec<u8>>, NetlinkError> {
-        self.exchange(builder, |kind, payload| match kind {
+        let mut replies = Vec::new();
+        self.dump_each(builder, rule, |payload| {
+            replies.push(payload.to_vec());
+            Ok(())
+        })?;
+        Ok(replies)
+    }
+
+    /// Like [`dump`](Self::dump), but hands each message payload to `visit` as it arrives
+    /// instead of keeping them all: a connection-tracking table can hold a million entries.
+    pub fn dump_each(
+        &mut self,
+        builder: MessageBuilder,
+        rule: &dyn std::fmt::Display,
+        visit: impl FnMut(&[u8]) -> Result<(), NetlinkError>,
+    ) -> Result<(), NetlinkError> {
+        let classify = |kind, payload: &[u8]| match kind {
             // A dump that fails part-way says so in the int that NLMSG_DONE carries.
             NLMSG_DONE => match payload
                 .get(..4)
@@ -101,29 +126,30 @@ impl NetlinkSocket {
             NLMSG_NOOP => Ok(Reply::Ignore),
             NLMSG_OVERRUN => Err(NetlinkError::Protocol("dump overrun".into())),
             _ => Ok(Reply::Data),
-        })
+        };
+        self.exchange(builder, classify, visit)
     }
 
-    /// Sends one request and collects the payloads of its data replies until `classify` says
-    /// the exchange is over or fails. Replies to other sequence numbers (late answers to an
+    /// Sends one request and hands the payloads of its data replies to `sink` until `classify`
+    /// says the exchange is over or fails. Replies to other sequence numbers (late answers to an
     /// earlier request) are skipped.
     fn exchange(
         &mut self,
         builder: MessageBuilder,
         classify: impl Fn(u16, &[u8]) -> Result<Reply, NetlinkError>,
-    ) -> Result<Vec<Vec<u8>>, NetlinkError> {
+        mut sink: impl FnMut(&[u8]) -> Result<(), NetlinkError>,
+    ) -> Result<(), NetlinkError> {
         let sequence = self.sequence();
         self.socket.send(&builder.finish(sequence), 0)?;
-        let mut replies = Vec::new();
         loop {
             for (kind, payload, reply_sequence) in self.receive()? {
                 if reply_sequence != sequence {
                     continue;
                 }
                 match classify(kind, &payload)? {
-                    Reply::Data => replies.push(payload),
+                    Reply::Data => sink(&payload)?,
                     Reply::Ignore => {}
-                    Reply::End => return Ok(replies),
+                    Reply::End => return Ok(()),
                 }
             }
         }

@@ -6,8 +6,8 @@ use pretty_assertions::assert_eq;
 use super::*;
 use crate::agent::dataplane::DataplaneError;
 use crate::agent::fake::{FakeDataplane, FakeKernel};
-use portpolicy_core::ipvs::IpvsOp;
 use portpolicy_core::ipvs::node_rules;
+use portpolicy_core::ipvs::{IpvsOp, StaleFlows};
 use portpolicy_core::snapshot::parse_str;
 
 const NODE: &str = "
@@ -94,10 +94,7 @@ const WEB: [(&str, &str); 3] = [
 ];
 
 fn config() -> ProxyConfig {
-    ProxyConfig {
-        node_name: "node-a".into(),
-        mode: ProxyMode::Delegated,
-    }
+    ProxyConfig::new("node-a", ProxyMode::Delegated)
 }
 
 fn web_cluster_ip() -> VirtualServerKey {
@@ -375,6 +372,51 @@ fn tcp_real_servers_drain_before_deletion_and_udp_ones_go_at_once() {
     assert!(s.sync().succeeded());
     assert_eq!(fake.state().table, node_rules(&snapshot, &config()).table());
     assert!(s.draining().is_empty());
+}
+
+#[test]
+fn a_removed_udp_real_server_has_its_flows_cleared_after_it_is_deleted() {
+    let (mut s, fake, metrics) = syncer(FakeKernel::default());
+    assert!(s.sync().succeeded());
+    // The first sync filled an empty UDP virtual server: flows from before are cleared once.
+    let dns = vs("10.96.0.53", 53, Protocol::Udp);
+    let every_flow = StaleFlows {
+        service: dns,
+        real: None,
+    };
+    assert_eq!(fake.state().cleared_flows, vec![vec![every_flow]]);
+
+    let mut snapshot = cluster(&[WEB[0], WEB[1]]);
+    snapshot.endpoint_slices[1]
+        .endpoints
+        .retain(|e| e.addresses[0] != "10.0.2.3");
+    s.observe(Change::Snapshot(Box::new(snapshot)));
+    fake.state().fail_clearing_flows = true;
+    let outcome = s.sync();
+    // IPVS is as planned: the sync succeeded, the failure is a warning and is retried.
+    assert!(outcome.succeeded(), "{:?}", outcome.errors);
+    assert_eq!(outcome.warnings.len(), 1, "{:?}", outcome.warnings);
+    assert_eq!(metrics.conntrack_errors.get(), 1);
+    assert!(
+        !fake.state().table[&dns]
+            .real_servers
+            .contains_key(&rs("10.0.2.3", 5353))
+    );
+
+    fake.state().fail_clearing_flows = false;
+    let outcome = s.sync();
+    assert!(outcome.warnings.is_empty());
+    let removed = StaleFlows {
+        service: dns,
+        real: Some(rs("10.0.2.3", 5353)),
+    };
+    // Only the UDP real server's flows: the TCP one drains instead.
+    assert_eq!(fake.state().cleared_flows.last(), Some(&vec![removed]));
+    assert_eq!(metrics.conntrack_entries_deleted.get(), 2);
+    // Nothing more to clear on the next sync.
+    let batches = fake.state().cleared_flows.len();
+    assert!(s.sync().succeeded());
+    assert_eq!(fake.state().cleared_flows.len(), batches);
 }
 
 #[test]

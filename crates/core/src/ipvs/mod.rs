@@ -21,11 +21,16 @@ pub mod listing;
 mod model;
 mod rules;
 mod service_rules;
+pub mod stale_flows;
 pub mod table;
 mod topology;
 mod tracker;
 
-pub use rules::{HealthCheckRule, NodeRules, ProxyConfig, ProxyMode, VirtualServerKind, VirtualServerRule};
+pub use rules::{
+    HealthCheckRule, NodePortAddresses, NodeRules, ProxyConfig, ProxyMode, TopologyMode, VirtualServerKind,
+    VirtualServerRule,
+};
+pub use stale_flows::{StaleFlows, stale_udp_flows};
 pub use table::{IpvsOp, IpvsService, IpvsTable, RealServerKey, RealServerState, VirtualServerKey};
 pub use tracker::{RuleTracker, node_rules};
 

@@ -5,12 +5,13 @@ use std::cmp::Ordering;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 
+use crate::cidr::Cidr;
 use crate::governance::Labels;
 use crate::ports::{Protocol, port_from_i32};
 use crate::problem::{Problem, object_ref};
-use crate::service::{IssueKind, ServiceModel, parse_ip};
+use crate::service::{IssueKind, ServiceModel, TopologyRequest, parse_ip};
 use crate::well_known::SERVICE_NAME_LABEL;
 
 use super::rules::ProxyMode;
@@ -88,6 +89,9 @@ pub(super) struct ServiceInfo {
     pub(super) external_local: bool,
     pub(super) persistence_timeout: Option<u32>,
     pub(super) health_check_node_port: Option<u16>,
+    pub(super) topology: Option<TopologyRequest>,
+    /// `loadBalancerSourceRanges`; `None` when unrestricted.
+    pub(super) source_ranges: Option<Arc<[Cidr]>>,
     pub(super) problems: Vec<Problem>,
 }
 
@@ -126,6 +130,8 @@ impl ServiceInfo {
                 external_local: false,
                 persistence_timeout: None,
                 health_check_node_port: None,
+                topology: None,
+                source_ranges: None,
                 problems: vec![problem],
             });
         }
@@ -152,6 +158,8 @@ impl ServiceInfo {
             external_local: model.external_traffic.is_local(),
             persistence_timeout: model.affinity_timeout,
             health_check_node_port: model.health_check.and_then(|h| h.node_port),
+            topology: model.topology,
+            source_ranges: model.source_ranges.map(Arc::from),
             problems,
             cluster_ips: model.cluster_ips,
             external_ips: model.external_ips,
@@ -170,6 +178,10 @@ pub(super) struct SliceModel {
     pub(super) ipv4: Option<bool>,
     pub(super) ports: Vec<SlicePort>,
     pub(super) endpoints: Vec<EndpointModel>,
+    /// The distinct zones the endpoints' `hints.forZones` name, in order of first use; an
+    /// endpoint's [`EndpointModel::zone_hints`] is a bit set over them. Kept by name because
+    /// the node's own zone can change.
+    pub(super) hinted_zones: Vec<Arc<str>>,
     pub(super) problems: Vec<Problem>,
 }
 
@@ -187,7 +199,26 @@ pub(super) struct EndpointModel {
     pub(super) ready: bool,
     pub(super) serving: bool,
     pub(super) terminating: bool,
+    /// `hints.forNodes` against this node (fixed for the planner's life).
+    pub(super) node_hint: Hint,
+    /// `hints.forZones`: bit `i` set for [`SliceModel::hinted_zones`]`[i]`; 0 for no hints.
+    pub(super) zone_hints: u64,
 }
+
+/// What an endpoint's hints say about this node (or its zone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Hint {
+    /// No hints of this kind.
+    Absent,
+    /// Hinted for other nodes (zones) only.
+    Elsewhere,
+    /// Hinted for this node (zone), perhaps among others.
+    Here,
+}
+
+/// Zones one slice's bit sets can name; beyond this, hints are left out (and the endpoint may
+/// then count as unhinted, which turns topology off for the Service: the safe fallback).
+const MAX_HINTED_ZONES: usize = 64;
 
 impl SliceModel {
     /// `None` when the slice belongs to no Service (no `kubernetes.io/service-name` label).
@@ -223,6 +254,7 @@ impl SliceModel {
             }
         }
         let mut endpoints = Vec::with_capacity(slice.endpoints.len());
+        let mut hinted_zones = Vec::new();
         if let Some(ipv4) = ipv4 {
             for (i, endpoint) in slice.endpoints.iter().enumerate() {
                 // Consumers use the first address only (the API documents the others as unused).
@@ -241,12 +273,24 @@ impl SliceModel {
                     }
                 };
                 let conditions = endpoint.conditions.as_ref();
+                let zone_hints = zone_hint_bits(endpoint, &mut hinted_zones).unwrap_or_else(|| {
+                    problems.push(Problem::new(
+                        object(),
+                        format!("endpoints[{i}].hints.forZones"),
+                        format!(
+                            "more than {MAX_HINTED_ZONES} zones hinted in one slice; this endpoint's zone hints are ignored"
+                        ),
+                    ));
+                    0
+                });
                 endpoints.push(EndpointModel {
                     address,
                     local: endpoint.node_name.as_deref() == Some(node_name),
                     ready: conditions.and_then(|c| c.ready).unwrap_or(true),
                     serving: conditions.and_then(|c| c.serving).unwrap_or(true),
                     terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
+                    node_hint: node_hint(endpoint, node_name),
+                    zone_hints,
                 });
             }
         }
@@ -256,7 +300,47 @@ impl SliceModel {
             ipv4,
             ports,
             endpoints,
+            hinted_zones,
             problems,
         })
     }
+
+    /// Whether any endpoint carries zone hints: only then does the node's zone matter.
+    pub(super) fn has_zone_hints(&self) -> bool {
+        !self.hinted_zones.is_empty()
+    }
+
+    /// The bit of `zone` in this slice's endpoints' zone hints; 0 when none names it.
+    pub(super) fn zone_bit(&self, zone: Option<&str>) -> u64 {
+        zone.and_then(|zone| self.hinted_zones.iter().position(|z| **z == *zone))
+            .map_or(0, |i| 1 << i)
+    }
+}
+
+fn node_hint(endpoint: &Endpoint, node_name: &str) -> Hint {
+    let nodes = endpoint.hints.as_ref().and_then(|h| h.for_nodes.as_deref());
+    match nodes.unwrap_or_default() {
+        [] => Hint::Absent,
+        nodes if nodes.iter().any(|n| n.name == node_name) => Hint::Here,
+        _ => Hint::Elsewhere,
+    }
+}
+
+/// An endpoint's zone hints as bits over `zones`, adding names not seen before; `None` when a
+/// name would not fit (the bits of those that fit are then lost too, which is the safe side).
+fn zone_hint_bits(endpoint: &Endpoint, zones: &mut Vec<Arc<str>>) -> Option<u64> {
+    let hinted = endpoint.hints.as_ref().and_then(|h| h.for_zones.as_deref());
+    let mut bits = 0u64;
+    for zone in hinted.unwrap_or_default() {
+        let at = match zones.iter().position(|z| **z == *zone.name) {
+            Some(at) => at,
+            None if zones.len() < MAX_HINTED_ZONES => {
+                zones.push(Arc::from(zone.name.as_str()));
+                zones.len() - 1
+            }
+            None => return None,
+        };
+        bits |= 1 << at;
+    }
+    Some(bits)
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use crate::cidr::Cidr;
 use crate::problem::Problem;
 use crate::service::{ServiceModel, ServiceType};
 use crate::well_known::SERVICE_PROXY_NAME;
@@ -76,6 +77,77 @@ pub struct ProxyConfig {
     /// The node this plan is for (`metadata.name` of the Node, `nodeName` of its endpoints).
     pub node_name: String,
     pub mode: ProxyMode,
+    pub node_port_addresses: NodePortAddresses,
+}
+
+impl ProxyConfig {
+    /// Node ports on every node address.
+    pub fn new(node_name: impl Into<String>, mode: ProxyMode) -> Self {
+        ProxyConfig {
+            node_name: node_name.into(),
+            mode,
+            node_port_addresses: NodePortAddresses::All,
+        }
+    }
+}
+
+/// Which of the node's addresses accept node ports (kube-proxy's `--nodeport-addresses`).
+/// The addresses are the Node's InternalIP and ExternalIP addresses, not the interfaces'.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum NodePortAddresses {
+    /// Every InternalIP and ExternalIP address.
+    #[default]
+    All,
+    /// The node's primary address of each family, as kube-proxy picks it: the first
+    /// InternalIP, else the first ExternalIP, and the first of the other family the same way.
+    Primary,
+    /// The addresses inside any of these ranges.
+    Cidrs(Vec<Cidr>),
+}
+
+impl NodePortAddresses {
+    /// The flag's values: CIDRs, or `primary` alone; no value means every address.
+    pub fn parse(values: &[String]) -> Result<Self, String> {
+        let values: Vec<&str> = values
+            .iter()
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+            .collect();
+        if values.is_empty() {
+            return Ok(NodePortAddresses::All);
+        }
+        if values.contains(&"primary") {
+            if values.len() > 1 {
+                return Err("\"primary\" must be the only value when given".to_string());
+            }
+            return Ok(NodePortAddresses::Primary);
+        }
+        values
+            .iter()
+            .map(|v| v.parse::<Cidr>())
+            .collect::<Result<Vec<_>, _>>()
+            .map(NodePortAddresses::Cidrs)
+    }
+
+    /// Picks from the node's addresses, given InternalIPs first and ExternalIPs after, each in
+    /// the Node's order.
+    pub fn select(&self, ordered: &[IpAddr]) -> BTreeSet<IpAddr> {
+        match self {
+            NodePortAddresses::All => ordered.iter().copied().collect(),
+            NodePortAddresses::Cidrs(cidrs) => ordered
+                .iter()
+                .filter(|ip| cidrs.iter().any(|c| c.contains(ip)))
+                .copied()
+                .collect(),
+            NodePortAddresses::Primary => {
+                let Some(first) = ordered.first() else {
+                    return BTreeSet::new();
+                };
+                let other = ordered.iter().find(|ip| ip.is_ipv4() != first.is_ipv4());
+                std::iter::once(first).chain(other).copied().collect()
+            }
+        }
+    }
 }
 
 /// Where a virtual server's address comes from. The order is the order of a plan.
@@ -91,6 +163,24 @@ impl VirtualServerKind {
     /// Traffic to cluster IPs comes from inside the cluster; to the others, from outside.
     pub fn is_external(self) -> bool {
         self != VirtualServerKind::ClusterIP
+    }
+}
+
+/// Which hints chose a virtual server's real servers (kube-proxy's topology modes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum TopologyMode {
+    /// Endpoints hinted for this node's zone.
+    PreferSameZone,
+    /// Endpoints hinted for this node.
+    PreferSameNode,
+}
+
+impl TopologyMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TopologyMode::PreferSameZone => "PreferSameZone",
+            TopologyMode::PreferSameNode => "PreferSameNode",
+        }
     }
 }
 
@@ -117,6 +207,13 @@ pub struct VirtualServerRule {
     /// Sorted by address and port; every weight is [`REAL_SERVER_WEIGHT`]. Shared by the
     /// Service's virtual servers of the same address family and locality.
     pub real_servers: Arc<[(RealServerKey, u32)]>,
+    /// The hints that narrowed the real servers; `None` when they are every ready endpoint
+    /// (no usable hints, a Local policy, or only terminating endpoints left).
+    pub topology: Option<TopologyMode>,
+    /// For a load-balancer virtual server of a Service with `loadBalancerSourceRanges`: the
+    /// ranges of its address family that may reach it. `None` when unrestricted; empty when
+    /// no client may. Node ports and external IPs are never restricted (as in kube-proxy).
+    pub source_ranges: Option<Arc<[Cidr]>>,
 }
 
 impl VirtualServerRule {
@@ -151,8 +248,10 @@ pub struct HealthCheckRule {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct NodeRules {
     pub node: String,
-    /// This node's InternalIP and ExternalIP addresses (the node-port virtual server addresses).
+    /// This node's InternalIP and ExternalIP addresses.
     pub node_addresses: BTreeSet<IpAddr>,
+    /// The node addresses that get node-port virtual servers ([`NodePortAddresses`]).
+    pub node_port_addresses: BTreeSet<IpAddr>,
     /// Sorted by Service (namespace, then name), kind and key. A virtual server claimed by two
     /// Services appears once, for the first; the other gets a problem.
     pub virtual_servers: Vec<VirtualServerRule>,

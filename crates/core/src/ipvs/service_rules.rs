@@ -5,12 +5,13 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::cidr::Cidr;
 use crate::problem::Problem;
 
 use super::model::{ServiceInfo, SliceModel};
 use super::rules::{HealthCheckRule, VirtualServerKind, VirtualServerRule};
 use super::table::VirtualServerKey;
-use super::topology::{RealServers, candidates_for_port, choose_endpoints};
+use super::topology::{Chosen, candidates_for_port, choose_endpoints};
 
 /// The planned result for one Service.
 #[derive(Clone, Debug, Default)]
@@ -32,13 +33,23 @@ impl ServiceRules {
     }
 }
 
+/// What the planner knows about its node that planning a Service reads.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct NodeContext<'a> {
+    /// The addresses that get node-port virtual servers, sorted.
+    pub(super) node_port_addresses: &'a [IpAddr],
+    /// The node's `topology.kubernetes.io/zone` label; `None` when missing or empty.
+    pub(super) zone: Option<&'a str>,
+}
+
 /// What one Service needs on this node.
 pub(super) fn rules_for_service(
     service: &ServiceInfo,
     slices: &[SliceModel],
-    node_addresses: &[IpAddr],
+    node: NodeContext<'_>,
     scheduler: &Arc<str>,
 ) -> ServiceRules {
+    let node_addresses = node.node_port_addresses;
     let vips_per_port =
         service.cluster_ips.len() + service.external_ips.len() + service.load_balancer_ips.len();
     let node_port_count = service.ports.iter().filter(|p| p.node_port.is_some()).count();
@@ -50,11 +61,12 @@ pub(super) fn rules_for_service(
         ..Default::default()
     };
     let service_name = service.id.qualified();
+    let source_ranges = source_ranges_by_family(service, &mut rules.problems);
     for port in &service.ports {
         rules.node_ports.extend(port.node_port);
-        let candidates = candidates_for_port(port, slices);
+        let candidates = candidates_for_port(port, slices, node.zone);
         // [ipv4][local_only], computed when first needed.
-        let mut chosen: [[Option<RealServers>; 2]; 2] = Default::default();
+        let mut chosen: [[Option<Chosen>; 2]; 2] = Default::default();
         let key = |address: &IpAddr, port_number: u16| VirtualServerKey {
             address: *address,
             port: port_number,
@@ -94,9 +106,16 @@ pub(super) fn rules_for_service(
                 service.internal_local
             };
             let ipv4 = vs_key.address.is_ipv4();
-            let real_servers = chosen[usize::from(ipv4)][usize::from(only_local)]
+            let Chosen {
+                real_servers,
+                topology,
+            } = chosen[usize::from(ipv4)][usize::from(only_local)]
                 .get_or_insert_with(|| choose_endpoints(&candidates, ipv4, only_local))
                 .clone();
+            let source_ranges = match kind {
+                VirtualServerKind::LoadBalancer => source_ranges[usize::from(ipv4)].clone(),
+                _ => None,
+            };
             rules.virtual_servers.push(VirtualServerRule {
                 service: service_name.clone(),
                 port_name: port.name.clone(),
@@ -107,6 +126,8 @@ pub(super) fn rules_for_service(
                 scheduler: scheduler.clone(),
                 persistence_timeout: service.persistence_timeout,
                 real_servers,
+                topology,
+                source_ranges,
             });
         }
     }
@@ -129,6 +150,31 @@ pub(super) fn rules_for_service(
         });
     }
     rules
+}
+
+/// The Service's source ranges split by address family, `[IPv6, IPv4]`, each shared by the
+/// load-balancer virtual servers of its family. A family with load-balancer IPs but no usable
+/// range of its own is closed, not open (kube-proxy would leave it open), and reported.
+fn source_ranges_by_family(service: &ServiceInfo, problems: &mut Vec<Problem>) -> [Option<Arc<[Cidr]>>; 2] {
+    let Some(ranges) = &service.source_ranges else {
+        return [None, None];
+    };
+    [false, true].map(|ipv4| {
+        let family: Arc<[Cidr]> = ranges.iter().filter(|c| c.is_ipv4() == ipv4).copied().collect();
+        let has_vips = service.load_balancer_ips.iter().any(|ip| ip.is_ipv4() == ipv4);
+        if family.is_empty() && has_vips && !service.ports.is_empty() {
+            let name = if ipv4 { "IPv4" } else { "IPv6" };
+            problems.push(Problem::new(
+                service.id.object(),
+                "spec.loadBalancerSourceRanges",
+                format!(
+                    "no usable {name} range: {name} traffic to the load-balancer IPs is dropped \
+                     (kube-proxy would accept it from anywhere)"
+                ),
+            ));
+        }
+        Some(family)
+    })
 }
 
 pub(super) fn kind_field(kind: VirtualServerKind, port_name: &str) -> String {

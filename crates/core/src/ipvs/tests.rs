@@ -26,10 +26,7 @@ fn object<K: serde::de::DeserializeOwned>(value: Value) -> K {
 }
 
 fn config(mode: ProxyMode) -> ProxyConfig {
-    ProxyConfig {
-        node_name: NODE.to_string(),
-        mode,
-    }
+    ProxyConfig::new(NODE, mode)
 }
 
 fn node(addresses: &[(&str, &str)]) -> Node {
@@ -701,6 +698,165 @@ fn node_addresses_external_and_load_balancer_ips() {
 }
 
 #[test]
+fn source_ranges_restrict_only_load_balancer_virtual_servers() {
+    let lb = |ranges: Value| {
+        service(
+            "shop",
+            "lb",
+            json!({}),
+            json!({"type": "LoadBalancer", "clusterIP": "10.96.0.20", "externalIPs": ["198.51.100.7"],
+                "loadBalancerSourceRanges": ranges,
+                "ports": [{"name": "https", "port": 443, "nodePort": 30443}]}),
+            json!({"loadBalancer": {"ingress": [{"ip": "198.51.100.20"}, {"ip": "2001:db8::20"}]}}),
+        )
+    };
+    let ranges_by_kind = |plan: &NodeRules| -> Vec<(VirtualServerKind, String, Option<Vec<String>>)> {
+        plan.virtual_servers
+            .iter()
+            .filter(|vs| vs.kind != VirtualServerKind::NodePort)
+            .map(|vs| {
+                let ranges = vs
+                    .source_ranges
+                    .as_ref()
+                    .map(|r| r.iter().map(ToString::to_string).collect());
+                (vs.kind, vs.key.address.to_string(), ranges)
+            })
+            .collect()
+    };
+    use VirtualServerKind::*;
+    let strings = |list: &[&str]| Some(list.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+
+    // Blanks trimmed, host bits cleared, each family's ranges on its own addresses; node ports,
+    // external IPs and the cluster IP are never restricted.
+    let svc = lb(json!([" 203.0.113.0/24", "192.0.2.7/16 ", "2001:db8:1::/48"]));
+    let plan = node_rules(&snapshot(vec![svc], vec![]), &config(ProxyMode::Replacement));
+    assert_eq!(
+        ranges_by_kind(&plan),
+        [
+            (ClusterIP, "10.96.0.20".to_string(), None),
+            (ExternalIP, "198.51.100.7".to_string(), None),
+            (
+                LoadBalancer,
+                "198.51.100.20".to_string(),
+                strings(&["203.0.113.0/24", "192.0.0.0/16"])
+            ),
+            (
+                LoadBalancer,
+                "2001:db8::20".to_string(),
+                strings(&["2001:db8:1::/48"])
+            ),
+        ]
+    );
+    assert!(
+        plan.virtual_servers
+            .iter()
+            .filter(|vs| vs.kind == NodePort)
+            .all(|vs| vs.source_ranges.is_none())
+    );
+    assert_eq!(plan.problems, []);
+
+    // No field: unrestricted everywhere.
+    let plan = node_rules(
+        &snapshot(vec![lb(json!([]))], vec![]),
+        &config(ProxyMode::Replacement),
+    );
+    assert!(plan.virtual_servers.iter().all(|vs| vs.source_ranges.is_none()));
+
+    // Only IPv6 ranges, and one that does not parse: IPv4 load-balancer traffic is refused,
+    // not let in from anywhere, and both are reported.
+    let plan = node_rules(
+        &snapshot(vec![lb(json!(["2001:db8:1::/48", "10.0.0.0/40"]))], vec![]),
+        &config(ProxyMode::Replacement),
+    );
+    let lb_v4 = ranges_by_kind(&plan)
+        .into_iter()
+        .find(|(kind, address, _)| *kind == LoadBalancer && address == "198.51.100.20");
+    assert_eq!(lb_v4.unwrap().2, Some(vec![]));
+    assert_eq!(
+        plan.problems,
+        [
+            Problem::new(
+                "Service/shop/lb",
+                "spec.loadBalancerSourceRanges",
+                "no usable IPv4 range: IPv4 traffic to the load-balancer IPs is dropped \
+                 (kube-proxy would accept it from anywhere)"
+            ),
+            Problem::new(
+                "Service/shop/lb",
+                "spec.loadBalancerSourceRanges[1]",
+                "\"10.0.0.0/40\": prefix length above 32; ignored"
+            ),
+        ]
+    );
+
+    // Source ranges on a Service that is no LoadBalancer (validation refuses them) restrict
+    // nothing; proxying loses nothing by it, so the planner has nothing to report.
+    let svc = web_service(json!({"loadBalancerSourceRanges": ["10.0.0.0/8"]}), json!({}));
+    let plan = node_rules(&snapshot(vec![svc], vec![]), &config(ProxyMode::Replacement));
+    assert!(plan.virtual_servers.iter().all(|vs| vs.source_ranges.is_none()));
+    assert_eq!(plan.problems, []);
+}
+
+#[test]
+fn node_port_addresses_pick_which_node_addresses_serve_node_ports() {
+    let svc = web_service(json!({}), json!({}));
+    // ExternalIP listed first: the primary address is still the first InternalIP.
+    let node = node(&[
+        ("ExternalIP", "203.0.113.10"),
+        ("InternalIP", "192.168.0.10"),
+        ("InternalIP", "192.168.0.11"),
+        ("InternalIP", "fd00::10"),
+    ]);
+    let snap = Snapshot {
+        nodes: vec![node],
+        services: vec![svc],
+        ..Default::default()
+    };
+    let node_ports = |addresses: NodePortAddresses| -> Vec<String> {
+        let mut config = config(ProxyMode::Replacement);
+        config.node_port_addresses = addresses;
+        let plan = node_rules(&snap, &config);
+        assert_eq!(plan.node_addresses.len(), 4, "every address stays known");
+        plan.virtual_servers
+            .iter()
+            .filter(|vs| vs.kind == VirtualServerKind::NodePort)
+            .map(|vs| vs.key.address.to_string())
+            .collect()
+    };
+    let parse =
+        |values: &[&str]| NodePortAddresses::parse(&values.iter().map(|v| v.to_string()).collect::<Vec<_>>());
+    assert_eq!(
+        node_ports(parse(&[]).unwrap()),
+        ["192.168.0.10", "192.168.0.11", "203.0.113.10", "fd00::10"]
+    );
+    assert_eq!(
+        node_ports(parse(&["primary"]).unwrap()),
+        ["192.168.0.10", "fd00::10"]
+    );
+    assert_eq!(
+        node_ports(parse(&["192.168.0.10/31", " fd00::/64"]).unwrap()),
+        ["192.168.0.10", "192.168.0.11", "fd00::10"]
+    );
+    assert_eq!(node_ports(parse(&["203.0.113.10/32"]).unwrap()), ["203.0.113.10"]);
+    assert!(node_ports(parse(&["10.0.0.0/8"]).unwrap()).is_empty());
+    let mut config = config(ProxyMode::Replacement);
+    config.node_port_addresses = parse(&["10.0.0.0/8"]).unwrap();
+    assert_eq!(
+        node_rules(&snap, &config).problems,
+        [Problem::new(
+            "Node/node-a",
+            "status.addresses",
+            "no address matches --nodeport-addresses: node ports are not served on this node"
+        )]
+    );
+    assert_eq!(
+        parse(&["primary", "10.0.0.0/8"]),
+        Err("\"primary\" must be the only value when given".to_string())
+    );
+    assert!(parse(&["10.0.0.0"]).unwrap_err().contains("not a CIDR"));
+}
+
+#[test]
 fn unknown_node_plans_no_node_ports_but_reserves_them() {
     let svc = web_service(json!({}), json!({}));
     let mut snap = snapshot(vec![svc], vec![]);
@@ -1158,6 +1314,8 @@ fn later_copies_in_a_snapshot_win_as_applying_them_in_order_would() {
     assert_eq!(applied.node_rules(), rules);
 }
 
+mod topology;
+
 mod incremental {
     use super::*;
     use crate::ipvs::IpvsOp;
@@ -1175,7 +1333,7 @@ mod incremental {
         UpsertSlice {
             index: usize,
             service: usize,
-            endpoints: Vec<(u8, bool, u8)>,
+            endpoints: Vec<(u8, bool, u8, u8)>,
         },
         RemoveSlice {
             index: usize,
@@ -1205,6 +1363,12 @@ mod incremental {
         if variant & 32 != 0 {
             spec["sessionAffinity"] = json!("ClientIP");
         }
+        if variant & 128 != 0 {
+            // Source ranges restrict the load-balancer virtual servers; the request for
+            // topology only changes what the plan reports about a node without a zone.
+            spec["loadBalancerSourceRanges"] = json!(["203.0.113.0/24", format!("10.{index}.0.0/16")]);
+            spec["trafficDistribution"] = json!("PreferSameZone");
+        }
         if kind != "LoadBalancer" {
             spec["externalTrafficPolicy"] = Value::Null;
         } else if local {
@@ -1229,22 +1393,28 @@ mod incremental {
         )
     }
 
-    fn slice_variant(index: usize, service: usize, endpoints: &[(u8, bool, u8)]) -> EndpointSlice {
+    fn slice_variant(index: usize, service: usize, endpoints: &[(u8, bool, u8, u8)]) -> EndpointSlice {
         let (ns, name) = SERVICES[service];
         let endpoints: Vec<Value> = endpoints
             .iter()
-            .map(|(host, local, state)| {
+            .map(|(host, local, state, hints)| {
                 let conditions = match state % 4 {
                     0 => json!({}),
                     1 => json!({"ready": false, "serving": false}),
                     2 => json!({"ready": false, "serving": true, "terminating": true}),
                     _ => json!({"ready": true, "terminating": true}),
                 };
-                endpoint(
-                    &format!("10.1.0.{host}"),
-                    if *local { NODE } else { "node-b" },
-                    conditions,
-                )
+                let node = if *local { NODE } else { "node-b" };
+                let mut endpoint = endpoint(&format!("10.1.0.{host}"), node, conditions);
+                // No hints, a zone, both zones, or a zone and the endpoint's own node.
+                let zone = json!([{"name": format!("zone-{}", host % 2)}]);
+                endpoint["hints"] = match hints % 4 {
+                    0 => Value::Null,
+                    1 => json!({"forZones": zone}),
+                    2 => json!({"forZones": [{"name": "zone-0"}, {"name": "zone-1"}]}),
+                    _ => json!({"forZones": zone, "forNodes": [{"name": node}]}),
+                };
+                endpoint
             })
             .collect();
         // Slice names are unique per namespace; keep the namespace of the Service.
@@ -1259,11 +1429,21 @@ mod incremental {
     }
 
     fn node_variant(variant: u8) -> Node {
-        match variant % 3 {
+        let mut node = match variant % 3 {
             0 => default_node(),
             1 => node(&[("InternalIP", "192.168.0.10")]),
             _ => node(&[("InternalIP", "192.168.0.12"), ("ExternalIP", "198.51.100.1")]),
+        };
+        // No zone label, or one of the two zones the endpoints are hinted for.
+        let zone_variant = (variant / 3) % 3;
+        if zone_variant > 0 {
+            let zone = format!("zone-{}", zone_variant - 1);
+            node.metadata.labels = Some(BTreeMap::from([(
+                crate::well_known::ZONE_LABEL.to_string(),
+                zone,
+            )]));
         }
+        node
     }
 
     fn event() -> impl Strategy<Value = Event> {
@@ -1273,7 +1453,7 @@ mod incremental {
             (
                 0..6usize,
                 0..4usize,
-                prop::collection::vec((0..5u8, any::<bool>(), 0..4u8), 0..4)
+                prop::collection::vec((0..5u8, any::<bool>(), 0..4u8, 0..4u8), 0..4)
             )
                 .prop_map(|(index, service, endpoints)| Event::UpsertSlice {
                     index,

@@ -14,11 +14,12 @@ use crate::governance::{Governance, NamespaceLabels, PolicySet};
 use crate::problem::{Problem, object_ref};
 use crate::service::{ServiceFields, ServiceModel, parse_ip};
 use crate::snapshot::Snapshot;
+use crate::well_known::ZONE_LABEL;
 
 use super::claims::Claims;
 use super::model::{ServiceId, ServiceInfo, SliceModel};
 use super::rules::{NodeRules, ProxyConfig, VirtualServerKind, VirtualServerRule};
-use super::service_rules::{ServiceRules, kind_field, rules_for_service};
+use super::service_rules::{NodeContext, ServiceRules, kind_field, rules_for_service};
 use super::table::{IpvsTable, VirtualServerKey};
 
 /// Plans one node from a snapshot, with the same code the agent runs incrementally.
@@ -47,6 +48,10 @@ pub struct RuleTracker {
     config: ProxyConfig,
     /// This node's InternalIP and ExternalIP addresses, sorted, without duplicates.
     node_addresses: Vec<IpAddr>,
+    /// Those of them that get node-port virtual servers (`config.node_port_addresses`), sorted.
+    node_port_addresses: Vec<IpAddr>,
+    /// This node's zone label; `None` when missing or empty (zone hints are then never used).
+    zone: Option<String>,
     node_problems: Vec<Problem>,
     policies: PolicySet,
     namespace_labels: NamespaceLabels,
@@ -71,6 +76,8 @@ impl RuleTracker {
         RuleTracker {
             config,
             node_addresses: Vec::new(),
+            node_port_addresses: Vec::new(),
+            zone: None,
             node_problems,
             policies: PolicySet::default(),
             namespace_labels: NamespaceLabels::default(),
@@ -103,6 +110,8 @@ impl RuleTracker {
             Some(node) => self.read_node(node),
             None => {
                 self.node_addresses.clear();
+                self.node_port_addresses.clear();
+                self.zone = None;
                 self.node_problems = vec![missing_node_problem(&self.config.node_name)];
             }
         }
@@ -216,55 +225,83 @@ impl RuleTracker {
         self.slices = by_service.into_iter().collect();
     }
 
-    /// Takes this node's addresses; a Node of another name is ignored. Re-plans the Services
-    /// with node ports when the addresses changed.
+    /// Takes this node's addresses and zone; a Node of another name is ignored. Re-plans the
+    /// Services with node ports when the node-port addresses changed, and the Services whose
+    /// endpoints carry zone hints when the zone changed.
     pub fn set_node(&mut self, node: &Node) {
         if node.metadata.name.as_deref() != Some(&self.config.node_name) {
             return;
         }
-        let before = std::mem::take(&mut self.node_addresses);
+        let addresses_before = std::mem::take(&mut self.node_port_addresses);
+        let zone_before = self.zone.take();
         self.read_node(node);
-        if before != self.node_addresses {
-            let with_node_ports: Vec<ServiceId> = self
-                .services
-                .iter()
-                .filter(|(_, s)| s.model.ports.iter().any(|p| p.node_port.is_some()))
-                .map(|(id, _)| id.clone())
-                .collect();
-            for id in &with_node_ports {
-                self.recompute(id);
-            }
+        let addresses_changed = addresses_before != self.node_port_addresses;
+        let zone_changed = zone_before != self.zone;
+        if !(addresses_changed || zone_changed) {
+            return;
+        }
+        let affected: Vec<ServiceId> = self
+            .services
+            .iter()
+            .filter(|(id, s)| {
+                (addresses_changed && s.model.ports.iter().any(|p| p.node_port.is_some()))
+                    || (zone_changed && self.slices_of(id).iter().any(SliceModel::has_zone_hints))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &affected {
+            self.recompute(id);
         }
     }
 
     fn read_node(&mut self, node: &Node) {
         let object = object_ref("Node", None, &self.config.node_name);
-        let mut addresses = BTreeSet::new();
         self.node_problems.clear();
         let listed = node.status.as_ref().and_then(|s| s.addresses.as_ref());
-        for (i, address) in listed.into_iter().flatten().enumerate() {
-            if !matches!(address.type_.as_str(), "InternalIP" | "ExternalIP") {
-                continue;
-            }
-            match parse_ip(&address.address) {
-                Some(ip) => {
-                    addresses.insert(ip);
+        // InternalIPs first, then ExternalIPs, each in the Node's order: the order kube-proxy
+        // picks the primary address in.
+        let mut ordered: Vec<IpAddr> = Vec::new();
+        for wanted in ["InternalIP", "ExternalIP"] {
+            for (i, address) in listed.into_iter().flatten().enumerate() {
+                if address.type_ != wanted {
+                    continue;
                 }
-                None => self.node_problems.push(Problem::new(
-                    &object,
-                    format!("status.addresses[{i}].address"),
-                    format!("{:?} is not an IP address; no node ports on it", address.address),
-                )),
+                match parse_ip(&address.address) {
+                    Some(ip) => ordered.push(ip),
+                    None => self.node_problems.push(Problem::new(
+                        &object,
+                        format!("status.addresses[{i}].address"),
+                        format!("{:?} is not an IP address; no node ports on it", address.address),
+                    )),
+                }
             }
         }
-        if addresses.is_empty() {
+        if ordered.is_empty() {
             self.node_problems.push(Problem::new(
                 &object,
                 "status.addresses",
                 "no InternalIP or ExternalIP address: node ports are not served on this node",
             ));
         }
-        self.node_addresses = addresses.into_iter().collect();
+        let selected = self.config.node_port_addresses.select(&ordered);
+        if selected.is_empty() && !ordered.is_empty() {
+            self.node_problems.push(Problem::new(
+                &object,
+                "status.addresses",
+                "no address matches --nodeport-addresses: node ports are not served on this node",
+            ));
+        }
+        self.node_port_addresses = selected.into_iter().collect();
+        ordered.sort_unstable();
+        ordered.dedup();
+        self.node_addresses = ordered;
+        self.zone = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(ZONE_LABEL))
+            .filter(|zone| !zone.is_empty())
+            .cloned();
     }
 
     /// Policies decide each Service's scheduler; every Service is re-planned.
@@ -334,9 +371,13 @@ impl RuleTracker {
         let mut node = NodeRules {
             node: self.config.node_name.clone(),
             node_addresses: self.node_addresses.iter().copied().collect(),
+            node_port_addresses: self.node_port_addresses.iter().copied().collect(),
             problems: self.node_problems.clone(),
             ..Default::default()
         };
+        if self.zone.is_none() {
+            node.problems.extend(self.missing_zone_problem());
+        }
         for slice in self.slices.values().flatten() {
             node.problems.extend(slice.problems.iter().cloned());
         }
@@ -378,6 +419,36 @@ impl RuleTracker {
         node.problems.sort();
         node.problems.dedup();
         node
+    }
+
+    /// On a node without a zone label, zone hints are never used: say so when a Service asks
+    /// for topology-aware routing (one problem for the node, naming a few of them).
+    fn missing_zone_problem(&self) -> Option<Problem> {
+        const NAMED: usize = 3;
+        let asking: Vec<String> = self
+            .services
+            .values()
+            .filter_map(|s| {
+                let request = s.model.topology?;
+                Some(format!("{} ({})", s.model.id.qualified(), request.describe()))
+            })
+            .take(NAMED + 1)
+            .collect();
+        if asking.is_empty() {
+            return None;
+        }
+        let mut named = asking[..asking.len().min(NAMED)].join(", ");
+        if asking.len() > NAMED {
+            named.push_str(", ...");
+        }
+        Some(Problem::new(
+            object_ref("Node", None, &self.config.node_name),
+            format!("metadata.labels[{ZONE_LABEL}]"),
+            format!(
+                "missing: zone hints are never used on this node, so Services asking for \
+                 topology-aware routing fall back to endpoints in every zone here: {named}"
+            ),
+        ))
     }
 
     /// Adds a parsed slice to the index, in its Service's name order; returns its Service.
@@ -425,7 +496,11 @@ impl RuleTracker {
     fn rules_for(&self, service: &ServiceInfo, slices: &[SliceModel]) -> ServiceRules {
         let mut problems = Vec::new();
         let scheduler = self.scheduler_for(service, &mut problems);
-        let mut rules = rules_for_service(service, slices, &self.node_addresses, &scheduler);
+        let node = NodeContext {
+            node_port_addresses: &self.node_port_addresses,
+            zone: self.zone.as_deref(),
+        };
+        let mut rules = rules_for_service(service, slices, node, &scheduler);
         rules.problems.extend(problems);
         rules
     }
