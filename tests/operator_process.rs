@@ -20,6 +20,20 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/portpolicy-system/leases";
+const WEBHOOK_CONFIGURATION: &str =
+    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/portpolicy-operator";
+
+/// config/webhook.yaml's object, as the API server would return it.
+fn webhook_configuration() -> Value {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/webhook.yaml")).unwrap();
+    let docs = serde_saphyr::from_str_multiple::<Value, Vec<Value>>(&text).unwrap();
+    let mut object = docs
+        .into_iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .unwrap();
+    object["metadata"]["resourceVersion"] = json!("7");
+    object
+}
 
 #[derive(Clone, Debug)]
 struct Recorded {
@@ -183,6 +197,8 @@ async fn handle(State(api): State<FakeApi>, method: Method, uri: Uri, body: Byte
             state.lease = Some(lease.clone());
             json_response(StatusCode::OK, &lease)
         }
+        ("GET", WEBHOOK_CONFIGURATION) => json_response(StatusCode::OK, &webhook_configuration()),
+        ("PATCH", WEBHOOK_CONFIGURATION) => json_response(StatusCode::OK, &webhook_configuration()),
         ("POST", "/apis/events.k8s.io/v1/namespaces/default/events") => {
             json_response(StatusCode::CREATED, &body)
         }
@@ -244,8 +260,16 @@ impl Operator {
         let dir = scratch_dir(identity);
         let log = dir.join("operator.log");
         let out = std::fs::File::create(&log).unwrap();
+        // Tests run in parallel: each operator's webhook gets a port of its own.
+        let webhook = free_port().to_string();
+        let webhook_flags: &[&str] = if extra.contains(&"--webhook-address") {
+            &[]
+        } else {
+            &["--webhook-address", &webhook]
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_portpolicy"))
             .arg("operator")
+            .args(webhook_flags)
             .args(["--identity", identity, "--metrics-address", &metrics.to_string()])
             .args(["--namespace", "portpolicy-system", "--image", "portpolicy:test"])
             .args(extra)
@@ -615,5 +639,354 @@ async fn metrics_address_in_use_stops_the_operator() {
         operator.log().contains(&address.to_string()),
         "{}",
         operator.log()
+    );
+}
+
+// ---- The admission webhook, over HTTPS with a real TLS client ----
+
+use k8s_openapi::ByteString;
+use kube::core::DynamicObject;
+use kube::core::admission::AdmissionReview;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+
+/// The name the self-signed serving certificate is made for (the webhook Service's).
+const WEBHOOK_HOST: &str = "portpolicy-webhook.portpolicy-system.svc";
+
+fn review_body(uid: &str, namespace: &str, name: &str, kind: &str) -> Value {
+    json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": uid,
+        "kind": {"group": "", "version": "v1", "kind": kind},
+        "resource": {"group": "", "version": "v1", "resource": "services"},
+        "name": name, "namespace": namespace, "operation": "CREATE",
+        "userInfo": {"username": "kubernetes-admin", "groups": ["system:masters"]},
+        "object": {"apiVersion": "v1", "kind": kind, "metadata": {"name": name, "namespace": namespace},
+            "spec": {"type": "NodePort", "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}},
+        "oldObject": null, "dryRun": false,
+        "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}}})
+}
+
+/// POSTs `body` to the webhook over TLS, trusting only `ca_pem` and checking `host`.
+async fn post_review(
+    address: SocketAddr,
+    ca_pem: &str,
+    host: &str,
+    body: &[u8],
+) -> Result<(u16, Vec<u8>), String> {
+    portpolicy::operator::webhook::tls::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
+    let mut tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let head = format!(
+        "POST /mutate-v1-service HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.map_err(|e| e.to_string())?;
+    tls.write_all(body).await.map_err(|e| e.to_string())?;
+    let mut response = Vec::new();
+    // A server may close without close_notify; what arrived is the answer.
+    let _ = tls.read_to_end(&mut response).await;
+    let text = String::from_utf8_lossy(&response);
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or(format!("no status line in {text:?}"))?;
+    let start = text.find("\r\n\r\n").ok_or("no body")? + 4;
+    Ok((code, response[start..].to_vec()))
+}
+
+/// The response of a review answer, with its JSON patch decoded.
+fn response_of(body: &[u8]) -> (Value, Option<Value>) {
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)));
+    let response = review.response.expect("a response");
+    let patch = response
+        .patch
+        .as_ref()
+        .map(|p| serde_json::from_slice(p).unwrap());
+    (serde_json::to_value(&response).unwrap(), patch)
+}
+
+fn webhook_flags(address: SocketAddr) -> Vec<String> {
+    vec!["--webhook-address".into(), address.to_string()]
+}
+
+/// Waits for the leader's caBundle patch and returns the CA it published.
+async fn published_ca(api: &FakeApi) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(patch) = api
+            .requests()
+            .into_iter()
+            .find(|r| r.method == "PATCH" && r.path == WEBHOOK_CONFIGURATION)
+        {
+            let ops = patch.body.as_array().unwrap();
+            assert_eq!(
+                ops[0]["op"], "test",
+                "the patch is pinned to the resourceVersion read: {ops:?}"
+            );
+            assert_eq!(ops[1]["path"], "/webhooks/0/clientConfig/caBundle");
+            let bytes: ByteString = serde_json::from_value(ops[1]["value"].clone()).unwrap();
+            return String::from_utf8(bytes.0).unwrap();
+        }
+        assert!(Instant::now() < deadline, "no caBundle patch");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn edge_policy(range: &str) -> Value {
+    policy(
+        "edge",
+        json!({"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "edge"}},
+            "nodePorts": {"range": range}}),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_gives_100_concurrent_reviews_100_distinct_ports_over_https() {
+    let api = FakeApi::start(vec![edge_policy("31000-31099")]).await;
+    let address = free_port();
+    let flags = webhook_flags(address);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let operator = Operator::start(&api, "operator-a", &flags);
+    operator.wait_ready(Duration::from_secs(20)).await.unwrap();
+    operator
+        .wait_metric("portpolicy_operator_leader", 1.0, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let ca = published_ca(&api).await;
+
+    let reviews = (0..100).map(|i| {
+        let ca = ca.clone();
+        tokio::spawn(async move {
+            let body = serde_json::to_vec(&review_body(
+                &format!("uid-{i}"),
+                "edge",
+                &format!("svc-{i}"),
+                "Service",
+            ))
+            .unwrap();
+            post_review(address, &ca, WEBHOOK_HOST, &body).await
+        })
+    });
+    let mut ports = std::collections::BTreeSet::new();
+    for (i, review) in futures::future::join_all(reviews).await.into_iter().enumerate() {
+        let (code, body) = review.unwrap().unwrap();
+        assert_eq!(code, 200);
+        let (response, patch) = response_of(&body);
+        assert_eq!(response["uid"], format!("uid-{i}"));
+        assert_eq!(response["allowed"], true);
+        assert_eq!(response["patchType"], "JSONPatch");
+        let patch = patch.expect("a patch");
+        assert_eq!(patch[0]["path"], "/spec/ports/0/nodePort", "{patch}");
+        let port = patch[0]["value"].as_u64().unwrap();
+        assert!((31000..=31099).contains(&port), "{port}");
+        ports.insert(port);
+    }
+    assert_eq!(ports.len(), 100, "every review got its own port");
+    operator
+        .wait_metric(
+            "portpolicy_operator_webhook_reservations",
+            100.0,
+            Duration::from_secs(3),
+        )
+        .await
+        .unwrap();
+
+    // The range is full: the 101st is allowed unchanged, and told why.
+    let body = serde_json::to_vec(&review_body("uid-full", "edge", "one-more", "Service")).unwrap();
+    let (_, body) = post_review(address, &ca, WEBHOOK_HOST, &body).await.unwrap();
+    let (response, patch) = response_of(&body);
+    assert!(patch.is_none());
+    assert_eq!(response["allowed"], true);
+    assert!(
+        response["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("no free nodePort in PortPolicy/edge's range 31000-31099"),
+        "{response}"
+    );
+    // Ungoverned namespace, another kind, a malformed body: clear answers, no patch, no crash.
+    let body = serde_json::to_vec(&review_body("uid-other", "other", "web", "Service")).unwrap();
+    let (_, body) = post_review(address, &ca, WEBHOOK_HOST, &body).await.unwrap();
+    assert!(
+        response_of(&body).1.is_none(),
+        "no policy governs namespace other"
+    );
+    let body = serde_json::to_vec(&review_body("uid-pod", "edge", "web", "Pod")).unwrap();
+    let (_, body) = post_review(address, &ca, WEBHOOK_HOST, &body).await.unwrap();
+    let (response, patch) = response_of(&body);
+    assert!(patch.is_none() && response["allowed"] == true);
+    assert!(
+        response["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("v1 Services only"),
+        "{response}"
+    );
+    let (code, body) = post_review(
+        address,
+        &ca,
+        WEBHOOK_HOST,
+        b"{\"kind\": \"AdmissionReview\", \"request\": 7}",
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200);
+    let (response, _) = response_of(&body);
+    assert_eq!(response["allowed"], false);
+    assert!(
+        response["status"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot read the body"),
+        "{response}"
+    );
+    assert_eq!(
+        operator
+            .metric("portpolicy_operator_webhook_reviews_total{outcome=\"invalid\"}")
+            .await,
+        Some(1.0)
+    );
+    // A client that does not trust the published CA cannot talk to it.
+    let other = portpolicy::operator::webhook::tls::self_signed(&[WEBHOOK_HOST.to_string()]).unwrap();
+    assert!(
+        post_review(address, &other.ca_pem, WEBHOOK_HOST, b"{}")
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_releases_a_reservation_whose_service_never_appears() {
+    let api = FakeApi::start(vec![edge_policy("31000-31000")]).await;
+    let address = free_port();
+    let mut flags = webhook_flags(address);
+    flags.extend(["--webhook-reservation-timeout".to_string(), "2s".to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let operator = Operator::start(&api, "operator-a", &flags);
+    operator.wait_ready(Duration::from_secs(20)).await.unwrap();
+    operator
+        .wait_metric("portpolicy_operator_leader", 1.0, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let ca = published_ca(&api).await;
+    let review =
+        |uid: &str, name: &str| serde_json::to_vec(&review_body(uid, "edge", name, "Service")).unwrap();
+    let port_of = |body: &[u8]| response_of(body).1.map(|p| p[0]["value"].as_u64().unwrap());
+
+    let (_, first) = post_review(address, &ca, WEBHOOK_HOST, &review("u1", "a"))
+        .await
+        .unwrap();
+    assert_eq!(port_of(&first), Some(31000));
+    let (_, second) = post_review(address, &ca, WEBHOOK_HOST, &review("u2", "b"))
+        .await
+        .unwrap();
+    assert_eq!(port_of(&second), None, "the only port is reserved for a");
+    // `a` never appears in the watch (its create failed): its reservation times out.
+    operator
+        .wait_metric(
+            "portpolicy_operator_webhook_reservations",
+            0.0,
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert!(
+        operator.log().contains("released nodePort reservations"),
+        "{}",
+        operator.log()
+    );
+    let (_, third) = post_review(address, &ca, WEBHOOK_HOST, &review("u3", "b"))
+        .await
+        .unwrap();
+    assert_eq!(port_of(&third), Some(31000));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_serves_certificate_files_and_reloads_them_when_they_change() {
+    let api = FakeApi::start(vec![edge_policy("31000-31099")]).await;
+    let dir = scratch_dir("certs");
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let write = |made: &portpolicy::operator::webhook::tls::SelfSigned| {
+        // Key first, then the certificate, as a Secret volume update may land.
+        std::fs::write(&key, &made.key_pem).unwrap();
+        std::fs::write(&cert, &made.cert_pem).unwrap();
+    };
+    let first = portpolicy::operator::webhook::tls::self_signed(&["localhost".to_string()]).unwrap();
+    write(&first);
+    let address = free_port();
+    let mut flags = webhook_flags(address);
+    flags.extend(
+        [
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+            "--tls-reload-period",
+            "1s",
+        ]
+        .map(String::from),
+    );
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let operator = Operator::start(&api, "operator-a", &flags);
+    operator
+        .wait_metric("portpolicy_operator_leader", 1.0, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let body = serde_json::to_vec(&review_body("u1", "edge", "web", "Service")).unwrap();
+    let (code, answer) = post_review(address, &first.ca_pem, "localhost", &body)
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    assert!(response_of(&answer).1.is_some(), "a governed Service is patched");
+    assert!(
+        !api.requests().iter().any(|r| r.path == WEBHOOK_CONFIGURATION),
+        "with certificate files the caBundle is left to its owner (cert-manager)"
+    );
+
+    let second = portpolicy::operator::webhook::tls::self_signed(&["localhost".to_string()]).unwrap();
+    write(&second);
+    let changed = Instant::now();
+    loop {
+        if post_review(address, &second.ca_pem, "localhost", &body)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(10),
+            "still the old certificate:\n{}",
+            operator.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "new certificate served {:?} after the files changed",
+        changed.elapsed()
+    );
+    assert!(
+        post_review(address, &first.ca_pem, "localhost", &body)
+            .await
+            .is_err()
+    );
+    assert!(
+        operator
+            .log()
+            .contains("reloaded the webhook's serving certificate")
     );
 }

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,8 @@ use super::metrics::{Metrics, WATCHED_RESOURCES};
 use super::reconcile::{error_policy, reconcile, truncate};
 use super::server::{self, Health};
 use super::services::{self, key_of};
+use super::webhook::tls::{self, CertificateSource};
+use super::webhook::{self, Webhook};
 use super::{Error, Result};
 use crate::agent::parse_duration;
 use portpolicy_core::crd::PortPolicy;
@@ -87,9 +90,53 @@ pub struct OperatorArgs {
     /// How often a follower checks the Lease (and so how fast it takes over a released one).
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     pub leader_elect_retry_period: Duration,
+    /// Address of the admission webhook (HTTPS, `POST /mutate-v1-service`).
+    #[arg(long, env = "PORTPOLICY_WEBHOOK_ADDRESS", default_value = "0.0.0.0:9443")]
+    pub webhook_address: SocketAddr,
+    /// The webhook's serving certificate (PEM), reloaded when it changes. Without it and
+    /// --tls-key-file, a self-signed CA and certificate are made at start and the leader
+    /// writes the CA into the MutatingWebhookConfiguration's caBundle.
+    #[arg(long, env = "PORTPOLICY_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The key of --tls-cert-file (PEM), reloaded with it.
+    #[arg(long, env = "PORTPOLICY_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
+    /// How often the certificate files are checked for a change.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub tls_reload_period: Duration,
+    /// The Service in front of the webhook, in --namespace: the self-signed certificate's name.
+    #[arg(long, default_value = "portpolicy-webhook")]
+    pub webhook_service: String,
+    /// The MutatingWebhookConfiguration whose caBundle the leader sets (self-signed only).
+    #[arg(long, default_value = "portpolicy-operator")]
+    pub webhook_configuration: String,
+    /// How long a nodePort handed out at admission stays reserved for a Service the watch has
+    /// not shown yet (its create failed, or is still on its way).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    pub webhook_reservation_timeout: Duration,
 }
 
 impl OperatorArgs {
+    pub fn certificate_source(&self) -> CertificateSource {
+        match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => CertificateSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => {
+                let (service, ns) = (&self.webhook_service, &self.namespace);
+                CertificateSource::SelfSigned {
+                    dns_names: vec![
+                        format!("{service}.{ns}.svc"),
+                        format!("{service}.{ns}.svc.cluster.local"),
+                        format!("{service}.{ns}"),
+                        service.clone(),
+                    ],
+                }
+            }
+        }
+    }
+
     pub fn timing(&self) -> Timing {
         Timing {
             lease_duration: self.leader_elect_lease_duration,
@@ -405,6 +452,16 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         leadership: leadership.clone(),
     };
     let listener = server::bind(args.metrics_address).await?;
+    let certificates = args.certificate_source();
+    let (tls_config, self_signed_ca) = tls::serving_config(&certificates).await?;
+    let webhook_listener = tls::bind(args.webhook_address)?;
+    let webhook = Webhook::new(
+        args.node_port_range,
+        args.webhook_reservation_timeout,
+        leadership.clone(),
+        caches.clone(),
+        metrics.clone(),
+    );
     let shutdown = shutdown_signal().boxed().shared();
 
     let list = watcher::Config::default().any_semantic();
@@ -416,20 +473,30 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         relisting: None,
     };
     let policy_api = Api::<DynamicObject>::all_with(client.clone(), &ApiResource::erase::<PortPolicy>(&()));
+    let (webhook_policies, policy_store) = (webhook.clone(), policies.clone());
     let policy_events = watcher(policy_api, list.clone())
         .default_backoff()
         .try_filter_map(move |event| std::future::ready(Ok(reader.read(event))))
         .reflect(policy_writer)
+        .inspect_ok(move |event| {
+            // Once per list, not per listed object.
+            if !matches!(event, Event::Init | Event::InitApply(_)) {
+                webhook_policies.observe_policies(&policy_store)
+            }
+        })
         .inspect_ok(track_listing(&caches, "portpolicies"))
         .touched_objects()
         .inspect_err(count_errors(&metrics, "portpolicies"));
-    let (services, service_events) = reflect(
-        Api::<Service>::all(client.clone()),
-        list.clone(),
-        &metrics,
-        &caches,
-        "services",
-    );
+    // Services feed the webhook's ledger event by event, before the cache counts as listed.
+    let (services, service_writer) = reflector::store();
+    let (webhook_services, service_store) = (webhook.clone(), services.clone());
+    let service_events = watcher(Api::<Service>::all(client.clone()), list.clone())
+        .default_backoff()
+        .reflect(service_writer)
+        .inspect_ok(move |event| webhook_services.observe_service(event, &service_store))
+        .inspect_ok(track_listing(&caches, "services"))
+        .touched_objects()
+        .inspect_err(count_errors(&metrics, "services"));
     let (pods, pod_events) = reflect(
         Api::<HostPortPod>::all(client.clone()),
         list.clone(),
@@ -444,6 +511,9 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         &caches,
         "namespaces",
     );
+    let (webhook_namespaces, namespace_store) = (webhook.clone(), namespaces.clone());
+    let namespace_events =
+        namespace_events.inspect_ok(move |_| webhook_namespaces.observe_namespaces(&namespace_store));
     let (daemon_sets, daemon_set_events) = reflect(
         Api::<DaemonSet>::namespaced(client.clone(), &args.namespace),
         list.clone().labels(POLICY_LABEL),
@@ -483,6 +553,24 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
     );
     context.unreadable = unreadable;
     let ctx = Arc::new(context);
+    let tls_upkeep = match (&certificates, self_signed_ca) {
+        (CertificateSource::Files { cert, key }, _) => tls::reload_on_change(
+            tls_config.clone(),
+            cert.clone(),
+            key.clone(),
+            args.tls_reload_period,
+        )
+        .boxed(),
+        (CertificateSource::SelfSigned { .. }, Some(ca)) => tls::publish_ca_bundle(
+            client.clone(),
+            args.webhook_configuration.clone(),
+            ca,
+            leadership.clone(),
+        )
+        .boxed(),
+        (CertificateSource::SelfSigned { .. }, None) => futures::future::pending().boxed(),
+    };
+    let webhook_server = tls::serve(webhook_listener, tls_config, webhook::router(webhook.clone()));
     let mut elector = Elector::new(client, &args.namespace, &identity, timing);
 
     let (p1, n1) = (policies.clone(), namespaces.clone());
@@ -536,6 +624,15 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         // running reconciles.
         _ = elector.lead(&leadership, &metrics) => Err(Error::LostLeadership),
         () = report_unreadable(ctx) => unreachable!("the reporter runs until dropped"),
+        () = webhook.expire_reservations() => unreachable!("the expiry runs until dropped"),
+        () = tls_upkeep => unreachable!("certificate upkeep runs until dropped"),
+        result = webhook_server => {
+            return Err(Error::Config(format!(
+                "the webhook server on {} stopped: {}",
+                args.webhook_address,
+                result.err().map_or_else(|| "no error".to_string(), |e| e.to_string())
+            )));
+        }
         result = server::serve(listener, metrics.clone(), health) => {
             return Err(result.err().unwrap_or(Error::MetricsServer {
                 address: args.metrics_address,

@@ -24,6 +24,8 @@ pub const WATCHED_RESOURCES: [&str; 6] = [
     "nodes",
 ];
 
+/// The `outcome` label values of `webhook_reviews_total`.
+pub const WEBHOOK_OUTCOMES: [&str; 4] = ["patched", "unchanged", "not_leader", "invalid"];
 /// What happened to one nodePort of a governed Service, as the `outcome` label of
 /// `node_port_allocations_total` names it: given a new port from the range (`allocated`), its
 /// retained one back (`restored`), the port the policy pins for it (`pinned`), a port in the
@@ -45,6 +47,8 @@ pub struct Metrics {
     pub watch_errors: IntCounterVec,
     pub unreadable_policies: IntGauge,
     pub leader: IntGauge,
+    pub webhook_reviews: IntCounterVec,
+    pub webhook_reservations: IntGauge,
     pub allocations: IntCounterVec,
     /// Per policy, the refusals last seen, so a refusal repeated by every reconcile (a full
     /// range stays full) is counted once, when it first appears.
@@ -113,6 +117,22 @@ impl Metrics {
         )
         .unwrap();
         let leader = IntGauge::new("leader", "1 while this replica leads and may write, else 0").unwrap();
+        let webhook_reviews = IntCounterVec::new(
+            Opts::new(
+                "webhook_reviews_total",
+                "Admission reviews answered, by outcome (patched, unchanged, not_leader, invalid)",
+            ),
+            &["outcome"],
+        )
+        .unwrap();
+        for outcome in WEBHOOK_OUTCOMES {
+            webhook_reviews.with_label_values(&[outcome]);
+        }
+        let webhook_reservations = IntGauge::new(
+            "webhook_reservations",
+            "nodePorts handed out by admission reviews whose Services the watch has not shown yet",
+        )
+        .unwrap();
         let allocations = IntCounterVec::new(
             Opts::new(
                 "node_port_allocations_total",
@@ -130,6 +150,8 @@ impl Metrics {
             Box::new(node_ports_reserved.clone()),
             Box::new(node_ports_pinned.clone()),
             Box::new(conflicts.clone()),
+            Box::new(webhook_reviews.clone()),
+            Box::new(webhook_reservations.clone()),
             Box::new(watch_errors.clone()),
             Box::new(unreadable_policies.clone()),
             Box::new(leader.clone()),
@@ -150,6 +172,8 @@ impl Metrics {
             watch_errors,
             unreadable_policies,
             leader,
+            webhook_reviews,
+            webhook_reservations,
             allocations,
             refusals: Arc::default(),
         }

@@ -33,6 +33,7 @@ mod reconcile;
 pub mod server;
 mod services;
 pub mod status;
+pub mod webhook;
 
 /// Why a reconcile or the operator failed.
 #[derive(Debug, thiserror::Error)]

@@ -24,15 +24,15 @@ pub fn allocate_node_ports(input: &NodePortInput<'_>) -> NodePortAllocation {
 
 /// A nodePort's owner: one Service port (or health check) of one Service, by name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Identity<'a> {
-    namespace: &'a str,
-    service: &'a str,
-    port_name: &'a str,
-    kind: NodePortKind,
+pub(super) struct Identity<'a> {
+    pub(super) namespace: &'a str,
+    pub(super) service: &'a str,
+    pub(super) port_name: &'a str,
+    pub(super) kind: NodePortKind,
 }
 
 impl Identity<'_> {
-    fn describe(&self) -> String {
+    pub(super) fn describe(&self) -> String {
         let what = match (self.kind, self.port_name) {
             (NodePortKind::HealthCheck, _) => "health check".to_string(),
             (NodePortKind::Service, "") => "unnamed port".to_string(),
@@ -89,7 +89,7 @@ struct Target {
 }
 
 /// Ports with the same number share one nodePort, whatever their protocols.
-fn port_groups<'p, 'a>(ports: &'p [ServicePortModel<'a>]) -> Vec<Vec<&'p ServicePortModel<'a>>> {
+pub(super) fn port_groups<'p, 'a>(ports: &'p [ServicePortModel<'a>]) -> Vec<Vec<&'p ServicePortModel<'a>>> {
     let mut groups: Vec<Vec<&ServicePortModel<'a>>> = Vec::new();
     for port in ports {
         match groups.iter_mut().find(|g| g[0].port == port.port) {
@@ -882,23 +882,8 @@ impl<'i, 'a> Allocator<'i, 'a> {
         None
     }
 
-    /// Like the API server, prefer the upper band of the range and leave the lower "static"
-    /// band (KEP-3668) to explicit requests until the upper band is full. The start inside
-    /// each band comes from the identity, so a port does not depend on who was planned first.
     fn first_free(&self, usable: PortRange, hash: u64) -> Option<u16> {
-        let band = static_band(usable.len());
-        let upper = PortRange {
-            low: usable.low + band as u16,
-            high: usable.high,
-        };
-        let start = |r: PortRange| r.low + (hash % r.len() as u64) as u16;
-        self.blocked.first_free(upper, start(upper)).or_else(|| {
-            let lower = PortRange {
-                low: usable.low,
-                high: (usable.low + band as u16).checked_sub(1)?,
-            };
-            (band > 0).then(|| self.blocked.first_free(lower, start(lower)))?
-        })
+        first_free(&self.blocked, usable, hash)
     }
 
     fn finish(mut self) -> NodePortAllocation {
@@ -972,6 +957,25 @@ impl<'i, 'a> Allocator<'i, 'a> {
     }
 }
 
+/// Like the API server, prefer the upper band of the range and leave the lower "static"
+/// band (KEP-3668) to explicit requests until the upper band is full. The start inside
+/// each band comes from the identity, so a port does not depend on who was planned first.
+pub(super) fn first_free(blocked: &PortBitmap, usable: PortRange, hash: u64) -> Option<u16> {
+    let band = static_band(usable.len());
+    let upper = PortRange {
+        low: usable.low + band as u16,
+        high: usable.high,
+    };
+    let start = |r: PortRange| r.low + (hash % r.len() as u64) as u16;
+    blocked.first_free(upper, start(upper)).or_else(|| {
+        let lower = PortRange {
+            low: usable.low,
+            high: (usable.low + band as u16).checked_sub(1)?,
+        };
+        (band > 0).then(|| blocked.first_free(lower, start(lower)))?
+    })
+}
+
 fn record(identity: &Identity<'_>, port: u16, released_at: Option<Time>) -> AllocationRecord {
     AllocationRecord {
         namespace: identity.namespace.to_string(),
@@ -1027,7 +1031,7 @@ fn static_band(size: usize) -> usize {
 
 /// FNV-1a over the identity's parts (each ended by a byte no name holds), finished with
 /// splitmix64 so nearby names spread over the range.
-fn identity_hash(identity: &Identity<'_>) -> u64 {
+pub(super) fn identity_hash(identity: &Identity<'_>) -> u64 {
     let kind: &[u8] = match identity.kind {
         NodePortKind::Service => b"Service",
         NodePortKind::HealthCheck => b"HealthCheck",

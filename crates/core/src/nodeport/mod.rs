@@ -14,6 +14,7 @@
 //! [`allocate_node_ports`] is pure: the clock arrives as `now`, the durable memory as the policies'
 //! `status.allocations`, and the result says what to write without writing it.
 
+mod admission;
 mod allocator;
 mod bitmap;
 mod counts;
@@ -30,6 +31,7 @@ use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
 use crate::service::ServiceModel;
 
+pub use admission::{AdmissionLedger, ServiceAdmission, ServiceReview};
 pub use allocator::allocate_node_ports;
 pub use bitmap::PortBitmap;
 pub use counts::NodePortCounts;
