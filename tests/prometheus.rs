@@ -29,6 +29,20 @@ const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/portpolicy-system/
 const POLICIES: &str = "/apis/portpolicy.io/v1alpha1/portpolicies";
 const SERVICES: &str = "/api/v1/services";
 const PODS: &str = "/api/v1/pods";
+const WEBHOOK_CONFIGURATION: &str =
+    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/portpolicy-operator";
+
+/// config/webhook.yaml's MutatingWebhookConfiguration, as the API server would return it.
+fn webhook_configuration() -> Value {
+    let text = std::fs::read_to_string(repo().join("config/webhook.yaml")).unwrap();
+    let docs = serde_saphyr::from_str_multiple::<Value, Vec<Value>>(&text).unwrap();
+    let mut object = docs
+        .into_iter()
+        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+        .unwrap();
+    object["metadata"]["resourceVersion"] = json!("7");
+    object
+}
 
 // ---------------------------------------------------------------------------------------------
 // The fake API server: lists from its objects, watches that deliver what the test changes, and
@@ -204,6 +218,8 @@ async fn handle(State(api): State<FakeApi>, method: Method, uri: Uri, body: Byte
             json_response(StatusCode::OK, &lease)
         }
         ("POST", p) if p.ends_with("/events") => json_response(StatusCode::CREATED, &body),
+        // The leader publishes its webhook's CA bundle; the fake takes it and keeps nothing.
+        ("GET" | "PATCH", WEBHOOK_CONFIGURATION) => json_response(StatusCode::OK, &webhook_configuration()),
         ("PATCH", p) if p.starts_with(POLICIES) => {
             let name = p.trim_start_matches(POLICIES).trim_start_matches('/');
             let name = name.trim_end_matches("/status");
@@ -378,6 +394,8 @@ fn operator(api: &FakeApi, identity: &str, metrics: SocketAddr, dir: &Path) -> P
         Command::new(env!("CARGO_BIN_EXE_portpolicy"))
             .arg("operator")
             .args(["--identity", identity, "--metrics-address", &metrics.to_string()])
+            // Both replicas run on this host: each serves its webhook on a port of its own.
+            .args(["--webhook-address", &free_port().to_string()])
             .args(["--namespace", "portpolicy-system", "--image", "portpolicy:test"])
             .args([
                 "--leader-elect-lease-duration",

@@ -78,6 +78,14 @@ def _builtin() -> list[ResourceType]:
         R("rbac.authorization.k8s.io", "v1", "roles", "Role", True, "role"),
         R("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", True, "rolebinding"),
         R(
+            "admissionregistration.k8s.io",
+            "v1",
+            "mutatingwebhookconfigurations",
+            "MutatingWebhookConfiguration",
+            False,
+            "mutatingwebhookconfiguration",
+        ),
+        R(
             "apiextensions.k8s.io",
             "v1",
             "customresourcedefinitions",
