@@ -7,9 +7,10 @@ use clap::Parser;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::api::rbac::v1::{ClusterRole, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use portpolicy::operator::controller::OperatorArgs;
+use portpolicy::operator::leader_pod::{LEADER_LABEL, LEADER_VALUE};
 use portpolicy::operator::webhook::MUTATE_SERVICE_PATH;
 use serde_json::Value;
 
@@ -95,10 +96,18 @@ fn the_webhook_manifests_agree_with_what_the_operator_serves() {
         .expect("the webhook's port on the Service");
     let deployment: Deployment = typed(&manifests, "Deployment", "portpolicy-operator");
     let pod = deployment.spec.unwrap().template;
+    // The Service selects the operator's pods, and of them only the one whose replica leads:
+    // the label the leader writes on its own Pod.
+    let mut leader_labels = pod.metadata.unwrap().labels.unwrap_or_default();
+    assert!(
+        !leader_labels.contains_key(LEADER_LABEL),
+        "no pod is created as the leader"
+    );
+    leader_labels.insert(LEADER_LABEL.to_string(), LEADER_VALUE.to_string());
     assert_eq!(
-        spec.selector,
-        pod.metadata.unwrap().labels,
-        "the Service selects the operator's pods"
+        spec.selector.as_ref(),
+        Some(&leader_labels),
+        "the webhook Service selects the leader's pod only"
     );
     let container = &pod.spec.unwrap().containers[0];
     let container_port = match port.target_port.unwrap() {
@@ -125,10 +134,9 @@ fn the_webhook_manifests_agree_with_what_the_operator_serves() {
 
     // The leader may read and patch its configuration's caBundle, and nothing else's.
     let role: ClusterRole = typed(&manifests, "ClusterRole", "portpolicy-operator");
-    let rule = role
-        .rules
-        .unwrap()
-        .into_iter()
+    let cluster_rules = role.rules.unwrap_or_default();
+    let rule = cluster_rules
+        .iter()
         .find(|r| r.resources.as_deref() == Some(&["mutatingwebhookconfigurations".to_string()][..]))
         .expect("RBAC for the caBundle");
     assert_eq!(
@@ -136,4 +144,40 @@ fn the_webhook_manifests_agree_with_what_the_operator_serves() {
         Some(&[defaults.webhook_configuration.clone()][..])
     );
     assert!(rule.verbs.contains(&"get".to_string()) && rule.verbs.contains(&"patch".to_string()));
+    let clusterwide_pods = cluster_rules.iter().find(|r| {
+        r.resources.iter().flatten().any(|r| r == "pods") && r.verbs.contains(&"patch".to_string())
+    });
+    assert!(
+        clusterwide_pods.is_none(),
+        "patching pods is not granted cluster-wide"
+    );
+
+    // The leader may patch pods (its label) in its own namespace, and it knows its pod's name.
+    let role: Role = typed(&manifests, "Role", "portpolicy-operator");
+    assert_eq!(
+        role.metadata.namespace.as_deref(),
+        Some(defaults.namespace.as_str())
+    );
+    let rule = role
+        .rules
+        .unwrap()
+        .into_iter()
+        .find(|r| r.resources.as_deref() == Some(&["pods".to_string()][..]))
+        .expect("RBAC for the leader label");
+    assert_eq!(rule.api_groups.as_deref(), Some(&[String::new()][..]));
+    assert!(rule.verbs.contains(&"patch".to_string()));
+    let binding: RoleBinding = typed(&manifests, "RoleBinding", "portpolicy-operator");
+    assert_eq!(binding.role_ref.kind, "Role");
+    assert_eq!(binding.role_ref.name, "portpolicy-operator");
+    let env = |name: &str| {
+        container
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value_from.as_ref()?.field_ref.as_ref())
+            .map(|f| f.field_path.clone())
+    };
+    assert_eq!(env("POD_NAME").as_deref(), Some("metadata.name"));
+    assert_eq!(env("POD_NAMESPACE").as_deref(), Some("metadata.namespace"));
 }

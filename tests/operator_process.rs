@@ -50,6 +50,8 @@ struct ApiState {
     lease: Option<Value>,
     resource_version: u64,
     requests: Vec<Recorded>,
+    /// Pods of portpolicy-system by name: their labels (the leader label's tests).
+    pod_labels: std::collections::BTreeMap<String, serde_json::Map<String, Value>>,
 }
 
 #[derive(Clone)]
@@ -97,6 +99,24 @@ impl FakeApi {
         (!holder.is_empty()).then_some(holder)
     }
 
+    /// A Pod in portpolicy-system with these labels (PATCH 404s for a Pod that is not there).
+    fn add_pod(&self, name: &str, labels: Value) {
+        let labels = labels.as_object().cloned().unwrap_or_default();
+        self.state.lock().unwrap().pod_labels.insert(name.into(), labels);
+    }
+
+    /// The Pods carrying the leader label the webhook Service selects.
+    fn leader_pods(&self) -> Vec<String> {
+        let state = self.state.lock().unwrap();
+        let label = portpolicy::operator::leader_pod::LEADER_LABEL;
+        state
+            .pod_labels
+            .iter()
+            .filter(|(_, labels)| labels.get(label).and_then(Value::as_str) == Some("true"))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     fn kubeconfig(&self, dir: &std::path::Path) -> PathBuf {
         let path = dir.join("kubeconfig");
         let text = format!(
@@ -108,6 +128,13 @@ impl FakeApi {
         std::fs::write(&path, text).unwrap();
         path
     }
+}
+
+const PODS: &str = "/api/v1/namespaces/portpolicy-system/pods";
+
+fn pod_metadata(name: &str, labels: &serde_json::Map<String, Value>) -> Value {
+    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+        "metadata": {"name": name, "namespace": "portpolicy-system", "labels": labels}})
 }
 
 fn json_response(status: StatusCode, body: &Value) -> Response {
@@ -196,6 +223,43 @@ async fn handle(State(api): State<FakeApi>, method: Method, uri: Uri, body: Byte
             lease["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
             state.lease = Some(lease.clone());
             json_response(StatusCode::OK, &lease)
+        }
+        ("GET", PODS) => {
+            // Only the leader label's selector is understood: `key=value`.
+            let selector = query
+                .split('&')
+                .find_map(|q| q.strip_prefix("labelSelector="))
+                .map(|s| s.replace("%3D", "=").replace("%2F", "/"))
+                .unwrap_or_default();
+            let (key, value) = selector.split_once('=').unwrap_or_default();
+            let items = state
+                .pod_labels
+                .iter()
+                .filter(|(_, labels)| {
+                    key.is_empty() || labels.get(key).and_then(Value::as_str) == Some(value)
+                })
+                .map(|(name, labels)| pod_metadata(name, labels))
+                .collect();
+            list("meta.k8s.io/v1", "PartialObjectMetadataList", items)
+        }
+        ("PATCH", p) if p.starts_with(PODS) => {
+            let name = p.trim_start_matches(PODS).trim_start_matches('/');
+            let Some(labels) = state.pod_labels.get_mut(name) else {
+                return status(404, "NotFound", &format!("pods \"{name}\" not found"));
+            };
+            // A JSON merge patch of metadata.labels: null removes.
+            for (key, value) in body["metadata"]["labels"]
+                .as_object()
+                .cloned()
+                .unwrap_or_default()
+            {
+                match value {
+                    Value::Null => labels.remove(&key),
+                    value => labels.insert(key, value),
+                };
+            }
+            let object = pod_metadata(name, labels);
+            json_response(StatusCode::OK, &object)
         }
         ("GET", WEBHOOK_CONFIGURATION) => json_response(StatusCode::OK, &webhook_configuration()),
         ("PATCH", WEBHOOK_CONFIGURATION) => json_response(StatusCode::OK, &webhook_configuration()),
@@ -989,4 +1053,137 @@ async fn webhook_serves_certificate_files_and_reloads_them_when_they_change() {
             .log()
             .contains("reloaded the webhook's serving certificate")
     );
+}
+
+/// Reviews go to the leader only: the webhook Service selects the label the leader sets on its
+/// own Pod. The leader labels itself and clears a stale label of a leader killed before it
+/// could; a follower sets nothing and answers reviews allowed unchanged; after a handover the
+/// new leader holds the label, the old one removed its own on shutdown, and the new one
+/// assigns ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_labels_its_pod_for_the_webhook_service_and_hands_the_label_over() {
+    use portpolicy::operator::leader_pod::LEADER_LABEL;
+    let api = FakeApi::start(vec![edge_policy("31000-31099")]).await;
+    let app = json!({"app.kubernetes.io/name": "portpolicy-operator"});
+    api.add_pod("operator-a", app.clone());
+    api.add_pod("operator-b", app.clone());
+    // A leader killed (SIGKILL) while it led: its label is still there.
+    let mut stale = app.clone();
+    stale[LEADER_LABEL] = json!("true");
+    api.add_pod("operator-killed", stale);
+
+    // Both replicas serve one certificate pair, so one CA reaches either.
+    let dir = scratch_dir("leader-label-certs");
+    let made = portpolicy::operator::webhook::tls::self_signed(&["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&key, &made.key_pem).unwrap();
+    std::fs::write(&cert, &made.cert_pem).unwrap();
+    let start = |identity: &str, address: SocketAddr| {
+        let mut flags = webhook_flags(address);
+        flags.extend(["--pod-name".to_string(), identity.to_string()]);
+        flags.extend(
+            [
+                "--tls-cert-file",
+                cert.to_str().unwrap(),
+                "--tls-key-file",
+                key.to_str().unwrap(),
+            ]
+            .map(String::from),
+        );
+        flags.extend(FAST_ELECTION.map(String::from));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Operator::start(&api, identity, &flags)
+    };
+    let wait_leader_pods = |expected: &'static [&'static str]| {
+        let api = api.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while api.leader_pods() != expected {
+                assert!(
+                    Instant::now() < deadline,
+                    "labelled {:?}, not {expected:?}",
+                    api.leader_pods()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let review =
+        |uid: &str, name: &str| serde_json::to_vec(&review_body(uid, "edge", name, "Service")).unwrap();
+
+    let (address_a, address_b) = (free_port(), free_port());
+    let mut first = start("operator-a", address_a);
+    first
+        .wait_metric("portpolicy_operator_leader", 1.0, Duration::from_secs(20))
+        .await
+        .unwrap();
+    wait_leader_pods(&["operator-a"]).await;
+    let second = start("operator-b", address_b);
+    second.wait_ready(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(second.metric("portpolicy_operator_leader").await, Some(0.0));
+    // Long enough for a follower's write to show, were there one.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(api.leader_pods(), ["operator-a"], "a follower labels nothing");
+    let pod_patches = |name: &str| {
+        api.requests()
+            .into_iter()
+            .filter(|r| r.method == "PATCH" && r.path == format!("{PODS}/{name}"))
+            .map(|r| r.body["metadata"]["labels"][LEADER_LABEL].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        pod_patches("operator-b"),
+        Vec::<Value>::new(),
+        "a follower writes no label"
+    );
+    assert_eq!(
+        pod_patches("operator-killed"),
+        [Value::Null],
+        "the stale label was removed"
+    );
+
+    // A review that reaches the follower anyway (a handover in progress) is allowed unchanged.
+    let (code, body) = post_review(address_b, &made.ca_pem, "localhost", &review("u-b", "web-b"))
+        .await
+        .unwrap();
+    assert_eq!(code, 200);
+    let (response, patch) = response_of(&body);
+    assert!(patch.is_none(), "{response}");
+    assert_eq!(response["allowed"], true);
+    assert!(
+        response["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("does not lead"),
+        "{response}"
+    );
+    let (_, body) = post_review(address_a, &made.ca_pem, "localhost", &review("u-a", "web-a"))
+        .await
+        .unwrap();
+    assert!(response_of(&body).1.is_some(), "the leader assigns a port");
+
+    first.terminate();
+    let status = first
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    second
+        .wait_metric("portpolicy_operator_leader", 1.0, Duration::from_secs(5))
+        .await
+        .unwrap();
+    wait_leader_pods(&["operator-b"]).await;
+    assert_eq!(
+        pod_patches("operator-a"),
+        [json!("true"), Value::Null],
+        "the old leader labelled itself, then removed its label on shutdown:\n{}",
+        first.log()
+    );
+    let (_, body) = post_review(address_b, &made.ca_pem, "localhost", &review("u-b2", "web-b2"))
+        .await
+        .unwrap();
+    let (response, patch) = response_of(&body);
+    let patch = patch.unwrap_or_else(|| panic!("the new leader assigns a port: {response}"));
+    let port = patch[0]["value"].as_u64().unwrap();
+    assert!((31000..=31099).contains(&port), "{port}");
 }

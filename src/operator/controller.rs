@@ -28,6 +28,7 @@ use super::agent::POLICY_LABEL;
 use super::context::{
     CacheState, CacheSync, Context, Settings, Stores, UnreadablePolicies, UnreadablePolicy,
 };
+use super::leader_pod::LeaderPod;
 use super::lease::{Elector, Leadership, Timing};
 use super::metrics::{Metrics, WATCHED_RESOURCES};
 use super::reconcile::{error_policy, reconcile, truncate};
@@ -74,6 +75,11 @@ pub struct OperatorArgs {
     /// This replica's name in the leader Lease.
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// This replica's own Pod in --namespace (the downward API's POD_NAME). The leader labels
+    /// it `portpolicy.io/leader=true`, which the webhook Service selects, so admission reviews
+    /// reach the leader only. Without it no Pod is labelled.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
     /// Policies reconciled at once.
     #[arg(long, default_value_t = 4)]
     pub concurrency: u16,
@@ -571,6 +577,20 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         (CertificateSource::SelfSigned { .. }, None) => futures::future::pending().boxed(),
     };
     let webhook_server = tls::serve(webhook_listener, tls_config, webhook::router(webhook.clone()));
+    let leader_pod = args
+        .pod_name
+        .as_deref()
+        .filter(|name| !name.is_empty())
+        .map(|name| LeaderPod::new(client.clone(), &args.namespace, name));
+    let label_upkeep = match &leader_pod {
+        Some(pod) => pod.clone().follow(leadership.clone()).boxed(),
+        None => {
+            tracing::info!(
+                "no POD_NAME (--pod-name): no Pod is labelled as the leader for the webhook Service"
+            );
+            futures::future::pending().boxed()
+        }
+    };
     let mut elector = Elector::new(client, &args.namespace, &identity, timing);
 
     let (p1, n1) = (policies.clone(), namespaces.clone());
@@ -626,6 +646,7 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         () = report_unreadable(ctx) => unreachable!("the reporter runs until dropped"),
         () = webhook.expire_reservations() => unreachable!("the expiry runs until dropped"),
         () = tls_upkeep => unreachable!("certificate upkeep runs until dropped"),
+        () = label_upkeep => unreachable!("the leader label's upkeep runs until dropped"),
         result = webhook_server => {
             return Err(Error::Config(format!(
                 "the webhook server on {} stopped: {}",
@@ -643,7 +664,14 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
     // Nothing writes any more (the controller, its reconciles and the reporter are dropped), so
     // the Lease can go: a follower takes over at its next check. (After a lost lead this only
     // succeeds if nobody else holds it and the API server answers in time.)
-    elector.release().await;
+    // At the same time, reviews stop coming here once the label is gone (the next leader
+    // removes it otherwise); both are bounded, so a lost API server delays the exit by 2 s.
+    let unlabel = async {
+        if let Some(pod) = &leader_pod {
+            pod.unlabel(Duration::from_secs(2)).await;
+        }
+    };
+    tokio::join!(elector.release(), unlabel);
     outcome
 }
 

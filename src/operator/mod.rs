@@ -27,6 +27,7 @@ pub(crate) mod agent;
 mod context;
 pub mod controller;
 pub mod core;
+pub mod leader_pod;
 pub mod lease;
 pub mod metrics;
 mod reconcile;
