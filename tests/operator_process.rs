@@ -1179,6 +1179,17 @@ async fn the_leader_labels_its_pod_for_the_webhook_service_and_hands_the_label_o
         "the old leader labelled itself, then removed its label on shutdown:\n{}",
         first.log()
     );
+    // A removal that lands late (a dead leader's request held up by the network) is undone
+    // at the leader's next check, every 10 s.
+    api.add_pod("operator-b", app.clone());
+    let removed = Instant::now();
+    let deadline = removed + Duration::from_secs(15);
+    while api.leader_pods().is_empty() {
+        assert!(Instant::now() < deadline, "the leader did not label itself again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(api.leader_pods(), ["operator-b"]);
+    eprintln!("label restored {:?} after it was removed", removed.elapsed());
     let (_, body) = post_review(address_b, &made.ca_pem, "localhost", &review("u-b2", "web-b2"))
         .await
         .unwrap();

@@ -2,9 +2,11 @@
 //! `config/` selects that label, so admission reviews reach the replica whose ledger assigns
 //! ports instead of half of them reaching a follower (which allows them unchanged).
 //!
-//! - On winning the Lease it labels its Pod, then removes the label from every other Pod of the
-//!   namespace that still has it (a leader killed without cleaning up, or one whose removal at
-//!   exit could not reach the API server and that the kubelet restarted in the same Pod).
+//! - On winning the Lease, and every 10 s while it leads, it makes sure its Pod has the label
+//!   and removes the label from every other Pod of the namespace that still has it (a leader
+//!   killed without cleaning up, or one whose removal at exit could not reach the API server
+//!   and that the kubelet restarted in the same Pod). The check is one list of the labelled
+//!   Pods; it undoes a removal another process sent late (a dead leader's, held up).
 //! - On losing the lead or on shutdown it removes its own label (bounded in time; the next
 //!   leader clears it otherwise).
 //!
@@ -30,6 +32,8 @@ pub const LEADER_LABEL: &str = "portpolicy.io/leader";
 pub const LEADER_VALUE: &str = "true";
 
 const RETRY: Duration = Duration::from_secs(2);
+/// How often the leader checks that its Pod, and only it, has the label.
+const CHECK: Duration = Duration::from_secs(10);
 
 /// This replica's own Pod, as the downward API names it.
 #[derive(Clone)]
@@ -78,60 +82,65 @@ impl LeaderPod {
         }
     }
 
-    /// Removes the label from every other Pod that has it; returns their names.
-    async fn clear_others(&self) -> Result<Vec<String>, kube::Error> {
+    /// Makes this Pod the only one with the label: lists the labelled Pods (a read, all there
+    /// is to it while nothing changed), labels this one if it is missing, and removes the label
+    /// from the others. Returns whether this Pod was labelled, and the Pods cleared.
+    async fn converge(&self) -> Result<(bool, Vec<String>), kube::Error> {
         let selector = format!("{LEADER_LABEL}={LEADER_VALUE}");
         let labelled = self
             .api
             .list_metadata(&ListParams::default().labels(&selector))
             .await?;
-        let mut cleared = Vec::new();
-        for pod in labelled.items {
-            let Some(name) = pod.metadata.name else { continue };
-            if name != self.name {
-                self.set_label(&name, None).await?;
-                cleared.push(name);
-            }
+        let names: Vec<String> = labelled
+            .items
+            .into_iter()
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        let mut set = false;
+        if !names.contains(&self.name) {
+            // Noted first: a removal at shutdown must follow a write that may have landed even
+            // if its answer never came.
+            self.labelled.store(true, Ordering::SeqCst);
+            self.set_label(&self.name, Some(LEADER_VALUE)).await?;
+            set = true;
         }
-        Ok(cleared)
+        let mut cleared = Vec::new();
+        for name in names.into_iter().filter(|n| *n != self.name) {
+            self.set_label(&name, None).await?;
+            cleared.push(name);
+        }
+        Ok((set, cleared))
     }
 
-    /// Keeps the label on this replica's Pod while it leads (runs until dropped). A replica
-    /// restarted in a Pod that still has the label (its removal at exit failed) leaves it: the
-    /// next leader removes it, or it leads again itself; a follower writes nothing.
+    /// Keeps the label on this replica's Pod, and on no other, while it leads (runs until
+    /// dropped): at once when it starts leading, then every [`CHECK`], so that a removal
+    /// another process sent late (a dead leader's, held up by the network) is undone. A
+    /// replica restarted in a Pod that still has the label (its removal at exit failed) leaves
+    /// it: the next leader removes it, or it leads again itself; a follower writes nothing.
     pub async fn follow(self, leadership: Leadership) {
         loop {
             leadership.leading().await;
-            let mut labelled = false;
             while leadership.is_leading() {
-                let step = async {
-                    if !labelled {
-                        // Set first: a removal at shutdown must follow a write that may have
-                        // landed even if its answer never came.
-                        self.labelled.store(true, Ordering::SeqCst);
-                        self.set_label(&self.name, Some(LEADER_VALUE)).await?;
-                        labelled = true;
-                        tracing::info!(pod = %self.name, label = LEADER_LABEL, "labelled this Pod as the leader: the webhook Service routes reviews here");
-                    }
-                    self.clear_others().await
-                };
-                match step.await {
-                    Ok(cleared) => {
+                let wait = match self.converge().await {
+                    Ok((set, cleared)) => {
+                        if set {
+                            tracing::info!(pod = %self.name, label = LEADER_LABEL, "labelled this Pod as the leader: the webhook Service routes reviews here");
+                        }
                         if !cleared.is_empty() {
                             tracing::info!(pods = ?cleared, "removed the leader label from Pods that no longer lead");
                         }
-                        break;
+                        CHECK
                     }
                     Err(error) => {
                         tracing::warn!(%error, pod = %self.name, "cannot set the leader label; retrying");
-                        tokio::select! {
-                            () = tokio::time::sleep(RETRY) => {}
-                            () = leadership.lost() => {}
-                        }
+                        RETRY
                     }
+                };
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    () = leadership.lost() => {}
                 }
             }
-            leadership.lost().await;
             self.unlabel(RETRY).await;
         }
     }
