@@ -70,6 +70,101 @@ struct Pending {
     expires: DateTime<Utc>,
 }
 
+/// The policies as the ledger reads them (pins, reserved ranges, live records), compiled
+/// without the ledger, so that a policy event costs the review path only the swap.
+#[derive(Clone, Debug)]
+pub struct LedgerPolicies {
+    cluster_range: PortRange,
+    policies: PolicySet,
+    policy_blocked: PortBitmap,
+    records: HashMap<RecordKey, u16>,
+    pins: HashMap<(String, String, String, String), u16>,
+    pinned_for: HashMap<u16, (String, String, String)>,
+}
+
+impl LedgerPolicies {
+    /// Compiles `policies` for a ledger over `cluster_range`; records whose retention ended
+    /// by `now` no longer block.
+    pub fn compile<'p>(
+        policies: impl IntoIterator<Item = &'p PortPolicy> + Clone,
+        cluster_range: PortRange,
+        now: DateTime<Utc>,
+    ) -> Self {
+        let compiled_set = PolicySet::compile(policies.clone());
+        let mut out = LedgerPolicies {
+            cluster_range,
+            policies: PolicySet::default(),
+            policy_blocked: PortBitmap::new(cluster_range),
+            records: HashMap::new(),
+            pins: HashMap::new(),
+            pinned_for: HashMap::new(),
+        };
+        let now_seconds = now.timestamp();
+        for compiled in compiled_set.policies() {
+            for reserved in &compiled.reserved {
+                for port in reserved.low..=reserved.high {
+                    out.policy_blocked.set(port);
+                }
+            }
+            for pin in &compiled.pinned {
+                let Ok(port) = u16::try_from(pin.node_port) else {
+                    continue;
+                };
+                out.policy_blocked.set(port);
+                let owner = (pin.namespace.clone(), pin.service.clone(), pin.port_name.clone());
+                out.pins.insert(
+                    (
+                        compiled.name.clone(),
+                        owner.0.clone(),
+                        owner.1.clone(),
+                        owner.2.clone(),
+                    ),
+                    port,
+                );
+                out.pinned_for.insert(port, owner);
+            }
+        }
+        for policy in policies {
+            let name = policy.name();
+            let valid = compiled_set.get(name);
+            let invalid = compiled_set.invalid().iter().any(|n| n == name);
+            let Some(status) = &policy.status else { continue };
+            for record in &status.allocations {
+                let Ok(port) = u16::try_from(record.node_port) else {
+                    continue;
+                };
+                if port == 0 {
+                    continue;
+                }
+                if invalid {
+                    // Kept as it is, so fixing the spec loses nothing (as the allocator does).
+                    out.policy_blocked.set(port);
+                    continue;
+                }
+                let Some(valid) = valid else { continue };
+                let expired = record
+                    .released_at
+                    .as_ref()
+                    .is_some_and(|t| t.0.as_second() + valid.retention_seconds <= now_seconds);
+                if expired {
+                    continue;
+                }
+                out.policy_blocked.set(port);
+                let key = (
+                    name.to_string(),
+                    record.namespace.clone(),
+                    record.service.clone(),
+                    record.port_name.clone(),
+                    record.kind,
+                );
+                out.records.insert(key, port);
+            }
+        }
+        out.policies = compiled_set;
+        out
+    }
+}
+
 /// What a review and the allocator agree on, kept up to date one event at a time.
 #[derive(Clone, Debug)]
 pub struct AdmissionLedger {
@@ -125,72 +220,34 @@ impl AdmissionLedger {
         policies: impl IntoIterator<Item = &'p PortPolicy> + Clone,
         now: DateTime<Utc>,
     ) {
-        self.policies = PolicySet::compile(policies.clone());
-        self.policy_blocked = PortBitmap::new(self.cluster_range);
-        self.records.clear();
-        self.pins.clear();
-        self.pinned_for.clear();
-        let now_seconds = now.timestamp();
-        for compiled in self.policies.policies() {
-            for reserved in &compiled.reserved {
-                for port in reserved.low..=reserved.high {
-                    self.policy_blocked.set(port);
-                }
-            }
-            for pin in &compiled.pinned {
-                let Ok(port) = u16::try_from(pin.node_port) else {
-                    continue;
-                };
-                self.policy_blocked.set(port);
-                let owner = (pin.namespace.clone(), pin.service.clone(), pin.port_name.clone());
-                self.pins.insert(
-                    (
-                        compiled.name.clone(),
-                        owner.0.clone(),
-                        owner.1.clone(),
-                        owner.2.clone(),
-                    ),
-                    port,
-                );
-                self.pinned_for.insert(port, owner);
-            }
+        self.install_policies(LedgerPolicies::compile(policies, self.cluster_range, now));
+    }
+
+    /// Replaces the policies with ones compiled beforehand, outside whatever lock guards the
+    /// ledger: all that is left here is the swap and rebuilding the blocked ports.
+    pub fn install_policies(&mut self, compiled: LedgerPolicies) {
+        let LedgerPolicies {
+            cluster_range,
+            policies,
+            policy_blocked,
+            records,
+            pins,
+            pinned_for,
+        } = compiled;
+        if cluster_range != self.cluster_range {
+            // Compiled for a ledger over another range (a caller's mistake): never mix ranges.
+            debug_assert!(
+                false,
+                "policies compiled for {cluster_range}, not {}",
+                self.cluster_range
+            );
+            return;
         }
-        for policy in policies {
-            let name = policy.name();
-            let valid = self.policies.get(name);
-            let invalid = self.policies.invalid().iter().any(|n| n == name);
-            let Some(status) = &policy.status else { continue };
-            for record in &status.allocations {
-                let Ok(port) = u16::try_from(record.node_port) else {
-                    continue;
-                };
-                if port == 0 {
-                    continue;
-                }
-                if invalid {
-                    // Kept as it is, so fixing the spec loses nothing (as the allocator does).
-                    self.policy_blocked.set(port);
-                    continue;
-                }
-                let Some(valid) = valid else { continue };
-                let expired = record
-                    .released_at
-                    .as_ref()
-                    .is_some_and(|t| t.0.as_second() + valid.retention_seconds <= now_seconds);
-                if expired {
-                    continue;
-                }
-                self.policy_blocked.set(port);
-                let key = (
-                    name.to_string(),
-                    record.namespace.clone(),
-                    record.service.clone(),
-                    record.port_name.clone(),
-                    record.kind,
-                );
-                self.records.insert(key, port);
-            }
-        }
+        self.policies = policies;
+        self.policy_blocked = policy_blocked;
+        self.records = records;
+        self.pins = pins;
+        self.pinned_for = pinned_for;
         self.rebuild_blocked();
     }
 
@@ -256,6 +313,18 @@ impl AdmissionLedger {
             self.release_pending(key);
         }
         expired.len()
+    }
+
+    /// The ports of those reservations, sorted: what the reconcile must not hand out either.
+    pub fn in_flight_ports(&self) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.pending_ports.keys().copied().collect();
+        ports.sort_unstable();
+        ports
+    }
+
+    /// The cluster's nodePort range, which [`LedgerPolicies::compile`] needs.
+    pub fn cluster_range(&self) -> PortRange {
+        self.cluster_range
     }
 
     /// Reservations not yet confirmed by the watch nor timed out.

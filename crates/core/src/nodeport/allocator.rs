@@ -19,7 +19,18 @@ use crate::service::{ServiceModel, ServicePortModel};
 
 /// Decides every nodePort from the input. Deterministic: the same input gives the same plan.
 pub fn allocate_node_ports(input: &NodePortInput<'_>) -> NodePortAllocation {
-    Allocator::new(input).run()
+    allocate_node_ports_avoiding(input, &[])
+}
+
+/// As [`allocate_node_ports`], but automatic allocation also skips `in_flight`: the ports the
+/// admission webhook handed out whose Services the input does not show holding them yet
+/// ([`super::AdmissionLedger::in_flight_ports`]). A Service created meanwhile without the
+/// webhook must not be given a port a review just promised. Like a reserved range, this never
+/// takes a port from a Service that holds it.
+pub fn allocate_node_ports_avoiding(input: &NodePortInput<'_>, in_flight: &[u16]) -> NodePortAllocation {
+    let mut allocator = Allocator::new(input);
+    allocator.in_flight = in_flight;
+    allocator.run()
 }
 
 /// A nodePort's owner: one Service port (or health check) of one Service, by name.
@@ -102,6 +113,8 @@ pub(super) fn port_groups<'p, 'a>(ports: &'p [ServicePortModel<'a>]) -> Vec<Vec<
 
 struct Allocator<'i, 'a> {
     input: &'i NodePortInput<'a>,
+    /// Ports promised by in-flight admission reviews: skipped by automatic allocation.
+    in_flight: &'i [u16],
     now: Time,
     now_nanos: i128,
     /// The Services, oldest first.
@@ -156,6 +169,7 @@ impl<'i, 'a> Allocator<'i, 'a> {
             .collect();
         Allocator {
             input,
+            in_flight: &[],
             now,
             now_nanos,
             views,
@@ -450,6 +464,11 @@ impl<'i, 'a> Allocator<'i, 'a> {
         let pinned: Vec<u16> = self.pins.values().map(|&(_, port)| port).collect();
         for port in pinned {
             self.blocked.set(port);
+        }
+        for &port in self.in_flight {
+            if self.input.cluster_range.contains(port) {
+                self.blocked.set(port);
+            }
         }
     }
 

@@ -31,8 +31,8 @@ use crate::ports::{PortRange, Protocol};
 use crate::problem::Problem;
 use crate::service::ServiceModel;
 
-pub use admission::{AdmissionLedger, ServiceAdmission, ServiceReview};
-pub use allocator::allocate_node_ports;
+pub use admission::{AdmissionLedger, LedgerPolicies, ServiceAdmission, ServiceReview};
+pub use allocator::{allocate_node_ports, allocate_node_ports_avoiding};
 pub use bitmap::PortBitmap;
 pub use counts::NodePortCounts;
 

@@ -452,3 +452,87 @@ proptest! {
         prop_assert!(plan.service_changes().is_empty(), "the reconcile would move {:?}", plan.service_changes());
     }
 }
+
+/// A Service created while a review's reservation is in flight, without the webhook (it timed
+/// out, say), is not given the port the review just handed out: the reconcile skips the
+/// ledger's in-flight ports. The Service the review was for keeps its port once it holds it.
+#[test]
+fn the_reconcile_skips_ports_handed_out_by_in_flight_reviews() {
+    use crate::nodeport::{NodePortProblemReason, allocate_node_ports_avoiding};
+    let policies = [policy("edge", "edge", json!({"range": "31000-31000"}))];
+    let mut ledger = ledger(&policies);
+    let reviewed = node_port("edge", "reviewed");
+    let answer = ledger.review(&create(&reviewed, "u1"), t0());
+    assert_eq!(answer.assigned, [("spec.ports[0].nodePort".to_string(), 31000)]);
+    assert_eq!(ledger.in_flight_ports(), [31000]);
+
+    let set = PolicySet::compile(&policies);
+    let bypassed = node_port("edge", "bypassed");
+    let labels = namespaces();
+    let plan = |models: &[ServiceModel<'_>], in_flight: &[u16]| {
+        allocate_node_ports_avoiding(
+            &NodePortInput {
+                cluster_range: PortRange::DEFAULT_NODE_PORTS,
+                policies: &set,
+                records: &BTreeMap::new(),
+                services: models,
+                namespace_labels: &labels,
+                now: t0(),
+            },
+            in_flight,
+        )
+    };
+    // Without the in-flight ports the reconcile would hand 31000 out a second time.
+    let models = [ServiceModel::read(&bypassed)];
+    let blind = plan(&models, &[]);
+    assert_eq!(blind.assignments[0].node_port, 31000);
+    let plan_now = plan(&models, &ledger.in_flight_ports());
+    assert!(
+        plan_now.assignments.iter().all(|a| a.node_port != 31000),
+        "{:?}",
+        plan_now.assignments
+    );
+    assert!(
+        plan_now
+            .problems
+            .iter()
+            .any(|p| p.reason == NodePortProblemReason::RangeExhausted),
+        "{:?}",
+        plan_now.problems
+    );
+
+    // The reviewed Service appears holding its port: it keeps it, and the bypassing one still
+    // gets nothing (the range has one port).
+    let created = patched(&reviewed, &answer.patch);
+    let models = [ServiceModel::read(&created), ServiceModel::read(&bypassed)];
+    let later = plan(&models, &ledger.in_flight_ports());
+    let kept: Vec<_> = (later.assignments.iter())
+        .map(|a| (a.service.as_str(), a.node_port, a.state))
+        .collect();
+    assert_eq!(kept, [("reviewed", 31000, AssignmentState::Existing)]);
+    ledger.upsert_service(&created);
+    assert!(ledger.in_flight_ports().is_empty(), "the watch confirmed it");
+}
+
+/// Policies compiled outside the ledger and installed give the same answers as setting them.
+#[test]
+fn policies_compiled_beforehand_answer_as_set_ones() {
+    use crate::nodeport::LedgerPolicies;
+    let policies = [policy(
+        "edge",
+        "edge",
+        json!({"range": "31000-31099", "reserved": ["31000-31049"]}),
+    )];
+    let mut set = ledger(&policies);
+    let mut installed = AdmissionLedger::new(PortRange::DEFAULT_NODE_PORTS, Duration::from_secs(30));
+    installed.set_namespaces(namespaces());
+    let compiled = LedgerPolicies::compile(&policies, installed.cluster_range(), t0());
+    installed.install_policies(compiled);
+    for i in 0..10 {
+        let web = node_port("edge", &format!("web-{i}"));
+        let a = set.review(&create(&web, &format!("u{i}")), t0());
+        let b = installed.review(&create(&web, &format!("u{i}")), t0());
+        assert_eq!(a.assigned, b.assigned);
+        assert!(a.assigned.iter().all(|(_, p)| *p >= 31050), "{:?}", a.assigned);
+    }
+}
