@@ -208,6 +208,7 @@ fn reconcile_computation(w: &World) -> usize {
         namespaces: &w.namespaces,
         cluster_range: PortRange::DEFAULT_NODE_PORTS,
         now: "2026-11-26T12:00:00Z".parse().unwrap(),
+        in_flight: &[],
     });
     let policy = &w.policies[0];
     let facts = comp.facts(policy, None);

@@ -161,6 +161,8 @@ pub(super) struct Settings {
 }
 
 pub(super) type Clock = Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>;
+/// The ports in-flight admission reviews handed out (the webhook's ledger).
+pub(super) type InFlight = Arc<dyn Fn() -> Vec<u16> + Send + Sync>;
 
 pub(super) struct Context {
     pub client: Client,
@@ -174,6 +176,8 @@ pub(super) struct Context {
     pub settings: Settings,
     /// The wall clock; tests pass a fixed one so status timestamps are predictable.
     pub clock: Clock,
+    /// Ports reserved by in-flight admission reviews, which the reconcile must not hand out.
+    pub in_flight: InFlight,
 }
 
 impl Context {
@@ -212,6 +216,7 @@ impl Context {
             metrics,
             settings,
             clock: Arc::new(chrono::Utc::now),
+            in_flight: Arc::new(Vec::new),
         }
     }
 }

@@ -558,6 +558,8 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         Some(identity.clone()),
     );
     context.unreadable = unreadable;
+    let reviews = webhook.clone();
+    context.in_flight = Arc::new(move || reviews.in_flight_ports());
     let ctx = Arc::new(context);
     let tls_upkeep = match (&certificates, self_signed_ca) {
         (CertificateSource::Files { cert, key }, _) => tls::reload_on_change(

@@ -18,7 +18,7 @@ use portpolicy_core::hostport::{
 use portpolicy_core::intent::{HealthCheckNodePort, ServiceIntent, ServicePortNodePort};
 use portpolicy_core::nodeport::{
     AssignmentState, NodePortAllocation, NodePortAssignment, NodePortInput, NodePortProblemReason,
-    allocate_node_ports,
+    allocate_node_ports_avoiding,
 };
 use portpolicy_core::ports::PortRange;
 use portpolicy_core::service::{ExternalTraffic, HealthCheckField, ServiceFields, ServiceModel};
@@ -34,6 +34,9 @@ pub struct Inputs<'a> {
     pub namespaces: &'a [Arc<Namespace>],
     pub cluster_range: PortRange,
     pub now: chrono::DateTime<chrono::Utc>,
+    /// Ports the admission webhook handed out whose Services the stores do not show yet:
+    /// automatic allocation skips them.
+    pub in_flight: &'a [u16],
 }
 
 /// The core's answer for the whole cluster; each policy's reconcile acts on its own part.
@@ -90,14 +93,17 @@ pub fn compute(inputs: &Inputs<'_>) -> Computation {
         .filter_map(|p| Some((p.name_any(), p.status.as_ref()?.allocations.clone())))
         .filter(|(_, r)| !r.is_empty())
         .collect();
-    let allocation = allocate_node_ports(&NodePortInput {
-        cluster_range: inputs.cluster_range,
-        policies: &policy_set,
-        records: &records,
-        services: &models,
-        namespace_labels: &namespace_labels,
-        now: inputs.now,
-    });
+    let allocation = allocate_node_ports_avoiding(
+        &NodePortInput {
+            cluster_range: inputs.cluster_range,
+            policies: &policy_set,
+            records: &records,
+            services: &models,
+            namespace_labels: &namespace_labels,
+            now: inputs.now,
+        },
+        inputs.in_flight,
+    );
     let services = inputs
         .services
         .iter()
@@ -439,6 +445,7 @@ mod tests {
             namespaces: &[],
             cluster_range: PortRange::DEFAULT_NODE_PORTS,
             now: "2026-11-26T12:00:00Z".parse().unwrap(),
+            in_flight: &[],
         })
     }
 

@@ -113,6 +113,10 @@ fn computation(policy: &PortPolicy, ctx: &Context) -> Computation {
     let services = ctx.stores.services.state();
     let pods = ctx.stores.pods.state();
     let namespaces = ctx.stores.namespaces.state();
+    // Read after the stores: a reservation the watch confirmed since is a Service holding its
+    // port in the next reconcile, and one made since is skipped by this one's writes only if
+    // it is read here (see docs/operator.md on the window that leaves).
+    let in_flight = (ctx.in_flight)();
     compute(&Inputs {
         policies: &policies,
         services: &services,
@@ -120,6 +124,7 @@ fn computation(policy: &PortPolicy, ctx: &Context) -> Computation {
         namespaces: &namespaces,
         cluster_range: ctx.settings.cluster_range,
         now: (ctx.clock)(),
+        in_flight: &in_flight,
     })
 }
 

@@ -32,7 +32,7 @@ use super::lease::Leadership;
 use super::metrics::Metrics;
 use portpolicy_core::crd::PortPolicy;
 use portpolicy_core::governance::NamespaceLabels;
-use portpolicy_core::nodeport::{AdmissionLedger, ServiceReview};
+use portpolicy_core::nodeport::{AdmissionLedger, LedgerPolicies, ServiceReview};
 use portpolicy_core::ports::PortRange;
 
 /// The path the MutatingWebhookConfiguration in `config/` calls.
@@ -42,6 +42,7 @@ pub const MUTATE_SERVICE_PATH: &str = "/mutate-v1-service";
 #[derive(Clone)]
 pub struct Webhook {
     ledger: Arc<Mutex<AdmissionLedger>>,
+    cluster_range: PortRange,
     leadership: Leadership,
     caches: CacheSync,
     metrics: Metrics,
@@ -76,6 +77,7 @@ impl Webhook {
         metrics: Metrics,
     ) -> Self {
         Webhook {
+            cluster_range,
             ledger: Arc::new(Mutex::new(AdmissionLedger::new(
                 cluster_range,
                 reservation_timeout,
@@ -116,10 +118,11 @@ impl Webhook {
     }
 
     /// Any PortPolicy event, after the store applied it: specs and records are re-read.
+    /// Compiled before taking the lock, so reviews wait only for the swap.
     pub fn observe_policies(&self, store: &Store<PortPolicy>) {
         let policies = store.state();
-        self.ledger()
-            .set_policies(policies.iter().map(|p| &**p), Utc::now());
+        let compiled = LedgerPolicies::compile(policies.iter().map(|p| &**p), self.cluster_range, Utc::now());
+        self.ledger().install_policies(compiled);
     }
 
     /// Any Namespace event, after the store applied it.
@@ -130,6 +133,11 @@ impl Webhook {
             .map(|ns| (ns.name_any(), ns.metadata.labels.clone().unwrap_or_default()))
             .collect();
         self.ledger().set_namespaces(labels);
+    }
+
+    /// The ports handed out by reviews whose Services the watch has not shown yet.
+    pub fn in_flight_ports(&self) -> Vec<u16> {
+        self.ledger().in_flight_ports()
     }
 
     /// Releases timed-out reservations and keeps the gauge current, once a second.
