@@ -97,10 +97,10 @@ impl LeaderPod {
             .filter_map(|p| p.metadata.name)
             .collect();
         let mut set = false;
+        // Noted before the write (which may land even if its answer never comes), and when the
+        // label is there already (set by this Pod's previous process): removed on exit.
+        self.labelled.store(true, Ordering::SeqCst);
         if !names.contains(&self.name) {
-            // Noted first: a removal at shutdown must follow a write that may have landed even
-            // if its answer never came.
-            self.labelled.store(true, Ordering::SeqCst);
             self.set_label(&self.name, Some(LEADER_VALUE)).await?;
             set = true;
         }
