@@ -709,8 +709,6 @@ async fn metrics_address_in_use_stops_the_operator() {
 // ---- The admission webhook, over HTTPS with a real TLS client ----
 
 use k8s_openapi::ByteString;
-use kube::core::DynamicObject;
-use kube::core::admission::AdmissionReview;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
@@ -774,14 +772,20 @@ async fn post_review(
 
 /// The response of a review answer, with its JSON patch decoded.
 fn response_of(body: &[u8]) -> (Value, Option<Value>) {
-    let review: AdmissionReview<DynamicObject> =
+    let review: Value =
         serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)));
-    let response = review.response.expect("a response");
-    let patch = response
-        .patch
-        .as_ref()
-        .map(|p| serde_json::from_slice(p).unwrap());
-    (serde_json::to_value(&response).unwrap(), patch)
+    let response = review["response"].clone();
+    assert!(response.is_object(), "a response: {review}");
+    // As the API server reads it: Go's []byte, a base64 string.
+    let patch = response.get("patch").filter(|p| !p.is_null()).map(|p| {
+        assert!(
+            p.is_string(),
+            "the patch is base64, as the API server reads it: {p}"
+        );
+        let bytes: ByteString = serde_json::from_value(p.clone()).unwrap();
+        serde_json::from_slice(&bytes.0).unwrap()
+    });
+    (response, patch)
 }
 
 fn webhook_flags(address: SocketAddr) -> Vec<String> {

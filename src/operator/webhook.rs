@@ -307,7 +307,20 @@ pub fn router(webhook: Webhook) -> Router {
 
 async fn mutate_handler(State(webhook): State<Webhook>, body: Bytes) -> impl IntoResponse {
     let (review, _) = webhook.answer(&body);
-    let body = serde_json::to_vec(&review).unwrap_or_else(|e| {
+    // kube-core serializes `response.patch` (a Vec<u8>) as an array of numbers; the API server
+    // reads it as Go's []byte, a base64 string, and would fail the call (so, with
+    // failurePolicy Ignore, never apply a patch). The system e2e caught this.
+    let body = serde_json::to_value(&review)
+        .map(|mut value| {
+            if let Some(patch) = review.response.as_ref().and_then(|r| r.patch.clone())
+                && let Ok(encoded) = serde_json::to_value(k8s_openapi::ByteString(patch))
+            {
+                value["response"]["patch"] = encoded;
+            }
+            value
+        })
+        .and_then(|value| serde_json::to_vec(&value));
+    let body = body.unwrap_or_else(|e| {
         format!("{{\"kind\":\"AdmissionReview\",\"apiVersion\":\"admission.k8s.io/v1\",\"response\":{{\"uid\":\"\",\"allowed\":true,\"status\":{{\"message\":\"cannot serialize the response: {e}\"}}}}}}").into_bytes()
     });
     ([(header::CONTENT_TYPE, "application/json")], body)
