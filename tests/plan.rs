@@ -59,6 +59,15 @@ fn demo_cluster_json_matches_golden() {
     );
 }
 
+/// One node's complete table and JSON, as `--node` prints them: the same whether or not the
+/// plan for every node prints what the nodes share once.
+#[test]
+fn demo_cluster_one_node_matches_golden() {
+    let report = demo_plan(ProxyMode::Replacement, Some("node-a"));
+    check_golden("demo-plan-node-a.txt", &report.to_table());
+    check_golden("demo-plan-node-a.json", &report.to_json());
+}
+
 #[test]
 fn demo_cluster_plan_says_what_the_primer_says() {
     let report = demo_plan(ProxyMode::Replacement, None);
