@@ -63,7 +63,7 @@ fn reconstruct(every: &Value, node: &str) -> Vec<Value> {
             let wildcard = vs["address"].as_str().unwrap();
             assert!(wildcard == "0.0.0.0" || wildcard == "::", "{vs}");
             let ipv4 = wildcard == "0.0.0.0";
-            for address in addresses.iter().filter(|a| !a.contains(':') == ipv4) {
+            for address in addresses.iter().filter(|a| a.contains(':') != ipv4) {
                 let mut concrete = vs.clone();
                 concrete["address"] = json!(address);
                 table.insert(key(&concrete), concrete);
