@@ -500,7 +500,8 @@ async fn prometheus_sees_the_scenario_and_every_queried_metric_is_exported() {
     if agent_text.is_none() {
         eprintln!(
             "IGNORED: the agent part (promtool check metrics, agent metric names): this kernel has no IPVS, \
-             so the agent binary does not start"
+             so the agent binary does not start (`e2e/run-system --only prometheus` checks both against \
+             the agent in the real-kernel VM)"
         );
     }
     for (who, text) in [("operator", Some(&operator_text)), ("agent", agent_text.as_ref())] {
