@@ -163,7 +163,8 @@ class Replica:
 
     def __init__(self, name: str, binary: str, api: ApiServer, metrics_port: int, work: pathlib.Path):
         self.name, self.binary, self.api, self.metrics_port = name, binary, api, metrics_port
-        # Both replicas run on this host: each serves its admission webhook on a port of its own.
+        # Every replica runs on this one host, so each serves its admission webhook on a port of
+        # its own (in a cluster each pod has its own 9443).
         self.webhook_port = free_port()
         self.log_path = work / f"operator-{name}.log"
         self.process: subprocess.Popen | None = None
