@@ -163,6 +163,9 @@ class Replica:
 
     def __init__(self, name: str, binary: str, api: ApiServer, metrics_port: int, work: pathlib.Path):
         self.name, self.binary, self.api, self.metrics_port = name, binary, api, metrics_port
+        # Every replica runs on this one host, so each serves its admission webhook on a port of
+        # its own (in a cluster each pod has its own 9443).
+        self.webhook_port = free_port()
         self.log_path = work / f"operator-{name}.log"
         self.process: subprocess.Popen | None = None
         self.exits: list[tuple[float, int]] = []  # (time, status)
@@ -189,6 +192,7 @@ class Replica:
             POD_NAME=self.name,
             POD_NAMESPACE="portpolicy-system",
             PORTPOLICY_METRICS_ADDRESS=f"127.0.0.1:{self.metrics_port}",
+            PORTPOLICY_WEBHOOK_ADDRESS=f"127.0.0.1:{self.webhook_port}",
             PORTPOLICY_NODE_PORT_RANGE="30000-32767",
             PORTPOLICY_IMAGE="portpolicy:dev",
             # RUST_LOG=debug e2e/run-system ... passes through to the operators.
