@@ -16,6 +16,8 @@ SNAP=/tmp/latency-snapshot
 METRICS=127.0.0.1:10266
 mkdir -p "$SNAP"
 now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
+# progress LINE: shown on the console as it happens (the scenario's output comes at its end).
+progress() { echo "e2e: agent-latency: $*" > /dev/console 2> /dev/null || true; }
 
 # Service i: cluster IP 10.100.(i/250).(i%250+1):80, one endpoint 10.60.(i/250).(i%250+1):8080.
 # Service 0's EndpointSlice is in a file of its own, the one rewritten.
@@ -38,6 +40,7 @@ slice0() {
 }
 slice0 10.61.0.1
 echo "snapshot of $SERVICES Services: $(du -k "$SNAP/cluster.yaml" | cut -f1) KiB, written in $(( $(now_ms) - started )) ms"
+progress "snapshot written after $(( $(now_ms) - started )) ms"
 
 # A resync period longer than the run: every sync measured is the change's own.
 started=$(now_ms)
@@ -51,6 +54,7 @@ until [ "$(printf 'GET /readyz HTTP/1.0\r\n\r\n' | nc -w 1 127.0.0.1 10266 2>/de
     sleep 0.1
 done
 echo "agent ready (first full sync of $SERVICES Services) after $(( $(now_ms) - started )) ms"
+progress "agent ready after $(( $(now_ms) - started )) ms"
 virtual=$(ipvsadm -Ln | grep -c '^TCP ')
 [ "$virtual" -ge "$SERVICES" ] && pass latency-agent-programs-every-service \
     || { fail latency-agent-programs-every-service "$virtual virtual servers"; tail -n 5 /tmp/latency-agent.log; }
@@ -81,6 +85,7 @@ while [ $round -le "$ROUNDS" ]; do
         k=$((k + 1))
         sleep 0.01
     done
+    progress "round $round: $(tail -n 1 /tmp/latency-external) ms; $(grep change_to_kernel_ms /tmp/latency-agent.log | tail -n 1 | sed -n 's/.*\(change_to_kernel_ms=[0-9.]*\).*/\1/p'); $(grep 'snapshot loaded' /tmp/latency-agent.log | tail -n 1 | sed -n 's/.*\(load_ms=[0-9.]*\).*/\1/p')"
     round=$((round + 1))
 done
 [ "$missed" = 0 ] && pass latency-every-change-reaches-the-kernel \
