@@ -7,7 +7,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use portpolicy::snapshot_files::load_paths;
 use portpolicy_core::crd::PortPolicy;
 use portpolicy_core::ipvs::{NodePortAddresses, ProxyMode};
-use portpolicy_core::plan::{PlanOptions, build_plan};
+use portpolicy_core::plan::{Plan, PlanFormat, PlanOptions};
 use portpolicy_core::ports::PortRange;
 
 /// Predictable Kubernetes ports: nodePort allocation, hostPort conflicts and IPVS programming.
@@ -174,15 +174,15 @@ fn plan(args: PlanArgs) -> ExitCode {
         node_port_addresses,
         now: args.now.unwrap_or_else(Utc::now),
     };
-    let mut report = build_plan(&loaded.snapshot, &options);
-    report.problems.extend(loaded.problems);
-    report.problems.sort();
-    report.problems.dedup();
-    let text = match args.output {
-        Output::Table => report.to_table(),
-        Output::Json => report.to_json(),
+    let mut plan = Plan::new(&loaded.snapshot, &options);
+    plan.problems.extend(loaded.problems);
+    let format = match args.output {
+        Output::Table => PlanFormat::Table,
+        Output::Json => PlanFormat::Json,
     };
-    let printed = print_stdout(&text);
+    // Written as planned: without --node, node by node.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let printed = written(plan.write(format, &mut out).and_then(|()| out.flush()));
     if loaded.snapshot.object_count() == 0 {
         for problem in &loaded.unreadable {
             eprintln!("portpolicy plan: {problem}");
@@ -196,7 +196,12 @@ fn plan(args: PlanArgs) -> ExitCode {
 /// Writes to stdout; a closed pipe (`| head`) is not an error worth a panic.
 fn print_stdout(text: &str) -> ExitCode {
     let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+    written(out.write_all(text.as_bytes()).and_then(|()| out.flush()))
+}
+
+/// What writing the output ended in, as an exit code.
+fn written(result: std::io::Result<()>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {

@@ -167,7 +167,7 @@ fn the_same_cluster_read_twice_plans_as_once() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     let twice: Value = serde_json::from_str(&out.stdout).unwrap();
     let once: Value = serde_json::from_str(&golden("demo-plan.json")).unwrap();
-    for key in ["nodePorts", "hostPortConflicts", "nodes"] {
+    for key in ["nodePorts", "hostPortConflicts", "everyNode", "nodes"] {
         assert_eq!(twice[key], once[key], "{key}");
     }
     let extra: Vec<_> = problems(&twice)

@@ -1,296 +1,23 @@
 //! The real `portpolicy operator` binary as a process against a small fake API server on
 //! loopback: readiness, a follower's readiness, leadership handover on SIGTERM, stepping down
-//! when the API server freezes, and a PortPolicy that cannot be read. The fake answers lists
-//! from fixed objects, holds watches open without events, keeps one Lease with
-//! resourceVersions, and records every request. (The system e2e suite runs the operator against
-//! a fuller emulated API server; this one stays small and fast.)
+//! when the API server freezes, and a PortPolicy that cannot be read. The fake
+//! (tests/support/fake_api.rs) answers lists from fixed objects, holds watches open without
+//! events (these tests change nothing, and it keeps none of the operator's writes), keeps one
+//! Lease with resourceVersions, and records every request. (The system e2e suite runs the
+//! operator against a fuller emulated API server; this one stays small and fast.)
+
+#[path = "support/fake_api.rs"]
+mod fake_api;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
+use fake_api::{FakeApi, LEASES, WEBHOOK_CONFIGURATION};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/portpolicy-system/leases";
-const WEBHOOK_CONFIGURATION: &str =
-    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/portpolicy-operator";
-
-/// config/webhook.yaml's object, as the API server would return it.
-fn webhook_configuration() -> Value {
-    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/webhook.yaml")).unwrap();
-    let docs = serde_saphyr::from_str_multiple::<Value, Vec<Value>>(&text).unwrap();
-    let mut object = docs
-        .into_iter()
-        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
-        .unwrap();
-    object["metadata"]["resourceVersion"] = json!("7");
-    object
-}
-
-#[derive(Clone, Debug)]
-struct Recorded {
-    method: String,
-    path: String,
-    body: Value,
-    /// When it arrived (a frozen server records requests as they come and answers later).
-    at: Instant,
-}
-
-#[derive(Default)]
-struct ApiState {
-    policies: Vec<Value>,
-    lease: Option<Value>,
-    resource_version: u64,
-    requests: Vec<Recorded>,
-    /// Pods of portpolicy-system by name: their labels (the leader label's tests).
-    pod_labels: std::collections::BTreeMap<String, serde_json::Map<String, Value>>,
-}
-
-#[derive(Clone)]
-struct FakeApi {
-    state: Arc<Mutex<ApiState>>,
-    frozen: Arc<tokio::sync::watch::Sender<bool>>,
-    address: SocketAddr,
-}
-
-impl FakeApi {
-    async fn start(policies: Vec<Value>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let api = FakeApi {
-            state: Arc::new(Mutex::new(ApiState {
-                policies,
-                resource_version: 100,
-                ..Default::default()
-            })),
-            frozen: Arc::new(tokio::sync::watch::Sender::new(false)),
-            address: listener.local_addr().unwrap(),
-        };
-        let app = Router::new().fallback(handle).with_state(api.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        api
-    }
-
-    /// Like a SIGSTOPped API server: requests are taken and left unanswered until `thaw`.
-    fn freeze(&self) {
-        self.frozen.send_replace(true);
-    }
-
-    fn thaw(&self) {
-        self.frozen.send_replace(false);
-    }
-
-    fn requests(&self) -> Vec<Recorded> {
-        self.state.lock().unwrap().requests.clone()
-    }
-
-    fn holder(&self) -> Option<String> {
-        let state = self.state.lock().unwrap();
-        let holder = state.lease.as_ref()?["spec"]["holderIdentity"]
-            .as_str()?
-            .to_string();
-        (!holder.is_empty()).then_some(holder)
-    }
-
-    /// A Pod in portpolicy-system with these labels (PATCH 404s for a Pod that is not there).
-    fn add_pod(&self, name: &str, labels: Value) {
-        let labels = labels.as_object().cloned().unwrap_or_default();
-        self.state.lock().unwrap().pod_labels.insert(name.into(), labels);
-    }
-
-    /// The Pods carrying the leader label the webhook Service selects.
-    fn leader_pods(&self) -> Vec<String> {
-        let state = self.state.lock().unwrap();
-        let label = portpolicy::operator::leader_pod::LEADER_LABEL;
-        state
-            .pod_labels
-            .iter()
-            .filter(|(_, labels)| labels.get(label).and_then(Value::as_str) == Some("true"))
-            .map(|(name, _)| name.clone())
-            .collect()
-    }
-
-    fn kubeconfig(&self, dir: &std::path::Path) -> PathBuf {
-        let path = dir.join("kubeconfig");
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
-             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\n\
-             users:\n- name: fake\n  user: {{}}\n",
-            self.address
-        );
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-}
-
-const PODS: &str = "/api/v1/namespaces/portpolicy-system/pods";
-
-fn pod_metadata(name: &str, labels: &serde_json::Map<String, Value>) -> Value {
-    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-        "metadata": {"name": name, "namespace": "portpolicy-system", "labels": labels}})
-}
-
-fn json_response(status: StatusCode, body: &Value) -> Response {
-    (
-        status,
-        [("content-type", "application/json")],
-        serde_json::to_vec(body).unwrap(),
-    )
-        .into_response()
-}
-
-fn status(code: u16, reason: &str, message: &str) -> Response {
-    json_response(
-        StatusCode::from_u16(code).unwrap(),
-        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
-            "reason": reason, "message": message}),
-    )
-}
-
-fn list(api_version: &str, kind: &str, items: Vec<Value>) -> Response {
-    json_response(
-        StatusCode::OK,
-        &json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "100"}, "items": items}),
-    )
-}
-
-async fn handle(State(api): State<FakeApi>, method: Method, uri: Uri, body: Bytes) -> Response {
-    let path = uri.path().to_string();
-    let query = uri.query().unwrap_or_default().to_string();
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    api.state.lock().unwrap().requests.push(Recorded {
-        method: method.to_string(),
-        path: path.clone(),
-        body: body.clone(),
-        at: Instant::now(),
-    });
-    let mut frozen = api.frozen.subscribe();
-    let _ = frozen.wait_for(|f| !*f).await;
-    let mut state = api.state.lock().unwrap();
-    if method == Method::GET && query.split('&').any(|q| q == "watch=true" || q == "watch=1") {
-        // An open watch with no events; the client keeps its cache as listed.
-        drop(state);
-        return Body::from_stream(futures::stream::pending::<Result<Bytes, std::io::Error>>())
-            .into_response();
-    }
-    let lease_path = format!("{LEASES}/portpolicy-operator");
-    match (method.as_str(), path.as_str()) {
-        ("GET", "/apis/portpolicy.io/v1alpha1/portpolicies") => {
-            list("portpolicy.io/v1alpha1", "PortPolicyList", state.policies.clone())
-        }
-        ("GET", "/api/v1/services") => list("v1", "ServiceList", vec![]),
-        ("GET", "/api/v1/pods") => list("v1", "PodList", vec![]),
-        ("GET", "/api/v1/namespaces") => list("v1", "NamespaceList", vec![]),
-        ("GET", "/api/v1/nodes") => list("meta.k8s.io/v1", "PartialObjectMetadataList", vec![]),
-        ("GET", "/apis/apps/v1/namespaces/portpolicy-system/daemonsets") => {
-            list("apps/v1", "DaemonSetList", vec![])
-        }
-        ("GET", p) if p == lease_path => match &state.lease {
-            Some(lease) => json_response(StatusCode::OK, lease),
-            None => status(404, "NotFound", "leases \"portpolicy-operator\" not found"),
-        },
-        ("POST", LEASES) => {
-            if state.lease.is_some() {
-                return status(
-                    409,
-                    "AlreadyExists",
-                    "leases \"portpolicy-operator\" already exists",
-                );
-            }
-            state.resource_version += 1;
-            let mut lease = body;
-            lease["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
-            state.lease = Some(lease.clone());
-            json_response(StatusCode::CREATED, &lease)
-        }
-        ("PUT", p) if p == lease_path => {
-            let current = state
-                .lease
-                .as_ref()
-                .map(|l| l["metadata"]["resourceVersion"].clone());
-            if current.as_ref() != Some(&body["metadata"]["resourceVersion"]) {
-                return status(409, "Conflict", "the object has been modified");
-            }
-            state.resource_version += 1;
-            let mut lease = body;
-            lease["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
-            state.lease = Some(lease.clone());
-            json_response(StatusCode::OK, &lease)
-        }
-        ("GET", PODS) => {
-            // Only the leader label's selector is understood: `key=value`.
-            let selector = query
-                .split('&')
-                .find_map(|q| q.strip_prefix("labelSelector="))
-                .map(|s| s.replace("%3D", "=").replace("%2F", "/"))
-                .unwrap_or_default();
-            let (key, value) = selector.split_once('=').unwrap_or_default();
-            let items = state
-                .pod_labels
-                .iter()
-                .filter(|(_, labels)| {
-                    key.is_empty() || labels.get(key).and_then(Value::as_str) == Some(value)
-                })
-                .map(|(name, labels)| pod_metadata(name, labels))
-                .collect();
-            list("meta.k8s.io/v1", "PartialObjectMetadataList", items)
-        }
-        ("PATCH", p) if p.starts_with(PODS) => {
-            let name = p.trim_start_matches(PODS).trim_start_matches('/');
-            let Some(labels) = state.pod_labels.get_mut(name) else {
-                return status(404, "NotFound", &format!("pods \"{name}\" not found"));
-            };
-            // A JSON merge patch of metadata.labels: null removes.
-            for (key, value) in body["metadata"]["labels"]
-                .as_object()
-                .cloned()
-                .unwrap_or_default()
-            {
-                match value {
-                    Value::Null => labels.remove(&key),
-                    value => labels.insert(key, value),
-                };
-            }
-            let object = pod_metadata(name, labels);
-            json_response(StatusCode::OK, &object)
-        }
-        ("GET", WEBHOOK_CONFIGURATION) => json_response(StatusCode::OK, &webhook_configuration()),
-        ("PATCH", WEBHOOK_CONFIGURATION) => json_response(StatusCode::OK, &webhook_configuration()),
-        ("POST", "/apis/events.k8s.io/v1/namespaces/default/events") => {
-            json_response(StatusCode::CREATED, &body)
-        }
-        ("PATCH", p) if p.starts_with("/apis/portpolicy.io/v1alpha1/portpolicies/") => {
-            let name = p.trim_start_matches("/apis/portpolicy.io/v1alpha1/portpolicies/");
-            let name = name.trim_end_matches("/status");
-            let found = state
-                .policies
-                .iter()
-                .find(|o| o["metadata"]["name"] == name)
-                .cloned();
-            match found {
-                Some(mut object) => {
-                    if p.ends_with("/status") {
-                        object["status"] = body["status"].clone();
-                    }
-                    json_response(StatusCode::OK, &object)
-                }
-                None => status(404, "NotFound", "not found"),
-            }
-        }
-        _ => status(
-            404,
-            "NotFound",
-            &format!("the fake API server has no {method} {path}"),
-        ),
-    }
-}
 
 /// One operator process; killed (and its log printed, if the test failed) when dropped.
 struct Operator {
@@ -1131,7 +858,7 @@ async fn the_leader_labels_its_pod_for_the_webhook_service_and_hands_the_label_o
     let pod_patches = |name: &str| {
         api.requests()
             .into_iter()
-            .filter(|r| r.method == "PATCH" && r.path == format!("{PODS}/{name}"))
+            .filter(|r| r.method == "PATCH" && r.path == format!("{}/{name}", fake_api::OPERATOR_PODS))
             .map(|r| r.body["metadata"]["labels"][LEADER_LABEL].clone())
             .collect::<Vec<_>>()
     };

@@ -8,7 +8,7 @@ use std::process::Command;
 use chrono::{DateTime, Utc};
 use portpolicy::snapshot_files::load_paths;
 use portpolicy_core::ipvs::{NodePortAddresses, ProxyMode};
-use portpolicy_core::plan::{PlanOptions, PlanReport, build_plan};
+use portpolicy_core::plan::{Plan, PlanFormat, PlanOptions, PlanReport, build_plan};
 use portpolicy_core::ports::PortRange;
 use serde_json::Value;
 
@@ -18,19 +18,31 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+fn demo_options(mode: ProxyMode, node: Option<&str>) -> PlanOptions {
+    PlanOptions {
+        node_port_range: PortRange::DEFAULT_NODE_PORTS,
+        mode,
+        node: node.map(str::to_string),
+        node_port_addresses: NodePortAddresses::All,
+        now: NOW.parse::<DateTime<Utc>>().unwrap(),
+    }
+}
+
+/// Every node planned complete, in memory.
 fn demo_plan(mode: ProxyMode, node: Option<&str>) -> PlanReport {
     let loaded = load_paths(&[root().join("examples/demo-cluster")]);
     assert_eq!(loaded.problems, []);
-    build_plan(
-        &loaded.snapshot,
-        &PlanOptions {
-            node_port_range: PortRange::DEFAULT_NODE_PORTS,
-            mode,
-            node: node.map(str::to_string),
-            node_port_addresses: NodePortAddresses::All,
-            now: NOW.parse::<DateTime<Utc>>().unwrap(),
-        },
-    )
+    build_plan(&loaded.snapshot, &demo_options(mode, node))
+}
+
+/// What `plan` prints for the demo.
+fn demo_output(node: Option<&str>, format: PlanFormat) -> String {
+    let loaded = load_paths(&[root().join("examples/demo-cluster")]);
+    let mut out = Vec::new();
+    Plan::new(&loaded.snapshot, &demo_options(ProxyMode::Replacement, node))
+        .write(format, &mut out)
+        .unwrap();
+    String::from_utf8(out).unwrap()
 }
 
 fn check_golden(name: &str, actual: &str) {
@@ -43,20 +55,27 @@ fn check_golden(name: &str, actual: &str) {
     pretty_assertions::assert_eq!(expected, actual, "{} differs; see the module doc", path.display());
 }
 
+/// Every node: what they share once, then each node's differences.
 #[test]
 fn demo_cluster_table_matches_golden() {
-    check_golden(
-        "demo-plan.txt",
-        &demo_plan(ProxyMode::Replacement, None).to_table(),
-    );
+    check_golden("demo-plan.txt", &demo_output(None, PlanFormat::Table));
 }
 
 #[test]
 fn demo_cluster_json_matches_golden() {
-    check_golden(
-        "demo-plan.json",
-        &demo_plan(ProxyMode::Replacement, None).to_json(),
-    );
+    check_golden("demo-plan.json", &demo_output(None, PlanFormat::Json));
+}
+
+/// One node's complete table and JSON, as `--node` prints them: the same whether or not the
+/// plan for every node prints what the nodes share once.
+#[test]
+fn demo_cluster_one_node_matches_golden() {
+    let report = demo_plan(ProxyMode::Replacement, Some("node-a"));
+    check_golden("demo-plan-node-a.txt", &report.to_table());
+    check_golden("demo-plan-node-a.json", &report.to_json());
+    // What the binary prints for --node is that report.
+    assert_eq!(demo_output(Some("node-a"), PlanFormat::Table), report.to_table());
+    assert_eq!(demo_output(Some("node-a"), PlanFormat::Json), report.to_json());
 }
 
 #[test]
@@ -159,46 +178,73 @@ fn delegated_mode_plans_only_services_handed_to_portpolicy() {
     );
 }
 
+fn sorted_keys(value: &Value) -> Vec<String> {
+    let mut keys: Vec<_> = value.as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    keys
+}
+
 #[test]
 fn json_has_exactly_the_contract_keys() {
     let json: Value =
         serde_json::from_str(&demo_plan(ProxyMode::Replacement, Some("node-b")).to_json()).unwrap();
-    let keys: Vec<_> = json.as_object().unwrap().keys().cloned().collect();
+    assert_eq!(json["version"], 2);
     assert_eq!(
-        keys,
-        ["hostPortConflicts", "nodePorts", "nodes", "problems", "ranges"]
-    );
-    let vs = &json["nodes"][0]["virtualServers"][0];
-    let mut vs_keys: Vec<_> = vs.as_object().unwrap().keys().cloned().collect();
-    vs_keys.sort();
-    assert_eq!(
-        vs_keys,
+        sorted_keys(&json),
         [
-            "address",
-            "kind",
-            "persistenceTimeout",
-            "port",
-            "protocol",
-            "realServers",
-            "scheduler",
-            "service"
+            "hostPortConflicts",
+            "nodePorts",
+            "nodes",
+            "problems",
+            "ranges",
+            "version"
         ]
     );
-    let np = &json["nodePorts"][0];
-    let mut np_keys: Vec<_> = np.as_object().unwrap().keys().cloned().collect();
-    np_keys.sort();
+    let vs_keys = [
+        "address",
+        "kind",
+        "persistenceTimeout",
+        "port",
+        "protocol",
+        "realServers",
+        "scheduler",
+        "service",
+    ];
+    assert_eq!(sorted_keys(&json["nodes"][0]["virtualServers"][0]), vs_keys);
     assert_eq!(
-        np_keys,
+        sorted_keys(&json["nodePorts"][0]),
         [
             "kind", "nodePort", "policy", "port", "portName", "protocol", "service", "state"
         ]
     );
-    let mut range_keys: Vec<_> = json["ranges"][0].as_object().unwrap().keys().cloned().collect();
-    range_keys.sort();
     assert_eq!(
-        range_keys,
+        sorted_keys(&json["ranges"][0]),
         ["free", "pinned", "policy", "range", "reserved", "total", "used"]
     );
+
+    // Every node: what they share under `everyNode`, and per node only what differs.
+    let every: Value = serde_json::from_str(&demo_output(None, PlanFormat::Json)).unwrap();
+    assert_eq!(every["version"], 2);
+    assert_eq!(
+        sorted_keys(&every),
+        [
+            "everyNode",
+            "hostPortConflicts",
+            "nodePorts",
+            "nodes",
+            "problems",
+            "ranges",
+            "version"
+        ]
+    );
+    assert_eq!(sorted_keys(&every["everyNode"]), ["virtualServers"]);
+    assert_eq!(sorted_keys(&every["everyNode"]["virtualServers"][0]), vs_keys);
+    let node_a = &every["nodes"][0];
+    assert_eq!(
+        sorted_keys(node_a),
+        ["name", "nodePortAddresses", "virtualServers", "withdrawn"]
+    );
+    assert_eq!(sorted_keys(&node_a["virtualServers"][0]), vs_keys);
 }
 
 fn portpolicy(args: &[&str]) -> (i32, String, String) {
@@ -329,7 +375,8 @@ endpoints:
 - {addresses: [10.0.2.2], nodeName: node-b, zone: zone-b, hints: {forZones: [{name: zone-b}]}}
 ",
     );
-    let (code, stdout, _) = portpolicy(&["plan", "-f", path.to_str().unwrap(), "-o", "json"]);
+    let file = path.to_str().unwrap();
+    let (code, stdout, _) = portpolicy(&["plan", "-f", file, "-o", "json", "--node", "node-a"]);
     assert_eq!(code, 0);
     let json: Value = serde_json::from_str(&stdout).unwrap();
     let servers = json["nodes"][0]["virtualServers"].as_array().unwrap();
@@ -393,7 +440,7 @@ spec:
     );
     let file = path.to_str().unwrap();
     let node_port_addresses = |flags: &[&str]| -> Vec<String> {
-        let mut args = vec!["plan", "-f", file, "-o", "json"];
+        let mut args = vec!["plan", "-f", file, "-o", "json", "--node", "node-a"];
         args.extend(flags);
         let (code, stdout, stderr) = portpolicy(&args);
         assert_eq!(code, 0, "{stderr}");

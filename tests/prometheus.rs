@@ -9,288 +9,18 @@
 //! Ignored by a plain `cargo test` (it needs the `prometheus` package): `e2e/run-prometheus`
 //! installs it and runs this with `--ignored`.
 
+#[path = "support/fake_api.rs"]
+mod fake_api;
+
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::Router;
-use axum::body::{Body, Bytes};
-use axum::extract::State;
-use axum::http::{Method, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use futures::StreamExt;
+use fake_api::{FakeApi, PODS, SERVICES};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/portpolicy-system/leases";
-const POLICIES: &str = "/apis/portpolicy.io/v1alpha1/portpolicies";
-const SERVICES: &str = "/api/v1/services";
-const PODS: &str = "/api/v1/pods";
-const WEBHOOK_CONFIGURATION: &str =
-    "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/portpolicy-operator";
-
-/// config/webhook.yaml's MutatingWebhookConfiguration, as the API server would return it.
-fn webhook_configuration() -> Value {
-    let text = std::fs::read_to_string(repo().join("config/webhook.yaml")).unwrap();
-    let docs = serde_saphyr::from_str_multiple::<Value, Vec<Value>>(&text).unwrap();
-    let mut object = docs
-        .into_iter()
-        .find(|d| d["kind"] == "MutatingWebhookConfiguration")
-        .unwrap();
-    object["metadata"]["resourceVersion"] = json!("7");
-    object
-}
-
-// ---------------------------------------------------------------------------------------------
-// The fake API server: lists from its objects, watches that deliver what the test changes, and
-// the patches the operator sends (status, Service nodePorts), each bumping a resourceVersion.
-
-#[derive(Default)]
-struct ApiState {
-    policies: Vec<Value>,
-    services: Vec<Value>,
-    pods: Vec<Value>,
-    lease: Option<Value>,
-    resource_version: u64,
-}
-
-#[derive(Clone)]
-struct FakeApi {
-    state: Arc<Mutex<ApiState>>,
-    /// (collection path, watch event) for every change.
-    events: tokio::sync::broadcast::Sender<(String, Value)>,
-    address: SocketAddr,
-}
-
-impl FakeApi {
-    async fn start(policies: Vec<Value>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let api = FakeApi {
-            state: Arc::new(Mutex::new(ApiState {
-                policies,
-                resource_version: 100,
-                ..Default::default()
-            })),
-            events: tokio::sync::broadcast::channel(256).0,
-            address: listener.local_addr().unwrap(),
-        };
-        let app = Router::new().fallback(handle).with_state(api.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        api
-    }
-
-    fn kubeconfig(&self, dir: &Path) -> PathBuf {
-        let path = dir.join("kubeconfig");
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\n\
-             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\ncurrent-context: fake\n\
-             users:\n- name: fake\n  user: {{}}\n",
-            self.address
-        );
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-
-    /// Adds (or, with `deleted`, removes) an object and tells the watches.
-    fn change(&self, collection: &str, mut object: Value, deleted: bool) {
-        let mut state = self.state.lock().unwrap();
-        state.resource_version += 1;
-        object["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
-        let objects = match collection {
-            SERVICES => &mut state.services,
-            PODS => &mut state.pods,
-            _ => &mut state.policies,
-        };
-        let same = |o: &Value| {
-            o["metadata"]["name"] == object["metadata"]["name"]
-                && o["metadata"]["namespace"] == object["metadata"]["namespace"]
-        };
-        let existed = objects.iter().any(same);
-        objects.retain(|o| !same(o));
-        let kind = if deleted {
-            "DELETED"
-        } else {
-            objects.push(object.clone());
-            if existed { "MODIFIED" } else { "ADDED" }
-        };
-        let _ = self
-            .events
-            .send((collection.to_string(), json!({"type": kind, "object": object})));
-    }
-}
-
-fn json_response(status: StatusCode, body: &Value) -> Response {
-    (
-        status,
-        [("content-type", "application/json")],
-        serde_json::to_vec(body).unwrap(),
-    )
-        .into_response()
-}
-
-fn status(code: u16, reason: &str, message: &str) -> Response {
-    json_response(
-        StatusCode::from_u16(code).unwrap(),
-        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code,
-            "reason": reason, "message": message}),
-    )
-}
-
-fn list(api_version: &str, kind: &str, items: Vec<Value>, rv: u64) -> Response {
-    json_response(
-        StatusCode::OK,
-        &json!({"apiVersion": api_version, "kind": kind,
-            "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
-    )
-}
-
-/// Sets what a server-side apply of a Service from the operator sets: nodePorts by
-/// (port, protocol), labels, externalTrafficPolicy.
-fn apply_to_service(live: &mut Value, patch: &Value) {
-    if let Some(ports) = patch["spec"]["ports"].as_array() {
-        for p in ports {
-            for live_port in live["spec"]["ports"].as_array_mut().into_iter().flatten() {
-                if live_port["port"] == p["port"] && live_port["protocol"] == p["protocol"] {
-                    live_port["nodePort"] = p["nodePort"].clone();
-                }
-            }
-        }
-    }
-    if let Some(labels) = patch["metadata"]["labels"].as_object() {
-        for (k, v) in labels {
-            live["metadata"]["labels"][k] = v.clone();
-        }
-    }
-    if let Some(policy) = patch["spec"].get("externalTrafficPolicy") {
-        live["spec"]["externalTrafficPolicy"] = policy.clone();
-    }
-}
-
-async fn handle(State(api): State<FakeApi>, method: Method, uri: Uri, body: Bytes) -> Response {
-    let path = uri.path().to_string();
-    let query = uri.query().unwrap_or_default().to_string();
-    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    if method == Method::GET && query.split('&').any(|q| q == "watch=true" || q == "watch=1") {
-        // Events from now on (the lists the watches start from are as fresh as the test's
-        // changes, which it makes only once the operators listed).
-        let events = tokio_stream_of(api.events.subscribe(), path);
-        return Body::from_stream(events).into_response();
-    }
-    let mut state = api.state.lock().unwrap();
-    let rv = state.resource_version;
-    let lease_path = format!("{LEASES}/portpolicy-operator");
-    match (method.as_str(), path.as_str()) {
-        ("GET", POLICIES) => list(
-            "portpolicy.io/v1alpha1",
-            "PortPolicyList",
-            state.policies.clone(),
-            rv,
-        ),
-        ("GET", SERVICES) => list("v1", "ServiceList", state.services.clone(), rv),
-        ("GET", PODS) => list("v1", "PodList", state.pods.clone(), rv),
-        ("GET", "/api/v1/namespaces") => list("v1", "NamespaceList", vec![], rv),
-        ("GET", "/api/v1/nodes") => list("meta.k8s.io/v1", "PartialObjectMetadataList", vec![], rv),
-        ("GET", "/apis/apps/v1/namespaces/portpolicy-system/daemonsets") => {
-            list("apps/v1", "DaemonSetList", vec![], rv)
-        }
-        ("GET", p) if p == lease_path => match &state.lease {
-            Some(lease) => json_response(StatusCode::OK, lease),
-            None => status(404, "NotFound", "leases \"portpolicy-operator\" not found"),
-        },
-        ("POST", LEASES) | ("PUT", _) if path.starts_with(LEASES) => {
-            let current = state
-                .lease
-                .as_ref()
-                .map(|l| l["metadata"]["resourceVersion"].clone());
-            if method == Method::POST && current.is_some() {
-                return status(409, "AlreadyExists", "lease exists");
-            }
-            if method == Method::PUT && current.as_ref() != Some(&body["metadata"]["resourceVersion"]) {
-                return status(409, "Conflict", "the object has been modified");
-            }
-            state.resource_version += 1;
-            let mut lease = body;
-            lease["metadata"]["resourceVersion"] = json!(state.resource_version.to_string());
-            state.lease = Some(lease.clone());
-            json_response(StatusCode::OK, &lease)
-        }
-        ("POST", p) if p.ends_with("/events") => json_response(StatusCode::CREATED, &body),
-        // The leader publishes its webhook's CA bundle; the fake takes it and keeps nothing.
-        ("GET" | "PATCH", WEBHOOK_CONFIGURATION) => json_response(StatusCode::OK, &webhook_configuration()),
-        ("PATCH", p) if p.starts_with(POLICIES) => {
-            let name = p.trim_start_matches(POLICIES).trim_start_matches('/');
-            let name = name.trim_end_matches("/status");
-            let found = state
-                .policies
-                .iter()
-                .find(|o| o["metadata"]["name"] == name)
-                .cloned();
-            drop(state);
-            match found {
-                Some(mut object) => {
-                    if p.ends_with("/status") {
-                        object["status"] = body["status"].clone();
-                    }
-                    api.change(POLICIES, object.clone(), false);
-                    let stored = api.state.lock().unwrap().policies.last().cloned().unwrap();
-                    json_response(StatusCode::OK, &stored)
-                }
-                None => status(404, "NotFound", "not found"),
-            }
-        }
-        ("PATCH", p) if p.starts_with("/api/v1/namespaces/") && p.contains("/services/") => {
-            let mut parts = p.trim_start_matches("/api/v1/namespaces/").split("/services/");
-            let (ns, name) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
-            let found = state
-                .services
-                .iter()
-                .find(|o| o["metadata"]["name"] == name && o["metadata"]["namespace"] == ns)
-                .cloned();
-            drop(state);
-            match found {
-                Some(mut object) => {
-                    apply_to_service(&mut object, &body);
-                    api.change(SERVICES, object, false);
-                    let stored = api.state.lock().unwrap().services.last().cloned().unwrap();
-                    json_response(StatusCode::OK, &stored)
-                }
-                None => status(404, "NotFound", "not found"),
-            }
-        }
-        _ => status(
-            404,
-            "NotFound",
-            &format!("the fake API server has no {method} {path}"),
-        ),
-    }
-}
-
-/// The watch events of one collection as a chunked body, one JSON object a line.
-fn tokio_stream_of(
-    receiver: tokio::sync::broadcast::Receiver<(String, Value)>,
-    collection: String,
-) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
-    futures::stream::unfold(receiver, |mut receiver| async move {
-        loop {
-            match receiver.recv().await {
-                Ok(event) => return Some((event, receiver)),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(_) => return None,
-            }
-        }
-    })
-    .filter_map(move |(path, event)| {
-        let line = (path == collection).then(|| {
-            let mut bytes = serde_json::to_vec(&event).unwrap();
-            bytes.push(b'\n');
-            Ok(Bytes::from(bytes))
-        });
-        std::future::ready(line)
-    })
-}
 
 // ---------------------------------------------------------------------------------------------
 // Processes: operators, the agent, Prometheus. Each is killed when dropped.
@@ -693,7 +423,7 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 #[ignore = "needs Debian's prometheus package: run e2e/run-prometheus"]
 async fn prometheus_sees_the_scenario_and_every_queried_metric_is_exported() {
     let dir = scratch_dir();
-    let api = FakeApi::start(vec![policy()]).await;
+    let api = FakeApi::start_live(vec![policy()]).await;
     let (a_address, b_address) = (free_port(), free_port());
     let mut a = operator(&api, "operator-a", a_address, &dir);
     let prometheus = Prometheus::start(&[a_address, b_address], &dir).await;
@@ -770,7 +500,8 @@ async fn prometheus_sees_the_scenario_and_every_queried_metric_is_exported() {
     if agent_text.is_none() {
         eprintln!(
             "IGNORED: the agent part (promtool check metrics, agent metric names): this kernel has no IPVS, \
-             so the agent binary does not start"
+             so the agent binary does not start (`e2e/run-system --only prometheus` checks both against \
+             the agent in the real-kernel VM)"
         );
     }
     for (who, text) in [("operator", Some(&operator_text)), ("agent", agent_text.as_ref())] {

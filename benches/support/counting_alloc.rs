@@ -10,6 +10,10 @@ pub(crate) static LIVE: AtomicUsize = AtomicUsize::new(0);
 /// The highest `LIVE` has been since the last [`reset_peak`].
 pub(crate) static PEAK: AtomicUsize = AtomicUsize::new(0);
 
+/// Every byte ever allocated (a realloc counts its new size), for benches that report churn.
+#[allow(dead_code)]
+pub(crate) static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
+
 /// Starts a new peak measurement from the bytes live now.
 #[allow(dead_code)]
 pub(crate) fn reset_peak() {
@@ -17,6 +21,7 @@ pub(crate) fn reset_peak() {
 }
 
 fn grew(by: usize) {
+    ALLOCATED.fetch_add(by, Ordering::Relaxed);
     let live = LIVE.fetch_add(by, Ordering::Relaxed) + by;
     PEAK.fetch_max(live, Ordering::Relaxed);
 }

@@ -86,8 +86,16 @@ e2e_copy_program() {
     done
 }
 
+# What the agent's dataplane needs of the kernel: IPVS and the schedulers the tests use, the
+# dummy interface and veth pairs, nftables with conntrack matches (`ct state`), and ctnetlink
+# for the UDP conntrack cleanup. Both VM suites boot with exactly these (one list, so the two
+# cannot drift apart), plus what each needs for itself.
+E2E_DATAPLANE_MODULES=(ip_vs ip_vs_rr ip_vs_wrr ip_vs_sh veth dummy nf_tables nft_masq nft_chain_nat
+    nf_conntrack nft_ct nf_conntrack_netlink)
+
 # e2e_stage_initramfs STAGE MODULE...: a fresh tree with busybox, portpolicy ($BIN), ipvsadm,
-# nft, iproute2's ip (as `nsip`) and the named kernel modules with their dependencies.
+# nft, iproute2's ip (as `nsip`) and the named kernel modules with their dependencies. The
+# guest's init loads the modules listed in /e2e/modules, in the order given here.
 e2e_stage_initramfs() {
     STAGE=$1
     shift
@@ -111,6 +119,7 @@ e2e_stage_initramfs() {
         awk '$1 == "insmod" { print $2 }' <<< "$deps" >> "$list"
     done
     sort -u -o "$list" "$list"
+    printf '%s\n' "$@" > "$STAGE/e2e/modules"
     while read -r ko; do
         rel=${ko#"$KBASE/lib/modules/$KVER/"}
         mkdir -p "$STAGE/lib/modules/$KVER/$(dirname "$rel")"

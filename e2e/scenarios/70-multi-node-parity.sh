@@ -18,43 +18,19 @@ echo 1 > /proc/sys/net/ipv4/ip_forward
 # node NAME INDEX: 192.168.INDEX.10 behind a veth to the root namespace (192.168.INDEX.1), which
 # routes the node's pod range 10.INDEX.0.0/16 to it.
 node() {
-    nsip netns add "$1"
-    nsip link add "v-$1" type veth peer name eth0 netns "$1"
-    nsip addr add "192.168.$2.1/24" dev "v-$1"
-    nsip link set "v-$1" up
-    nsip -n "$1" link set lo up
-    nsip -n "$1" addr add "192.168.$2.10/24" dev eth0
-    nsip -n "$1" link set eth0 up
-    nsip -n "$1" route add default via "192.168.$2.1"
+    linked_ns "$1" "v-$1" "192.168.$2.10" "192.168.$2.1"
     nsip route add "10.$2.0.0/16" via "192.168.$2.10"
 }
 # node_pod NAME NODE NODE_INDEX POD_INDEX: a pod at 10.NODE_INDEX.POD_INDEX.2 behind NODE,
 # answering /cgi-bin/who on 8080 with its name and the client address it sees.
 node_pod() {
-    nsip netns add "$1"
-    nsip -n "$2" link add "p-$1" type veth peer name eth0 netns "$1"
-    nsip -n "$2" addr add "10.$3.$4.1/24" dev "p-$1"
-    nsip -n "$2" link set "p-$1" up
-    nsip -n "$1" link set lo up
-    nsip -n "$1" addr add "10.$3.$4.2/24" dev eth0
-    nsip -n "$1" link set eth0 up
-    nsip -n "$1" route add default via "10.$3.$4.1"
-    mkdir -p "/tmp/www-$1/cgi-bin"
-    printf '#!/bin/sh\necho "Content-Type: text/plain"\necho\necho "pod-%s $REMOTE_ADDR"\n' "$1" \
-        > "/tmp/www-$1/cgi-bin/who"
-    chmod +x "/tmp/www-$1/cgi-bin/who"
+    linked_ns "$1" "p-$1" "10.$3.$4.2" "10.$3.$4.1" "$2"
+    who_script "$1"
     nsip netns exec "$1" httpd -p 8080 -h "/tmp/www-$1"
 }
 # outside NAME ADDRESS: a client at ADDRESS/24 on its own network behind the root namespace.
 outside() {
-    nsip netns add "$1"
-    nsip link add "v-$1" type veth peer name eth0 netns "$1"
-    nsip addr add "${2%.*}.1/24" dev "v-$1"
-    nsip link set "v-$1" up
-    nsip -n "$1" link set lo up
-    nsip -n "$1" addr add "$2/24" dev eth0
-    nsip -n "$1" link set eth0 up
-    nsip -n "$1" route add default via "${2%.*}.1"
+    linked_ns "$1" "v-$1" "$2" "${2%.*}.1"
 }
 in_ns() { ns=$1; shift; nsip netns exec "$ns" "$@"; }
 # busybox httpd listens on IPv6 too and reports IPv4 clients as [::ffff:a.b.c.d].
@@ -101,16 +77,6 @@ expect_answers() {
 http_status() { # NAMESPACE ADDRESS PORT
     in_ns "$1" sh -c "printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 2 $2 $3" > /tmp/hc.txt
     head -n 1 /tmp/hc.txt | awk '{ print $2 }'
-}
-wait_for() { # SECONDS COMMAND...: retries the command every 0.2 s
-    limit=$(($1 * 5))
-    shift
-    i=0
-    until "$@" > /dev/null 2>&1; do
-        i=$((i + 1))
-        [ $i -ge $limit ] && return 1
-        sleep 0.2
-    done
 }
 metric() { # NODE METRIC: the sum of its samples
     in_ns "$1" sh -c "printf 'GET /metrics HTTP/1.0\r\n\r\n' | nc -w 2 127.0.0.1 10265" \

@@ -3,7 +3,9 @@
 Its only network card is qemu user networking with ``restrict=on``: nothing leaves the VM
 except connections to 10.0.2.100:6443, which ``guestfwd`` hands to a ``busybox nc`` relay (one
 per connection, as a kube client opens several) to the emulator's ``vm`` listener on the
-host's loopback. The host runs commands inside through a virtio-serial port (not a network).
+host's loopback. The one way in is ``hostfwd`` from ``agent_metrics_port`` on the host's
+loopback to the agent's metrics port (10265), for Prometheus. The host runs commands inside
+through a virtio-serial port (not a network).
 """
 
 import base64
@@ -18,7 +20,8 @@ class VmError(RuntimeError):
 
 
 class Vm:
-    def __init__(self, kernel: str, initrd: str, api_port: int, work: pathlib.Path, timeout: float):
+    def __init__(self, kernel: str, initrd: str, api_port: int, agent_metrics_port: int, work: pathlib.Path,
+                 timeout: float):
         self.console_path = work / "vm-console.log"
         self.socket_path = work / "vm-control.sock"
         self.socket_path.unlink(missing_ok=True)
@@ -30,7 +33,8 @@ class Vm:
                 "qemu-system-x86_64", "-m", "1024", "-nographic", "-no-reboot",
                 "-kernel", kernel, "-initrd", initrd,
                 "-append", "console=ttyS0 quiet panic=-1",
-                "-netdev", f"user,id=n0,restrict=on,guestfwd=tcp:10.0.2.100:6443-cmd:/bin/busybox nc 127.0.0.1 {api_port}",
+                "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{agent_metrics_port}-:10265,"
+                f"guestfwd=tcp:10.0.2.100:6443-cmd:/bin/busybox nc 127.0.0.1 {api_port}",
                 "-device", "virtio-net-pci,netdev=n0",
                 "-chardev", f"socket,id=ctl,path={self.socket_path},server=on,wait=off",
                 "-device", "virtio-serial-pci",

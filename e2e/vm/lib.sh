@@ -48,17 +48,49 @@ same_table() {
     fi
 }
 
+# linked_ns NS LINK ADDRESS GATEWAY [PARENT]: a network namespace NS whose eth0 holds
+# ADDRESS/24, the other end of a veth named LINK in PARENT (the root namespace when not given)
+# that holds GATEWAY/24 and is NS's default route.
+linked_ns() {
+    nsip netns add "$1"
+    parent=""
+    [ -n "${5:-}" ] && parent="-n $5"
+    # shellcheck disable=SC2086 # $parent is an option and its value, or nothing
+    {
+        nsip $parent link add "$2" type veth peer name eth0 netns "$1"
+        nsip $parent addr add "$4/24" dev "$2"
+        nsip $parent link set "$2" up
+    }
+    nsip -n "$1" link set lo up
+    nsip -n "$1" addr add "$3/24" dev eth0
+    nsip -n "$1" link set eth0 up
+    nsip -n "$1" route add default via "$4"
+}
+
+# who_script NAME: /tmp/www-NAME/cgi-bin/who, answering with "pod-NAME CLIENT_ADDRESS".
+who_script() {
+    mkdir -p "/tmp/www-$1/cgi-bin"
+    printf '#!/bin/sh\necho "Content-Type: text/plain"\necho\necho "pod-%s $REMOTE_ADDR"\n' "$1" \
+        > "/tmp/www-$1/cgi-bin/who"
+    chmod +x "/tmp/www-$1/cgi-bin/who"
+}
+
+# wait_for SECONDS COMMAND...: retries the command every 0.2 s until it succeeds.
+wait_for() {
+    limit=$(($1 * 5))
+    shift
+    i=0
+    until "$@" > /dev/null 2>&1; do
+        i=$((i + 1))
+        [ $i -ge $limit ] && return 1
+        sleep 0.2
+    done
+}
+
 # pod NAME INDEX: a network namespace 10.0.INDEX.2/24 behind a veth, with the node at
 # 10.0.INDEX.1, serving "pod-NAME" over HTTP on port 8080.
 pod() {
-    nsip netns add "$1"
-    nsip link add "veth-$1" type veth peer name eth0 netns "$1"
-    nsip addr add "10.0.$2.1/24" dev "veth-$1"
-    nsip link set "veth-$1" up
-    nsip -n "$1" link set lo up
-    nsip -n "$1" addr add "10.0.$2.2/24" dev eth0
-    nsip -n "$1" link set eth0 up
-    nsip -n "$1" route add default via "10.0.$2.1"
+    linked_ns "$1" "veth-$1" "10.0.$2.2" "10.0.$2.1"
     mkdir -p "/tmp/www-$1"
     echo "pod-$1" > "/tmp/www-$1/index.html"
     nsip netns exec "$1" httpd -p 8080 -h "/tmp/www-$1"

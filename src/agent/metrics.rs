@@ -16,6 +16,7 @@ use prometheus::{
 pub struct Metrics {
     pub registry: Registry,
     pub sync_duration: Histogram,
+    pub change_to_kernel: Histogram,
     pub ipvs_operations: IntCounterVec,
     pub ipvs_operation_errors: IntCounterVec,
     pub virtual_servers: IntGauge,
@@ -50,6 +51,17 @@ impl Metrics {
                 "Time to bring the kernel in line with the plan, per sync.",
             )
             .buckets(vec![0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0]),
+        )
+        .expect("valid histogram");
+        let change_to_kernel = Histogram::with_opts(
+            HistogramOpts::new(
+                "portpolicy_agent_change_to_kernel_seconds",
+                "Time from a cluster change reaching the agent (a watch event, a snapshot file \
+                 change noticed) to the kernel acknowledging the sync that applied it, per sync.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
         )
         .expect("valid histogram");
         let ipvs_operations = IntCounterVec::new(
@@ -136,6 +148,7 @@ impl Metrics {
         }
         for c in [
             Box::new(sync_duration.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(change_to_kernel.clone()),
             Box::new(conntrack_entries_deleted.clone()),
             Box::new(conntrack_errors.clone()),
             Box::new(ipvs_operations.clone()),
@@ -155,6 +168,7 @@ impl Metrics {
         Metrics {
             registry,
             sync_duration,
+            change_to_kernel,
             ipvs_operations,
             ipvs_operation_errors,
             virtual_servers,

@@ -233,6 +233,8 @@ pub(crate) async fn run_with<D: Dataplane + 'static>(
 
     let mut ready = false;
     let mut dirty = false;
+    // When the oldest change not yet in the kernel reached the agent.
+    let mut pending_since: Option<Instant> = None;
     let mut next_resync = tokio::time::Instant::now() + args.resync_period;
     let mut backoff = Duration::from_secs(1);
     let mut retry_at: Option<tokio::time::Instant> = None;
@@ -261,7 +263,8 @@ pub(crate) async fn run_with<D: Dataplane + 'static>(
                                 metrics.snapshot_refused.set(1);
                                 health.set_source_refused(Some(why));
                             }
-                            Event::Change(change) => {
+                            Event::Change(change, seen) => {
+                                pending_since = Some(pending_since.map_or(seen, |p| p.min(seen)));
                                 if matches!(change, sync::Change::Snapshot(_)) {
                                     metrics.snapshot_refused.set(0);
                                     health.set_source_refused(None);
@@ -288,7 +291,17 @@ pub(crate) async fn run_with<D: Dataplane + 'static>(
         }
         dirty = false;
         let outcome = tokio::task::block_in_place(|| syncer.sync());
-        health.record(outcome.succeeded(), Instant::now());
+        let synced = Instant::now();
+        health.record(outcome.succeeded(), synced);
+        // Until a sync succeeds the change is not (all) in the kernel: the retry's sync counts.
+        let change_to_kernel = if outcome.succeeded() {
+            pending_since.take().map(|seen| synced.duration_since(seen))
+        } else {
+            None
+        };
+        if let Some(latency) = change_to_kernel {
+            metrics.change_to_kernel.observe(latency.as_secs_f64());
+        }
         for warning in &outcome.warnings {
             tracing::warn!(%warning, "sync");
         }
@@ -298,7 +311,14 @@ pub(crate) async fn run_with<D: Dataplane + 'static>(
         }
         if outcome.succeeded() {
             backoff = Duration::from_secs(1);
-            if outcome.operations > 0 || outcome.full {
+            if let Some(latency) = change_to_kernel {
+                tracing::info!(
+                    full = outcome.full,
+                    operations = outcome.operations,
+                    change_to_kernel_ms = latency.as_secs_f64() * 1000.0,
+                    "synced"
+                );
+            } else if outcome.operations > 0 || outcome.full {
                 tracing::info!(full = outcome.full, operations = outcome.operations, "synced");
             }
         } else {
@@ -356,6 +376,36 @@ mod tests {
         http_get(port, path).unwrap_or_default()
     }
 
+    /// The flags of an agent run from `snapshot` (polled every 20 ms) in `mode`, serving its
+    /// metrics on `metrics_port` of loopback.
+    fn snapshot_args(snapshot: PathBuf, mode: ProxyMode, metrics_port: u16) -> AgentArgs {
+        AgentArgs {
+            node_name: "node-a".into(),
+            interface: DEFAULT_INTERFACE.into(),
+            masquerade_all: false,
+            cluster_cidrs: vec![],
+            resync_period: Duration::from_secs(60),
+            mode,
+            snapshot: vec![snapshot],
+            snapshot_poll: Duration::from_millis(20),
+            metrics_address: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), metrics_port),
+            health_check_address: Ipv4Addr::LOCALHOST.into(),
+            print_table: false,
+            nodeport_addresses: vec![],
+            ipvs_strict_arp: false,
+            sysctl_root: "/proc/sys".into(),
+        }
+    }
+
+    /// Polls `what` every 20 ms, failing the test after 10 s (naming `why`).
+    fn wait_until(what: &dyn Fn() -> bool, why: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !what() {
+            assert!(Instant::now() < deadline, "timed out waiting for {why}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     const SNAPSHOT: &str = "
 apiVersion: v1
 kind: Node
@@ -382,22 +432,7 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
         let file = dir.join("cluster.yaml");
         std::fs::write(&file, SNAPSHOT.replace("ENDPOINT", "10.0.1.2")).unwrap();
         let metrics_port = free_port();
-        let args = AgentArgs {
-            node_name: "node-a".into(),
-            interface: DEFAULT_INTERFACE.into(),
-            masquerade_all: false,
-            cluster_cidrs: vec![],
-            resync_period: Duration::from_secs(60),
-            mode: ProxyMode::Delegated,
-            snapshot: vec![dir.clone()],
-            snapshot_poll: Duration::from_millis(20),
-            metrics_address: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), metrics_port),
-            health_check_address: Ipv4Addr::LOCALHOST.into(),
-            print_table: false,
-            nodeport_addresses: vec![],
-            ipvs_strict_arp: false,
-            sysctl_root: "/proc/sys".into(),
-        };
+        let args = snapshot_args(dir.clone(), ProxyMode::Delegated, metrics_port);
         let fake = FakeDataplane::new(FakeKernel::default());
         let agent = tokio::spawn(run_with(args, fake.clone()));
         let has_real = |address: &str| {
@@ -407,23 +442,27 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
                 .values()
                 .any(|svc| svc.real_servers.keys().any(|r| r.address == want))
         };
-        let wait = |what: &dyn Fn() -> bool| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !what() {
-                assert!(Instant::now() < deadline, "timed out");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        };
         tokio::task::block_in_place(|| {
-            wait(&|| get(metrics_port, "/readyz").contains(" 200 "));
+            wait_until(&|| get(metrics_port, "/readyz").contains(" 200 "), "readiness");
             assert!(has_real("10.0.1.2"));
             assert!(get(metrics_port, "/healthz").contains(" 200 "));
             // A changed endpoint in the file is applied without a restart, as one or two ops.
             let before = fake.state().ops_log.len();
             std::fs::write(&file, SNAPSHOT.replace("ENDPOINT", "10.0.1.33")).unwrap();
-            wait(&|| has_real("10.0.1.33"));
+            wait_until(&|| has_real("10.0.1.33"), "the changed endpoint");
             let ops = fake.state().ops_log.len() - before;
             assert!((1..=2).contains(&ops), "{ops} operations");
+            // Each sync that applied a change measured it, the start-up one and the change's.
+            let applied = |metrics: &str| {
+                metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix("portpolicy_agent_change_to_kernel_seconds_count "))
+                    .map(str::to_string)
+            };
+            wait_until(
+                &|| applied(&get(metrics_port, "/metrics")).as_deref() == Some("2"),
+                "two change-to-kernel latencies",
+            );
             let metrics = get(metrics_port, "/metrics");
             assert!(metrics.contains("portpolicy_agent_ipvs_operations_total{kind=\"add_real_server\"} 2"));
             assert!(metrics.contains("portpolicy_agent_virtual_servers 1"));
@@ -492,32 +531,10 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
         let cut_at_an_item = &good[..second_item + 1];
         std::fs::write(&file, cut_at_an_item).unwrap();
         let metrics_port = free_port();
-        let args = AgentArgs {
-            node_name: "node-a".into(),
-            interface: DEFAULT_INTERFACE.into(),
-            masquerade_all: false,
-            cluster_cidrs: vec![],
-            resync_period: Duration::from_secs(60),
-            // Replacement mode owns the whole table: an empty cluster would withdraw everything.
-            mode: ProxyMode::Replacement,
-            snapshot: vec![file.clone()],
-            snapshot_poll: Duration::from_millis(20),
-            metrics_address: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), metrics_port),
-            health_check_address: Ipv4Addr::LOCALHOST.into(),
-            print_table: false,
-            nodeport_addresses: vec![],
-            ipvs_strict_arp: false,
-            sysctl_root: "/proc/sys".into(),
-        };
+        // Replacement mode owns the whole table: an empty cluster would withdraw everything.
+        let args = snapshot_args(file.clone(), ProxyMode::Replacement, metrics_port);
         let fake = FakeDataplane::new(FakeKernel::default());
         let agent = tokio::spawn(run_with(args, fake.clone()));
-        let wait = |what: &dyn Fn() -> bool, why: &str| {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while !what() {
-                assert!(Instant::now() < deadline, "timed out waiting for {why}");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        };
         let metric = |name: &str| {
             get(metrics_port, "/metrics")
                 .lines()
@@ -526,7 +543,7 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
         };
         tokio::task::block_in_place(|| {
             // Refused from the start: nothing is programmed and the agent is not ready.
-            wait(
+            wait_until(
                 &|| get(metrics_port, "/readyz").contains("nothing programmed yet"),
                 "the first refusal",
             );
@@ -538,7 +555,7 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
             assert!(fake.state().ops_log.is_empty(), "{:?}", fake.state().ops_log);
 
             std::fs::write(&file, &good).unwrap();
-            wait(
+            wait_until(
                 &|| get(metrics_port, "/readyz").contains(" 200 "),
                 "the good snapshot",
             );
@@ -553,7 +570,7 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
                     .parse()
                     .unwrap();
                 std::fs::write(&file, text).unwrap();
-                wait(
+                wait_until(
                     &|| {
                         metric("portpolicy_agent_snapshot_refusals_total")
                             .parse::<u64>()
@@ -578,10 +595,10 @@ endpoints: [{addresses: [ENDPOINT], nodeName: node-a}]
             }
 
             std::fs::write(&file, kubectl_list("10.0.1.9")).unwrap();
-            wait(&|| get(metrics_port, "/readyz").contains(" 200 "), "recovery");
+            wait_until(&|| get(metrics_port, "/readyz").contains(" 200 "), "recovery");
             assert_eq!(metric("portpolicy_agent_snapshot_refused"), "0");
             // Readiness follows the source; the sync of the new snapshot may land just after.
-            wait(
+            wait_until(
                 &|| fake.state().table != programmed,
                 "the new snapshot to be followed again",
             );

@@ -151,14 +151,31 @@ pub struct SourceRestriction {
 /// The sources a load balancer with these source ranges accepts: the ranges, and the VIP itself
 /// when a range holds one of the node's addresses, since the node's own packets to a VIP it
 /// holds carry the VIP as source (kube-proxy's `allowFromNode`).
+///
+/// Without overlaps: `lb-allowed` is an interval set, and `nft` refuses an element that overlaps
+/// another (the whole transaction with it), so a range inside another one (`10.1.0.0/16` beside
+/// `10.0.0.0/8`, the same range twice, the VIP inside a range) is left out; it adds nothing.
 pub fn allowed_sources(key: &VirtualServerKey, ranges: &[Cidr], node_addresses: &[IpAddr]) -> Vec<Cidr> {
-    let mut allowed = ranges.to_vec();
+    let mut candidates = ranges.to_vec();
     let from_node = ranges
         .iter()
         .any(|range| node_addresses.iter().any(|ip| range.contains(ip)));
     if from_node {
         let host = if key.address.is_ipv4() { 32 } else { 128 };
-        allowed.extend(Cidr::new(key.address, host));
+        candidates.extend(Cidr::new(key.address, host));
+    }
+    // Two CIDRs are nested or disjoint; widest first, each kept unless a kept one holds it.
+    candidates.sort_by_key(|c| (!c.is_ipv4(), c.prefix(), c.address()));
+    let mut allowed: Vec<Cidr> = Vec::with_capacity(candidates.len());
+    for range in candidates {
+        let covered = allowed.iter().any(|wider| {
+            wider.is_ipv4() == range.is_ipv4()
+                && wider.prefix() <= range.prefix()
+                && wider.contains(&range.address())
+        });
+        if !covered {
+            allowed.push(range);
+        }
     }
     allowed
 }
@@ -838,6 +855,61 @@ status: {{loadBalancer: {{ingress: [{{ip: 198.51.100.50}}]}}}}
             }]
         );
         assert_eq!(source_restrictions(&node_rules(&snapshot("[]"), &config)), []);
+    }
+
+    /// `lb-allowed` is an interval set: `nft` refuses overlapping elements, and with them the
+    /// whole transaction. Ranges inside others, repeated ones and a VIP inside a range are
+    /// left out, in the full table and in element batches alike.
+    #[test]
+    fn overlapping_source_ranges_give_no_overlapping_elements() {
+        let lb = key("198.51.100.50", 443, Protocol::Tcp);
+        let cidrs = |list: &[&str]| -> Vec<Cidr> { list.iter().map(|c| c.parse().unwrap()).collect() };
+        let node: [IpAddr; 1] = ["192.168.1.10".parse().unwrap()];
+        assert_eq!(
+            allowed_sources(
+                &lb,
+                &cidrs(&[
+                    "10.1.0.0/16",
+                    "10.0.0.0/8",
+                    "192.168.1.0/24",
+                    "10.0.0.0/8",
+                    "10.1.2.3/32"
+                ]),
+                &node
+            ),
+            cidrs(&["10.0.0.0/8", "192.168.1.0/24", "198.51.100.50/32"])
+        );
+        // The VIP inside an allowed range needs no element of its own.
+        assert_eq!(
+            allowed_sources(&lb, &cidrs(&["198.51.100.0/24", "192.168.0.0/16"]), &node),
+            cidrs(&["192.168.0.0/16", "198.51.100.0/24"])
+        );
+        // Families apart: ::/0 holds no IPv4 range.
+        assert_eq!(
+            allowed_sources(&lb, &cidrs(&["::/0", "10.0.0.0/8", "0.0.0.0/0"]), &[]),
+            cidrs(&["0.0.0.0/0", "::/0"])
+        );
+        let svc = service(&[("10.0.1.2", 8443)]);
+        let reach = Reach::External { local: true };
+        let allowed = allowed_sources(&lb, &cidrs(&["10.0.0.0/8", "10.1.0.0/16", "10.1.0.0/16"]), &[]);
+        let mut sets = NftSets::default();
+        sets.set(lb, elements_of(&lb, reach, &svc, Some(&allowed)));
+        let batch = sets.take_batch();
+        assert!(
+            batch.contains(
+                "add element ip portpolicy lb-allowed { 198.51.100.50 . tcp . 443 . 10.0.0.0/8 }\n"
+            ),
+            "{batch}"
+        );
+        assert!(!batch.contains("10.1.0.0/16"), "{batch}");
+        // A change that turns the wider range into a narrower one swaps the two elements.
+        let narrower = allowed_sources(&lb, &cidrs(&["10.1.0.0/16", "10.1.0.0/16"]), &[]);
+        sets.set(lb, elements_of(&lb, reach, &svc, Some(&narrower)));
+        assert_eq!(
+            sets.take_batch(),
+            "delete element ip portpolicy lb-allowed { 198.51.100.50 . tcp . 443 . 10.0.0.0/8 }\n\
+             add element ip portpolicy lb-allowed { 198.51.100.50 . tcp . 443 . 10.1.0.0/16 }\n"
+        );
     }
 
     #[test]

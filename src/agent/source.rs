@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Service};
@@ -27,7 +27,9 @@ use portpolicy_core::well_known::{SERVICE_PROXY_NAME, SERVICE_PROXY_NAME_LABEL};
 
 #[derive(Debug)]
 pub(super) enum Event {
-    Change(Change),
+    /// A change, with when it reached the agent as objects (a watch event's arrival; a changed
+    /// snapshot once read): the agent measures from there to the kernel's acknowledgement.
+    Change(Change, Instant),
     /// Everything the source knows at start has been sent.
     Ready,
     /// The source's current state cannot be used (a snapshot that cannot be read whole); the
@@ -97,6 +99,7 @@ pub(super) async fn snapshot_source(paths: Vec<PathBuf>, poll: Duration, tx: mps
         if last.as_ref() == Some(&now) {
             continue;
         }
+        let seen = Instant::now();
         let read = paths.clone();
         let loaded = match tokio::task::spawn_blocking(move || load_paths(&read)).await {
             Ok(loaded) => loaded,
@@ -119,9 +122,16 @@ pub(super) async fn snapshot_source(paths: Vec<PathBuf>, poll: Duration, tx: mps
         for problem in &loaded.problems {
             tracing::warn!(%problem, "snapshot");
         }
-        tracing::info!(objects = loaded.snapshot.object_count(), "snapshot loaded");
+        tracing::info!(
+            objects = loaded.snapshot.object_count(),
+            load_ms = seen.elapsed().as_secs_f64() * 1000.0,
+            "snapshot loaded"
+        );
         if tx
-            .send(Event::Change(Change::Snapshot(Box::new(loaded.snapshot))))
+            .send(Event::Change(
+                Change::Snapshot(Box::new(loaded.snapshot)),
+                Instant::now(),
+            ))
             .await
             .is_err()
         {
@@ -243,6 +253,7 @@ async fn watch_objects<K>(
         }
     };
     while let Some(event) = stream.next().await {
+        let seen = Instant::now();
         let changes: Vec<Change> = match event {
             Err(e) => {
                 tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
@@ -279,7 +290,7 @@ async fn watch_objects<K>(
             }
         };
         for change in changes {
-            if tx.send(Event::Change(change)).await.is_err() {
+            if tx.send(Event::Change(change, seen)).await.is_err() {
                 return;
             }
         }
@@ -378,7 +389,7 @@ async fn watch_policies(client: Client, tx: mpsc::Sender<Event>, ready: mpsc::Se
             policies: PolicySet::compile(policy_objects.values()),
             namespace_labels: labels.clone(),
         };
-        if tx.send(Event::Change(change)).await.is_err() {
+        if tx.send(Event::Change(change, Instant::now())).await.is_err() {
             return;
         }
         if !announced {
@@ -498,7 +509,7 @@ mod tests {
                 .unwrap()
                 .unwrap()
         }
-        let Event::Change(Change::Snapshot(s)) = next(&mut rx).await else {
+        let Event::Change(Change::Snapshot(s), _) = next(&mut rx).await else {
             panic!("expected a snapshot")
         };
         assert_eq!(s.nodes.len(), 1);
@@ -509,7 +520,7 @@ mod tests {
             "apiVersion: v1\nkind: Node\nmetadata: {name: a}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: b}\n",
         )
         .unwrap();
-        let Event::Change(Change::Snapshot(s)) = next(&mut rx).await else {
+        let Event::Change(Change::Snapshot(s), _) = next(&mut rx).await else {
             panic!("expected a snapshot")
         };
         assert_eq!(s.nodes.len(), 2);

@@ -134,6 +134,9 @@ pub struct Syncer<D: Dataplane> {
     policy_ranges: Vec<PortRange>,
     /// Every node port planned since start: the agent may delete what it once programmed.
     node_ports_seen: BTreeSet<u16>,
+    /// Every address a node port was planned on since start: when the Node loses one, the
+    /// agent's node ports on it are still the agent's to delete.
+    node_addresses_seen: BTreeSet<IpAddr>,
     sysctls_done: bool,
     /// The set elements the plan wants, and what changed since they were last written.
     nft: NftSets,
@@ -169,6 +172,7 @@ impl<D: Dataplane> Syncer<D> {
             needs_full: true,
             policy_ranges: Vec::new(),
             node_ports_seen: BTreeSet::new(),
+            node_addresses_seen: BTreeSet::new(),
             sysctls_done: false,
             nft: NftSets::default(),
             nft_layout: None,
@@ -247,6 +251,7 @@ impl<D: Dataplane> Syncer<D> {
                 && rule.kind == VirtualServerKind::NodePort
             {
                 self.node_ports_seen.insert(key.port);
+                self.node_addresses_seen.insert(key.address);
             }
             let elements = match (rule, self.tracker.desired().get(key)) {
                 (Some(rule), Some(service)) => {
@@ -577,7 +582,11 @@ impl<D: Dataplane> Syncer<D> {
                     .iter()
                     .filter_map(|p| PortRange::single(*p).ok());
                 Ownership::nothing().with_node_ports(
-                    self.tracker.node_addresses().iter().copied(),
+                    self.tracker
+                        .node_addresses()
+                        .iter()
+                        .chain(&self.node_addresses_seen)
+                        .copied(),
                     self.policy_ranges.iter().copied().chain(seen),
                 )
             }

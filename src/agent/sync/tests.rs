@@ -551,6 +551,81 @@ spec:
     assert_eq!(fake.state().ops_log, vec![IpvsOp::DeleteService { key: stale }]);
 }
 
+/// node-a's Node with these InternalIPs.
+fn node_with(addresses: &[&str]) -> Node {
+    let listed: Vec<serde_json::Value> = addresses
+        .iter()
+        .map(|a| serde_json::json!({"type": "InternalIP", "address": a}))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"},
+        "status": {"addresses": listed}
+    }))
+    .unwrap()
+}
+
+/// Delegated mode: a node address that goes takes the agent's node-port virtual servers on it
+/// along, by the incremental sync and by the full resync, and leaves kube-proxy's on it alone.
+#[test]
+fn node_ports_on_a_node_address_that_is_gone_are_deleted() {
+    let gone = vs("192.168.1.11", 30080, Protocol::Tcp);
+    let kept = vs("192.168.1.10", 30080, Protocol::Tcp);
+    // kube-proxy's node port on the same address: never the agent's.
+    let foreign = vs("192.168.1.11", 31500, Protocol::Tcp);
+    for full in [false, true] {
+        let mut kernel = FakeKernel::default();
+        kernel.table.insert(foreign, foreign_entry().1);
+        let (mut s, fake, _) = syncer(kernel);
+        s.observe(Change::Node(Box::new(node_with(&[
+            "192.168.1.10",
+            "192.168.1.11",
+        ]))));
+        assert!(s.sync().succeeded());
+        assert!(
+            fake.state().table.contains_key(&gone),
+            "{:?}",
+            fake.state().table.keys()
+        );
+        s.observe(Change::Node(Box::new(node_with(&["192.168.1.10"]))));
+        if full {
+            s.request_full();
+        }
+        let outcome = s.sync();
+        assert!(outcome.succeeded() && outcome.full == full, "{outcome:?}");
+        let k = fake.state();
+        assert!(
+            !k.table.contains_key(&gone),
+            "full={full}: the stale node port stayed"
+        );
+        assert!(
+            k.table.contains_key(&kept) && k.table.contains_key(&foreign),
+            "full={full}"
+        );
+        assert_eq!(
+            k.ops_log.last(),
+            Some(&IpvsOp::DeleteService { key: gone }),
+            "full={full}"
+        );
+    }
+    // The same when the sync that should delete it fails: the retry (a full sync) does.
+    let mut kernel = FakeKernel::default();
+    kernel.table.insert(foreign, foreign_entry().1);
+    let (mut s, fake, _) = syncer(kernel);
+    s.observe(Change::Node(Box::new(node_with(&[
+        "192.168.1.10",
+        "192.168.1.11",
+    ]))));
+    assert!(s.sync().succeeded());
+    s.observe(Change::Node(Box::new(node_with(&["192.168.1.10"]))));
+    s.request_full();
+    fake.state().fail_dump = true;
+    assert!(!s.sync().succeeded());
+    fake.state().fail_dump = false;
+    assert!(s.sync().succeeded());
+    assert!(!fake.state().table.contains_key(&gone));
+    assert!(fake.state().table.contains_key(&foreign));
+}
+
 /// A table kept by a direct one-endpoint change, then the table replaced only on a full sync.
 #[test]
 fn an_endpoint_change_sends_set_elements_and_never_replaces_the_table() {
