@@ -656,6 +656,19 @@ async fn webhook_gives_100_concurrent_reviews_100_distinct_ports_over_https() {
             .await,
         Some(1.0)
     );
+    // Every review answered is timed, whatever its outcome.
+    let mut answered = 0.0;
+    for outcome in ["patched", "unchanged", "not_leader", "invalid"] {
+        let series = format!("portpolicy_operator_webhook_reviews_total{{outcome=\"{outcome}\"}}");
+        answered += operator.metric(&series).await.unwrap();
+    }
+    assert!(answered >= 104.0, "{answered} reviews counted");
+    assert_eq!(
+        operator
+            .metric("portpolicy_operator_webhook_review_duration_seconds_count")
+            .await,
+        Some(answered)
+    );
     // A client that does not trust the published CA cannot talk to it.
     let other = portpolicy::operator::webhook::tls::self_signed(&[WEBHOOK_HOST.to_string()]).unwrap();
     assert!(

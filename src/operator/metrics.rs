@@ -48,6 +48,7 @@ pub struct Metrics {
     pub unreadable_policies: IntGauge,
     pub leader: IntGauge,
     pub webhook_reviews: IntCounterVec,
+    pub webhook_review_duration: Histogram,
     pub webhook_reservations: IntGauge,
     pub allocations: IntCounterVec,
     /// Per policy, the refusals last seen, so a refusal repeated by every reconcile (a full
@@ -128,6 +129,16 @@ impl Metrics {
         for outcome in WEBHOOK_OUTCOMES {
             webhook_reviews.with_label_values(&[outcome]);
         }
+        // The API server gives the webhook 2 s (config/webhook.yaml); the bench answers in
+        // microseconds, so the buckets resolve both the normal case and a stall near the timeout.
+        let webhook_review_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "webhook_review_duration_seconds",
+                "Time the webhook took to answer one admission review, from its body to its answer",
+            )
+            .buckets(vec![0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0]),
+        )
+        .unwrap();
         let webhook_reservations = IntGauge::new(
             "webhook_reservations",
             "nodePorts handed out by admission reviews whose Services the watch has not shown yet",
@@ -151,6 +162,7 @@ impl Metrics {
             Box::new(node_ports_pinned.clone()),
             Box::new(conflicts.clone()),
             Box::new(webhook_reviews.clone()),
+            Box::new(webhook_review_duration.clone()),
             Box::new(webhook_reservations.clone()),
             Box::new(watch_errors.clone()),
             Box::new(unreadable_policies.clone()),
@@ -173,6 +185,7 @@ impl Metrics {
             unreadable_policies,
             leader,
             webhook_reviews,
+            webhook_review_duration,
             webhook_reservations,
             allocations,
             refusals: Arc::default(),

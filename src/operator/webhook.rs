@@ -162,7 +162,9 @@ impl Webhook {
     /// Answers one HTTP body: an `admission.k8s.io/v1` AdmissionReview. Never fails: a body
     /// that cannot be read gets a response that says why.
     pub fn answer(&self, body: &[u8]) -> (AdmissionReview<DynamicObject>, Outcome) {
+        let timer = self.metrics.webhook_review_duration.start_timer();
         let (response, outcome) = self.respond(body);
+        timer.observe_duration();
         self.metrics
             .webhook_reviews
             .with_label_values(&[outcome.label()])
