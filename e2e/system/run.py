@@ -23,6 +23,8 @@ MANIFESTS = HERE / "manifests"
 LEASE = ("portpolicy-system", "portpolicy-operator")
 LEASE_SECONDS = 15
 POLICY_RANGE = range(32000, 32100)
+# The label the operator sets on Services it hands to its agent (kube-proxy skips them).
+PROXY_NAME = "service.kubernetes.io/service-proxy-name"
 
 
 class Run:
@@ -72,6 +74,17 @@ class Run:
         svc = self.service(name, ns)
         ports = (svc or {}).get("spec", {}).get("ports") or [{}]
         return ports[0].get("nodePort")
+
+    def allocated(self, name: str, timeout: float) -> int | None:
+        """The nodePort the operator gave shop/`name`: in the policy's range, on a Service it
+        handed to the agent. The emulator's random pick falls in the range too, 100 times in
+        2,768, so only the operator's label shows that the operator chose it."""
+        def chosen():
+            svc = self.service(name) or {}
+            labels = svc.get("metadata", {}).get("labels") or {}
+            port = ((svc.get("spec", {}).get("ports") or [{}])[0]).get("nodePort")
+            return labels.get(PROXY_NAME) == "portpolicy" and port in POLICY_RANGE and port
+        return wait_for(chosen, timeout, 0.5)
 
     def create_service(self, name: str) -> None:
         """A NodePort Service of the proxied policy. (Through apply: kubectl's typed commands
@@ -168,9 +181,11 @@ class Run:
         )
         if not port:
             return
-        svc = self.service("shopfront")
-        label = svc["metadata"].get("labels", {}).get("service.kubernetes.io/service-proxy-name")
-        self.check("service-handed-to-the-agent", label == "portpolicy", f"proxy-name label is {label!r}")
+        # The emulator's random pick can fall inside the policy's range (100 of 2,768 ports), so
+        # the port alone does not show that the operator has acted yet: its label does.
+        proxy_name = lambda: ((self.service("shopfront") or {}).get("metadata", {}).get("labels") or {}).get(PROXY_NAME)
+        handed = wait_for(lambda: proxy_name() == "portpolicy", 30, 0.5)
+        self.check("service-handed-to-the-agent", bool(handed), f"proxy-name label is {proxy_name()!r}")
         programmed = lambda t: f"10.1.0.1:{port}" in t and "10.0.11.2:8080" in t
         table = wait_for(lambda: programmed(self.ipvs()), 60, 1)
         self.check("agent-programs-the-node-port", bool(table), f"ipvsadm -Ln:\n{self.ipvs()}")
@@ -280,7 +295,7 @@ class Run:
             f"{other} took the Lease after {elapsed:.1f}s" if took_over else f"{other} did not take the Lease in 30 s",
         )
         self.create_service("after-handover")
-        port = wait_for(lambda: (p := self.node_port_of("after-handover")) in POLICY_RANGE and p, 45, 0.5)
+        port = self.allocated("after-handover", 45)
         self.check("allocation-goes-on-after-handover", bool(port),
                    f"shop/after-handover has nodePort {self.node_port_of('after-handover')}")
 
@@ -362,7 +377,7 @@ class Run:
         self.check("restarted-leader-leads-again-after-a-freeze", led_again,
                    f"no restart of {leader} wrote the Lease as its holder after the thaw")
         self.create_service("after-freeze")
-        port = wait_for(lambda: (p := self.node_port_of("after-freeze")) in POLICY_RANGE and p, 60, 0.5)
+        port = self.allocated("after-freeze", 60)
         self.check("allocation-goes-on-after-the-freeze", bool(port),
                    f"shop/after-freeze has nodePort {self.node_port_of('after-freeze')} "
                    f"{time.time() - thawed_at:.0f}s after the thaw")
