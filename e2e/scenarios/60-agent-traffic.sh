@@ -116,16 +116,6 @@ table_without_counters() {
     awk '/^(TCP|UDP|SCTP) / { svc = $1 " " $2 " " $3; print svc; next }
          /^  -> / && $2 != "RemoteAddress:Port" { print svc " -> " $2 " " $3 " " $4 }' | sort
 }
-wait_for() { # SECONDS COMMAND...: retries the command every 0.2 s
-    limit=$(($1 * 5))
-    shift
-    i=0
-    until "$@" > /dev/null 2>&1; do
-        i=$((i + 1))
-        [ $i -ge $limit ] && return 1
-        sleep 0.2
-    done
-}
 
 # --- the node and its pods (subnets 10.0.11-15, clear of other scenarios' pods) --------------------------------------------------------------------
 cgi_pod a1 11     # node-a
