@@ -67,6 +67,30 @@ e2e_kernel() {
     fi
 }
 
+# Builds the binary the VMs run (honours CARGO_TARGET_DIR); sets BIN. The functional suites
+# take the dev profile: what they check is behaviour, not speed, and the hot core is optimized
+# even there (the workspace's `[profile.dev.package]`). It is the very binary `cargo test
+# --all-targets` builds for the integration tests, asked of cargo rather than guessed from a
+# path: after the README's `cargo test` it costs nothing, where `cargo build` would build it
+# again (the dev-dependencies change its features) and a release build would cost about 6 of
+# CI's minutes. Benchmarks, and anyone who sets E2E_PROFILE=release, get the release binary.
+e2e_binary() {
+    case "${E2E_PROFILE:-dev}" in
+        release) e2e_release_binary ;;
+        dev)
+            e2e_log "building the dev-profile binary (cargo test --all-targets --no-run)"
+            local artifacts
+            artifacts=$(cd "$REPO" && cargo test --locked --all-targets --no-run --message-format=json) \
+                || die "cargo test --no-run failed"
+            BIN=$(grep '"reason":"compiler-artifact"' <<< "$artifacts" | grep '"kind":\["bin"\]' \
+                | grep '"name":"portpolicy"' | grep '"test":false' \
+                | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+            [[ -n "$BIN" && -x "$BIN" ]] || die "cargo reported no portpolicy binary"
+            ;;
+        *) die "E2E_PROFILE must be dev or release, not ${E2E_PROFILE}" ;;
+    esac
+}
+
 # Builds the release binary (honours CARGO_TARGET_DIR); sets BIN.
 e2e_release_binary() {
     e2e_log "building the release binary"
