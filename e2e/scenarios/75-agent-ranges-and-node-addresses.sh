@@ -3,7 +3,8 @@
 #   twice): `lb-allowed` is an interval set and nft refuses overlapping elements, so the agent
 #   must write a transaction nft accepts, and the ranges must still decide who connects;
 # - a node address that goes away (delegated mode): the agent's node ports on it go too, while
-#   a virtual server it does not own on that address stays.
+#   a virtual server it does not own on that address stays; and the same when the address goes
+#   while the agent is down.
 . /e2e/lib.sh
 trap "" PIPE
 
@@ -107,6 +108,25 @@ check foreign-virtual-server-on-the-gone-address-kept grep -q "10\.3\.7\.5:31500
 check gone-address-stays-gone sh -c '! grep -q "10\.3\.7\.5:30085 " /tmp/ranges-ipvs.txt'
 check ranges-agent-healthy sh -c 'printf "GET /healthz HTTP/1.0\r\n\r\n" | nc -w 2 127.0.0.1 10267 | head -n 1 | grep -q " 200 "'
 grep -iE "warn|error" /tmp/ranges-agent.log | tail -n 5
+
+# --- the same while the agent is down -------------------------------------------------------------
+# The address comes back, the agent programs its node port there and stops; the address goes
+# while no agent runs. The new process never saw it as a node address, but no interface holds
+# it, so the node port on it is the agent's, and goes; kube-proxy's stays.
+write_snapshot "$TWO" "[10.3.7.0/24, 10.0.0.0/8]"
+check node-port-back-on-the-returned-address wait_for 5 sh -c 'ipvsadm -Ln | grep -q "10\.3\.7\.5:30085 "'
+kill "$AGENT" 2> /dev/null
+wait "$AGENT" 2> /dev/null
+write_snapshot "{type: InternalIP, address: 10.3.7.1}" "[10.3.7.0/24, 10.0.0.0/8]"
+portpolicy agent --node-name node-a --snapshot "$SNAP" --metrics-address "$METRICS" \
+    --resync-period 2s --snapshot-poll 100ms > /tmp/ranges-agent-2.log 2>&1 &
+AGENT=$!
+check restarted-agent-deletes-the-node-port-on-the-address-lost-while-down wait_for 20 sh -c \
+    '! ipvsadm -Ln | grep -q "10\.3\.7\.5:30085 "'
+ipvsadm -Ln > /tmp/ranges-ipvs.txt
+check restarted-agent-keeps-the-node-port-on-the-remaining-address grep -q "10\.3\.7\.1:30085 " /tmp/ranges-ipvs.txt
+check restarted-agent-keeps-the-foreign-virtual-server grep -q "10\.3\.7\.5:31500 " /tmp/ranges-ipvs.txt
+grep -iE "warn|error" /tmp/ranges-agent-2.log | tail -n 5
 
 kill "$AGENT" 2> /dev/null
 wait 2> /dev/null

@@ -69,6 +69,8 @@ pub trait Dataplane: Send {
     fn apply(&mut self, ops: &[IpvsOp]) -> ApplyReport;
     /// Addresses currently bound on the agent's dummy interface.
     fn addresses(&mut self) -> Result<BTreeSet<IpAddr>, DataplaneError>;
+    /// Every address any interface of the node holds, the dummy interface's included.
+    fn host_addresses(&mut self) -> Result<BTreeSet<IpAddr>, DataplaneError>;
     /// Adds and removes addresses on the dummy interface; one already there (or already gone)
     /// counts as done.
     fn change_addresses(

@@ -17,7 +17,10 @@ use super::nft::NftError;
 #[derive(Clone, Debug, Default)]
 pub struct FakeKernel {
     pub table: IpvsTable,
+    /// The dummy interface's addresses.
     pub addresses: BTreeSet<IpAddr>,
+    /// Addresses the node's other interfaces hold.
+    pub host_addresses: BTreeSet<IpAddr>,
     pub ruleset: Option<String>,
     pub reserved_ports: BTreeSet<u16>,
     pub sysctls_set: bool,
@@ -109,6 +112,11 @@ impl Dataplane for FakeDataplane {
 
     fn addresses(&mut self) -> Result<BTreeSet<IpAddr>, DataplaneError> {
         Ok(self.state().addresses.clone())
+    }
+
+    fn host_addresses(&mut self) -> Result<BTreeSet<IpAddr>, DataplaneError> {
+        let k = self.state();
+        Ok(k.addresses.union(&k.host_addresses).copied().collect())
     }
 
     fn change_addresses(

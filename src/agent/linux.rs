@@ -85,6 +85,10 @@ impl Dataplane for LinuxDataplane {
         self.link.addresses().map_err(|e| self.address_error(e))
     }
 
+    fn host_addresses(&mut self) -> Result<BTreeSet<IpAddr>, DataplaneError> {
+        self.link.host_addresses().map_err(|e| self.address_error(e))
+    }
+
     fn change_addresses(
         &mut self,
         add: &BTreeSet<IpAddr>,

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -137,6 +138,10 @@ pub struct Syncer<D: Dataplane> {
     /// Every address a node port was planned on since start: when the Node loses one, the
     /// agent's node ports on it are still the agent's to delete.
     node_addresses_seen: BTreeSet<IpAddr>,
+    /// Every address the node's interfaces held at the last full sync: a node port on any
+    /// other address is one the Node lost, perhaps before this process started (delegated
+    /// mode ownership, rule 4 of [`Ownership`]).
+    host_addresses: Option<Arc<BTreeSet<IpAddr>>>,
     sysctls_done: bool,
     /// The set elements the plan wants, and what changed since they were last written.
     nft: NftSets,
@@ -173,6 +178,7 @@ impl<D: Dataplane> Syncer<D> {
             policy_ranges: Vec::new(),
             node_ports_seen: BTreeSet::new(),
             node_addresses_seen: BTreeSet::new(),
+            host_addresses: None,
             sysctls_done: false,
             nft: NftSets::default(),
             nft_layout: None,
@@ -325,6 +331,9 @@ impl<D: Dataplane> Syncer<D> {
     fn read_kernel(&mut self) -> Result<(), DataplaneError> {
         let table = self.dataplane.dump()?;
         let bound = self.dataplane.addresses()?;
+        if self.tracker.config().mode == ProxyMode::Delegated {
+            self.host_addresses = Some(Arc::new(self.dataplane.host_addresses()?));
+        }
         if self.model_trusted {
             let ownership = self.ownership();
             let drifted = drifted_virtual_servers(&self.kernel, &table, &ownership);
@@ -581,14 +590,18 @@ impl<D: Dataplane> Syncer<D> {
                     .node_ports_seen
                     .iter()
                     .filter_map(|p| PortRange::single(*p).ok());
-                Ownership::nothing().with_node_ports(
+                let ownership = Ownership::nothing().with_node_ports(
                     self.tracker
                         .node_addresses()
                         .iter()
                         .chain(&self.node_addresses_seen)
                         .copied(),
                     self.policy_ranges.iter().copied().chain(seen),
-                )
+                );
+                match &self.host_addresses {
+                    Some(held) => ownership.with_host_addresses(Arc::clone(held)),
+                    None => ownership,
+                }
             }
         }
     }

@@ -103,20 +103,31 @@ impl DummyLink {
 
     /// The interface's addresses, leaving out link-local ones the kernel adds by itself.
     pub fn addresses(&mut self) -> Result<BTreeSet<IpAddr>, NetlinkError> {
+        let what = format!("list addresses of {}", self.name);
+        let entries = self.dump_addresses(&what)?;
+        Ok(entries
+            .into_iter()
+            .filter(|entry| entry.index == self.index && entry.scope != RT_SCOPE_LINK)
+            .map(|entry| entry.address)
+            .collect())
+    }
+
+    /// Every address any interface of the host holds, of any scope (this interface's too):
+    /// what tells a node port on an address the node has lost from one someone else serves.
+    pub fn host_addresses(&mut self) -> Result<BTreeSet<IpAddr>, NetlinkError> {
+        let entries = self.dump_addresses(&"list the host's addresses")?;
+        Ok(entries.into_iter().map(|entry| entry.address).collect())
+    }
+
+    fn dump_addresses(&mut self, what: &dyn std::fmt::Display) -> Result<Vec<AddressEntry>, NetlinkError> {
         let mut request = MessageBuilder::new(RTM_GETADDR, DUMP);
         request.put_fixed(&ifaddrmsg(libc::AF_UNSPEC as u8, 0, 0, 0, 0));
-        let replies = self
-            .socket
-            .dump(request, &format_args!("list addresses of {}", self.name))?;
-        let mut addresses = BTreeSet::new();
+        let replies = self.socket.dump(request, what)?;
+        let mut entries = Vec::with_capacity(replies.len());
         for reply in replies {
-            if let Some((index, address)) = decode_address_message(&reply)?
-                && index == self.index
-            {
-                addresses.insert(address);
-            }
+            entries.extend(decode_address_entry(&reply)?);
         }
-        Ok(addresses)
+        Ok(entries)
     }
 
     /// Makes the interface hold exactly `desired` (as /32 and /128): adds the missing addresses,
@@ -271,6 +282,19 @@ pub fn decode_link_message(payload: &[u8]) -> Result<LinkInfo, NetlinkError> {
 /// One address of an RTM_GETADDR dump as (interface index, address); `None` for link-local
 /// scope and unknown families.
 pub fn decode_address_message(payload: &[u8]) -> Result<Option<(u32, IpAddr)>, NetlinkError> {
+    Ok(decode_address_entry(payload)?
+        .filter(|entry| entry.scope != RT_SCOPE_LINK)
+        .map(|entry| (entry.index, entry.address)))
+}
+
+struct AddressEntry {
+    index: u32,
+    scope: u8,
+    address: IpAddr,
+}
+
+/// One address of an RTM_GETADDR dump, of any scope; `None` for unknown families.
+fn decode_address_entry(payload: &[u8]) -> Result<Option<AddressEntry>, NetlinkError> {
     if payload.len() < IFADDRMSG_LEN {
         return Err(NetlinkError::Protocol(
             "address message shorter than struct ifaddrmsg".into(),
@@ -278,9 +302,6 @@ pub fn decode_address_message(payload: &[u8]) -> Result<Option<(u32, IpAddr)>, N
     }
     let (family, scope) = (payload[0], payload[3]);
     let index = u32::from_ne_bytes(payload[4..8].try_into().unwrap());
-    if scope == RT_SCOPE_LINK {
-        return Ok(None);
-    }
     let (mut local, mut address) = (None, None);
     for attr in attributes(&payload[IFADDRMSG_LEN..]) {
         let (kind, value) = attr?;
@@ -303,7 +324,11 @@ pub fn decode_address_message(payload: &[u8]) -> Result<Option<(u32, IpAddr)>, N
         }
         _ => return Ok(None),
     };
-    Ok(Some((index, parsed)))
+    Ok(Some(AddressEntry {
+        index,
+        scope,
+        address: parsed,
+    }))
 }
 
 #[cfg(test)]

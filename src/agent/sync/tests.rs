@@ -624,6 +624,48 @@ fn node_ports_on_a_node_address_that_is_gone_are_deleted() {
     assert!(fake.state().table.contains_key(&foreign));
 }
 
+/// Delegated mode, after a restart: the Node lost an address while the agent was down, so
+/// nothing in the new process says it was ever a node address. A node port of the agent's on
+/// it goes all the same, because no interface holds the address any more; what kube-proxy
+/// serves (on addresses the node holds, or outside the agent's ports) stays.
+#[test]
+fn after_a_restart_node_ports_on_an_address_the_node_lost_are_deleted() {
+    let gone = vs("192.168.1.11", 30080, Protocol::Tcp);
+    // kube-proxy's: its node port on the lost address, and a cluster IP it binds on
+    // kube-ipvs0 that happens to use the same port number.
+    let foreign_node_port = vs("192.168.1.11", 31500, Protocol::Tcp);
+    let foreign_vip = vs("10.96.7.7", 30080, Protocol::Tcp);
+    let left_by_the_last_run = |held: &[&str]| {
+        let mut kernel = FakeKernel::default();
+        for key in [gone, foreign_node_port, foreign_vip] {
+            kernel.table.insert(key, foreign_entry().1);
+        }
+        kernel.host_addresses = held.iter().map(|a| a.parse().unwrap()).collect();
+        kernel
+    };
+    let (mut s, fake, _) = syncer(left_by_the_last_run(&["192.168.1.10", "10.96.7.7"]));
+    assert!(s.sync().succeeded());
+    let k = fake.state();
+    assert!(
+        !k.table.contains_key(&gone),
+        "the lost address's node port stayed"
+    );
+    assert!(k.table.contains_key(&foreign_node_port) && k.table.contains_key(&foreign_vip));
+    assert!(k.ops_log.contains(&IpvsOp::DeleteService { key: gone }));
+    drop(k);
+
+    // While an interface still holds the address, it may be anyone's: it stays.
+    let (mut s, fake, _) = syncer(left_by_the_last_run(&[
+        "192.168.1.10",
+        "192.168.1.11",
+        "10.96.7.7",
+    ]));
+    assert!(s.sync().succeeded());
+    let k = fake.state();
+    assert!(k.table.contains_key(&gone) && k.table.contains_key(&foreign_node_port));
+    assert!(k.table.contains_key(&foreign_vip));
+}
+
 /// A table kept by a direct one-endpoint change, then the table replaced only on a full sync.
 #[test]
 fn an_endpoint_change_sends_set_elements_and_never_replaces_the_table() {

@@ -18,6 +18,7 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::ports::{PortRange, Protocol};
 
@@ -40,6 +41,11 @@ use super::table::{IpvsOp, IpvsService, IpvsTable, VirtualServerKey};
 /// 3. A virtual server on one of this node's addresses is owned when its port is in one of the
 ///    agent's node-port ranges (in delegated mode, the ranges of policies that hand Services to
 ///    the agent; kube-proxy's node ports live outside them).
+/// 4. So is one with its port in those ranges on an address that no interface of the node holds
+///    ([`Ownership::with_host_addresses`]). kube-proxy serves only on addresses the node holds
+///    (node addresses, and its VIPs bound on `kube-ipvs0`), so such a virtual server is a node
+///    port of the agent's on an address the Node has lost, perhaps while the agent was down,
+///    when nothing in the agent's memory says it was ever a node address.
 ///
 /// A desired virtual server that is not owned is not programmed either: the diff never creates
 /// what it would not later be allowed to delete.
@@ -49,6 +55,10 @@ pub struct Ownership {
     bound: BTreeSet<IpAddr>,
     node_addresses: BTreeSet<IpAddr>,
     node_port_ranges: Vec<PortRange>,
+    /// Every address the node's interfaces hold, when known (rule 4). Shared, not copied: in
+    /// delegated mode kube-proxy binds every cluster IP on the node, and ownership is built
+    /// on every sync.
+    host_addresses: Option<Arc<BTreeSet<IpAddr>>>,
 }
 
 impl Ownership {
@@ -82,11 +92,20 @@ impl Ownership {
         self
     }
 
+    /// Every address some interface of the node holds: virtual servers with a port in the
+    /// node-port ranges on any other address are owned (rule 4).
+    pub fn with_host_addresses(mut self, addresses: Arc<BTreeSet<IpAddr>>) -> Self {
+        self.host_addresses = Some(addresses);
+        self
+    }
+
     pub fn owns(&self, key: &VirtualServerKey) -> bool {
-        self.everything
-            || self.bound.contains(&key.address)
-            || (self.node_addresses.contains(&key.address)
-                && self.node_port_ranges.iter().any(|r| r.contains(key.port)))
+        if self.everything || self.bound.contains(&key.address) {
+            return true;
+        }
+        let on_node_port_address = self.node_addresses.contains(&key.address)
+            || (self.host_addresses.as_ref()).is_some_and(|held| !held.contains(&key.address));
+        on_node_port_address && self.node_port_ranges.iter().any(|r| r.contains(key.port))
     }
 }
 

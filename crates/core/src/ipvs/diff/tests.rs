@@ -269,6 +269,43 @@ fn ownership_rules() {
     for (k, owned, why) in cases {
         assert_eq!(ownership.owns(&k), owned, "{why}: {k}");
     }
+    // Rule 4: with the node's interfaces known, a port in range on an address none holds is
+    // a node port left on an address the Node lost; one the node holds is someone else's.
+    let knowing_the_host = ownership.with_host_addresses(Arc::new(BTreeSet::from([
+        ip("192.168.0.10"),
+        ip("10.96.0.2"),
+        ip("127.0.0.1"),
+    ])));
+    let cases = [
+        (
+            key("192.168.0.11", 31000, Protocol::Tcp),
+            true,
+            "address the node lost, port in range",
+        ),
+        (
+            key("192.168.0.11", 30080, Protocol::Tcp),
+            false,
+            "address the node lost, kube-proxy's port",
+        ),
+        (
+            key("10.96.0.2", 31050, Protocol::Tcp),
+            false,
+            "kube-proxy's VIP, held on kube-ipvs0",
+        ),
+        (
+            key("10.96.0.1", 80, Protocol::Tcp),
+            true,
+            "bound address, as before",
+        ),
+        (
+            key("192.168.0.10", 31000, Protocol::Tcp),
+            true,
+            "node address, as before",
+        ),
+    ];
+    for (k, owned, why) in cases {
+        assert_eq!(knowing_the_host.owns(&k), owned, "{why}: {k}");
+    }
     let everything = Ownership::everything();
     assert!(everything.owns(&key("10.0.0.1", 1, Protocol::Tcp)));
     assert!(!Ownership::nothing().owns(&key("10.0.0.1", 1, Protocol::Tcp)));
