@@ -343,6 +343,19 @@ pub fn json(shape: DumpShape) -> String {
     out
 }
 
+/// One object (or `List`) as kubectl's YAML printer writes it.
+pub fn to_yaml(value: &Value) -> String {
+    let mut out = String::new();
+    match value {
+        Value::Object(map) if !map.is_empty() => write_mapping_body(value, 0, false, &mut out),
+        other => {
+            write_scalar(other, &mut out);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 // kubectl's YAML printer (sigs.k8s.io/yaml over go-yaml): keys sorted, two-space indent,
 // sequence items at their key's indent, `{}`/`[]` for empty collections, strings quoted only
 // when they would read as something else.
