@@ -2,22 +2,43 @@
 //!
 //! `plan` and the agent's `--snapshot` mode read these; the operator builds the same view from
 //! its watch caches. Loading never fails on one bad object: it is reported and skipped.
+//!
+//! Objects keep only the fields portpolicy reads ([`kinds`]), skipped as they are read: a
+//! loaded snapshot's memory follows what is kept, not the size of the dump. Texts are read by
+//! the fastest reader that can read them exactly: JSON by serde_json, YAML by the fast reader
+//! ([`yaml`]) and, for what it leaves alone (anchors, tags, invalid YAML), by serde-saphyr. All
+//! of them feed the same object handling, so an object means the same whichever reader read it.
+
+mod kinds;
+mod prune;
+mod tape;
+mod yaml;
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::ops::Range;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
-use serde_json::{Map, Value};
+use kube::Resource;
+use serde::de::{DeserializeOwned, Deserializer, IgnoredAny, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::crd::PortPolicy;
 use crate::governance::NamespaceLabels;
+use crate::hostport::HostPortPod;
 use crate::problem::{Problem, object_ref};
 
-/// Every object kind portpolicy reads.
+use kinds::Kind;
+pub(crate) use prune::Keep;
+use prune::Pruned;
+use tape::Tape;
+
+/// Every object kind portpolicy reads, each holding only the fields portpolicy reads.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
     pub policies: Vec<PortPolicy>,
@@ -25,7 +46,8 @@ pub struct Snapshot {
     pub nodes: Vec<Node>,
     pub services: Vec<Service>,
     pub endpoint_slices: Vec<EndpointSlice>,
-    pub pods: Vec<Pod>,
+    /// Pods as the operator's cache holds them: what decides the ports they hold.
+    pub pods: Vec<HostPortPod>,
     pub daemon_sets: Vec<DaemonSet>,
     pub deployments: Vec<Deployment>,
     pub stateful_sets: Vec<StatefulSet>,
@@ -33,15 +55,35 @@ pub struct Snapshot {
 
 impl Snapshot {
     pub fn object_count(&self) -> usize {
-        self.policies.len()
-            + self.namespaces.len()
-            + self.nodes.len()
-            + self.services.len()
-            + self.endpoint_slices.len()
-            + self.pods.len()
-            + self.daemon_sets.len()
-            + self.deployments.len()
-            + self.stateful_sets.len()
+        self.lengths().iter().sum()
+    }
+
+    /// How many objects of each kind, in [`Kind`] order.
+    fn lengths(&self) -> [usize; 9] {
+        [
+            self.policies.len(),
+            self.namespaces.len(),
+            self.nodes.len(),
+            self.services.len(),
+            self.endpoint_slices.len(),
+            self.pods.len(),
+            self.daemon_sets.len(),
+            self.deployments.len(),
+            self.stateful_sets.len(),
+        ]
+    }
+
+    fn truncate(&mut self, lengths: [usize; 9]) {
+        let [a, b, c, d, e, f, g, h, i] = lengths;
+        self.policies.truncate(a);
+        self.namespaces.truncate(b);
+        self.nodes.truncate(c);
+        self.services.truncate(d);
+        self.endpoint_slices.truncate(e);
+        self.pods.truncate(f);
+        self.daemon_sets.truncate(g);
+        self.deployments.truncate(h);
+        self.stateful_sets.truncate(i);
     }
 
     /// Labels of every namespace that is listed or that some object lives in. A namespace the
@@ -97,50 +139,15 @@ impl Loaded {
     }
 }
 
-/// Where an object was read: `file, document N[, items[I]]`.
-type Location = String;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Kind {
-    PortPolicy,
-    Namespace,
-    Node,
-    Service,
-    EndpointSlice,
-    Pod,
-    DaemonSet,
-    Deployment,
-    StatefulSet,
-}
-
-impl Kind {
-    fn of(api_version: &str, kind: &str) -> Option<Kind> {
-        Some(match (api_version, kind) {
-            ("portpolicy.io/v1alpha1", "PortPolicy") => Kind::PortPolicy,
-            ("v1", "Namespace") => Kind::Namespace,
-            ("v1", "Node") => Kind::Node,
-            ("v1", "Service") => Kind::Service,
-            ("v1", "Pod") => Kind::Pod,
-            ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
-            ("apps/v1", "DaemonSet") => Kind::DaemonSet,
-            ("apps/v1", "Deployment") => Kind::Deployment,
-            ("apps/v1", "StatefulSet") => Kind::StatefulSet,
-            _ => return None,
-        })
-    }
-
-    fn namespaced(self) -> bool {
-        !matches!(self, Kind::PortPolicy | Kind::Namespace | Kind::Node)
-    }
-}
-
 /// An object already read, by kind, namespace and name.
 #[derive(Debug)]
 struct Seen {
     position: usize,
-    location: Location,
+    location: String,
     resource_version: Option<String>,
 }
+
+type Identity = (Kind, String, String);
 
 /// Reads texts into one snapshot. Every object is checked on its own: a bad one is a problem
 /// naming it and the field at fault, and the rest is read.
@@ -153,9 +160,7 @@ struct Seen {
 #[derive(Debug, Default)]
 pub struct Loader {
     loaded: Loaded,
-    seen: HashMap<(Kind, String, String), Seen>,
-    /// Documents and items met in the text being added, to tell an empty text.
-    objects_in_text: usize,
+    seen: HashMap<Identity, Seen>,
 }
 
 impl Loader {
@@ -174,28 +179,18 @@ impl Loader {
 
     /// Reads one file's text: a single object, a `List`, or several YAML (or JSON) documents.
     pub fn add_text(&mut self, source: &str, text: &str) {
-        self.objects_in_text = 0;
-        let documents = match serde_saphyr::from_str_multiple_with_options::<Value, Vec<Value>>(
-            text,
-            yaml_options(text.len()),
-        ) {
-            Ok(docs) => docs,
-            Err(e) => {
-                return self.unreadable(source, format!("not valid YAML: {}", refusal(&e)));
-            }
-        };
-        let count = documents.len();
-        for (index, doc) in documents.into_iter().enumerate() {
-            let location = if count == 1 {
-                source.to_string()
-            } else {
-                format!("{source}, document {}", index + 1)
-            };
-            self.add_document(&location, doc);
+        let mut batch = Batch::new(source, text);
+        if looks_like_json(text) && batch.read_json() {
+            return self.commit(batch);
         }
-        if self.objects_in_text == 0 {
-            self.unreadable(source, "holds no Kubernetes objects");
+        batch.reset();
+        let read_fast = yaml::read(text, &mut batch).is_ok() && batch.fallback.is_none();
+        if !read_fast {
+            // Not for the fast reader: the whole of YAML, its budgets and its error messages.
+            batch.reset();
+            batch.read_yaml_fully();
         }
+        self.commit(batch);
     }
 
     /// A problem with a whole file or entry, naming it (the object) alone.
@@ -212,221 +207,75 @@ impl Loader {
 
     /// Reads one object (or `List`) already parsed, as the live lister gets them.
     pub fn add_value(&mut self, location: &str, value: Value) {
-        self.add_document(location, value);
+        let mut batch = Batch::new(location, "");
+        batch.documents = 1;
+        batch.add_document(location, &value);
+        // A value is one object: it was seen, empty or not.
+        batch.objects = batch.objects.max(1);
+        self.commit(batch);
     }
 
     pub fn finish(self) -> Loaded {
         self.loaded
     }
 
-    fn add_document(&mut self, location: &str, value: Value) {
-        if value.is_null() {
-            return;
-        }
-        // Anything but an empty document: a text of nothing else holds nothing.
-        self.objects_in_text += 1;
-        let Value::Object(mut obj) = value else {
-            let problem = Problem::new(
-                location,
-                "",
-                "not a Kubernetes object (expected a mapping with apiVersion and kind)",
-            );
-            self.loaded.unreadable.push(problem.clone());
-            self.loaded.problems.push(problem);
-            return;
-        };
-        let text = |obj: &Map<String, Value>, key: &str| {
-            obj.get(key)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        };
-        let kind = text(&obj, "kind");
-        let items = obj.get("items");
-        let is_list = matches!(items, Some(Value::Array(_))) && kind.ends_with("List");
-        // kubectl prints `kind: List` after the items, so a dump cut off in them has none.
-        let cut_off_list = kind.is_empty() && matches!(items, Some(Value::Array(_) | Value::Null));
-        if is_list || cut_off_list {
-            if cut_off_list {
-                let problem = Problem::new(
-                    location,
-                    "kind",
-                    "has items but no kind: List (kubectl prints the kind after the items: \
-                     this dump was cut off); its items are read, the rest of it is lost",
-                );
-                self.loaded.unreadable.push(problem.clone());
-                self.loaded.problems.push(problem);
-            }
-            if let Some(Value::Array(items)) = obj.remove("items") {
-                for (i, item) in items.into_iter().enumerate() {
-                    self.add_document(&format!("{location}, items[{i}]"), item);
+    /// Takes what one text held into the snapshot, in the order it was read.
+    fn commit(&mut self, batch: Batch<'_>) {
+        let Batch {
+            source,
+            snapshot,
+            events,
+            objects,
+            refused,
+            ..
+        } = batch;
+        let mut policies = snapshot.policies.into_iter();
+        let mut namespaces = snapshot.namespaces.into_iter();
+        let mut nodes = snapshot.nodes.into_iter();
+        let mut services = snapshot.services.into_iter();
+        let mut slices = snapshot.endpoint_slices.into_iter();
+        let mut pods = snapshot.pods.into_iter();
+        let mut daemon_sets = snapshot.daemon_sets.into_iter();
+        let mut deployments = snapshot.deployments.into_iter();
+        let mut stateful_sets = snapshot.stateful_sets.into_iter();
+        for event in events {
+            let read = match event {
+                Event::Problem(problem) => {
+                    self.loaded.problems.push(problem);
+                    continue;
                 }
-            }
-            return;
-        }
-        self.add_object(location, Value::Object(obj));
-    }
-
-    fn add_object(&mut self, location: &str, mut value: Value) {
-        let obj = value.as_object().expect("callers pass objects");
-        let text = |key: &str| obj.get(key).and_then(Value::as_str).unwrap_or_default();
-        let (api_version, kind) = (text("apiVersion").to_string(), text("kind").to_string());
-        let meta = obj.get("metadata");
-        let meta_text = |key: &str| meta.and_then(|m| m.get(key)).and_then(Value::as_str);
-        let name = meta_text("name").filter(|n| !n.is_empty()).map(str::to_string);
-        let mut namespace = meta_text("namespace")
-            .filter(|n| !n.is_empty())
-            .map(str::to_string);
-        let resource_version = meta_text("resourceVersion").map(str::to_string);
-        let tag = Kind::of(&api_version, &kind);
-        // A namespaced object without a namespace is in `default`, as `kubectl apply` would put it.
-        if tag.is_some_and(Kind::namespaced) && namespace.is_none() {
-            namespace = Some("default".to_string());
-        }
-        let object = object_ref(
-            if kind.is_empty() { "<no kind>" } else { &kind },
-            namespace.as_deref(),
-            name.as_deref().unwrap_or("<unnamed>"),
-        );
-        // Fields the loader reads before typing the object: the wrong type in one of them is
-        // that object's problem (typing would name it too, but a namespace of the wrong type
-        // would first have become `default`).
-        let mistyped = match meta {
-            Some(m) if !m.is_object() && !m.is_null() => Some(("metadata", m, "a mapping")),
-            _ => ["namespace", "resourceVersion"].into_iter().find_map(|key| {
-                let v = meta.and_then(|m| m.get(key)).filter(|v| !v.is_null())?;
-                (!v.is_string()).then_some((key, v, "a string"))
-            }),
-        };
-        if let Some((key, v, wanted)) = mistyped {
-            let field = if key == "metadata" {
-                key.to_string()
-            } else {
-                format!("metadata.{key}")
+                Event::Unreadable(problem) => {
+                    self.loaded.unreadable.push(problem.clone());
+                    self.loaded.problems.push(problem);
+                    continue;
+                }
+                Event::Object(read) => read,
             };
-            self.loaded.problems.push(Problem::new(
-                object,
-                &field,
-                format!("{location}: {field} is {v}, not {wanted}; object skipped"),
-            ));
-            return;
-        }
-        let missing = if api_version.is_empty() {
-            Some("apiVersion")
-        } else if kind.is_empty() {
-            Some("kind")
-        } else if name.is_none() {
-            Some("metadata.name")
-        } else {
-            None
-        };
-        if let Some(field) = missing {
-            let problem = Problem::new(&object, field, format!("{location}: missing {field}"));
-            self.loaded.problems.push(problem.clone());
-            // Absent, it is cut off or not an object (kubectl prints all three on every object);
-            // present but not a string, it is one bad object.
-            let value = match field {
-                "metadata.name" => meta.and_then(|m| m.get("name")),
-                key => obj.get(key),
-            };
-            match value.filter(|v| !v.is_null()) {
-                Some(v) if !v.is_string() => {
-                    let last = self.loaded.problems.last_mut().expect("just pushed");
-                    last.message = format!(
-                        "{location}: {field} is {v}, not a string (quote it: YAML reads y, n, yes, no, \
-                         on, off and numbers as other types); object skipped"
-                    );
+            let taken = "each object read has its event";
+            match read.key.0 {
+                Kind::PortPolicy => self.keep(policies.next().expect(taken), read, |s| &mut s.policies),
+                Kind::Namespace => self.keep(namespaces.next().expect(taken), read, |s| &mut s.namespaces),
+                Kind::Node => self.keep(nodes.next().expect(taken), read, |s| &mut s.nodes),
+                Kind::Service => self.keep(services.next().expect(taken), read, |s| &mut s.services),
+                Kind::EndpointSlice => {
+                    self.keep(slices.next().expect(taken), read, |s| &mut s.endpoint_slices)
                 }
-                _ => self.loaded.unreadable.push(problem),
-            }
-            return;
-        }
-        let Some(tag) = tag else {
-            self.loaded.problems.push(Problem::new(
-                object,
-                "kind",
-                format!("{location}: {api_version} {kind} is not a kind portpolicy reads; ignored"),
-            ));
-            return;
-        };
-        if let (Some(ns), Some(meta)) = (
-            &namespace,
-            value.get_mut("metadata").and_then(Value::as_object_mut),
-        ) {
-            meta.insert("namespace".into(), Value::String(ns.clone()));
-        }
-        let key = (tag, namespace.unwrap_or_default(), name.unwrap_or_default());
-        let read = ReadObject {
-            object: &object,
-            location,
-            key,
-            resource_version,
-        };
-        let s = &mut self.loaded.snapshot;
-        let target = Target {
-            seen: &mut self.seen,
-            problems: &mut self.loaded.problems,
-        };
-        match tag {
-            Kind::PortPolicy => {
-                let Some(policy) = typed::<PortPolicy>(value, &read, target.problems) else {
-                    return;
-                };
-                if let Some(status) = &policy.status {
-                    target
-                        .problems
-                        .extend(
-                            status
-                                .unreadable_record_problems(policy.name())
-                                .into_iter()
-                                .map(|p| Problem {
-                                    message: format!("{}: {}", read.location, p.message),
-                                    ..p
-                                }),
-                        );
+                Kind::Pod => self.keep(pods.next().expect(taken), read, |s| &mut s.pods),
+                Kind::DaemonSet => self.keep(daemon_sets.next().expect(taken), read, |s| &mut s.daemon_sets),
+                Kind::Deployment => self.keep(deployments.next().expect(taken), read, |s| &mut s.deployments),
+                Kind::StatefulSet => {
+                    self.keep(stateful_sets.next().expect(taken), read, |s| &mut s.stateful_sets)
                 }
-                target.keep(policy, read, &mut s.policies)
             }
-            Kind::Namespace => target.add(value, read, &mut s.namespaces),
-            Kind::Node => target.add(value, read, &mut s.nodes),
-            Kind::Service => target.add(value, read, &mut s.services),
-            Kind::EndpointSlice => target.add(value, read, &mut s.endpoint_slices),
-            Kind::Pod => target.add(value, read, &mut s.pods),
-            Kind::DaemonSet => target.add(value, read, &mut s.daemon_sets),
-            Kind::Deployment => target.add(value, read, &mut s.deployments),
-            Kind::StatefulSet => target.add(value, read, &mut s.stateful_sets),
         }
-    }
-}
-
-/// One object as read, before it is typed.
-struct ReadObject<'a> {
-    object: &'a str,
-    location: &'a str,
-    key: (Kind, String, String),
-    resource_version: Option<String>,
-}
-
-/// Where typed objects go: the snapshot's list of their kind, once per identity.
-struct Target<'a> {
-    seen: &'a mut HashMap<(Kind, String, String), Seen>,
-    problems: &'a mut Vec<Problem>,
-}
-
-impl Target<'_> {
-    fn add<K>(self, value: Value, read: ReadObject<'_>, into: &mut Vec<K>)
-    where
-        K: DeserializeOwned + Serialize,
-    {
-        if let Some(typed) = typed::<K>(value, &read, self.problems) {
-            self.keep(typed, read, into);
+        if objects == 0 && !refused {
+            self.unreadable(&source, "holds no Kubernetes objects");
         }
     }
 
-    fn keep<K>(self, object: K, read: ReadObject<'_>, into: &mut Vec<K>)
-    where
-        K: Serialize,
-    {
+    /// Keeps one object, once per identity (see [`Loader`] for which copy wins).
+    fn keep<K: Serialize>(&mut self, object: K, read: ReadObject, into: fn(&mut Snapshot) -> &mut Vec<K>) {
+        let into = into(&mut self.loaded.snapshot);
         let ReadObject {
             object: name,
             location,
@@ -438,7 +287,7 @@ impl Target<'_> {
                 key,
                 Seen {
                     position: into.len(),
-                    location: location.to_string(),
+                    location,
                     resource_version,
                 },
             );
@@ -449,7 +298,7 @@ impl Target<'_> {
         // Compared as the JSON portpolicy would write of them: what it reads, in a fixed order.
         let (new_text, kept_text) = (json_text(&object), json_text(kept));
         if new_text == kept_text {
-            self.problems.push(Problem::new(
+            self.loaded.problems.push(Problem::new(
                 name,
                 "",
                 format!(
@@ -464,16 +313,16 @@ impl Target<'_> {
         let version = |rv: &Option<String>| rv.as_deref().unwrap_or("none").to_string();
         let (winner, loser) = if new_wins {
             (
-                (location.to_string(), version(&resource_version)),
+                (location.clone(), version(&resource_version)),
                 (seen.location.clone(), version(&seen.resource_version)),
             )
         } else {
             (
                 (seen.location.clone(), version(&seen.resource_version)),
-                (location.to_string(), version(&resource_version)),
+                (location.clone(), version(&resource_version)),
             )
         };
-        self.problems.push(Problem::new(
+        self.loaded.problems.push(Problem::new(
             name,
             "",
             format!(
@@ -484,7 +333,7 @@ impl Target<'_> {
         ));
         if new_wins {
             *kept = object;
-            seen.location = location.to_string();
+            seen.location = location;
             seen.resource_version = resource_version;
         }
     }
@@ -494,18 +343,778 @@ fn json_text<K: Serialize>(object: &K) -> String {
     serde_json::to_string(object).unwrap_or_default()
 }
 
-/// The typed object, or a problem naming the field that does not fit (`spec.ports[0].port`).
-fn typed<K: DeserializeOwned>(value: Value, read: &ReadObject<'_>, problems: &mut Vec<Problem>) -> Option<K> {
-    match serde_path_to_error::deserialize::<_, K>(value) {
-        Ok(typed) => Some(typed),
-        Err(e) => {
-            let field = error_field(&e);
-            problems.push(Problem::new(
-                read.object,
-                field,
-                format!("{}: {}; object skipped", read.location, e.into_inner()),
+/// Whether a text is JSON, as `kubectl get -o json` writes it (YAML could be too: if serde_json
+/// refuses it, the YAML readers try).
+fn looks_like_json(text: &str) -> bool {
+    text.trim_start().starts_with('{')
+}
+
+/// One object as read, its identity checked, waiting for its text to be read whole.
+#[derive(Debug)]
+struct ReadObject {
+    /// `Kind/namespace/name`, as problems name it.
+    object: String,
+    location: String,
+    key: Identity,
+    resource_version: Option<String>,
+}
+
+#[derive(Debug)]
+enum Event {
+    Problem(Problem),
+    Unreadable(Problem),
+    Object(ReadObject),
+}
+
+/// What one text held, kept apart until the text has been read to its end: a reader that gives
+/// up halfway leaves nothing behind, and a streamed `List` that turns out not to be one can be
+/// taken back.
+struct Batch<'t> {
+    source: String,
+    text: &'t str,
+    /// How many documents the text holds: a lone document is named by the file alone.
+    documents: usize,
+    snapshot: Snapshot,
+    events: Vec<Event>,
+    /// Documents and items met, to tell an empty text.
+    objects: usize,
+    /// The text as a whole could not be read (reported already, so not as empty too).
+    refused: bool,
+    /// Set when the fast reader's sink could not go on (a document to read again, whole, did
+    /// not read): the text goes to serde-saphyr.
+    fallback: Option<yaml::Unsupported>,
+    /// Where the document being streamed started: its events, objects and kept objects.
+    document_start: (usize, usize, [usize; 9]),
+}
+
+impl<'t> Batch<'t> {
+    fn new(source: &str, text: &'t str) -> Self {
+        Batch {
+            source: source.to_string(),
+            text,
+            documents: 0,
+            snapshot: Snapshot::default(),
+            events: Vec::new(),
+            objects: 0,
+            refused: false,
+            fallback: None,
+            document_start: (0, 0, [0; 9]),
+        }
+    }
+
+    /// Forgets everything read, for another reader to start over.
+    fn reset(&mut self) {
+        let (source, text) = (std::mem::take(&mut self.source), self.text);
+        *self = Batch::new(&source, text);
+    }
+
+    fn problem(&mut self, problem: Problem) {
+        self.events.push(Event::Problem(problem));
+    }
+
+    fn unreadable(&mut self, problem: Problem) {
+        self.events.push(Event::Unreadable(problem));
+    }
+
+    /// `file` alone for a text of one document, `file, document N` otherwise.
+    fn document_location(&self, document: usize) -> String {
+        if self.documents == 1 {
+            self.source.clone()
+        } else {
+            format!("{}, document {}", self.source, document + 1)
+        }
+    }
+
+    /// Reads the text as one JSON object, as `kubectl get -o json` writes it; `false` when it
+    /// is not one (nothing is kept then). A `List`'s items are found in the same pass that
+    /// checks the text, and each is then read on its own.
+    fn read_json(&mut self) -> bool {
+        let Ok(root) = serde_json::from_str::<JsonRoot<'t>>(self.text) else {
+            return false;
+        };
+        self.documents = 1;
+        let location = self.source.clone();
+        let kind = root.kind.as_ref().and_then(Value::as_str).unwrap_or_default();
+        let Some(cut_off) = list_kind(kind, root.items.shape()) else {
+            // One object: read whole.
+            let Ok(whole) = serde_json::from_str::<&'t RawValue>(self.text) else {
+                return false;
+            };
+            self.add_document(&location, whole);
+            return true;
+        };
+        self.objects += 1;
+        if cut_off {
+            self.cut_off_list(&location, None);
+        }
+        if let JsonItems::Seq(items) = root.items {
+            for (i, item) in items.into_iter().enumerate() {
+                self.add_document(&format!("{location}, items[{i}]"), item);
+            }
+        }
+        true
+    }
+
+    /// Reads the text with serde-saphyr: all of YAML, with its budgets against alias bombs and
+    /// its error messages.
+    fn read_yaml_fully(&mut self) {
+        let documents = match serde_saphyr::from_str_multiple_with_options::<Value, Vec<Value>>(
+            self.text,
+            yaml_options(self.text.len()),
+        ) {
+            Ok(documents) => documents,
+            Err(e) => {
+                let problem = Problem::new(&self.source, "", format!("not valid YAML: {}", refusal(&e)));
+                self.refused = true;
+                return self.unreadable(problem);
+            }
+        };
+        self.documents = documents.len();
+        for (i, document) in documents.iter().enumerate() {
+            let location = self.document_location(i);
+            self.add_document(&location, document);
+        }
+    }
+
+    /// The problem of a `List` without its `kind`, placed before its items' (at `at`, the
+    /// event its document started at, when its items were read first).
+    fn cut_off_list(&mut self, location: &str, at: Option<usize>) {
+        let problem = Problem::new(
+            location,
+            "kind",
+            "has items but no kind: List (kubectl prints the kind after the items: this dump was \
+             cut off); its items are read, the rest of it is lost",
+        );
+        let event = Event::Unreadable(problem);
+        match at {
+            Some(at) => self.events.insert(at, event),
+            None => self.events.push(event),
+        }
+    }
+
+    /// One document, or one item of a `List`: an object, or a `List` whose items are read.
+    fn add_document<'de, S: Source<'de>>(&mut self, location: &str, source: S) {
+        match source.shape() {
+            Shape::Null => return,
+            Shape::Other => {
+                self.objects += 1;
+                return self.unreadable(Problem::new(
+                    location,
+                    "",
+                    "not a Kubernetes object (expected a mapping with apiVersion and kind)",
+                ));
+            }
+            Shape::Map => self.objects += 1,
+        }
+        let (api_version, kind) = source.type_meta();
+        let kind_text = kind.as_deref().unwrap_or_default();
+        if kind_text.is_empty() || kind_text.ends_with("List") {
+            let items = source.items();
+            let shape = match &items {
+                None => ItemsShape::Absent,
+                Some(Items::Null) => ItemsShape::Null,
+                Some(Items::Seq(_)) => ItemsShape::Seq,
+                Some(Items::Other) => ItemsShape::Other,
+            };
+            if let Some(cut_off) = list_kind(kind_text, shape) {
+                if cut_off {
+                    self.cut_off_list(location, None);
+                }
+                if let Some(Items::Seq(items)) = items {
+                    for (i, item) in items.into_iter().enumerate() {
+                        self.add_document(&format!("{location}, items[{i}]"), item);
+                    }
+                }
+                return;
+            }
+        }
+        self.add_object(location, source, api_version.as_deref(), kind.as_deref());
+    }
+
+    /// One object: typed as its kind, with only the fields portpolicy reads.
+    fn add_object<'de, S: Source<'de>>(
+        &mut self,
+        location: &str,
+        source: S,
+        api_version: Option<&str>,
+        kind: Option<&str>,
+    ) {
+        let tag = match (api_version, kind) {
+            (Some(api_version), Some(kind)) => Kind::of(api_version, kind),
+            _ => None,
+        };
+        let Some(tag) = tag else {
+            // Missing, mistyped or unknown: the header says which.
+            self.header_problem(location, source);
+            return;
+        };
+        match tag {
+            Kind::PortPolicy => {
+                let Some((policy, read)) = self.typed::<PortPolicy, S>(location, source, tag) else {
+                    return;
+                };
+                if let Some(status) = &policy.status {
+                    for p in status.unreadable_record_problems(policy.name()) {
+                        self.problem(Problem {
+                            message: format!("{location}: {}", p.message),
+                            ..p
+                        });
+                    }
+                }
+                self.push(policy, read, |s| &mut s.policies);
+            }
+            Kind::Namespace => self.typed_into(location, source, tag, |s| &mut s.namespaces),
+            Kind::Node => self.typed_into(location, source, tag, |s| &mut s.nodes),
+            Kind::Service => self.typed_into(location, source, tag, |s| &mut s.services),
+            Kind::EndpointSlice => self.typed_into(location, source, tag, |s| &mut s.endpoint_slices),
+            Kind::Pod => self.typed_into(location, source, tag, |s| &mut s.pods),
+            Kind::DaemonSet => self.typed_into(location, source, tag, |s| &mut s.daemon_sets),
+            Kind::Deployment => self.typed_into(location, source, tag, |s| &mut s.deployments),
+            Kind::StatefulSet => self.typed_into(location, source, tag, |s| &mut s.stateful_sets),
+        }
+    }
+
+    fn typed_into<'de, K, S>(
+        &mut self,
+        location: &str,
+        source: S,
+        tag: Kind,
+        into: fn(&mut Snapshot) -> &mut Vec<K>,
+    ) where
+        K: DeserializeOwned + Resource<DynamicType = ()>,
+        S: Source<'de>,
+    {
+        if let Some((object, read)) = self.typed::<K, S>(location, source, tag) {
+            self.push(object, read, into);
+        }
+    }
+
+    fn push<K>(&mut self, object: K, read: ReadObject, into: fn(&mut Snapshot) -> &mut Vec<K>) {
+        into(&mut self.snapshot).push(object);
+        self.events.push(Event::Object(read));
+    }
+
+    /// The object typed through its kind's [`Keep`], its identity checked; `None` after
+    /// reporting why not.
+    fn typed<'de, K, S>(&mut self, location: &str, source: S, tag: Kind) -> Option<(K, ReadObject)>
+    where
+        K: DeserializeOwned + Resource<DynamicType = ()>,
+        S: Source<'de>,
+    {
+        let mut object = match K::deserialize(Pruned::new(source.deserializer(), tag.keep())) {
+            Ok(object) => object,
+            Err(_) => {
+                // The header's checks name a broken identity the way they always have; any
+                // other field is named by its path.
+                if !self.header_problem(location, source) {
+                    self.type_error::<K, S>(location, source, tag);
+                }
+                return None;
+            }
+        };
+        let meta = object.meta_mut();
+        let Some(name) = meta.name.clone().filter(|n| !n.is_empty()) else {
+            if !self.header_problem(location, source) {
+                self.unreadable(Problem::new(
+                    location,
+                    "metadata.name",
+                    format!("{location}: missing metadata.name"),
+                ));
+            }
+            return None;
+        };
+        let mut namespace = meta.namespace.clone().filter(|n| !n.is_empty());
+        // A namespaced object without a namespace is in `default`, as `kubectl apply` would put it.
+        if tag.namespaced() && namespace.is_none() {
+            namespace = Some("default".to_string());
+        }
+        if namespace.is_some() {
+            meta.namespace = namespace.clone();
+        }
+        let resource_version = meta.resource_version.clone();
+        let kind = K::kind(&());
+        let read = ReadObject {
+            object: object_ref(&kind, namespace.as_deref(), &name),
+            location: location.to_string(),
+            key: (tag, namespace.unwrap_or_default(), name),
+            resource_version,
+        };
+        Some((object, read))
+    }
+
+    /// Reports why an object cannot be typed, naming the field's path.
+    fn type_error<'de, K: DeserializeOwned, S: Source<'de>>(&mut self, location: &str, source: S, tag: Kind) {
+        let header = source.header();
+        let identity = Header::of(&header);
+        let object = identity.object_ref(Some(tag));
+        match serde_path_to_error::deserialize::<_, K>(Pruned::new(source.deserializer(), tag.keep())) {
+            Ok(_) => self.problem(Problem::new(
+                object,
+                "",
+                format!("{location}: cannot be read; object skipped"),
+            )),
+            Err(e) => {
+                let field = error_field(&e);
+                self.problem(Problem::new(
+                    object,
+                    field,
+                    format!("{location}: {}; object skipped", e.into_inner()),
+                ));
+            }
+        }
+    }
+
+    /// Checks what every object needs before it can be typed (a mapping for metadata, string
+    /// identity fields, apiVersion, kind and name present, a kind portpolicy reads); reports the
+    /// first thing wrong and returns whether it found one.
+    fn header_problem<'de, S: Source<'de>>(&mut self, location: &str, source: S) -> bool {
+        let header = source.header();
+        let identity = Header::of(&header);
+        let meta = header.get("metadata");
+        let tag = Kind::of(identity.api_version, identity.kind);
+        let object = identity.object_ref(tag);
+        // Fields read before typing the object: the wrong type in one of them is that object's
+        // problem (typing would name it too, but a namespace of the wrong type would first
+        // have become `default`).
+        let mistyped = match meta {
+            Some(m) if !m.is_object() && !m.is_null() => Some(("metadata", m, "a mapping")),
+            _ => ["namespace", "resourceVersion"].into_iter().find_map(|key| {
+                let v = meta.and_then(|m| m.get(key)).filter(|v| !v.is_null())?;
+                (!v.is_string()).then_some((key, v, "a string"))
+            }),
+        };
+        if let Some((key, v, wanted)) = mistyped {
+            let field = if key == "metadata" {
+                key.to_string()
+            } else {
+                format!("metadata.{key}")
+            };
+            self.problem(Problem::new(
+                object,
+                &field,
+                format!("{location}: {field} is {v}, not {wanted}; object skipped"),
             ));
+            return true;
+        }
+        let missing = if identity.api_version.is_empty() {
+            Some("apiVersion")
+        } else if identity.kind.is_empty() {
+            Some("kind")
+        } else if identity.name.is_none() {
+            Some("metadata.name")
+        } else {
             None
+        };
+        if let Some(field) = missing {
+            let problem = Problem::new(&object, field, format!("{location}: missing {field}"));
+            // Absent, it is cut off or not an object (kubectl prints all three on every object);
+            // present but not a string, it is one bad object.
+            let value = match field {
+                "metadata.name" => meta.and_then(|m| m.get("name")),
+                key => header.get(key),
+            };
+            match value.filter(|v| !v.is_null()) {
+                Some(v) if !v.is_string() => self.problem(Problem {
+                    message: format!(
+                        "{location}: {field} is {v}, not a string (quote it: YAML reads y, n, yes, no, \
+                         on, off and numbers as other types); object skipped"
+                    ),
+                    ..problem
+                }),
+                _ => self.unreadable(problem),
+            }
+            return true;
+        }
+        if tag.is_none() {
+            self.problem(Problem::new(
+                object,
+                "kind",
+                format!(
+                    "{location}: {} {} is not a kind portpolicy reads; ignored",
+                    identity.api_version, identity.kind
+                ),
+            ));
+            return true;
+        }
+        false
+    }
+}
+
+/// Whether a document of this kind with these items is a `List`: `Some(cut_off)` when its
+/// items are to be read (`cut_off` when it has items but lost its `kind: List`), `None` when it
+/// is an object.
+fn list_kind(kind: &str, items: ItemsShape) -> Option<bool> {
+    let is_list = items == ItemsShape::Seq && kind.ends_with("List");
+    // kubectl prints `kind: List` after the items, so a dump cut off in them has none.
+    let cut_off = kind.is_empty() && matches!(items, ItemsShape::Seq | ItemsShape::Null);
+    (is_list || cut_off).then_some(cut_off)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ItemsShape {
+    Absent,
+    Null,
+    Seq,
+    Other,
+}
+
+/// The identity fields of an object, read from its header (see [`Source::header`]).
+struct Header<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    namespace: Option<&'a str>,
+    name: Option<&'a str>,
+}
+
+impl<'a> Header<'a> {
+    fn of(header: &'a Value) -> Self {
+        let text = |key: &str| header.get(key).and_then(Value::as_str).unwrap_or_default();
+        let meta = header.get("metadata");
+        let meta_text = |key: &str| {
+            meta.and_then(|m| m.get(key))
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+        };
+        Header {
+            api_version: text("apiVersion"),
+            kind: text("kind"),
+            namespace: meta_text("namespace"),
+            name: meta_text("name"),
+        }
+    }
+
+    /// `Kind/namespace/name` as problems name the object, namespaced kinds in `default` when
+    /// they name none.
+    fn object_ref(&self, tag: Option<Kind>) -> String {
+        let namespace = match self.namespace {
+            None if tag.is_some_and(Kind::namespaced) => Some("default"),
+            namespace => namespace,
+        };
+        object_ref(
+            if self.kind.is_empty() {
+                "<no kind>"
+            } else {
+                self.kind
+            },
+            namespace,
+            self.name.unwrap_or("<unnamed>"),
+        )
+    }
+}
+
+/// What the object handling asks of an object, whichever reader holds it: a node of the fast
+/// YAML reader's tape, a `serde_json::Value` (serde-saphyr's reading, or the live lister's),
+/// or the raw text of a JSON object.
+trait Source<'de>: Copy {
+    type De: Deserializer<'de, Error = serde_json::Error>;
+
+    fn deserializer(self) -> Self::De;
+    fn shape(self) -> Shape;
+    /// `apiVersion` and `kind`, each when it is a string.
+    fn type_meta(self) -> (Option<Cow<'de, str>>, Option<Cow<'de, str>>);
+    /// `items`, when the object has the field.
+    fn items(self) -> Option<Items<Self>>;
+
+    /// `apiVersion`, `kind` and the metadata's name, namespace and resourceVersion, as they
+    /// are: for problems, so only when something is wrong.
+    fn header(self) -> Value {
+        Value::deserialize(Pruned::new(self.deserializer(), &HEADER)).unwrap_or(Value::Null)
+    }
+}
+
+const HEADER: Keep = Keep::Fields(&[
+    ("apiVersion", Keep::All),
+    ("kind", Keep::All),
+    (
+        "metadata",
+        Keep::Fields(&[
+            ("name", Keep::All),
+            ("namespace", Keep::All),
+            ("resourceVersion", Keep::All),
+        ]),
+    ),
+]);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Shape {
+    Null,
+    Map,
+    Other,
+}
+
+enum Items<S> {
+    Null,
+    Seq(Vec<S>),
+    Other,
+}
+
+impl<'t> Source<'t> for tape::Node<'t> {
+    type De = tape::Node<'t>;
+
+    fn deserializer(self) -> Self::De {
+        self
+    }
+
+    fn shape(self) -> Shape {
+        if self.is_null() {
+            Shape::Null
+        } else if self.is_map() {
+            Shape::Map
+        } else {
+            Shape::Other
+        }
+    }
+
+    fn type_meta(self) -> (Option<Cow<'t, str>>, Option<Cow<'t, str>>) {
+        let text = |key| self.get(key).and_then(|v| v.as_str()).map(Cow::Borrowed);
+        (text("apiVersion"), text("kind"))
+    }
+
+    fn items(self) -> Option<Items<Self>> {
+        let items = self.get("items")?;
+        Some(if items.is_null() {
+            Items::Null
+        } else if items.is_seq() {
+            Items::Seq(items.elements().collect())
+        } else {
+            Items::Other
+        })
+    }
+}
+
+impl<'v> Source<'v> for &'v Value {
+    type De = &'v Value;
+
+    fn deserializer(self) -> Self::De {
+        self
+    }
+
+    fn shape(self) -> Shape {
+        match self {
+            Value::Null => Shape::Null,
+            Value::Object(_) => Shape::Map,
+            _ => Shape::Other,
+        }
+    }
+
+    fn type_meta(self) -> (Option<Cow<'v, str>>, Option<Cow<'v, str>>) {
+        let text = |key| self.get(key).and_then(Value::as_str).map(Cow::Borrowed);
+        (text("apiVersion"), text("kind"))
+    }
+
+    fn items(self) -> Option<Items<Self>> {
+        Some(match self.get("items")? {
+            Value::Null => Items::Null,
+            Value::Array(items) => Items::Seq(items.iter().collect()),
+            _ => Items::Other,
+        })
+    }
+}
+
+impl<'j> Source<'j> for &'j RawValue {
+    type De = &'j RawValue;
+
+    fn deserializer(self) -> Self::De {
+        self
+    }
+
+    fn shape(self) -> Shape {
+        match self.get().as_bytes().first() {
+            Some(b'n') => Shape::Null,
+            Some(b'{') => Shape::Map,
+            _ => Shape::Other,
+        }
+    }
+
+    fn type_meta(self) -> (Option<Cow<'j, str>>, Option<Cow<'j, str>>) {
+        if let Some((api_version, kind)) = leading_type_meta(self.get()) {
+            return (Some(Cow::Borrowed(api_version)), Some(Cow::Borrowed(kind)));
+        }
+        /// Each field raw, so that one of another type is no string rather than no object.
+        #[derive(Deserialize)]
+        struct TypeMeta<'a> {
+            #[serde(rename = "apiVersion", borrow, default)]
+            api_version: Option<&'a RawValue>,
+            #[serde(borrow, default)]
+            kind: Option<&'a RawValue>,
+        }
+        let Ok(meta) = serde_json::from_str::<TypeMeta<'j>>(self.get()) else {
+            return (None, None);
+        };
+        let text = |raw: Option<&'j RawValue>| {
+            raw.and_then(|raw| serde_json::from_str::<Cow<'j, str>>(raw.get()).ok())
+        };
+        (text(meta.api_version), text(meta.kind))
+    }
+
+    fn items(self) -> Option<Items<Self>> {
+        #[derive(Deserialize)]
+        struct WithItems<'a> {
+            #[serde(borrow, default)]
+            items: JsonItems<'a>,
+        }
+        let probe = serde_json::from_str::<WithItems<'j>>(self.get()).ok()?;
+        match probe.items {
+            JsonItems::Absent => None,
+            JsonItems::Null => Some(Items::Null),
+            JsonItems::Seq(items) => Some(Items::Seq(items)),
+            JsonItems::Other => Some(Items::Other),
+        }
+    }
+}
+
+/// The `apiVersion` and `kind` of a JSON object when they are its first two fields, plain
+/// strings, as kubectl writes every object: read off the text without parsing the object.
+fn leading_type_meta(text: &str) -> Option<(&str, &str)> {
+    let mut rest = text.strip_prefix('{')?;
+    let (mut api_version, mut kind) = (None, None);
+    for _ in 0..2 {
+        rest = rest.trim_start();
+        let (key, after) = simple_string(rest)?;
+        rest = after.trim_start().strip_prefix(':')?.trim_start();
+        let (value, after) = simple_string(rest)?;
+        rest = after.trim_start();
+        rest = rest.strip_prefix(',').unwrap_or(rest);
+        match key {
+            "apiVersion" => api_version = Some(value),
+            "kind" => kind = Some(value),
+            _ => return None,
+        }
+    }
+    Some((api_version?, kind?))
+}
+
+/// A JSON string without escapes at the start of `text`, and what follows it.
+fn simple_string(text: &str) -> Option<(&str, &str)> {
+    let body = text.strip_prefix('"')?;
+    let end = memchr::memchr2(b'"', b'\\', body.as_bytes())?;
+    (body.as_bytes()[end] == b'"').then(|| (&body[..end], &body[end + 1..]))
+}
+
+/// A JSON document's root, read in one pass: what decides whether it is a `List`, and its
+/// items as raw text, each read on its own afterwards.
+#[derive(Deserialize)]
+struct JsonRoot<'a> {
+    #[serde(default)]
+    kind: Option<Value>,
+    #[serde(borrow, default)]
+    items: JsonItems<'a>,
+}
+
+#[derive(Default)]
+enum JsonItems<'a> {
+    #[default]
+    Absent,
+    Null,
+    Seq(Vec<&'a RawValue>),
+    Other,
+}
+
+impl JsonItems<'_> {
+    fn shape(&self) -> ItemsShape {
+        match self {
+            JsonItems::Absent => ItemsShape::Absent,
+            JsonItems::Null => ItemsShape::Null,
+            JsonItems::Seq(_) => ItemsShape::Seq,
+            JsonItems::Other => ItemsShape::Other,
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for JsonItems<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct ItemsVisitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for ItemsVisitor<'a> {
+            type Value = JsonItems<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("anything")
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(JsonItems::Null)
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(JsonItems::Null)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<&'de RawValue>()? {
+                    items.push(item);
+                }
+                Ok(JsonItems::Seq(items))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(JsonItems::Other)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(JsonItems::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(JsonItems::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(JsonItems::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(JsonItems::Other)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(JsonItems::Other)
+            }
+        }
+        d.deserialize_any(ItemsVisitor(std::marker::PhantomData))
+    }
+}
+
+impl yaml::Sink for Batch<'_> {
+    fn begin(&mut self, documents: usize) {
+        self.documents = documents;
+    }
+
+    fn item(&mut self, document: usize, index: usize, item: tape::Node<'_>) {
+        if index == 0 {
+            self.document_start = (self.events.len(), self.objects, self.snapshot.lengths());
+        }
+        let location = format!("{}, items[{index}]", self.document_location(document));
+        self.add_document(&location, item);
+    }
+
+    fn document(
+        &mut self,
+        document: usize,
+        root: tape::Node<'_>,
+        streamed: Option<usize>,
+        span: Range<usize>,
+    ) {
+        let location = self.document_location(document);
+        let Some(count) = streamed else {
+            return self.add_document(&location, root);
+        };
+        let (events, objects, lengths) = if count == 0 {
+            (self.events.len(), self.objects, self.snapshot.lengths())
+        } else {
+            self.document_start
+        };
+        let (_, kind) = root.type_meta();
+        match list_kind(kind.as_deref().unwrap_or_default(), ItemsShape::Seq) {
+            Some(cut_off) => {
+                // The items counted as they were read; the document itself counts too.
+                self.objects += 1;
+                if cut_off {
+                    self.cut_off_list(&location, Some(events));
+                }
+            }
+            None => {
+                // Not a List after all: its items were fields of one object. Read it again whole.
+                self.events.truncate(events);
+                self.objects = objects;
+                self.snapshot.truncate(lengths);
+                let mut tape = Tape::default();
+                match yaml::read_node(self.text, span, &mut tape) {
+                    Ok(()) => self.add_document(&location, tape.node(self.text, 0)),
+                    Err(unsupported) => self.fallback = Some(unsupported),
+                }
+            }
         }
     }
 }
@@ -646,12 +1255,6 @@ pub fn parse_str(source: &str, text: &str) -> Loaded {
     loader.add_text(source, text);
     loader.finish()
 }
-
-// The fast reader, not yet wired into the loader: its own tests hold it equal to serde-saphyr.
-#[allow(dead_code)]
-mod tape;
-#[allow(dead_code)]
-mod yaml;
 
 #[cfg(test)]
 mod tests;

@@ -46,8 +46,7 @@ pub(crate) fn check_snapshot(
     policies: &PolicySet,
     node_port_range: PortRange,
 ) -> HostPortReport {
-    let pods: Vec<HostPortPod> = snapshot.pods.iter().map(HostPortPod::from).collect();
-    let (mut placed, mut problems) = placed_pods(&pods);
+    let (mut placed, mut problems) = placed_pods(&snapshot.pods);
     let (predicted, prediction_problems) = predict_workloads(snapshot, &placed);
     placed.extend(predicted);
     problems.extend(prediction_problems);

@@ -11,7 +11,7 @@ use std::mem::size_of;
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::problem::object_ref;
 
@@ -21,7 +21,7 @@ use crate::problem::object_ref;
 /// `hostPort`, or every port of a `hostNetwork` Pod), containers left without such ports are
 /// dropped, and of the init containers only sidecars (`restartPolicy: Always`) are kept, because
 /// ordinary init containers run one at a time before the Pod starts and hold no ports.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(from = "wire::Pod")]
 pub struct HostPortPod {
     /// Only `name`, `namespace`, `uid` and `resourceVersion` are kept.
@@ -31,7 +31,7 @@ pub struct HostPortPod {
 }
 
 /// The placement and port declarations of a Pod or a workload's Pod template.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct HostPortPodSpec {
     pub node_name: Option<String>,
     pub host_network: bool,
@@ -42,7 +42,7 @@ pub struct HostPortPodSpec {
 }
 
 /// A container that declares at least one port able to bind on the host.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct PortedContainer {
     /// Position in the Pod's `containers` or `initContainers` list, for field paths in problems.
     pub index: u16,
@@ -52,7 +52,7 @@ pub struct PortedContainer {
 
 /// One `ports[]` entry as the Pod declares it; checked and defaulted by
 /// [`HostPortPodSpec::bindings`], so that bad values are reported instead of failing the watch.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DeclaredPort {
     /// Position in the container's `ports` list.
     pub index: u16,
@@ -64,7 +64,7 @@ pub struct DeclaredPort {
 }
 
 /// `status.phase`. Pods in `Succeeded` or `Failed` have stopped for good and hold no ports.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 pub enum PodPhase {
     Pending,
     Running,
