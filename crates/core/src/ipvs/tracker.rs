@@ -399,6 +399,37 @@ impl RuleTracker {
         }
     }
 
+    /// Plans the Services these slices belong to again, as node `node_name` in `zone` would
+    /// plan them; everything else stays as it is, node-port addresses included. `plan` derives
+    /// every node's table from one shared plan this way: only the Services whose endpoints or
+    /// hints name a node (or its zone) can plan differently there, and only those are planned
+    /// again, there and back. Returns every key those Services plan: a rule can change where
+    /// the IPVS entry does not (a topology mark), so the dirty keys would not say it.
+    pub fn replan_as(
+        &mut self,
+        node_name: &str,
+        zone: Option<&str>,
+        slices: &[&EndpointSlice],
+    ) -> BTreeSet<VirtualServerKey> {
+        self.config.node_name = node_name.to_string();
+        self.zone = zone.filter(|zone| !zone.is_empty()).map(str::to_string);
+        let mut keys = BTreeSet::new();
+        for slice in slices {
+            // Parsed again: which endpoints are local and which hints name the node depend on it.
+            self.upsert_slice(slice);
+            let namespace = slice.metadata.namespace.as_deref().unwrap_or("default");
+            let name = slice.metadata.name.as_deref().unwrap_or_default();
+            let owner = self
+                .slice_owners
+                .get(namespace)
+                .and_then(|owners| owners.get(name));
+            if let Some(service) = owner.and_then(|id| self.services.get(id)) {
+                keys.extend(service.rules.keys());
+            }
+        }
+        keys
+    }
+
     pub fn remove_slice(&mut self, namespace: &str, name: &str) {
         if let Some(id) = self.unindex_slice(namespace, name) {
             self.recompute(&id);
@@ -478,7 +509,8 @@ impl RuleTracker {
             ..Default::default()
         };
         if self.zone.is_none() {
-            node.problems.extend(self.missing_zone_problem());
+            node.problems
+                .extend(self.missing_zone_problem(&self.config.node_name));
         }
         for slice in self.slices.values().flatten() {
             node.problems.extend(slice.problems.iter().cloned());
@@ -525,7 +557,7 @@ impl RuleTracker {
 
     /// On a node without a zone label, zone hints are never used: say so when a Service asks
     /// for topology-aware routing (one problem for the node, naming a few of them).
-    fn missing_zone_problem(&self) -> Option<Problem> {
+    pub fn missing_zone_problem(&self, node_name: &str) -> Option<Problem> {
         const NAMED: usize = 3;
         let asking: Vec<String> = self
             .services
@@ -544,7 +576,7 @@ impl RuleTracker {
             named.push_str(", ...");
         }
         Some(Problem::new(
-            object_ref("Node", None, &self.config.node_name),
+            object_ref("Node", None, node_name),
             format!("metadata.labels[{ZONE_LABEL}]"),
             format!(
                 "missing: zone hints are never used on this node, so Services asking for \

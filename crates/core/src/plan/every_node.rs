@@ -2,21 +2,28 @@
 //! differs, each node planned and written in turn.
 //!
 //! What every node shares is planned once, for a node that exists nowhere: no endpoint is local
-//! to it and it has no zone, and its node-port addresses are `0.0.0.0` and `::`, standing for
-//! each node's node-port addresses of that family. Each real node is then planned complete, as
-//! `--node` plans it, and compared with that: a virtual server it plans differently (its Local
-//! backends, real servers narrowed by topology hints) or that is not shared is listed for the
-//! node; a shared one it lacks (lost to another Service's claim on one of its addresses) is
-//! listed as withdrawn. A node's complete table is therefore always the shared one, node ports
-//! on its addresses, with its own entries put over it and its withdrawn ones taken out: the
-//! split decides only how much is printed, never what a node gets.
+//! to it, no hint names it and it has no zone, and its node-port addresses are `0.0.0.0` and
+//! `::`, standing for each node's node-port addresses of that family. A real node can plan a
+//! Service differently only through the endpoints and hints that name it or its zone, so each
+//! node is derived from the shared plan by planning those Services again, as that node (and
+//! then back): the cost of a node follows what names it, not the cluster. Where one of a node's
+//! node-port addresses is also another virtual server's (a rare clash the shared plan cannot
+//! see), that node is planned complete instead, as `--node` plans it.
+//!
+//! A virtual server a node plans differently (its Local backends, real servers narrowed by
+//! topology hints) or that is not shared is listed for the node; a shared one it lacks (lost to
+//! another Service's claim on one of its addresses) is listed as withdrawn. A node's complete
+//! table is therefore always the shared one, node ports on its addresses, with its own entries
+//! put over it and its withdrawn ones taken out: the split decides only how much is printed,
+//! never what a node gets.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use k8s_openapi::api::core::v1::{Node, NodeAddress, NodeStatus};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::ser::SerializeSeq;
 use serde::{Serialize, Serializer};
@@ -29,9 +36,10 @@ use crate::ipvs::{
     NodeRules, ProxyConfig, RuleTracker, VirtualServerKey, VirtualServerKind, VirtualServerRule, listing,
 };
 use crate::ports::Protocol;
-use crate::problem::Problem;
+use crate::problem::{Problem, object_ref};
 use crate::service::parse_ip;
 use crate::table::escape_controls;
+use crate::well_known::{SERVICE_NAME_LABEL, ZONE_LABEL};
 
 /// The name the shared part is planned under: not a valid Node name (it has a `/`), so no
 /// endpoint of a real snapshot is local to it. Were one, the split would only print more.
@@ -74,28 +82,73 @@ fn same_rule(shared: &VirtualServerRule, node: &VirtualServerRule) -> bool {
         && shared.source_ranges.as_deref() == node.source_ranges.as_deref()
 }
 
-/// What every node shares: the virtual servers in plan order, and where each is.
-struct Shared {
+/// What every node shares: the virtual servers in plan order, and where each is; and the
+/// planner that derives each node from it.
+struct Shared<'p> {
     rules: Vec<VirtualServerRule>,
     index: HashMap<(bool, VirtualServerKey), usize>,
+    /// `None` when there are no nodes.
+    planner: Option<RefCell<SharedPlanner<'p>>>,
 }
 
-impl Shared {
-    fn plan(plan: &Plan) -> Shared {
+/// The shared plan kept live, to plan each node from it.
+struct SharedPlanner<'p> {
+    tracker: RuleTracker,
+    slices: &'p [EndpointSlice],
+    /// The slices that name each node (an endpoint on it, or a hint for it) and each zone (a
+    /// hint for it), as indexes into `slices`.
+    by_node: HashMap<&'p str, Vec<usize>>,
+    by_zone: HashMap<&'p str, Vec<usize>>,
+    /// The ports and protocols of node ports, `[IPv6, IPv4]`: where a node address holds one of
+    /// them for another virtual server too, the node is planned complete.
+    node_ports: [HashSet<(u16, Protocol)>; 2],
+    /// The problems every node's plan has (the Services', the slices', contested claims).
+    common_problems: Vec<Problem>,
+}
+
+/// One node's part: its differences from the shared plan, and the problems of its own plan.
+struct NodePart {
+    differences: NodeDifferences,
+    /// Beyond the problems every node has.
+    problems: Vec<Problem>,
+    /// Planned complete rather than derived from the shared plan.
+    #[cfg(test)]
+    complete: bool,
+}
+
+impl<'p> Shared<'p> {
+    fn plan(plan: &'p Plan) -> Shared<'p> {
         if plan.allocated.nodes.is_empty() {
             // No node, nothing any node programs.
             return Shared {
                 rules: Vec::new(),
                 index: HashMap::new(),
+                planner: None,
             };
         }
+        // Every address the stand-in node has serves node ports, whatever `--nodeport-addresses`
+        // says: each real node applies it to its own.
         let mut tracker = RuleTracker::new(ProxyConfig::new(EVERY_NODE, plan.options.mode));
         tracker.load_snapshot(&plan.allocated);
         tracker.set_node(&every_node());
-        // Its problems are the nodes' own, or a nameless node's: each real node reports its own.
+        tracker.take_dirty();
+        let shared_rules = tracker.node_rules();
+        // Its own node's problems are the shared node's: each real node reports its own.
+        let every_node_ref = object_ref("Node", None, EVERY_NODE);
+        let common_problems = shared_rules
+            .problems
+            .into_iter()
+            .filter(|p| p.object != every_node_ref)
+            .collect();
+        let mut node_ports: [HashSet<(u16, Protocol)>; 2] = Default::default();
+        for vs in &shared_rules.virtual_servers {
+            if vs.kind == VirtualServerKind::NodePort {
+                node_ports[usize::from(vs.key.address.is_ipv4())].insert((vs.key.port, vs.key.protocol));
+            }
+        }
         // Node ports of a family no node serves node ports on would be listed for nothing.
         let families = node_port_families(plan);
-        let mut rules = tracker.node_rules().virtual_servers;
+        let mut rules = shared_rules.virtual_servers;
         rules.retain(|vs| {
             vs.kind != VirtualServerKind::NodePort || families[usize::from(vs.key.address.is_ipv4())]
         });
@@ -104,11 +157,181 @@ impl Shared {
             .enumerate()
             .map(|(i, vs)| (shared_key(vs), i))
             .collect();
-        Shared { rules, index }
+        let (by_node, by_zone) = naming_slices(&plan.allocated.endpoint_slices);
+        Shared {
+            rules,
+            index,
+            planner: Some(RefCell::new(SharedPlanner {
+                tracker,
+                slices: &plan.allocated.endpoint_slices,
+                by_node,
+                by_zone,
+                node_ports,
+                common_problems,
+            })),
+        }
     }
 
     fn rows(&self) -> Vec<VirtualServerRow> {
         self.rules.iter().map(virtual_server_row).collect()
+    }
+
+    /// The problems every node's plan has.
+    fn common_problems(&self) -> Vec<Problem> {
+        self.planner
+            .as_ref()
+            .map(|p| p.borrow().common_problems.clone())
+            .unwrap_or_default()
+    }
+
+    /// One node's part: derived from the shared plan, or planned complete where one of its
+    /// node-port addresses clashes with another virtual server.
+    fn node(&self, plan: &Plan, node: &Node) -> NodePart {
+        let name = node.metadata.name.as_deref().unwrap_or_default();
+        // The node's own addresses and problems: a planner that knows nothing but the node.
+        let mut own = RuleTracker::new(plan.proxy_config(name.to_string()));
+        own.set_node(node);
+        let own = own.node_rules();
+        let Some(planner) = &self.planner else {
+            return self.complete(plan, node);
+        };
+        let mut planner = planner.borrow_mut();
+        let clash = own.node_port_addresses.iter().any(|address| {
+            planner.node_ports[usize::from(address.is_ipv4())]
+                .iter()
+                .any(|&(port, protocol)| {
+                    let key = VirtualServerKey {
+                        address: *address,
+                        port,
+                        protocol,
+                    };
+                    planner.tracker.desired().get(&key).is_some()
+                })
+        });
+        if clash {
+            return self.complete(plan, node);
+        }
+        let zone = node
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(ZONE_LABEL))
+            .filter(|zone| !zone.is_empty());
+        let mut naming: BTreeSet<usize> = BTreeSet::new();
+        naming.extend(planner.by_node.get(name).into_iter().flatten());
+        if let Some(zone) = zone {
+            naming.extend(planner.by_zone.get(zone.as_str()).into_iter().flatten());
+        }
+        let slices: Vec<&EndpointSlice> = naming.iter().map(|&i| &planner.slices[i]).collect();
+        let planned = planner.tracker.replan_as(name, zone.map(String::as_str), &slices);
+        let (virtual_servers, withdrawn) =
+            self.changed_rows(&planner.tracker, &planned, &own.node_port_addresses);
+        let health_checks = planner
+            .tracker
+            .health_checks()
+            .map(|hc| HealthCheckRow {
+                service: format!("{}/{}", hc.namespace, hc.name),
+                node_port: hc.node_port,
+                local_endpoints: hc.local_endpoints,
+            })
+            .collect();
+        let mut problems = own.problems;
+        if zone.is_none() {
+            problems.extend(planner.tracker.missing_zone_problem(name));
+        }
+        // Back to the shared plan.
+        planner.tracker.replan_as(EVERY_NODE, None, &slices);
+        planner.tracker.take_dirty();
+        NodePart {
+            differences: NodeDifferences {
+                name: name.to_string(),
+                node_port_addresses: own.node_port_addresses.iter().map(ToString::to_string).collect(),
+                virtual_servers,
+                withdrawn,
+                health_checks,
+            },
+            problems,
+            #[cfg(test)]
+            complete: false,
+        }
+    }
+
+    /// A node planned complete, as `--node` plans it, and compared with the shared plan.
+    fn complete(&self, plan: &Plan, node: &Node) -> NodePart {
+        let rules = plan.node_rules(node);
+        NodePart {
+            differences: self.differences(&rules),
+            problems: rules.problems,
+            #[cfg(test)]
+            complete: true,
+        }
+    }
+
+    /// Of the virtual servers `planned` again as one node, the rows of those it plans otherwise
+    /// than the shared plan, node ports on each of `addresses` of their family; in the order a
+    /// complete plan lists them (by Service, then kind and key).
+    fn changed_rows(
+        &self,
+        tracker: &RuleTracker,
+        planned: &BTreeSet<VirtualServerKey>,
+        addresses: &BTreeSet<IpAddr>,
+    ) -> (Vec<VirtualServerRow>, Vec<WithdrawnRow>) {
+        let on_node = |kind: VirtualServerKind, key: VirtualServerKey| -> Vec<VirtualServerKey> {
+            if kind == VirtualServerKind::NodePort {
+                addresses
+                    .iter()
+                    .filter(|a| a.is_ipv4() == key.address.is_ipv4())
+                    .map(|address| VirtualServerKey {
+                        address: *address,
+                        ..key
+                    })
+                    .collect()
+            } else {
+                vec![key]
+            }
+        };
+        let mut rows: Vec<(
+            (&str, &str),
+            VirtualServerKind,
+            VirtualServerKey,
+            &VirtualServerRule,
+        )> = Vec::new();
+        let mut withdrawn = Vec::new();
+        for key in planned {
+            match tracker.winning_rule(key) {
+                Some(rule) => {
+                    let shared = self.index.get(&shared_key(rule)).map(|&i| &self.rules[i]);
+                    if shared.is_some_and(|shared| same_rule(shared, rule)) {
+                        continue;
+                    }
+                    let service = rule.service.split_once('/').unwrap_or(("", &rule.service));
+                    for on in on_node(rule.kind, rule.key) {
+                        rows.push((service, rule.kind, on, rule));
+                    }
+                }
+                None => {
+                    let shared = [true, false]
+                        .iter()
+                        .find_map(|&node_port| self.index.get(&(node_port, *key)))
+                        .map(|&i| &self.rules[i]);
+                    if let Some(shared) = shared {
+                        for on in on_node(shared.kind, shared.key) {
+                            withdrawn.push(WithdrawnRow::of(shared, on.address));
+                        }
+                    }
+                }
+            }
+        }
+        rows.sort_by(|a, b| (a.0, a.1, a.2).cmp(&(b.0, b.1, b.2)));
+        let rows = rows
+            .into_iter()
+            .map(|(_, _, key, rule)| {
+                let mut row = virtual_server_row(rule);
+                row.address = key.address.to_string();
+                row
+            })
+            .collect();
+        (rows, withdrawn)
     }
 
     /// What `rules` (one node's complete plan) has that the shared part does not, and lacks.
@@ -157,6 +380,44 @@ impl Shared {
             health_checks: health_check_rows(rules),
         }
     }
+}
+
+/// The slices that name each node (an endpoint on it, or a node hint for it) and each zone (a
+/// zone hint for it), by index. Only the Services of these slices plan differently on a node.
+type SlicesNaming<'a> = HashMap<&'a str, Vec<usize>>;
+
+fn naming_slices(slices: &[EndpointSlice]) -> (SlicesNaming<'_>, SlicesNaming<'_>) {
+    let mut by_node: SlicesNaming<'_> = HashMap::new();
+    let mut by_zone: SlicesNaming<'_> = HashMap::new();
+    fn add<'a>(map: &mut SlicesNaming<'a>, name: &'a str, i: usize) {
+        let list = map.entry(name).or_default();
+        if list.last() != Some(&i) {
+            list.push(i);
+        }
+    }
+    for (i, slice) in slices.iter().enumerate() {
+        let owned = slice
+            .metadata
+            .labels
+            .as_ref()
+            .is_some_and(|labels| labels.contains_key(SERVICE_NAME_LABEL));
+        if !owned {
+            continue;
+        }
+        for endpoint in &slice.endpoints {
+            if let Some(node) = endpoint.node_name.as_deref() {
+                add(&mut by_node, node, i);
+            }
+            let hints = endpoint.hints.as_ref();
+            for node in hints.and_then(|h| h.for_nodes.as_deref()).unwrap_or_default() {
+                add(&mut by_node, &node.name, i);
+            }
+            for zone in hints.and_then(|h| h.for_zones.as_deref()).unwrap_or_default() {
+                add(&mut by_zone, &zone.name, i);
+            }
+        }
+    }
+    (by_node, by_zone)
 }
 
 /// Whether any node serves node ports on an address of the family, `[IPv6, IPv4]`: the
@@ -244,14 +505,15 @@ impl WithdrawnRow {
 /// gathered into `problems`.
 fn for_each_node(
     plan: &Plan,
-    shared: &Shared,
+    shared: &Shared<'_>,
     problems: &mut BTreeSet<Problem>,
     mut each: impl FnMut(NodeDifferences) -> io::Result<()>,
 ) -> io::Result<()> {
+    problems.extend(shared.common_problems());
     for node in plan.selected_nodes() {
-        let rules = plan.node_rules(node);
-        problems.extend(rules.problems.iter().cloned());
-        each(shared.differences(&rules))?;
+        let part = shared.node(plan, node);
+        problems.extend(part.problems);
+        each(part.differences)?;
     }
     Ok(())
 }
@@ -357,17 +619,18 @@ struct EveryNode {
 
 struct Nodes<'a> {
     plan: &'a Plan,
-    shared: &'a Shared,
+    shared: &'a Shared<'a>,
     problems: &'a RefCell<BTreeSet<Problem>>,
 }
 
 impl Serialize for Nodes<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut seq = serializer.serialize_seq(None)?;
+        self.problems.borrow_mut().extend(self.shared.common_problems());
         for node in self.plan.selected_nodes() {
-            let rules = self.plan.node_rules(node);
-            self.problems.borrow_mut().extend(rules.problems.iter().cloned());
-            seq.serialize_element(&self.shared.differences(&rules))?;
+            let part = self.shared.node(self.plan, node);
+            self.problems.borrow_mut().extend(part.problems);
+            seq.serialize_element(&part.differences)?;
         }
         seq.end()
     }
@@ -380,3 +643,6 @@ impl Serialize for Problems<'_> {
         serializer.collect_seq(self.0.borrow().iter())
     }
 }
+
+#[cfg(test)]
+mod tests;
