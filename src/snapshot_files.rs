@@ -139,9 +139,15 @@ impl Walk {
             // The same file through another symlink (a mounted ConfigMap's layout): read once.
             return 1;
         }
-        match std::fs::read(path) {
-            Ok(bytes) => self.loader.add_bytes(&name, &bytes),
-            Err(e) => self.loader.unreadable(&name, format!("cannot read: {e}")),
+        if meta.is_file() {
+            // Read as it comes in: a dump's memory follows what is kept of it.
+            self.loader.add_reader(&name, || std::fs::File::open(path));
+        } else {
+            // A pipe the user named (`-f <(kubectl ...)`) cannot be opened twice: read whole.
+            match std::fs::read(path) {
+                Ok(bytes) => self.loader.add_bytes(&name, &bytes),
+                Err(e) => self.loader.unreadable(&name, format!("cannot read: {e}")),
+            }
         }
         1
     }

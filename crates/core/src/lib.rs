@@ -3,7 +3,7 @@
 //!
 //! Pure by construction: this crate has no Kubernetes client, no async runtime, no netlink and
 //! no file system access, and the compiler holds it to that (its dependencies do not offer
-//! them). No clock and no unseeded randomness either: callers pass the time in. The operator,
+//! them). It reads snapshot files only through readers its callers open for it. No clock and no unseeded randomness either: callers pass the time in. The operator,
 //! the node agent and `portpolicy plan` are thin edges around it, so all three make the same
 //! decisions from the same objects.
 #![forbid(unsafe_code)]

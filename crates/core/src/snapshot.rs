@@ -11,6 +11,7 @@
 
 mod kinds;
 mod prune;
+mod stream;
 mod tape;
 mod yaml;
 

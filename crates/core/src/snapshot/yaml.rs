@@ -87,6 +87,29 @@ pub(crate) fn read_node(text: &str, span: Range<usize>, tape: &mut Tape) -> Resu
     }
 }
 
+/// Reads one block sequence entry: `text` is a `- ` line in column 0 and the lines of its value,
+/// as a streamed `List` hands over its items one at a time.
+pub(crate) fn read_entry(text: &str, tape: &mut Tape) -> Result<(), Unsupported> {
+    check_characters(text.as_bytes())?;
+    let mut reader = Reader {
+        source: text,
+        bytes: text.as_bytes(),
+        pos: 0,
+        depth: 1,
+    };
+    tape.clear();
+    let line = reader.line(0)?;
+    if !reader.dash_at(line.content, line.end) || line.indent != 0 {
+        return reader.unsupported(0, "not a sequence entry");
+    }
+    reader.pos = 1;
+    reader.value_after_dash(0, &line, tape)?;
+    match reader.next_content(reader.pos)? {
+        None => Ok(()),
+        Some(rest) => reader.unsupported(rest.start, "more than one entry"),
+    }
+}
+
 /// The documents of a text that hold anything, counted from the `---` and `...` lines alone.
 /// Exact for every text the reader accepts (it checks): inside a document no line of content
 /// can start in column 0 with a marker.

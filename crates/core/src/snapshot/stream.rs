@@ -1,0 +1,595 @@
+//! Reading a file as it comes in, so that a dump's memory follows what is kept of it, not its
+//! size: a kubectl `List` (YAML or JSON) is read one item at a time and each item dropped once
+//! its object is kept. The core opens nothing: the edge hands it a way to open the text.
+//!
+//! Only the layouts kubectl writes are streamed: a JSON object, or one YAML document whose
+//! top-level `items:` is a sequence in column 0. Anything else is read into memory as it comes
+//! and then read whole, as [`Loader::add_bytes`] reads it; a text that stops fitting the
+//! layout after some of it was read (a second document, an item the fast reader leaves to
+//! serde-saphyr, bytes that are not UTF-8) is opened again and read whole, so every text
+//! means what it means when read whole.
+
+use std::fmt;
+use std::io::{self, BufRead, BufReader, Read};
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use super::tape::{Node, Tape};
+use super::{Batch, ItemsShape, Loader, list_kind, yaml};
+
+/// How a streamed read ended.
+enum Streamed {
+    /// Read, into the batch.
+    Read,
+    /// Not a streamed layout; all of it was read into memory on the way: read it whole.
+    Whole(Vec<u8>),
+    /// Stopped fitting the layout after part of it was read: open it again, read it whole.
+    Again,
+}
+
+impl Loader {
+    /// Reads one file as it comes in (see the module's documentation); `open` opens it from its
+    /// start, and is called a second time only when the text must be read whole after all.
+    pub fn add_reader<R: Read>(&mut self, source: &str, mut open: impl FnMut() -> io::Result<R>) {
+        let mut batch = Batch::new(source, "");
+        let streamed =
+            open().and_then(|reader| stream(&mut batch, BufReader::with_capacity(1 << 16, reader)));
+        match streamed {
+            Ok(Streamed::Read) => self.commit(batch),
+            Ok(Streamed::Whole(bytes)) => self.add_bytes(source, &bytes),
+            Ok(Streamed::Again) => {
+                let read = open().and_then(|mut reader| {
+                    let mut bytes = Vec::new();
+                    reader.read_to_end(&mut bytes).map(|_| bytes)
+                });
+                match read {
+                    Ok(bytes) => self.add_bytes(source, &bytes),
+                    Err(e) => self.unreadable(source, format!("cannot read: {e}")),
+                }
+            }
+            Err(e) => self.unreadable(source, format!("cannot read: {e}")),
+        }
+    }
+}
+
+fn stream<R: BufRead>(batch: &mut Batch<'_>, mut reader: R) -> io::Result<Streamed> {
+    let start = reader.fill_buf()?;
+    if start.starts_with(&[0xEF, 0xBB, 0xBF]) {
+        reader.consume(3);
+    } else if start.starts_with(&[0xFF, 0xFE])
+        || start.starts_with(&[0xFE, 0xFF])
+        || start.starts_with(&[0, 0])
+    {
+        // UTF-16 (or UTF-32): decoded whole.
+        let mut bytes = Vec::new();
+        reader.read_to_end(&mut bytes)?;
+        return Ok(Streamed::Whole(bytes));
+    }
+    let mut lines = Lines::new(reader);
+    // Blank lines first; then the first byte says JSON or YAML.
+    let mut head = Vec::new();
+    while lines.next()? && is_blank(&lines.line) {
+        head.extend_from_slice(&lines.line);
+    }
+    let first = lines.line.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'{') {
+        head.extend_from_slice(&lines.line);
+        let (reader, _) = lines.into_parts();
+        return Ok(stream_json(batch, io::Cursor::new(head).chain(reader)));
+    }
+    if lines.at_end && lines.line.is_empty() {
+        return Ok(Streamed::Whole(head));
+    }
+    stream_yaml(batch, lines, head)
+}
+
+/// A JSON object: its `items` read one by one as they come.
+fn stream_json<R: Read>(batch: &mut Batch<'_>, reader: R) -> Streamed {
+    batch.documents = 1;
+    let mut json = serde_json::Deserializer::from_reader(reader);
+    let root = JsonRoot { batch: &mut *batch }
+        .deserialize(&mut json)
+        .and_then(|kind| json.end().map(|()| kind));
+    match root {
+        Ok(Some(kind)) => {
+            let location = batch.source.clone();
+            match list_kind(&kind, ItemsShape::Seq) {
+                Some(cut_off) => {
+                    batch.objects += 1;
+                    if cut_off {
+                        batch.cut_off_list(&location, Some(0));
+                    }
+                    Streamed::Read
+                }
+                None => Streamed::Again,
+            }
+        }
+        // Not JSON, no `items` list, or an object of some other kind: read it whole.
+        Ok(None) | Err(_) => Streamed::Again,
+    }
+}
+
+/// The root object: its items go to the batch as they come; the value is its `kind` (`""` when
+/// it has none, or not a string) when it had a sequence of items, `None` otherwise.
+struct JsonRoot<'b, 'l> {
+    batch: &'b mut Batch<'l>,
+}
+
+impl<'de> DeserializeSeed<'de> for JsonRoot<'_, '_> {
+    type Value = Option<String>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for JsonRoot<'_, '_> {
+    type Value = Option<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a Kubernetes object or List")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        use serde::de::Error;
+        let (mut kind, mut items) = (None, None);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            match &*key {
+                "kind" if kind.is_none() => kind = Some(map.next_value::<Value>()?),
+                "items" if items.is_none() => {
+                    items = Some(map.next_value_seed(JsonItems {
+                        batch: &mut *self.batch,
+                    })?)
+                }
+                // serde-saphyr refuses duplicate keys: left to it.
+                "kind" | "items" => return Err(A::Error::custom("a duplicate key")),
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        let kind = kind
+            .as_ref()
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        Ok((items == Some(true)).then_some(kind))
+    }
+}
+
+/// A root's `items`: `true` when they were a sequence, each item read into the batch.
+struct JsonItems<'b, 'l> {
+    batch: &'b mut Batch<'l>,
+}
+
+impl<'de> DeserializeSeed<'de> for JsonItems<'_, '_> {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for JsonItems<'_, '_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of objects")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        let location = self.batch.source.clone();
+        let mut index = 0;
+        while let Some(item) = seq.next_element::<Box<RawValue>>()? {
+            self.batch
+                .add_document(&format!("{location}, items[{index}]"), &*item);
+            index += 1;
+        }
+        Ok(true)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+        Ok(false)
+    }
+}
+
+/// One YAML document whose top-level `items:` (in column 0) is a sequence in column 0, as
+/// kubectl writes a `List`: the lines before `items:` and after the sequence are the List's
+/// own fields, each entry in between is read as it comes.
+fn stream_yaml<R: BufRead>(
+    batch: &mut Batch<'_>,
+    mut lines: Lines<R>,
+    mut head: Vec<u8>,
+) -> io::Result<Streamed> {
+    batch.documents = 1;
+    let location = batch.source.clone();
+    // The List's own fields before its items; anything else is read whole.
+    let mut has_content = false;
+    loop {
+        let line = &lines.line;
+        if is_items_key(line) {
+            break;
+        }
+        if is_marker(line) && has_content {
+            // A second document.
+            return lines.rest(head).map(Streamed::Whole);
+        }
+        has_content |= starts_content(line) && !is_marker(line);
+        head.extend_from_slice(line);
+        if !lines.next()? {
+            return Ok(Streamed::Whole(head));
+        }
+    }
+    let items_line = std::mem::take(&mut lines.line);
+    // The first entry, in column 0; otherwise this is no kubectl List.
+    let mut item = Vec::new();
+    loop {
+        if !lines.next()? {
+            head.extend_from_slice(&items_line);
+            head.extend_from_slice(&item);
+            return Ok(Streamed::Whole(head));
+        }
+        if !is_blank(&lines.line) && !is_comment(&lines.line) {
+            break;
+        }
+        item.extend_from_slice(&lines.line);
+    }
+    if !is_dash(&lines.line) {
+        head.extend_from_slice(&items_line);
+        head.extend_from_slice(&item);
+        return lines.rest(head).map(Streamed::Whole);
+    }
+    let mut tape = Tape::default();
+    let mut index = 0;
+    item.clear();
+    item.extend_from_slice(&lines.line);
+    let mut tail = Vec::new();
+    loop {
+        let more = lines.next()?;
+        let ends_item = !more || starts_content(&lines.line);
+        if ends_item {
+            let Ok(text) = std::str::from_utf8(&item) else {
+                return Ok(Streamed::Again);
+            };
+            if yaml::read_entry(text, &mut tape).is_err() {
+                return Ok(Streamed::Again);
+            }
+            batch.add_document(&format!("{location}, items[{index}]"), tape.node(text, 0));
+            index += 1;
+            item.clear();
+            if !more {
+                break;
+            }
+            if !is_dash(&lines.line) {
+                tail.extend_from_slice(&lines.line);
+                break;
+            }
+        }
+        item.extend_from_slice(&lines.line);
+    }
+    // The List's own fields after its items.
+    while lines.next()? {
+        if is_marker(&lines.line) {
+            return Ok(Streamed::Again);
+        }
+        tail.extend_from_slice(&lines.line);
+    }
+    head.extend_from_slice(&tail);
+    let Ok(text) = std::str::from_utf8(&head) else {
+        return Ok(Streamed::Again);
+    };
+    let mut root = Root::default();
+    if yaml::read(text, &mut root).is_err() || root.documents != 1 || root.streamed {
+        return Ok(Streamed::Again);
+    }
+    let Some(Value::Object(fields)) = root.value else {
+        return Ok(Streamed::Again);
+    };
+    if fields.contains_key("items") {
+        // `items` twice: serde-saphyr refuses the text.
+        return Ok(Streamed::Again);
+    }
+    let kind = fields.get("kind").and_then(Value::as_str).unwrap_or_default();
+    match list_kind(kind, ItemsShape::Seq) {
+        Some(cut_off) => {
+            batch.objects += 1;
+            if cut_off {
+                batch.cut_off_list(&location, Some(0));
+            }
+            Ok(Streamed::Read)
+        }
+        // An object of another kind with a field named `items`.
+        None => Ok(Streamed::Again),
+    }
+}
+
+/// What a List's own fields (the text without its items) hold.
+#[derive(Default)]
+struct Root {
+    documents: usize,
+    streamed: bool,
+    value: Option<Value>,
+}
+
+impl yaml::Sink for Root {
+    fn begin(&mut self, _documents: usize) {}
+
+    fn item(&mut self, _document: usize, _index: usize, _item: Node<'_>) {
+        self.streamed = true;
+    }
+
+    fn document(
+        &mut self,
+        _document: usize,
+        root: Node<'_>,
+        streamed: Option<usize>,
+        _span: std::ops::Range<usize>,
+    ) {
+        self.documents += 1;
+        self.streamed |= streamed.is_some();
+        self.value = Some(root.to_value());
+    }
+}
+
+/// Lines as they come, each with its line break.
+struct Lines<R> {
+    reader: R,
+    line: Vec<u8>,
+    at_end: bool,
+}
+
+impl<R: BufRead> Lines<R> {
+    fn new(reader: R) -> Self {
+        Lines {
+            reader,
+            line: Vec::new(),
+            at_end: false,
+        }
+    }
+
+    /// Reads the next line into `line`; `false` at the end (with `line` empty).
+    fn next(&mut self) -> io::Result<bool> {
+        self.line.clear();
+        let read = self.reader.read_until(b'\n', &mut self.line)?;
+        self.at_end = read == 0;
+        Ok(read > 0)
+    }
+
+    /// `head`, the current line and every line after it.
+    fn rest(mut self, mut head: Vec<u8>) -> io::Result<Vec<u8>> {
+        head.extend_from_slice(&self.line);
+        self.reader.read_to_end(&mut head)?;
+        Ok(head)
+    }
+
+    fn into_parts(self) -> (R, Vec<u8>) {
+        (self.reader, self.line)
+    }
+}
+
+fn is_blank(line: &[u8]) -> bool {
+    line.iter().all(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+}
+
+fn is_comment(line: &[u8]) -> bool {
+    line.iter()
+        .find(|b| !matches!(b, b' ' | b'\t'))
+        .is_some_and(|b| *b == b'#')
+}
+
+/// A line whose content starts in column 0 (not a comment): it ends whatever was indented.
+fn starts_content(line: &[u8]) -> bool {
+    line.first()
+        .is_some_and(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b'#'))
+}
+
+fn rest_is_blank(rest: &[u8]) -> bool {
+    let content = rest.iter().position(|b| !matches!(b, b' ' | b'\t'));
+    match content {
+        None => true,
+        Some(i) => matches!(rest[i], b'\r' | b'\n') || (rest[i] == b'#' && i > 0),
+    }
+}
+
+fn is_items_key(line: &[u8]) -> bool {
+    line.strip_prefix(b"items:").is_some_and(rest_is_blank)
+}
+
+fn is_dash(line: &[u8]) -> bool {
+    line.strip_prefix(b"-")
+        .is_some_and(|rest| rest.is_empty() || matches!(rest[0], b' ' | b'\r' | b'\n'))
+}
+
+fn is_marker(line: &[u8]) -> bool {
+    (line.starts_with(b"---") || line.starts_with(b"..."))
+        && line
+            .get(3)
+            .is_none_or(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::snapshot::Loaded;
+
+    /// The text read as it comes in, and how many times it was opened.
+    fn streamed(bytes: &[u8]) -> (Loaded, usize) {
+        let opened = Cell::new(0);
+        let mut loader = Loader::new();
+        loader.add_reader("dump.yaml", || {
+            opened.set(opened.get() + 1);
+            Ok(bytes)
+        });
+        (loader.finish(), opened.get())
+    }
+
+    fn whole(bytes: &[u8]) -> Loaded {
+        let mut loader = Loader::new();
+        loader.add_bytes("dump.yaml", bytes);
+        loader.finish()
+    }
+
+    /// Everything loaded, comparable: every object as JSON, the problems in order.
+    fn outcome(loaded: &Loaded) -> Value {
+        let s = &loaded.snapshot;
+        let all = |v: serde_json::Result<Value>| v.unwrap();
+        json!({
+            "policies": all(serde_json::to_value(&s.policies)),
+            "namespaces": all(serde_json::to_value(&s.namespaces)),
+            "nodes": all(serde_json::to_value(&s.nodes)),
+            "services": all(serde_json::to_value(&s.services)),
+            "slices": all(serde_json::to_value(&s.endpoint_slices)),
+            "pods": all(serde_json::to_value(&s.pods)),
+            "daemonSets": all(serde_json::to_value(&s.daemon_sets)),
+            "deployments": all(serde_json::to_value(&s.deployments)),
+            "statefulSets": all(serde_json::to_value(&s.stateful_sets)),
+            "problems": all(serde_json::to_value(&loaded.problems)),
+            "unreadable": all(serde_json::to_value(&loaded.unreadable)),
+        })
+    }
+
+    /// Reads `bytes` both ways; returns how many times the streamed read opened it.
+    #[track_caller]
+    fn same_as_whole(bytes: &[u8]) -> usize {
+        let (loaded, opened) = streamed(bytes);
+        assert_eq!(
+            outcome(&loaded),
+            outcome(&whole(bytes)),
+            "{:?}",
+            String::from_utf8_lossy(bytes)
+        );
+        opened
+    }
+
+    fn kubectl_dump() -> String {
+        let shape = portpolicy_cluster_dump::DumpShape::LARGE.scaled_down(500);
+        portpolicy_cluster_dump::yaml(shape)
+    }
+
+    #[test]
+    fn kubectl_dumps_stream_in_one_pass_and_load_as_read_whole() {
+        let yaml = kubectl_dump();
+        assert_eq!(same_as_whole(yaml.as_bytes()), 1);
+        let (loaded, _) = streamed(yaml.as_bytes());
+        assert_eq!(loaded.problems, []);
+        assert!(loaded.snapshot.pods.len() > 10);
+        let shape = portpolicy_cluster_dump::DumpShape::LARGE.scaled_down(500);
+        let json = portpolicy_cluster_dump::json(shape);
+        assert_eq!(same_as_whole(json.as_bytes()), 1);
+        // With a byte-order mark, and with Windows line ends.
+        let bom = [&[0xEF, 0xBB, 0xBF][..], yaml.as_bytes()].concat();
+        assert_eq!(same_as_whole(&bom), 1);
+        assert_eq!(same_as_whole(yaml.replace('\n', "\r\n").as_bytes()), 1);
+    }
+
+    #[test]
+    fn other_layouts_load_as_read_whole() {
+        let demo = [
+            include_str!("../../../../examples/demo-cluster/cluster.yaml"),
+            include_str!("../../../../examples/demo-cluster/workloads.yaml"),
+        ];
+        for text in demo {
+            same_as_whole(text.as_bytes());
+        }
+        let node = "- apiVersion: v1\n  kind: Node\n  metadata:\n    name: a\n";
+        for text in [
+            String::new(),
+            "\n\n".to_string(),
+            // The List's kind before its items; after; none (cut off); another kind.
+            format!("apiVersion: v1\nkind: List\nitems:\n{node}"),
+            format!("apiVersion: v1\nitems:\n{node}kind: List\nmetadata: {{resourceVersion: ''}}\n"),
+            format!("apiVersion: v1\nitems:\n{node}"),
+            format!("apiVersion: v1\nkind: Node\nmetadata: {{name: b}}\nitems:\n{node}"),
+            // Items indented, items empty, items twice, a second document.
+            format!("apiVersion: v1\nkind: List\nitems:\n  {}", node.replace("\n  ", "\n    ")),
+            "apiVersion: v1\nkind: List\nitems: []\n".to_string(),
+            format!("apiVersion: v1\nitems:\n{node}items:\n{node}kind: List\n"),
+            format!("apiVersion: v1\nkind: List\nitems:\n{node}---\napiVersion: v1\nkind: Node\nmetadata: {{name: c}}\n"),
+            format!("---\napiVersion: v1\nkind: List\nitems:\n{node}...\n"),
+            // An item the fast reader leaves to serde-saphyr; a comment between items.
+            format!("apiVersion: v1\nkind: List\nitems:\n{node}- &anchor\n  apiVersion: v1\n  kind: Node\n  metadata: {{name: x}}\n"),
+            format!("apiVersion: v1\nkind: List\nitems:\n{node}# between\n{}", node.replace("name: a", "name: b")),
+            // JSON: a List, an object, not JSON after all.
+            r#"{"apiVersion": "v1", "items": [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "j"}}], "kind": "List"}"#.to_string(),
+            r#"{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "j"}}"#.to_string(),
+            r#"{"apiVersion": "v1", "items": [], "items": [], "kind": "List"}"#.to_string(),
+            "{apiVersion: v1, kind: Node, metadata: {name: f}}\n".to_string(),
+        ] {
+            same_as_whole(text.as_bytes());
+        }
+    }
+
+    #[test]
+    fn undecodable_bytes_are_refused_as_when_read_whole() {
+        let mut bytes = kubectl_dump().into_bytes();
+        let at = bytes.len() / 2;
+        bytes[at] = 0xE9;
+        assert_eq!(same_as_whole(&bytes), 2, "opened again to be read whole");
+        let (loaded, _) = streamed(&bytes);
+        assert!(!loaded.is_whole());
+        assert!(
+            loaded.problems[0]
+                .message
+                .contains("not UTF-8 text: invalid byte 0xE9")
+        );
+        let mut utf16 = vec![0xFF, 0xFE];
+        utf16.extend(
+            "apiVersion: v1\nkind: Node\nmetadata: {name: w}\n"
+                .encode_utf16()
+                .flat_map(u16::to_le_bytes),
+        );
+        same_as_whole(&utf16);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn a_cut_or_spliced_dump_loads_as_read_whole(
+            at in any::<prop::sample::Index>(),
+            cut in any::<bool>(),
+            splice in proptest::collection::vec(any::<u8>(), 1..8),
+        ) {
+            let text = kubectl_dump().into_bytes();
+            let at = at.index(text.len());
+            let mutated = if cut {
+                text[..at].to_vec()
+            } else {
+                [&text[..at], &splice[..], &text[at..]].concat()
+            };
+            same_as_whole(&mutated);
+        }
+    }
+}
