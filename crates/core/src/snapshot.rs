@@ -1250,6 +1250,32 @@ fn yaml_options(text_len: usize) -> serde_saphyr::Options {
     }
 }
 
+/// Reads one object's JSON (a watch event's, a list item's) as a snapshot keeps it: only the
+/// fields portpolicy reads, the rest skipped unread. `K` must be a kind a snapshot holds. The
+/// error names the field that does not read (`spec.ports[0].port: invalid type: ...`).
+pub fn read_pruned<K>(json: &str) -> Result<K, String>
+where
+    K: DeserializeOwned + Resource<DynamicType = ()>,
+{
+    let kind = Kind::of(&K::api_version(&()), &K::kind(&()))
+        .ok_or_else(|| format!("{} is not a kind portpolicy reads", K::kind(&())))?;
+    let mut json = serde_json::Deserializer::from_str(json);
+    let object = match serde_path_to_error::deserialize::<_, K>(Pruned::new(&mut json, kind.keep())) {
+        Ok(object) => object,
+        Err(e) => {
+            let field = error_field(&e);
+            let message = e.into_inner().to_string();
+            return Err(if field.is_empty() {
+                message
+            } else {
+                format!("{field}: {message}")
+            });
+        }
+    };
+    json.end().map_err(|e| e.to_string())?;
+    Ok(object)
+}
+
 /// Parses one YAML text into a fresh snapshot.
 pub fn parse_str(source: &str, text: &str) -> Loaded {
     let mut loader = Loader::new();

@@ -87,6 +87,27 @@ spec:
 }
 
 #[test]
+fn one_object_reads_pruned_and_names_the_field_that_does_not() {
+    let service: Service = read_pruned(
+        r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web", "namespace": "shop",
+            "managedFields": [{"manager": "kubectl"}], "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+            "spec": {"ports": [{"port": 80}], "selector": ["unread", "so", "no", "problem"]}}"#,
+    )
+    .unwrap();
+    assert_eq!(service.metadata.managed_fields, None);
+    assert!(service.metadata.annotations.unwrap_or_default().is_empty());
+    let spec = service.spec.unwrap();
+    assert_eq!(spec.selector, None);
+    assert_eq!(spec.ports.unwrap()[0].port, 80);
+    let error = read_pruned::<Service>(r#"{"spec": {"ports": [{"port": "80"}]}}"#).unwrap_err();
+    assert!(
+        error.starts_with("spec.ports[0].port: invalid type: string"),
+        "{error}"
+    );
+    assert!(read_pruned::<Service>(r#"{"spec": {}} trailing"#).is_err());
+}
+
+#[test]
 fn unparseable_yaml_names_the_file() {
     let loaded = parse_str("bad.yaml", "kind: [unclosed");
     assert_eq!(loaded.problems.len(), 1);
