@@ -36,6 +36,20 @@ pub enum DebugCommand {
         #[arg(long)]
         write_ipvsadm_rules: Option<PathBuf>,
     },
+    /// Wait until the kernel lists REAL as a real server of SERVICE (any weight), asking it over
+    /// netlink every INTERVAL from one process, so that watching for a change costs the machine
+    /// little (the system e2e's watch-latency benchmark). Prints `polls N elapsed_ms MS`, N
+    /// being the looks that did not find it; fails after TIMEOUT.
+    IpvsWait {
+        #[arg(value_parser = parse_protocol)]
+        protocol: Protocol,
+        service: SocketAddr,
+        real: SocketAddr,
+        #[arg(long, default_value_t = 5)]
+        interval_ms: u64,
+        #[arg(long, default_value_t = 60_000)]
+        timeout_ms: u64,
+    },
     /// Ensure the dummy interface and make it hold exactly the given addresses.
     DummySync {
         #[arg(long, default_value = portpolicy_netlink::link::DEFAULT_NAME)]
@@ -85,6 +99,19 @@ impl DebugCommand {
                 reals_per_service,
                 write_ipvsadm_rules: None,
             } => ipvs_bench(services, reals_per_service),
+            DebugCommand::IpvsWait {
+                protocol,
+                service,
+                real,
+                interval_ms,
+                timeout_ms,
+            } => ipvs_wait(
+                protocol,
+                service,
+                real,
+                Duration::from_millis(interval_ms),
+                Duration::from_millis(timeout_ms),
+            ),
             DebugCommand::DummySync { name, addresses } => dummy_sync(&name, addresses),
             DebugCommand::ConntrackClear {
                 protocol,
@@ -202,6 +229,39 @@ fn ipvs_dump() -> Result<(), String> {
     let table = handle.dump().map_err(|e| e.to_string())?;
     print!("{info}\n{}", format_table(&table));
     Ok(())
+}
+
+fn ipvs_wait(
+    protocol: Protocol,
+    service: SocketAddr,
+    real: SocketAddr,
+    interval: Duration,
+    timeout: Duration,
+) -> Result<(), String> {
+    let key = VirtualServerKey {
+        address: service.ip(),
+        port: service.port(),
+        protocol,
+    };
+    let wanted = RealServerKey {
+        address: real.ip(),
+        port: real.port(),
+    };
+    let mut handle = IpvsHandle::open().map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut polls = 0u64;
+    loop {
+        let reals = handle.real_servers(&key).map_err(|e| e.to_string())?;
+        if reals.contains_key(&wanted) {
+            println!("polls {polls} elapsed_ms {}", started.elapsed().as_millis());
+            return Ok(());
+        }
+        if started.elapsed() >= timeout {
+            return Err(format!("{wanted} not a real server of {key} after {polls} looks"));
+        }
+        polls += 1;
+        std::thread::sleep(interval);
+    }
 }
 
 fn ipvs_apply(file: &std::path::Path) -> Result<(), String> {

@@ -50,7 +50,9 @@ class ApiServer:
 
     LISTENERS = ("kubectl", "vm") + tuple(f"{r}.{n}" for r in REPLICAS for n in range(STARTS_PER_REPLICA))
 
-    def __init__(self, emulator_dir: pathlib.Path, work: pathlib.Path):
+    def __init__(self, emulator_dir: pathlib.Path, work: pathlib.Path, seed: pathlib.Path | None = None,
+                 start_timeout: float = 20):
+        """``seed``: JSON lines of objects the emulator creates before it listens (``--seed``)."""
         self.work = work
         self.log_path = work / "requests.jsonl"
         state = work / "emulator.json"
@@ -59,9 +61,11 @@ class ApiServer:
         args = [sys.executable, "-m", "kube_emulator", "--state", str(state), "--log", str(self.log_path)]
         for name in self.LISTENERS:
             args += ["--listen", f"{name}=0"]
+        if seed:
+            args += ["--seed", str(seed), "--seed-manager", "e2e-seed"]
         self.output = open(work / "emulator.log", "w")
         self.process = subprocess.Popen(args, cwd=emulator_dir, stdout=self.output, stderr=subprocess.STDOUT)
-        if not wait_for(state.exists, 20):
+        if not wait_for(state.exists, start_timeout):
             raise RuntimeError("the emulator did not start; see emulator.log")
         self.ports = json.loads(state.read_text())["listeners"]
         self.kubeconfigs = {n: kubeconfig(work / f"kubeconfig-{n}", p) for n, p in self.ports.items()}

@@ -464,8 +464,15 @@ def main() -> int:
     parser.add_argument("--prometheus", default="", help="the prometheus binary; none: its scenario fails")
     parser.add_argument("--promtool", default="")
     parser.add_argument("--prepared-seconds", type=float, default=0)
+    parser.add_argument("--bench", default="", help="a benchmark instead of the scenarios: watch-latency")
+    parser.add_argument("--services", type=int, default=10000)
+    parser.add_argument("--endpoints-per-service", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=100)
     args = parser.parse_args()
     run = Run(args)
+    if args.bench:
+        from bench_watch_latency import run_bench
+        return run_bench(run, args)
     started = time.monotonic()
     # The emulator's own tests run while the VM boots (each test starts emulators of its own),
     # and end before any scenario starts, so they never compete with a scenario's timing.

@@ -21,7 +21,9 @@ class VmError(RuntimeError):
 
 class Vm:
     def __init__(self, kernel: str, initrd: str, api_port: int, agent_metrics_port: int, work: pathlib.Path,
-                 timeout: float):
+                 timeout: float, kernel_args: str = ""):
+        """``kernel_args``: more of the guest's kernel command line (``e2e.agent=manual``: the
+        guest does not start the agent; the host does, through ``run``)."""
         self.console_path = work / "vm-console.log"
         self.socket_path = work / "vm-control.sock"
         self.socket_path.unlink(missing_ok=True)
@@ -32,7 +34,7 @@ class Vm:
                 "timeout", "--kill-after=10", str(int(timeout)),
                 "qemu-system-x86_64", "-m", "1024", "-nographic", "-no-reboot",
                 "-kernel", kernel, "-initrd", initrd,
-                "-append", "console=ttyS0 quiet panic=-1",
+                "-append", " ".join(filter(None, ["console=ttyS0 quiet panic=-1", kernel_args])),
                 "-netdev", f"user,id=n0,restrict=on,hostfwd=tcp:127.0.0.1:{agent_metrics_port}-:10265,"
                 f"guestfwd=tcp:10.0.2.100:6443-cmd:/bin/busybox nc 127.0.0.1 {api_port}",
                 "-device", "virtio-net-pci,netdev=n0",

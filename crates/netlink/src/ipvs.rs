@@ -140,16 +140,27 @@ impl IpvsHandle {
         // The kernel serves one dump at a time per socket, so real servers are listed service by
         // service rather than batched.
         for (key, service) in table.iter_mut() {
-            let mut request = MessageBuilder::generic(self.family, DUMP, CMD_GET_DEST, IPVS_GENL_VERSION);
-            put_service(&mut request, key, None);
-            let rule = format_args!("list real servers of {key}");
-            for reply in self.socket.dump(request, &rule)? {
-                if let Some((real, state)) = decode_dest_message(&reply)? {
-                    service.real_servers.insert(real, state);
-                }
-            }
+            service.real_servers = self.real_servers(key)?;
         }
         Ok(table)
+    }
+
+    /// The real servers of one virtual server, as `ipvsadm -Ln -t|-u|--sctp-service` lists
+    /// them; none when the virtual server does not exist.
+    pub fn real_servers(
+        &mut self,
+        key: &VirtualServerKey,
+    ) -> Result<BTreeMap<RealServerKey, RealServerState>, NetlinkError> {
+        let mut request = MessageBuilder::generic(self.family, DUMP, CMD_GET_DEST, IPVS_GENL_VERSION);
+        put_service(&mut request, key, None);
+        let rule = format_args!("list real servers of {key}");
+        let mut reals = BTreeMap::new();
+        for reply in self.socket.dump(request, &rule)? {
+            if let Some((real, state)) = decode_dest_message(&reply)? {
+                reals.insert(real, state);
+            }
+        }
+        Ok(reals)
     }
 
     /// Applies operations in order, many per `sendmsg`. Each refused operation is reported with

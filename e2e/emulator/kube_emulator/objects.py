@@ -164,7 +164,9 @@ class ServiceRegistry:
                 spec["clusterIP"] = next(str(ip) for ip in hosts if str(ip) not in taken)
                 spec["clusterIPs"] = [spec["clusterIP"]]
             spec.setdefault("clusterIPs", [spec["clusterIP"]])
-        taken = self._taken_node_ports(key)
+        # Only NodePort and LoadBalancer Services hold or check node ports; a ClusterIP one
+        # skips the scan of every Service (quadratic when 10,000 are created in a row).
+        taken = self._taken_node_ports(key) if spec.get("type") in ("NodePort", "LoadBalancer") else set()
         seen: set[int] = set()
         for i, port in enumerate(spec.get("ports") or []):
             if not isinstance(port, dict):

@@ -50,6 +50,14 @@ def _manager(request, default_operation: str) -> str:
     return agent.split("/", 1)[0] or default_operation
 
 
+class _Seeding:
+    """What a create reads of its request (the field manager), for ``ApiServer.seed``."""
+
+    def __init__(self, manager: str):
+        self.params = {"fieldManager": manager}
+        self.headers: dict[str, str] = {}
+
+
 class ApiServer:
     def __init__(self, history_limit: int = 5000, bookmark_seconds: float = 10.0, log_path: str | None = None):
         self.registry = Registry()
@@ -63,6 +71,21 @@ class ApiServer:
         for name in DEFAULT_NAMESPACES:
             ns = objects.prepare_create(self.registry.get("", "v1", "namespaces"), {"metadata": {"name": name}}, None)
             self.store.put(("", "namespaces"), ns)
+
+    def seed(self, objects, manager: str) -> int:
+        """Creates ``objects`` (each with apiVersion and kind) as POSTs by ``manager`` would,
+        before any client connects: defaulting, the Service registry's admission, managedFields,
+        one resourceVersion and one watch event each. Clients then see an API server that
+        started on a full store, and list and watch it through the API as usual; the request
+        log has no entries for these. Returns how many were created."""
+        request, count = _Seeding(manager), 0
+        for obj in objects:
+            rt = self.registry.by_kind(obj.get("apiVersion"), obj.get("kind"))
+            if rt is None:
+                raise ValueError(f"no resource type for {obj.get('apiVersion')} {obj.get('kind')}")
+            self._create(request, rt, (obj.get("metadata") or {}).get("namespace"), obj)
+            count += 1
+        return count
 
     # --- the one entry point ------------------------------------------------------------------
     async def serve(self, request: kmock.Request):

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import service
+from conftest import Emulator, service
 
 SVC = "/api/v1/namespaces/shop/services"
 APPLY = "application/apply-patch+yaml"
@@ -120,6 +120,40 @@ def test_watch_from_a_compacted_version_gets_410(short_history):
     assert events[0]["type"] == "ERROR"
     assert (events[0]["object"]["code"], events[0]["object"]["reason"]) == (410, "Expired")
     assert "too old resource version" in events[0]["object"]["message"]
+
+
+def test_seeded_objects_are_as_if_created_through_the_api(tmp_path):
+    seed = tmp_path / "seed.jsonl"
+    objects = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"}},
+        service("a", clusterIP="10.96.5.5", ports=[{"port": 80}]) | {"metadata": {"name": "a", "namespace": "shop", "labels": {"tier": "edge"}}},
+        service("b", type="NodePort", ports=[{"port": 80}]),
+        {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+         "metadata": {"name": "a-1", "namespace": "shop", "labels": {"kubernetes.io/service-name": "a"}},
+         "addressType": "IPv4", "endpoints": [{"addresses": ["10.0.0.1"]}]},
+    ]
+    seed.write_text("".join(json.dumps(o) + "\n" for o in objects))
+    e = Emulator("--seed", str(seed), "--seed-manager", "bench-loader")
+    try:
+        listed = e.ok("GET", SVC)
+        a, b = listed["items"]
+        assert (a["spec"]["clusterIP"], a["spec"]["sessionAffinity"], a["spec"]["ports"][0]["protocol"]) == (
+            "10.96.5.5", "None", "TCP")
+        assert 30000 <= b["spec"]["ports"][0]["nodePort"] <= 32767 and b["spec"]["clusterIP"]
+        assert int(a["metadata"]["resourceVersion"]) < int(b["metadata"]["resourceVersion"]) <= int(
+            listed["metadata"]["resourceVersion"])
+        assert a["metadata"]["uid"] != b["metadata"]["uid"]
+        assert [m["manager"] for m in a["metadata"]["managedFields"]] == ["bench-loader"]
+        assert e.ok("GET", SVC + "?labelSelector=tier%3Dedge")["items"][0]["metadata"]["name"] == "a"
+        slices = e.ok("GET", "/apis/discovery.k8s.io/v1/namespaces/shop/endpointslices")["items"]
+        assert [s["metadata"]["name"] for s in slices] == ["a-1"]
+        # Watched from the list's version, a seeded object's change is the one event.
+        e.ok("PATCH", f"{SVC}/a", {"metadata": {"labels": {"tier": "core"}}}, content_type="application/merge-patch+json")
+        events = e.watch(f"{SVC}?watch=true&resourceVersion={listed['metadata']['resourceVersion']}", seconds=1, until=1)
+        assert [(ev["type"], ev["object"]["metadata"]["name"]) for ev in events] == [("MODIFIED", "a")]
+        assert all(json.loads(line)["verb"] != "create" for line in e.log.read_text().splitlines())
+    finally:
+        e.stop()
 
 
 def test_status_subresource_separates_spec_and_status(crd):
