@@ -9,15 +9,13 @@
 //! serde-saphyr, bytes that are not UTF-8) is opened again and read whole, so every text
 //! means what it means when read whole.
 
-use std::fmt;
 use std::io::{self, BufRead, BufReader, Read};
 
-use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::tape::{Node, Tape};
-use super::{Batch, ItemsShape, Loader, list_kind, yaml};
+use super::{Batch, ItemsShape, JsonItems, JsonRoot, Loader, list_kind, yaml};
 
 /// How a streamed read ended.
 enum Streamed {
@@ -77,7 +75,7 @@ fn stream<R: BufRead>(batch: &mut Batch<'_>, mut reader: R) -> io::Result<Stream
     if first == Some(&b'{') {
         head.extend_from_slice(&lines.line);
         let (reader, _) = lines.into_parts();
-        return Ok(stream_json(batch, io::Cursor::new(head).chain(reader)));
+        return stream_json(batch, io::Cursor::new(head).chain(reader));
     }
     if lines.at_end && lines.line.is_empty() {
         return Ok(Streamed::Whole(head));
@@ -85,138 +83,171 @@ fn stream<R: BufRead>(batch: &mut Batch<'_>, mut reader: R) -> io::Result<Stream
     stream_yaml(batch, lines, head)
 }
 
-/// A JSON object: its `items` read one by one as they come.
-fn stream_json<R: Read>(batch: &mut Batch<'_>, reader: R) -> Streamed {
+/// A JSON object: each element of its `items` array read as it comes (split off the text by
+/// [`JsonSplitter`], then read by serde_json like any other JSON object); what is left, the
+/// List's own fields, is read at the end.
+fn stream_json<R: Read>(batch: &mut Batch<'_>, mut reader: R) -> io::Result<Streamed> {
     batch.documents = 1;
-    let mut json = serde_json::Deserializer::from_reader(reader);
-    let root = JsonRoot { batch: &mut *batch }
-        .deserialize(&mut json)
-        .and_then(|kind| json.end().map(|()| kind));
-    match root {
-        Ok(Some(kind)) => {
-            let location = batch.source.clone();
-            match list_kind(&kind, ItemsShape::Seq) {
-                Some(cut_off) => {
-                    batch.objects += 1;
-                    if cut_off {
-                        batch.cut_off_list(&location, Some(0));
-                    }
-                    Streamed::Read
-                }
-                None => Streamed::Again,
-            }
-        }
-        // Not JSON, no `items` list, or an object of some other kind: read it whole.
-        Ok(None) | Err(_) => Streamed::Again,
-    }
-}
-
-/// The root object: its items go to the batch as they come; the value is its `kind` (`""` when
-/// it has none, or not a string) when it had a sequence of items, `None` otherwise.
-struct JsonRoot<'b, 'l> {
-    batch: &'b mut Batch<'l>,
-}
-
-impl<'de> DeserializeSeed<'de> for JsonRoot<'_, '_> {
-    type Value = Option<String>;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for JsonRoot<'_, '_> {
-    type Value = Option<String>;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a Kubernetes object or List")
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        use serde::de::Error;
-        let (mut kind, mut items) = (None, None);
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            match &*key {
-                "kind" if kind.is_none() => kind = Some(map.next_value::<Value>()?),
-                "items" if items.is_none() => {
-                    items = Some(map.next_value_seed(JsonItems {
-                        batch: &mut *self.batch,
-                    })?)
-                }
-                // serde-saphyr refuses duplicate keys: left to it.
-                "kind" | "items" => return Err(A::Error::custom("a duplicate key")),
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
-            }
-        }
-        let kind = kind
-            .as_ref()
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
-        Ok((items == Some(true)).then_some(kind))
-    }
-}
-
-/// A root's `items`: `true` when they were a sequence, each item read into the batch.
-struct JsonItems<'b, 'l> {
-    batch: &'b mut Batch<'l>,
-}
-
-impl<'de> DeserializeSeed<'de> for JsonItems<'_, '_> {
-    type Value = bool;
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for JsonItems<'_, '_> {
-    type Value = bool;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a list of objects")
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
-        let location = self.batch.source.clone();
-        let mut index = 0;
-        while let Some(item) = seq.next_element::<Box<RawValue>>()? {
-            self.batch
-                .add_document(&format!("{location}, items[{index}]"), &*item);
+    let location = batch.source.clone();
+    let mut splitter = JsonSplitter::default();
+    let mut chunk = vec![0u8; 1 << 16];
+    let mut index = 0;
+    loop {
+        let read = match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        splitter.feed(&chunk[..read]);
+        for item in splitter.items.drain(..) {
+            let raw = std::str::from_utf8(&item)
+                .ok()
+                .and_then(|text| serde_json::from_str::<&RawValue>(text).ok());
+            // Not JSON after all (or not UTF-8): read whole, which says what is wrong.
+            let Some(raw) = raw else {
+                return Ok(Streamed::Again);
+            };
+            batch.add_document(&format!("{location}, items[{index}]"), raw);
             index += 1;
         }
-        Ok(true)
+    }
+    if !splitter.split_items || splitter.depth != 0 {
+        return Ok(Streamed::Again);
+    }
+    let root = std::str::from_utf8(&splitter.rest)
+        .ok()
+        .and_then(|text| serde_json::from_str::<JsonRoot<'_>>(text).ok());
+    let Some(root) = root else {
+        return Ok(Streamed::Again);
+    };
+    let kind = root.kind.as_ref().and_then(Value::as_str).unwrap_or_default();
+    match (root.items, list_kind(kind, ItemsShape::Seq)) {
+        (JsonItems::Seq(rest), Some(cut_off)) if rest.is_empty() => {
+            batch.objects += 1;
+            if cut_off {
+                batch.cut_off_list(&location, Some(0));
+            }
+            Ok(Streamed::Read)
+        }
+        // An object of another kind with a field named `items`.
+        _ => Ok(Streamed::Again),
+    }
+}
+
+/// Splits the elements of a JSON object's top-level `items` array off its text as the text
+/// comes in, tracking only strings and nesting: each element's text goes to `items`, the rest
+/// (with `"items": []`) to `rest`. Whether any of it is valid JSON is serde_json's to say.
+#[derive(Default)]
+struct JsonSplitter {
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    /// The last string of the root object, and whether a colon followed it: a key.
+    key: Vec<u8>,
+    in_key: bool,
+    items_key: bool,
+    /// Inside the `items` array, and in one of its elements.
+    in_items: bool,
+    in_item: bool,
+    /// An `items` array was split off (a second one is left in `rest`, for serde_json to refuse).
+    split_items: bool,
+    item: Vec<u8>,
+    items: Vec<Vec<u8>>,
+    rest: Vec<u8>,
+}
+
+impl JsonSplitter {
+    fn feed(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.byte(b);
+        }
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(false)
+    fn byte(&mut self, b: u8) {
+        if self.in_string {
+            if self.escaped {
+                self.escaped = false;
+            } else if b == b'\\' {
+                self.escaped = true;
+            } else if b == b'"' {
+                self.in_string = false;
+            }
+            if self.in_key {
+                if self.in_string {
+                    self.key.push(b);
+                } else {
+                    self.in_key = false;
+                }
+            }
+            return self.keep(b);
+        }
+        match b {
+            b'"' => {
+                self.in_string = true;
+                if self.depth == 1 {
+                    self.in_key = true;
+                    self.key.clear();
+                }
+                if self.in_items && self.depth == 2 && !self.in_item {
+                    self.in_item = true;
+                }
+            }
+            b':' if self.depth == 1 => self.items_key = self.key == b"items" && !self.split_items,
+            b'{' | b'[' => {
+                self.depth += 1;
+                if b == b'[' && self.depth == 2 && self.items_key {
+                    self.in_items = true;
+                    self.split_items = true;
+                    self.items_key = false;
+                    return self.rest.push(b);
+                }
+                if self.in_items && self.depth == 3 && !self.in_item {
+                    self.in_item = true;
+                }
+            }
+            b'}' | b']' => {
+                if self.in_items && self.depth == 2 {
+                    // The end of the items: a scalar element ends with them.
+                    self.end_item();
+                    self.in_items = false;
+                    self.depth -= 1;
+                    return self.rest.push(b);
+                }
+                self.depth = self.depth.saturating_sub(1);
+                if self.in_items && self.in_item && self.depth == 2 {
+                    self.item.push(b);
+                    return self.end_item();
+                }
+            }
+            b',' if self.in_items && self.depth == 2 => return self.end_item(),
+            b' ' | b'\t' | b'\r' | b'\n' if self.in_items && self.depth == 2 && !self.in_item => return,
+            _ => {
+                if self.depth == 1 && !b.is_ascii_whitespace() {
+                    self.items_key &= b == b':';
+                }
+                if self.in_items && self.depth == 2 && !self.in_item {
+                    self.in_item = true;
+                }
+            }
+        }
+        self.keep(b);
     }
 
-    fn visit_unit<E>(self) -> Result<bool, E> {
-        Ok(false)
+    /// Where a byte goes: to the element being split off, or to the rest.
+    fn keep(&mut self, b: u8) {
+        if self.in_item {
+            self.item.push(b);
+        } else if !self.in_items {
+            self.rest.push(b);
+        }
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
-        Ok(false)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
-        Ok(false)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
-        Ok(false)
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
-        Ok(false)
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<bool, E> {
-        Ok(false)
+    fn end_item(&mut self) {
+        if self.in_item {
+            self.in_item = false;
+            self.items.push(std::mem::take(&mut self.item));
+        }
     }
 }
 
@@ -546,6 +577,14 @@ mod tests {
             r#"{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "j"}}"#.to_string(),
             r#"{"apiVersion": "v1", "items": [], "items": [], "kind": "List"}"#.to_string(),
             "{apiVersion: v1, kind: Node, metadata: {name: f}}\n".to_string(),
+            // JSON items that are not objects, a List whose items are null, an `items` key
+            // spelled with an escape, `items` inside an item, and text after the object.
+            r#"{"kind": "List", "items": [1, "two", [3], null, {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "k"}}]}"#.to_string(),
+            r#"{"kind": "List", "items": null}"#.to_string(),
+            r#"{"kind": "List", "it\u0065ms": [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "e"}}]}"#.to_string(),
+            r#"{"items": [{"items": [], "kind": "List", "apiVersion": "v1"}], "kind": "List"}"#.to_string(),
+            r#"{"kind": "List", "items": []} {"kind": "List"}"#.to_string(),
+            r#"{"kind": "List", "items": [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "q\"]},"}}]}"#.to_string(),
         ] {
             same_as_whole(text.as_bytes());
         }
@@ -578,11 +617,13 @@ mod tests {
 
         #[test]
         fn a_cut_or_spliced_dump_loads_as_read_whole(
+            json in any::<bool>(),
             at in any::<prop::sample::Index>(),
             cut in any::<bool>(),
             splice in proptest::collection::vec(any::<u8>(), 1..8),
         ) {
-            let text = kubectl_dump().into_bytes();
+            let shape = portpolicy_cluster_dump::DumpShape::LARGE.scaled_down(500);
+            let text = if json { portpolicy_cluster_dump::json(shape) } else { kubectl_dump() }.into_bytes();
             let at = at.index(text.len());
             let mutated = if cut {
                 text[..at].to_vec()
