@@ -159,8 +159,34 @@ struct JsonSplitter {
 
 impl JsonSplitter {
     fn feed(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.byte(b);
+        let mut at = 0;
+        while at < bytes.len() {
+            // Inside an element, long runs cannot change the state: a string's text up to its
+            // next quote or backslash, and, nested in the element, anything but quotes and
+            // brackets. They are copied whole; the bytes that matter go one by one.
+            if self.in_item {
+                let rest = &bytes[at..];
+                let run = if self.in_string {
+                    if self.escaped {
+                        0
+                    } else {
+                        memchr::memchr2(b'"', b'\\', rest).unwrap_or(rest.len())
+                    }
+                } else if self.depth >= 3 {
+                    rest.iter()
+                        .position(|b| matches!(b, b'"' | b'{' | b'}' | b'[' | b']'))
+                        .unwrap_or(rest.len())
+                } else {
+                    0
+                };
+                self.item.extend_from_slice(&rest[..run]);
+                at += run;
+                if at == bytes.len() {
+                    break;
+                }
+            }
+            self.byte(bytes[at]);
+            at += 1;
         }
     }
 
@@ -587,6 +613,44 @@ mod tests {
             r#"{"kind": "List", "items": [{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "q\"]},"}}]}"#.to_string(),
         ] {
             same_as_whole(text.as_bytes());
+        }
+    }
+
+    /// A reader that hands over a few bytes at a time, so that every state of the JSON
+    /// splitter (inside a string, after a backslash, between elements) meets a read's end.
+    struct Trickle<'a> {
+        bytes: &'a [u8],
+        sizes: std::iter::Cycle<std::slice::Iter<'static, usize>>,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            let n = (*self.sizes.next().unwrap()).min(out.len()).min(self.bytes.len());
+            out[..n].copy_from_slice(&self.bytes[..n]);
+            self.bytes = &self.bytes[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn json_split_across_reads_loads_as_read_whole() {
+        let shape = portpolicy_cluster_dump::DumpShape::LARGE.scaled_down(2000);
+        let mut json = portpolicy_cluster_dump::json(shape);
+        // Escapes and brackets inside strings, with a read ending right after the backslash.
+        json = json.replacen(r#""name": "node-000""#, r#""name": "node-\"0]}0,\\0\u00e9x{""#, 1);
+        assert!(json.contains(r#"node-\"0]}"#));
+        let expected = outcome(&whole(json.as_bytes()));
+        for sizes in [&[1usize][..], &[2, 3], &[7, 1, 13], &[4096, 5]] {
+            let mut loader = Loader::new();
+            let mut batch = Batch::new("dump.yaml", "");
+            let reader = Trickle {
+                bytes: json.as_bytes(),
+                sizes: sizes.iter().cycle(),
+            };
+            let streamed = stream_json(&mut batch, reader).unwrap();
+            assert!(matches!(streamed, Streamed::Read), "{sizes:?}");
+            loader.commit(batch);
+            assert_eq!(outcome(&loader.finish()), expected, "{sizes:?}");
         }
     }
 
