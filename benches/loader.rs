@@ -201,6 +201,12 @@ fn main() {
         loaded
     });
     report("load (JSON)", json_bytes, &load_json);
+    println!(
+        "JSON load takes {:.2}x the time of YAML load; YAML heap peak is {:.2}x the file, {:.2}x what is kept",
+        load_json.median.as_secs_f64() / load.median.as_secs_f64(),
+        load.peak as f64 / yaml_bytes as f64,
+        load.peak as f64 / load.retained.max(1) as f64,
+    );
 
     match libyaml_seconds(&yaml_file, runs) {
         Ok((load_seconds, event_seconds)) => {
