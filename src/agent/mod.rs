@@ -332,6 +332,45 @@ pub(crate) async fn run_with<D: Dataplane + 'static>(
     }
 }
 
+/// The agent's start under watch without its kernel, HTTP server or signals, for the memory
+/// benchmark (`benches/agent_memory.rs`): the API watches ([`source::kube_source`]) feed
+/// `syncer` as [`run_with`] does, until the source is ready; then one sync. The watches stay
+/// open, their memory held, until the returned guard is dropped.
+#[cfg(feature = "test-util")]
+pub async fn first_sync_under_watch<D: Dataplane>(
+    client: kube::Client,
+    node_name: &str,
+    mode: ProxyMode,
+    syncer: &mut Syncer<D>,
+) -> (sync::SyncOutcome, Watching) {
+    let (tx, mut rx) = mpsc::channel::<Event>(4096);
+    let task = tokio::spawn(source::kube_source(client, node_name.to_string(), mode, tx));
+    loop {
+        match rx.recv().await {
+            Some(Event::Ready) => break,
+            Some(Event::Change(change, _)) => syncer.observe(change),
+            Some(Event::Refused(_)) => {}
+            None => panic!("the agent's watches stopped before they were ready"),
+        }
+    }
+    let outcome = syncer.sync();
+    (outcome, Watching { _events: rx, task })
+}
+
+/// The watches of [`first_sync_under_watch`], open until dropped.
+#[cfg(feature = "test-util")]
+pub struct Watching {
+    _events: mpsc::Receiver<Event>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[cfg(feature = "test-util")]
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 fn proxy_config(args: &AgentArgs) -> Result<ProxyConfig, AgentError> {
     let mut config = ProxyConfig::new(args.node_name.clone(), args.mode);
     config.node_port_addresses =

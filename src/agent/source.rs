@@ -24,6 +24,9 @@ use portpolicy_core::governance::{NamespaceLabels, PolicySet};
 use portpolicy_core::ipvs::ProxyMode;
 use portpolicy_core::snapshot::Loaded;
 use portpolicy_core::well_known::{SERVICE_PROXY_NAME, SERVICE_PROXY_NAME_LABEL};
+use pruned::Pruned;
+
+mod pruned;
 
 #[derive(Debug)]
 pub(super) enum Event {
@@ -193,6 +196,8 @@ pub(super) async fn kube_source(client: Client, node_name: String, mode: ProxyMo
         |_, _| None,
     ));
     let policies = tokio::spawn(watch_policies(client, tx.clone(), ready_tx));
+    // The watches end with this task, even when it is aborted.
+    let mut watches = Watches([services, slices, node, policies]);
     let mut pending: BTreeSet<&str> = ["Service", "EndpointSlice", "Node", "policies"].into();
     while let Some(kind) = ready_rx.recv().await {
         pending.remove(kind);
@@ -201,7 +206,19 @@ pub(super) async fn kube_source(client: Client, node_name: String, mode: ProxyMo
             break;
         }
     }
+    let [services, slices, node, policies] = &mut watches.0;
     let _ = futures::future::join4(services, slices, node, policies).await;
+}
+
+/// The watch tasks of [`kube_source`], aborted when it stops.
+struct Watches([tokio::task::JoinHandle<()>; 4]);
+
+impl Drop for Watches {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 fn typed<K>(mut object: DynamicObject) -> Result<K, serde_json::Error>
@@ -213,13 +230,6 @@ where
         kind: K::kind(&()).into_owned(),
     });
     serde_json::to_value(object).and_then(serde_json::from_value)
-}
-
-fn object_key(object: &DynamicObject) -> (String, String) {
-    (
-        object.metadata.namespace.clone().unwrap_or_default(),
-        object.metadata.name.clone().unwrap_or_default(),
-    )
 }
 
 async fn watch_objects<K>(
@@ -237,17 +247,21 @@ async fn watch_objects<K>(
         "EndpointSlice" => "EndpointSlice",
         _ => "Node",
     };
-    let api: Api<DynamicObject> = Api::all_with(client, &ApiResource::erase::<K>(&()));
+    // Each listed or watched object is decoded straight into what portpolicy reads of it: a
+    // list page never holds whole objects, and one object that does not read never fails its
+    // list (kube's watcher fails a whole page on one object's error, and retries it forever).
+    let api: Api<Pruned<K>> = Api::all(client);
     let mut stream = std::pin::pin!(watcher::watcher(api, config).default_backoff());
     let mut known: BTreeSet<(String, String)> = BTreeSet::new();
     let mut listing: BTreeSet<(String, String)> = BTreeSet::new();
     let mut announced = false;
-    let apply = |object: DynamicObject| -> Option<Change> {
-        let key = object_key(&object);
-        match typed::<K>(object) {
-            Ok(k) => Some(upsert(k)),
-            Err(e) => {
-                tracing::warn!(kind, namespace = key.0, name = key.1, error = %e, "object does not parse; skipped");
+    let apply = |object: Pruned<K>| -> Option<Change> {
+        match object {
+            Pruned::Read(k) => Some(upsert(k)),
+            Pruned::Unreadable { metadata, error } => {
+                let namespace = metadata.namespace.unwrap_or_default();
+                let name = metadata.name.unwrap_or_default();
+                tracing::warn!(kind, namespace, name, %error, "object does not parse; skipped");
                 None
             }
         }
@@ -264,7 +278,7 @@ async fn watch_objects<K>(
                 continue;
             }
             Ok(WatchEvent::InitApply(object)) => {
-                listing.insert(object_key(&object));
+                listing.insert(object.key());
                 apply(object).into_iter().collect()
             }
             Ok(WatchEvent::InitDone) => {
@@ -280,11 +294,11 @@ async fn watch_objects<K>(
                     .collect()
             }
             Ok(WatchEvent::Apply(object)) => {
-                known.insert(object_key(&object));
+                known.insert(object.key());
                 apply(object).into_iter().collect()
             }
             Ok(WatchEvent::Delete(object)) => {
-                let (ns, name) = object_key(&object);
+                let (ns, name) = object.key();
                 known.remove(&(ns.clone(), name.clone()));
                 delete(ns, name).into_iter().collect()
             }
