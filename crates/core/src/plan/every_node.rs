@@ -109,10 +109,11 @@ struct SharedPlanner<'p> {
 /// One node's part: its differences from the shared plan, and the problems of its own plan.
 struct NodePart {
     differences: NodeDifferences,
-    /// Beyond the problems every node has.
+    /// Derived: beyond the shared plan's problems. Planned complete: all of its own, since the
+    /// shared plan's need not all be its (a node-port clash on its address settles contested
+    /// claims otherwise).
     problems: Vec<Problem>,
     /// Planned complete rather than derived from the shared plan.
-    #[cfg(test)]
     complete: bool,
 }
 
@@ -251,7 +252,6 @@ impl<'p> Shared<'p> {
                 health_checks,
             },
             problems,
-            #[cfg(test)]
             complete: false,
         }
     }
@@ -262,7 +262,6 @@ impl<'p> Shared<'p> {
         NodePart {
             differences: self.differences(&rules),
             problems: rules.problems,
-            #[cfg(test)]
             complete: true,
         }
     }
@@ -509,11 +508,16 @@ fn for_each_node(
     problems: &mut BTreeSet<Problem>,
     mut each: impl FnMut(NodeDifferences) -> io::Result<()>,
 ) -> io::Result<()> {
-    problems.extend(shared.common_problems());
+    let mut derived = false;
     for node in plan.selected_nodes() {
         let part = shared.node(plan, node);
+        derived |= !part.complete;
         problems.extend(part.problems);
         each(part.differences)?;
+    }
+    // The shared plan's problems are those of the nodes derived from it.
+    if derived {
+        problems.extend(shared.common_problems());
     }
     Ok(())
 }
@@ -626,11 +630,16 @@ struct Nodes<'a> {
 impl Serialize for Nodes<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let mut seq = serializer.serialize_seq(None)?;
-        self.problems.borrow_mut().extend(self.shared.common_problems());
+        let mut derived = false;
         for node in self.plan.selected_nodes() {
             let part = self.shared.node(self.plan, node);
+            derived |= !part.complete;
             self.problems.borrow_mut().extend(part.problems);
             seq.serialize_element(&part.differences)?;
+        }
+        // The shared plan's problems are those of the nodes derived from it.
+        if derived {
+            self.problems.borrow_mut().extend(self.shared.common_problems());
         }
         seq.end()
     }
