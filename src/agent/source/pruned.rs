@@ -22,7 +22,10 @@ use portpolicy_core::snapshot::read_pruned;
 #[derive(Clone, Debug)]
 pub(in crate::agent) enum Pruned<K> {
     Read(K),
-    Unreadable { metadata: ObjectMeta, error: String },
+    Unreadable {
+        metadata: Box<ObjectMeta>,
+        error: String,
+    },
 }
 
 impl<K> Pruned<K>
@@ -34,7 +37,7 @@ where
         match read_pruned::<K>(json) {
             Ok(object) => Pruned::Read(object),
             Err(error) => Pruned::Unreadable {
-                metadata: identity(json),
+                metadata: Box::new(identity(json)),
                 error,
             },
         }
