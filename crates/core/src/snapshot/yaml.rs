@@ -323,6 +323,22 @@ impl<'s> Reader<'s> {
         Ok(None)
     }
 
+    /// The next key line of the block mapping at `indent`, read up to its content, or `None`
+    /// where the mapping ends.
+    fn next_key_line(&mut self, indent: usize) -> Read<Option<Line>> {
+        match self.next_content(self.pos)? {
+            Some(next) if next.indent == indent && self.marker(&next).is_none() => {
+                if self.dash_at(next.content, next.end) {
+                    return self.unsupported(next.start, "a sequence entry in a mapping");
+                }
+                self.pos = next.content;
+                Ok(Some(next))
+            }
+            Some(next) if next.indent > indent => self.unsupported(next.start, "unexpected indentation"),
+            _ => Ok(None),
+        }
+    }
+
     /// `---` or `...` at the start of a line, alone or followed by a blank.
     fn marker(&self, line: &Line) -> Option<u8> {
         let b = &self.bytes[line.start..line.end];
@@ -433,18 +449,9 @@ impl<'s> Reader<'s> {
             } else {
                 self.value_after_key(indent, &line, tape)?;
             }
-            match self.next_content(self.pos)? {
-                Some(next) if next.indent == indent && self.marker(&next).is_none() => {
-                    if self.dash_at(next.content, next.end) {
-                        return self.unsupported(next.start, "a sequence entry in a mapping");
-                    }
-                    self.pos = next.content;
-                    line = next;
-                }
-                Some(next) if next.indent > indent => {
-                    return self.unsupported(next.start, "unexpected indentation");
-                }
-                _ => break,
+            match self.next_key_line(indent)? {
+                Some(next) => line = next,
+                None => break,
             }
         }
         tape.tokens[map] = Token::Map {
@@ -664,18 +671,9 @@ impl<'s> Reader<'s> {
         loop {
             self.key(&line, tape)?;
             self.value_after_key(indent, &line, tape)?;
-            match self.next_content(self.pos)? {
-                Some(next) if next.indent == indent && self.marker(&next).is_none() => {
-                    if self.dash_at(next.content, next.end) {
-                        return self.unsupported(next.start, "a sequence entry in a mapping");
-                    }
-                    self.pos = next.content;
-                    line = next;
-                }
-                Some(next) if next.indent > indent => {
-                    return self.unsupported(next.start, "unexpected indentation");
-                }
-                _ => break,
+            match self.next_key_line(indent)? {
+                Some(next) => line = next,
+                None => break,
             }
         }
         tape.tokens[map] = Token::Map {
