@@ -122,16 +122,24 @@ fn stream_json<R: Read>(batch: &mut Batch<'_>, mut reader: R) -> io::Result<Stre
         return Ok(Streamed::Again);
     };
     let kind = root.kind.as_ref().and_then(Value::as_str).unwrap_or_default();
-    match (root.items, list_kind(kind, ItemsShape::Seq)) {
-        (JsonItems::Seq(rest), Some(cut_off)) if rest.is_empty() => {
+    match root.items {
+        JsonItems::Seq(rest) if rest.is_empty() => Ok(end_list(batch, &location, kind)),
+        _ => Ok(Streamed::Again),
+    }
+}
+
+/// The end of a streamed List, its items read: it counts as one object, and one whose kind
+/// is no List after all (an object of another kind with a field named `items`) is read whole.
+fn end_list(batch: &mut Batch<'_>, location: &str, kind: &str) -> Streamed {
+    match list_kind(kind, ItemsShape::Seq) {
+        Some(cut_off) => {
             batch.objects += 1;
             if cut_off {
-                batch.cut_off_list(&location, Some(0));
+                batch.cut_off_list(location, Some(0));
             }
-            Ok(Streamed::Read)
+            Streamed::Read
         }
-        // An object of another kind with a field named `items`.
-        _ => Ok(Streamed::Again),
+        None => Streamed::Again,
     }
 }
 
@@ -374,17 +382,7 @@ fn stream_yaml<R: BufRead>(
         return Ok(Streamed::Again);
     }
     let kind = fields.get("kind").and_then(Value::as_str).unwrap_or_default();
-    match list_kind(kind, ItemsShape::Seq) {
-        Some(cut_off) => {
-            batch.objects += 1;
-            if cut_off {
-                batch.cut_off_list(&location, Some(0));
-            }
-            Ok(Streamed::Read)
-        }
-        // An object of another kind with a field named `items`.
-        None => Ok(Streamed::Again),
-    }
+    Ok(end_list(batch, &location, kind))
 }
 
 /// What a List's own fields (the text without its items) hold.
