@@ -23,7 +23,8 @@ use crate::hostport;
 use k8s_openapi::api::core::v1::Node;
 
 use crate::ipvs::{
-    NodePortAddresses, NodeRules, ProxyConfig, ProxyMode, VirtualServerRule, listing, node_rules,
+    HealthCheckRule, NodePortAddresses, NodeRules, ProxyConfig, ProxyMode, VirtualServerRule, listing,
+    node_rules,
 };
 use crate::nodeport::{NodePortCounts, NodePortInput, allocate_node_ports};
 use crate::ports::{PortRange, Protocol};
@@ -399,15 +400,17 @@ fn virtual_server_row(vs: &VirtualServerRule) -> VirtualServerRow {
 }
 
 fn health_check_rows(rules: &NodeRules) -> Vec<HealthCheckRow> {
-    rules
-        .health_checks
-        .iter()
-        .map(|hc| HealthCheckRow {
+    rules.health_checks.iter().map(HealthCheckRow::of).collect()
+}
+
+impl HealthCheckRow {
+    fn of(hc: &HealthCheckRule) -> Self {
+        HealthCheckRow {
             service: format!("{}/{}", hc.namespace, hc.name),
             node_port: hc.node_port,
             local_endpoints: hc.local_endpoints,
-        })
-        .collect()
+        }
+    }
 }
 
 impl PlanReport {

@@ -227,15 +227,7 @@ impl<'p> Shared<'p> {
         let planned = planner.tracker.replan_as(name, zone.map(String::as_str), &slices);
         let (virtual_servers, withdrawn) =
             self.changed_rows(&planner.tracker, &planned, &own.node_port_addresses);
-        let health_checks = planner
-            .tracker
-            .health_checks()
-            .map(|hc| HealthCheckRow {
-                service: format!("{}/{}", hc.namespace, hc.name),
-                node_port: hc.node_port,
-                local_endpoints: hc.local_endpoints,
-            })
-            .collect();
+        let health_checks = planner.tracker.health_checks().map(HealthCheckRow::of).collect();
         let mut problems = own.problems;
         if zone.is_none() {
             problems.extend(planner.tracker.missing_zone_problem(name));
